@@ -1,0 +1,35 @@
+# podvm: the two commands a newcomer needs are `make demo` and `make test`.
+PYTHON ?= /usr/bin/python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: test deps lint unit demo demo-down bench plan clean
+
+## test: install what is missing, lint, type-check, then run every test tier (needs root)
+test: deps lint
+	$(BIN)/pytest tests
+
+## deps: Debian packages and the Python virtual environment
+deps: $(VENV)/.installed
+	./scripts/install-system-deps
+
+$(VENV)/.installed: pyproject.toml
+	./scripts/install-system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+## lint: style, types and the layering of the packages
+lint: deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+## unit: the fast tier only (no root needed)
+unit: deps
+	$(BIN)/pytest tests/unit
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info .pytest_cache .mypy_cache .ruff_cache

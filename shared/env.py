@@ -1,0 +1,139 @@
+"""Typed, validated reading of environment variables.
+
+Each reader returns a Python value or raises :class:`~shared.errors.ConfigError` with one line that names the
+variable and says what is wrong with its value, so a misconfigured pod fails before it changes anything.
+"""
+
+import ipaddress
+import re
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.errors import ConfigError
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+_SIZE = re.compile(r"^(\d+)\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
+_SIZE_FACTOR = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$")
+_DURATION_FACTOR = {"ms": 0.001, "": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``1024``, ``512M``, ``20G``, ``20GiB`` (binary multiples); ValueError if malformed."""
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise ValueError(text)
+    unit = (match.group(2) or "").upper()[:1]
+    return int(match.group(1)) * _SIZE_FACTOR[unit]
+
+
+@dataclass(frozen=True)
+class Env:
+    """A read-only view of the environment with validating readers."""
+
+    values: Mapping[str, str]
+
+    def _raw(self, name: str) -> str | None:
+        value = self.values.get(name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def text(self, name: str, default: str) -> str:
+        """The variable's value, or ``default`` when it is unset or empty."""
+        raw = self._raw(name)
+        return default if raw is None else raw
+
+    def optional(self, name: str) -> str | None:
+        """The variable's value, or None when it is unset or empty."""
+        return self._raw(name)
+
+    def required(self, name: str, what: str) -> str:
+        """The variable's value; a ConfigError saying what it should hold when it is missing."""
+        raw = self._raw(name)
+        if raw is None:
+            raise ConfigError(f"{name} is required: set it to {what}")
+        return raw
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        """A boolean written as true/false, yes/no, on/off or 1/0; unset or empty means ``default``."""
+        raw = self.values.get(name)
+        if raw is None:
+            return default
+        lowered = raw.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False if lowered else default
+        raise ConfigError(f"{name}={raw!r}: expected true or false")
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int) -> int:
+        """A whole number within ``[minimum, maximum]``."""
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw, 10)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected a whole number") from None
+        if not minimum <= value <= maximum:
+            raise ConfigError(f"{name}={value}: expected a number from {minimum} to {maximum}")
+        return value
+
+    def size(self, name: str, default: int, minimum: int = 0) -> int:
+        """A size in bytes, written as ``1024``, ``512M``, ``20G`` or ``20GiB``."""
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = parse_size(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected a size such as 512M or 20G") from None
+        if value < minimum:
+            raise ConfigError(f"{name}={raw!r}: must be at least {minimum} bytes")
+        return value
+
+    def duration(self, name: str, default: float) -> float:
+        """Seconds, written as ``30``, ``30s``, ``500ms``, ``2m`` or ``1h``."""
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        match = _DURATION.match(raw)
+        if not match:
+            raise ConfigError(f"{name}={raw!r}: expected a duration such as 30s, 500ms or 2m")
+        return float(match.group(1)) * _DURATION_FACTOR[match.group(2) or ""]
+
+    def ipv4(self, name: str, default: str) -> ipaddress.IPv4Address:
+        """An IPv4 address in dotted form."""
+        raw = self.text(name, default)
+        try:
+            return ipaddress.IPv4Address(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected an IPv4 address such as {default}") from None
+
+    def path(self, name: str, default: str) -> Path:
+        """An absolute path."""
+        raw = self.text(name, default)
+        if not raw.startswith("/"):
+            raise ConfigError(f"{name}={raw!r}: expected an absolute path")
+        return Path(raw)
+
+    def choice(self, name: str, default: str, choices: Iterable[str]) -> str:
+        """One of a fixed set of words (compared in lower case)."""
+        allowed = tuple(choices)
+        raw = self.text(name, default).lower()
+        if raw not in allowed:
+            raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(allowed)}")
+        return raw
+
+
+_HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
+def pod_hostname(env: Env) -> str:
+    """The pod's hostname (``HOSTNAME``, else the kernel's): it names the pet disk and is handed to the guest."""
+    name = env.text("HOSTNAME", socket.gethostname()).lower()
+    if len(name) > 253 or not _HOSTNAME.match(name):
+        raise ConfigError(f"HOSTNAME={name!r}: expected a DNS name (letters, digits, '-' and '.')")
+    return name

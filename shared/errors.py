@@ -1,0 +1,42 @@
+"""The errors of podvm and the exit status each one means, in one place.
+
+The tree, and what the caller (a person or Kubernetes) should do next::
+
+    PodvmError           exit 1  something failed at run time; a restart may help
+     +-- ConfigError     exit 2  bad input: a variable or a file is wrong; fix it, a restart will not help
+     +-- ImageRejected   exit 3  the base image failed vetting; use another image
+     +-- HandshakeError  exit 4  the sidecar's handshake is missing, malformed or of an unknown major version
+     +-- ChildFailed     exit 5  a process podvm supervises (qemu, dnsmasq) died
+
+Every message is one line that names the input at fault.
+"""
+
+
+class PodvmError(Exception):
+    """Root of podvm's errors; carries the process exit status that reports it."""
+
+    exit_code = 1
+
+
+class ConfigError(PodvmError):
+    """An environment variable or an input file is invalid; raised before anything is changed."""
+
+    exit_code = 2
+
+
+class ImageRejected(PodvmError):
+    """The base image is unsafe or unusable (backing file, data file, corrupt, too large, checksum)."""
+
+    exit_code = 3
+
+
+class HandshakeError(PodvmError):
+    """The network handshake between the sidecar and the runner is missing or unusable."""
+
+    exit_code = 4
+
+
+class ChildFailed(PodvmError):
+    """A supervised child process exited when it should not have."""
+
+    exit_code = 5

@@ -1,0 +1,160 @@
+"""The handshake: the file with which the network sidecar tells a VM runner that the VM's network is ready.
+
+The sidecar writes ``$RUN_DIR/network.json`` atomically once the bridge, tap, rules and DHCP server are in place;
+a runner waits for it, checks it against ``handshake.schema.json`` (the contract's source of truth, shipped beside
+this module) and refuses a major version it does not know. ``docs/runner-contract.md`` explains each field.
+"""
+
+import ipaddress
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from shared.errors import HandshakeError
+from shared.files import write_atomic
+
+VERSION = "1.0"
+MAJOR = 1
+FILE_NAME = "network.json"
+
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "object": dict,
+    "array": list,
+    "string": str,
+    "integer": int,
+    "boolean": bool,
+    "null": type(None),
+}
+
+
+def schema() -> dict[str, Any]:
+    """The handshake's JSON Schema, as shipped with the package."""
+    text = resources.files("shared").joinpath("handshake.schema.json").read_text()
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def _type_ok(value: object, names: str | list[str]) -> bool:
+    for name in [names] if isinstance(names, str) else names:
+        expected = _TYPES[name]
+        if isinstance(value, expected) and not (name == "integer" and isinstance(value, bool)):
+            return True
+    return False
+
+
+def _check(value: object, rule: dict[str, Any], where: str) -> None:
+    """Validate ``value`` against the subset of JSON Schema the handshake schema uses."""
+    if "type" in rule and not _type_ok(value, rule["type"]):
+        raise HandshakeError(f"{where}: expected {rule['type']}, got {type(value).__name__}")
+    if isinstance(value, str):
+        if "pattern" in rule and not re.search(rule["pattern"], value):
+            raise HandshakeError(f"{where}: {value!r} does not match {rule['pattern']}")
+        if len(value) < rule.get("minLength", 0):
+            raise HandshakeError(f"{where}: must not be empty")
+        if rule.get("format") == "ipv4":
+            try:
+                ipaddress.IPv4Address(value)
+            except ValueError:
+                raise HandshakeError(f"{where}: {value!r} is not an IPv4 address") from None
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and not rule.get("minimum", value) <= value <= rule.get("maximum", value)
+    ):
+        raise HandshakeError(f"{where}: {value} is out of range")
+    if isinstance(value, list) and "items" in rule:
+        for index, item in enumerate(value):
+            _check(item, rule["items"], f"{where}[{index}]")
+    if isinstance(value, dict):
+        for name in rule.get("required", []):
+            if name not in value:
+                raise HandshakeError(f"{where}: missing field {name!r}")
+        for name, sub in rule.get("properties", {}).items():
+            if name in value:
+                _check(value[name], sub, f"{where}.{name}")
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """What a runner needs to know about the VM's network (see handshake.schema.json for each field)."""
+
+    tap: str
+    bridge: str
+    mac: str
+    vm_ip: str
+    gateway: str
+    prefix: int
+    mtu: int
+    pod_ip: str
+    dns: tuple[str, ...]
+    search: tuple[str, ...]
+    hostname: str
+    vnc_in_pod: bool
+    tap_owner: int | None
+    version: str = VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """The handshake as JSON-ready data, lists in place of tuples."""
+        data = asdict(self)
+        data["dns"] = list(self.dns)
+        data["search"] = list(self.search)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "handshake") -> "Handshake":
+        """Validate ``data`` against the schema and build a Handshake.
+
+        :raise HandshakeError: when the major version is unknown or a field is missing or malformed.
+        """
+        if not isinstance(data, dict):
+            raise HandshakeError(f"{source}: expected a JSON object")
+        version = data.get("version")
+        if not isinstance(version, str) or not re.fullmatch(r"\d+\.\d+", version):
+            raise HandshakeError(f"{source}: missing or malformed 'version' (expected MAJOR.MINOR)")
+        if int(version.split(".")[0]) != MAJOR:
+            raise HandshakeError(f"{source}: handshake version {version} is not supported (this side speaks {MAJOR}.x)")
+        _check(data, schema(), source)
+        fields = {name: data[name] for name in cls.__dataclass_fields__}
+        fields["dns"] = tuple(fields["dns"])
+        fields["search"] = tuple(fields["search"])
+        return cls(**fields)
+
+    def write(self, run_dir: Path) -> Path:
+        """Publish the handshake atomically in ``run_dir`` and return its path."""
+        path = run_dir / FILE_NAME
+        write_atomic(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode(), mode=0o644)
+        return path
+
+
+def read(path: Path) -> Handshake:
+    """Read and validate a handshake file.
+
+    :raise HandshakeError: when it cannot be read or parsed, or does not follow the schema.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise HandshakeError(f"{path}: cannot read the handshake: {err.strerror}") from err
+    except json.JSONDecodeError as err:
+        raise HandshakeError(f"{path}: not valid JSON at line {err.lineno}: {err.msg}") from err
+    return Handshake.from_dict(data, str(path))
+
+
+def wait(run_dir: Path, timeout: float, poll: float = 0.1) -> Handshake:
+    """Wait up to ``timeout`` seconds for the sidecar's handshake in ``run_dir`` and return it.
+
+    :raise HandshakeError: when it has not appeared in time, or is invalid.
+    """
+    path = run_dir / FILE_NAME
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() >= deadline:
+            raise HandshakeError(
+                f"{path}: no network handshake after {timeout:g}s; is the netsidecar container running?"
+            )
+        time.sleep(poll)
+    return read(path)

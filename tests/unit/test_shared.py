@@ -1,0 +1,130 @@
+"""The shared contract: validated environment readers and the handshake schema."""
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from shared import handshake
+from shared.env import Env, pod_hostname
+from shared.errors import ConfigError, HandshakeError
+
+SAMPLE = handshake.Handshake(
+    tap="podvm-tap0",
+    bridge="podvm0",
+    mac="0a:58:c0:a8:fe:02",
+    vm_ip="192.168.254.2",
+    gateway="192.168.254.1",
+    prefix=30,
+    mtu=1440,
+    pod_ip="10.1.2.3",
+    dns=("10.96.0.10", "10.96.0.11"),
+    search=("ns.svc.cluster.local", "svc.cluster.local"),
+    hostname="vm-0",
+    vnc_in_pod=True,
+    tap_owner=1000,
+)
+
+
+def test_flag_accepts_common_spellings_and_rejects_others() -> None:
+    env = Env({"A": "true", "B": "No", "C": "", "D": "maybe"})
+    assert env.flag("A") is True
+    assert env.flag("B") is False
+    assert env.flag("C") is False
+    assert env.flag("UNSET", default=True) is True
+    with pytest.raises(ConfigError, match=r"^D='maybe': expected true or false$"):
+        env.flag("D")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1024", 1024), ("512M", 512 << 20), ("20G", 20 << 30), ("20GiB", 20 << 30), ("1t", 1 << 40)],
+)
+def test_size_reads_binary_multiples(text: str, expected: int) -> None:
+    assert Env({"S": text}).size("S", 0) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [("30", 30.0), ("500ms", 0.5), ("2m", 120.0), ("1.5s", 1.5)])
+def test_duration(text: str, expected: float) -> None:
+    assert Env({"T": text}).duration("T", 0) == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "call", "message"),
+    [
+        ({"N": "x"}, lambda e: e.integer("N", 1, 1, 4), "N='x': expected a whole number"),
+        ({"N": "9"}, lambda e: e.integer("N", 1, 1, 4), "N=9: expected a number from 1 to 4"),
+        ({"S": "lots"}, lambda e: e.size("S", 0), "S='lots': expected a size such as 512M or 20G"),
+        ({"T": "soon"}, lambda e: e.duration("T", 0), "T='soon': expected a duration such as 30s, 500ms or 2m"),
+        ({"IP": "1.2.3"}, lambda e: e.ipv4("IP", "10.0.0.1"), "IP='1.2.3': expected an IPv4 address"),
+        ({"P": "rel/path"}, lambda e: e.path("P", "/x"), "P='rel/path': expected an absolute path"),
+        ({"C": "xen"}, lambda e: e.choice("C", "kvm", ("kvm", "tcg")), "C='xen': expected one of kvm, tcg"),
+        ({}, lambda e: e.required("R", "a URL"), "R is required: set it to a URL"),
+        ({"HOSTNAME": "bad_name"}, pod_hostname, "HOSTNAME='bad_name': expected a DNS name"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_variable(values: dict[str, str], call, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError) as caught:
+        call(Env(values))
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
+
+
+def test_handshake_round_trips_through_its_file(tmp_path: Path) -> None:
+    path = SAMPLE.write(tmp_path)
+    assert path.name == "network.json"
+    assert handshake.read(path) == SAMPLE
+    assert handshake.wait(tmp_path, timeout=0.1) == SAMPLE
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_handshake_follows_its_published_json_schema() -> None:
+    jsonschema.Draft202012Validator.check_schema(handshake.schema())
+    jsonschema.validate(SAMPLE.to_dict(), handshake.schema(), format_checker=jsonschema.FormatChecker())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"version": "2.0"}, "h: handshake version 2.0 is not supported (this side speaks 1.x)"),
+        ({"version": "one"}, "h: missing or malformed 'version'"),
+        ({"mac": "0A-58-C0-A8-FE-02"}, "h.mac: '0A-58-C0-A8-FE-02' does not match"),
+        ({"vm_ip": "192.168.254.300"}, "h.vm_ip: '192.168.254.300' is not an IPv4 address"),
+        ({"mtu": 100}, "h.mtu: 100 is out of range"),
+        ({"dns": ["10.0.0.1", 5]}, "h.dns[1]: expected string"),
+        ({"vnc_in_pod": 1}, "h.vnc_in_pod: expected boolean"),
+        ({"tap_owner": True}, "h.tap_owner: expected ['integer', 'null']"),
+    ],
+)
+def test_handshake_rejects_what_the_schema_rejects(change: dict[str, object], message: str) -> None:
+    data = {**SAMPLE.to_dict(), **change}
+    with pytest.raises(HandshakeError, match="^" + re.escape(message)):
+        handshake.Handshake.from_dict(data, "h")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, handshake.schema(), format_checker=jsonschema.FormatChecker())
+
+
+def test_handshake_missing_field_is_named() -> None:
+    data = SAMPLE.to_dict()
+    del data["tap"]
+    with pytest.raises(HandshakeError, match=r"^h: missing field 'tap'$"):
+        handshake.Handshake.from_dict(data, "h")
+
+
+def test_handshake_minor_versions_are_compatible() -> None:
+    data = {**SAMPLE.to_dict(), "version": "1.7", "future_field": "ignored"}
+    assert handshake.Handshake.from_dict(data).tap == "podvm-tap0"
+
+
+def test_waiting_for_a_missing_handshake_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(HandshakeError, match=rf"^{tmp_path}/network.json: no network handshake after 0.2s"):
+        handshake.wait(tmp_path, timeout=0.2)
+
+
+def test_unreadable_json_names_the_line(tmp_path: Path) -> None:
+    (tmp_path / "network.json").write_text('{\n"version": \n')
+    with pytest.raises(HandshakeError, match="not valid JSON at line 3"):
+        handshake.read(tmp_path / "network.json")
+    assert json.loads(json.dumps(SAMPLE.to_dict()))["dns"] == ["10.96.0.10", "10.96.0.11"]
