@@ -1,0 +1,122 @@
+"""The Kubernetes manifests in deploy/ are valid API objects and keep the promises the README makes about them."""
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+# The oldest release the native sidecar needs, and the newest the validator knows.
+VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+MANIFESTS = sorted(DEPLOY.glob("*.yaml"))
+
+
+def _documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def _kind(kind: str) -> dict[str, Any]:
+    found = [doc for path in MANIFESTS for doc in _documents(path) if doc["kind"] == kind]
+    assert found, f"no {kind} in deploy/"
+    return found[0]
+
+
+def _pod_specs() -> list[dict[str, Any]]:
+    return [_kind("Pod")["spec"], _kind("StatefulSet")["spec"]["template"]["spec"]]
+
+
+def _container(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    every = spec.get("containers", []) + spec.get("initContainers", [])
+    return next(c for c in every if c["name"] == name)
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in container.get("env", [])}
+
+
+def test_deploy_has_the_manifests() -> None:
+    assert {p.name for p in MANIFESTS} >= {"pod.yaml", "statefulset.yaml", "configmap.yaml"}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_is_valid_against_the_api_schema(path: Path, version: str) -> None:
+    """Strict: a misspelt field is an error, not silently dropped by the API server."""
+    for doc in _documents(path):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_validator_catches_a_misspelt_field() -> None:
+    broken = _kind("Pod")
+    broken["spec"]["containers"][0]["securityContex"] = {"privileged": True}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, VERSIONS[0], strict=True)
+
+
+@pytest.mark.parametrize("spec", _pod_specs(), ids=["pod", "statefulset"])
+def test_runner_is_unprivileged(spec: dict[str, Any]) -> None:
+    ctx = _container(spec, "vm")["securityContext"]
+    assert ctx["runAsNonRoot"] is True
+    assert ctx["runAsUser"] == 10001
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert "privileged" not in ctx
+
+
+@pytest.mark.parametrize("spec", _pod_specs(), ids=["pod", "statefulset"])
+def test_tap_is_owned_by_the_runner(spec: dict[str, Any]) -> None:
+    net = _container(spec, "net")
+    assert _env(net)["TAP_OWNER"] == str(_container(spec, "vm")["securityContext"]["runAsUser"])
+
+
+@pytest.mark.parametrize("spec", _pod_specs(), ids=["pod", "statefulset"])
+def test_grace_period_outlasts_the_guest_shutdown(spec: dict[str, Any]) -> None:
+    timeout = _env(_container(spec, "vm"))["SHUTDOWN_TIMEOUT"]
+    assert timeout.endswith("s")
+    assert spec["terminationGracePeriodSeconds"] > float(timeout[:-1])
+
+
+@pytest.mark.parametrize("spec", _pod_specs(), ids=["pod", "statefulset"])
+def test_devices_and_shared_volumes(spec: dict[str, Any]) -> None:
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for device in ("/dev/net/tun", "/dev/kvm"):
+        assert any(v.get("hostPath") == {"path": device, "type": "CharDevice"} for v in volumes.values()), device
+    vm_mounts = {m["mountPath"]: m["name"] for m in _container(spec, "vm")["volumeMounts"]}
+    net_mounts = {m["mountPath"]: m["name"] for m in _container(spec, "net")["volumeMounts"]}
+    assert vm_mounts["/run/podvm"] == net_mounts["/run/podvm"]
+    assert "emptyDir" in volumes[vm_mounts["/run/podvm"]]
+    assert vm_mounts["/image"] != vm_mounts["/vm"], "the pet disk needs a volume of its own"
+    assert {"/metadata", "/userdata", "/dev/net/tun", "/dev/kvm"} <= vm_mounts.keys()
+
+
+@pytest.mark.parametrize("spec", _pod_specs(), ids=["pod", "statefulset"])
+def test_readiness_means_the_vm_answers(spec: dict[str, Any]) -> None:
+    """The probe goes to a guest port on the pod IP, i.e. through the NAT to the VM, not to VNC in the pod."""
+    probe = _container(spec, "vm")["readinessProbe"]
+    assert probe["tcpSocket"]["port"] != 5900
+
+
+def test_statefulset_runs_the_network_as_a_native_sidecar() -> None:
+    spec = _kind("StatefulSet")["spec"]
+    net = _container(spec["template"]["spec"], "net")
+    assert net in spec["template"]["spec"]["initContainers"]
+    assert net["restartPolicy"] == "Always"
+    assert "/run/podvm/network.json" in net["startupProbe"]["exec"]["command"]
+    assert [t["metadata"]["name"] for t in spec["volumeClaimTemplates"]] == ["disk"]
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in spec["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {"podvm-images"}
+    assert _kind("PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_configmap_feeds_the_config_drive() -> None:
+    data = _kind("ConfigMap")["data"]
+    assert set(data) == {"metadata", "userdata"}
+    yaml.safe_load(data["metadata"])
+    assert data["userdata"].startswith("#cloud-config")
