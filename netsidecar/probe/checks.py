@@ -1,0 +1,230 @@
+"""The probes themselves: packets crafted with scapy on the sidecar's bridge, and what the kernel holds.
+
+Everything here reads or sends; nothing changes the sidecar's state, except the DHCP probe's temporary veth,
+which it removes again. Verdicts come from the pure functions in :mod:`netsidecar.probe.report`.
+"""
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nftables
+from pyroute2 import IPRoute
+from scapy.arch import get_if_hwaddr
+from scapy.config import conf
+from scapy.layers.dhcp import BOOTP, DHCP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.l2 import ARP, Ether
+from scapy.sendrecv import AsyncSniffer, srp
+
+from netsidecar.probe.report import (
+    Check,
+    Expected,
+    Offer,
+    PortState,
+    Status,
+    decode_domain_search,
+    judge_arp,
+    judge_offer,
+    judge_port,
+    judge_rules,
+    rules_from_ruleset,
+)
+from shared.handshake import Handshake
+
+TIMEOUT = 1.5
+# The synthetic connection of the path probe goes to this port of the pod IP (discard; never the VNC port).
+PATH_PORT = 9
+_REQUESTED = [1, 3, 6, 12, 15, 26, 28, 51, 54, 119]
+
+conf.verb = 0
+conf.checkIPaddr = False  # a DHCP offer comes from the server's address, not the broadcast we sent to
+
+
+def _option(options: list[Any], name: str | int) -> tuple[Any, ...]:
+    for option in options:
+        if isinstance(option, tuple) and option[0] == name:
+            return tuple(option[1:])
+    return ()
+
+
+def _text(values: tuple[Any, ...]) -> str | None:
+    if not values:
+        return None
+    value = values[0]
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _offer_from(packet: Any) -> Offer:
+    options: list[Any] = packet[DHCP].options
+    search_raw = _option(options, 119)
+    mtu = _option(options, "interface-mtu")
+    lease = _option(options, "lease_time")
+    return Offer(
+        server=str(_option(options, "server_id")[0] if _option(options, "server_id") else packet[IP].src),
+        address=str(packet[BOOTP].yiaddr),
+        netmask=_text(_option(options, "subnet_mask")),
+        router=_text(_option(options, "router")),
+        dns=tuple(str(ip) for ip in _option(options, "name_server")),
+        search=tuple(decode_domain_search(search_raw[0])) if search_raw else (),
+        mtu=int(mtu[0]) if mtu else None,
+        hostname=_text(_option(options, "hostname")),
+        lease=int(lease[0]) if lease else None,
+    )
+
+
+def dhcp(hs: Handshake) -> list[Check]:
+    """A DISCOVER for the VM's MAC from a temporary veth in the bridge; the OFFER is compared with the handshake.
+
+    Only DISCOVER/OFFER: nothing is requested, so the VM's lease is untouched. The frame's source MAC is the
+    veth's own (only the DHCP chaddr carries the VM's MAC) and the broadcast flag is set, so the bridge keeps
+    sending the VM's traffic to the VM and the offer comes back to the veth.
+    """
+    suffix = f"{os.getpid() % 100000}"
+    outer, inner = f"pdo{suffix}", f"pdi{suffix}"
+    ipr = IPRoute()
+    try:
+        bridge = ipr.link_lookup(ifname=hs.bridge)
+        if not bridge:
+            return [Check("dhcp", "bridge", Status.FAIL, f"bridge {hs.bridge} does not exist")]
+        ipr.link("add", ifname=outer, kind="veth", peer=inner)
+        inner_index = ipr.link_lookup(ifname=inner)[0]
+        ipr.link("set", index=inner_index, master=bridge[0], state="up")
+        ipr.link("set", index=ipr.link_lookup(ifname=outer)[0], state="up")
+        xid = secrets.randbits(32)
+        chaddr = bytes.fromhex(hs.mac.replace(":", "")) + bytes(10)
+        discover = (
+            Ether(src=get_if_hwaddr(outer), dst="ff:ff:ff:ff:ff:ff")
+            / IP(src="0.0.0.0", dst="255.255.255.255")  # noqa: S104 - DHCP clients send from 0.0.0.0
+            / UDP(sport=68, dport=67)
+            / BOOTP(chaddr=chaddr, xid=xid, flags=0x8000)
+            / DHCP(options=[("message-type", "discover"), ("param_req_list", _REQUESTED), "end"])
+        )
+        offer: Offer | None = None
+        for _ in range(3):  # the new bridge port may drop the first frame while it comes up
+            answered, _unanswered = srp(discover, iface=outer, timeout=TIMEOUT)
+            if answered:
+                offer = _offer_from(answered[0][1])
+                break
+        return judge_offer(offer, Expected(hs.vm_ip, hs.gateway, hs.prefix, hs.dns, hs.search, hs.mtu, hs.hostname))
+    finally:
+        if ipr.link_lookup(ifname=outer):
+            ipr.link("del", ifname=outer)
+        ipr.close()
+
+
+def arp(hs: Handshake) -> list[Check]:
+    """An ARP who-has for the VM's address from the bridge; every answer's MAC is collected."""
+    bridge_mac = get_if_hwaddr(hs.bridge)
+    request = Ether(src=bridge_mac, dst="ff:ff:ff:ff:ff:ff") / ARP(
+        op=1, hwsrc=bridge_mac, psrc=hs.gateway, pdst=hs.vm_ip
+    )
+    answered, _unanswered = srp(request, iface=hs.bridge, timeout=TIMEOUT, multi=True)
+    return [judge_arp([str(reply[ARP].hwsrc) for _sent, reply in answered], hs.vm_ip, hs.mac)]
+
+
+def port(hs: Handshake, number: int, protocol: str) -> list[Check]:
+    """A SYN (or a UDP datagram) from the gateway to the guest, straight across the bridge."""
+    bridge_mac = get_if_hwaddr(hs.bridge)
+    sport = 40000 + secrets.randbelow(20000)
+    base = Ether(src=bridge_mac, dst=hs.mac) / IP(src=hs.gateway, dst=hs.vm_ip)
+    packet = base / (TCP(sport=sport, dport=number, flags="S") if protocol == "tcp" else UDP(sport=sport, dport=number))
+    answered, _unanswered = srp(packet, iface=hs.bridge, timeout=TIMEOUT, retry=1)
+    state = PortState.NO_ANSWER
+    for _sent, reply in answered:
+        if reply.haslayer(ICMP) and reply[ICMP].type == 3:
+            state = PortState.CLOSED
+        elif reply.haslayer(TCP):
+            state = PortState.CLOSED if reply[TCP].flags & 0x04 else PortState.OPEN
+        elif reply.haslayer(UDP):
+            state = PortState.OPEN
+    return [judge_port(state, number, protocol)]
+
+
+def _forwarding() -> Check:
+    value = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+    if value == "1":
+        return Check("path", "ip_forward", Status.OK, "IPv4 forwarding is on")
+    return Check("path", "ip_forward", Status.FAIL, "IPv4 forwarding is off: the VM cannot be reached from outside")
+
+
+def _tap(hs: Handshake) -> Check:
+    sys_dir = Path("/sys/class/net") / hs.tap
+    if not sys_dir.exists():
+        return Check("path", "tap", Status.FAIL, f"tap {hs.tap} does not exist")
+    master = sys_dir / "master"
+    in_bridge = master.exists() and master.resolve().name == hs.bridge
+    admin_up = int((sys_dir / "flags").read_text(), 16) & 1
+    carrier = (sys_dir / "operstate").read_text().strip() == "up"
+    data = {"in_bridge": in_bridge, "up": bool(admin_up), "carrier": carrier}
+    if not in_bridge:
+        return Check("path", "tap", Status.FAIL, f"tap {hs.tap} is not in bridge {hs.bridge}", data)
+    if not admin_up:
+        return Check("path", "tap", Status.FAIL, f"tap {hs.tap} is down", data)
+    attached = "carrier: a VM is attached" if carrier else "no carrier: no VM attached"
+    return Check("path", "tap", Status.OK, f"tap {hs.tap} is up in {hs.bridge}, {attached}", data)
+
+
+def _nft_rules(hs: Handshake) -> list[Check]:
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    rc, output, error = nft.cmd("list ruleset")
+    if rc != 0:
+        return [Check("path", "nft dnat", Status.FAIL, f"cannot list the nftables ruleset: {error.strip()}")]
+    return judge_rules(rules_from_ruleset(json.loads(output or '{"nftables": []}')), hs.vm_ip)
+
+
+def _conntrack(hs: Handshake) -> Check:
+    try:
+        listed = subprocess.run(["conntrack", "-L"], capture_output=True, text=True, timeout=5, check=False)
+    except FileNotFoundError:
+        return Check("path", "conntrack", Status.WARN, "the conntrack tool is not installed")
+    entries = [line for line in listed.stdout.splitlines() if f"={hs.vm_ip} " in line]
+    return Check(
+        "path", "conntrack", Status.INFO, f"{len(entries)} tracked connection(s) of the VM", {"count": len(entries)}
+    )
+
+
+def _synthetic(hs: Handshake) -> Check:
+    """Connect from the pod to pod-ip:PATH_PORT and watch the bridge for the SYN rewritten to the VM's address."""
+    started = threading.Event()
+
+    def seen(packet: Any) -> bool:
+        return bool(packet.haslayer(TCP) and packet[IP].dst == hs.vm_ip and packet[TCP].dport == PATH_PORT)
+
+    sniffer = AsyncSniffer(iface=hs.bridge, lfilter=seen, count=1, store=True, started_callback=started.set)
+    sniffer.start()
+    started.wait(TIMEOUT)
+    outcome = "no answer from the VM"
+    try:
+        with socket.create_connection((hs.pod_ip, PATH_PORT), timeout=TIMEOUT):
+            outcome = "the VM accepted the connection"
+    except ConnectionRefusedError:
+        outcome = "the VM refused the port (the path works)"
+    except OSError:
+        pass
+    deadline = time.monotonic() + 0.5
+    while not sniffer.results and time.monotonic() < deadline:  # the capture thread may lag the socket
+        time.sleep(0.05)
+    sniffer.stop()
+    reached = bool(sniffer.results)
+    data = {"port": PATH_PORT, "reached_bridge": reached, "outcome": outcome}
+    if not reached:
+        detail = f"a connection to {hs.pod_ip}:{PATH_PORT} never reached {hs.vm_ip} on {hs.bridge} (DNAT broken?)"
+        return Check("path", "dnat path", Status.FAIL, detail, data)
+    return Check("path", "dnat path", Status.OK, f"{hs.pod_ip}:{PATH_PORT} reached {hs.vm_ip}: {outcome}", data)
+
+
+def path(hs: Handshake) -> list[Check]:
+    """Forwarding, the tap, the rules with their counters, conntrack, and a connection through the DNAT."""
+    return [_forwarding(), _tap(hs), *_nft_rules(hs), _conntrack(hs), _synthetic(hs)]
+
+
+PROBES: dict[str, Callable[[Handshake], list[Check]]] = {"dhcp": dhcp, "arp": arp, "path": path}

@@ -1,0 +1,287 @@
+"""The pure half of the probes: parsing the command line, judging findings and rendering verdicts.
+
+Kept apart from scapy and the kernel so every verdict can be unit-tested without root.
+"""
+
+import enum
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+PROBES = ("dhcp", "arp", "port", "path", "all")
+USAGE = "usage: netsidecar probe dhcp|arp|path|all [--json] | netsidecar probe port PORT[/udp] [--json]"
+_PORT = re.compile(r"^(\d{1,5})(?:/(tcp|udp))?$")
+
+
+class UsageError(Exception):
+    """The probe's command line is wrong (exit status 2)."""
+
+
+class Status(enum.Enum):
+    """How a check came out; only FAIL makes the probe exit non-zero."""
+
+    OK = "ok"
+    INFO = "info"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One verdict line: which probe, what was checked, the outcome, and the facts behind it."""
+
+    probe: str
+    name: str
+    status: Status
+    detail: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asked for: a probe, its port (for ``port``) and the output format."""
+
+    probe: str
+    port: int | None = None
+    protocol: str = "tcp"
+    as_json: bool = False
+
+
+def parse(args: Sequence[str]) -> Request:
+    """Parse ``probe`` arguments; raise UsageError with the usage line on anything unexpected."""
+    as_json = "--json" in args
+    words = [arg for arg in args if arg != "--json"]
+    if not words or words[0] not in PROBES:
+        raise UsageError(USAGE)
+    probe, rest = words[0], words[1:]
+    if probe != "port":
+        if rest:
+            raise UsageError(f"unexpected argument {rest[0]!r}; {USAGE}")
+        return Request(probe, as_json=as_json)
+    if len(rest) != 1:
+        raise UsageError(f"port needs exactly one PORT[/udp]; {USAGE}")
+    match = _PORT.match(rest[0])
+    if not match or not 1 <= int(match.group(1)) <= 65535:
+        raise UsageError(f"port {rest[0]!r}: expected a number from 1 to 65535, optionally followed by /udp or /tcp")
+    return Request("port", int(match.group(1)), match.group(2) or "tcp", as_json)
+
+
+def exit_status(checks: Iterable[Check]) -> int:
+    """0 when no check failed, 1 otherwise."""
+    return 1 if any(check.status is Status.FAIL for check in checks) else 0
+
+
+def render(checks: Sequence[Check]) -> str:
+    """A table a person reads in ``kubectl exec`` output: probe, check, verdict, detail."""
+    rows = [("PROBE", "CHECK", "VERDICT", "DETAIL")]
+    rows += [(c.probe, c.name, c.status.value.upper(), c.detail) for c in checks]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows]
+    verdict = "unhealthy" if exit_status(checks) else "healthy"
+    return "\n".join([*lines, f"overall: {verdict}"]) + "\n"
+
+
+def to_json(checks: Sequence[Check]) -> str:
+    """The machine-readable form: the overall verdict and every check with its data."""
+    return json.dumps(
+        {
+            "healthy": exit_status(checks) == 0,
+            "checks": [
+                {"probe": c.probe, "check": c.name, "status": c.status.value, "detail": c.detail, "data": dict(c.data)}
+                for c in checks
+            ],
+        },
+        indent=2,
+    )
+
+
+def decode_domain_search(raw: bytes) -> list[str]:
+    """Decode DHCP option 119 (RFC 3397): DNS names in wire format, with compression pointers."""
+    names: list[str] = []
+    offset = 0
+    while offset < len(raw):
+        labels: list[str] = []
+        cursor, jumps = offset, 0
+        end: int | None = None
+        while True:
+            if cursor >= len(raw):
+                raise ValueError("option 119 ends inside a name")
+            length = raw[cursor]
+            if length == 0:
+                end = cursor + 1 if end is None else end
+                break
+            if length & 0xC0 == 0xC0:
+                if cursor + 1 >= len(raw) or jumps > len(raw):
+                    raise ValueError("option 119 has a broken compression pointer")
+                end = cursor + 2 if end is None else end
+                cursor, jumps = ((length & 0x3F) << 8) | raw[cursor + 1], jumps + 1
+                continue
+            labels.append(raw[cursor + 1 : cursor + 1 + length].decode("ascii", "replace"))
+            cursor += 1 + length
+        names.append(".".join(labels))
+        offset = end
+    return names
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a DHCP server offered the VM's MAC."""
+
+    server: str
+    address: str
+    netmask: str | None
+    router: str | None
+    dns: tuple[str, ...]
+    search: tuple[str, ...]
+    mtu: int | None
+    hostname: str | None
+    lease: int | None
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the handshake says the VM should be told."""
+
+    vm_ip: str
+    gateway: str
+    prefix: int
+    dns: tuple[str, ...]
+    search: tuple[str, ...]
+    mtu: int
+    hostname: str
+
+
+def _netmask(prefix: int) -> str:
+    bits = (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF
+    return ".".join(str((bits >> shift) & 0xFF) for shift in (24, 16, 8, 0))
+
+
+def judge_offer(offer: Offer | None, expected: Expected) -> list[Check]:
+    """Compare a DHCP offer with the handshake: one check for the offer, one per field that differs."""
+    if offer is None:
+        return [Check("dhcp", "offer", Status.FAIL, "no DHCP offer for the VM's MAC (is dnsmasq running?)")]
+    data = {
+        "server": offer.server,
+        "address": offer.address,
+        "netmask": offer.netmask,
+        "router": offer.router,
+        "dns": list(offer.dns),
+        "search": list(offer.search),
+        "mtu": offer.mtu,
+        "hostname": offer.hostname,
+        "lease": offer.lease,
+    }
+    told = (
+        f"{offer.address} via {offer.router} dns {','.join(offer.dns) or '-'} search {','.join(offer.search) or '-'}"
+        f" mtu {offer.mtu} lease {offer.lease}s from {offer.server}"
+    )
+    wanted: list[tuple[str, object, object]] = [
+        ("address", offer.address, expected.vm_ip),
+        ("netmask", offer.netmask, _netmask(expected.prefix)),
+        ("router", offer.router, expected.gateway),
+        ("dns", offer.dns, expected.dns),
+        ("search", offer.search, expected.search),
+        ("mtu", offer.mtu, expected.mtu),
+        ("hostname", offer.hostname, expected.hostname),
+    ]
+    checks = [Check("dhcp", "offer", Status.OK, told, data)]
+    for name, got, want in wanted:
+        if got != want:
+            checks.append(Check("dhcp", name, Status.FAIL, f"offered {got!r}, handshake says {want!r}"))
+    return checks
+
+
+def judge_arp(answers: Sequence[str], vm_ip: str, vm_mac: str) -> Check:
+    """Who answered ARP for the VM's address: nobody (fail), the VM's MAC (ok), or someone else (warn)."""
+    macs = sorted(set(answers))
+    data = {"macs": macs, "vm_mac": vm_mac}
+    if not macs:
+        return Check("arp", vm_ip, Status.FAIL, f"nobody answers for {vm_ip} on the bridge (is the VM up?)", data)
+    if macs == [vm_mac]:
+        return Check("arp", vm_ip, Status.OK, f"{vm_ip} is at {vm_mac}, the VM's MAC", data)
+    return Check("arp", vm_ip, Status.WARN, f"{vm_ip} answered by {', '.join(macs)}, not the VM's MAC {vm_mac}", data)
+
+
+class PortState(enum.Enum):
+    """What a probe packet to the guest drew back."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+    NO_ANSWER = "no answer"
+
+
+def judge_port(state: PortState, port: int, protocol: str) -> Check:
+    """Open is healthy; closed and silence are failures (UDP silence may mean open but quiet)."""
+    name = f"{port}/{protocol}"
+    data = {"port": port, "protocol": protocol, "state": state.value}
+    if state is PortState.OPEN:
+        return Check("port", name, Status.OK, "open: the guest answers", data)
+    if state is PortState.CLOSED:
+        return Check("port", name, Status.FAIL, "closed: the guest refuses it (nothing listens)", data)
+    hint = " (a UDP service may be open but silent)" if protocol == "udp" else " (guest down or filtering)"
+    return Check("port", name, Status.FAIL, f"no answer{hint}", data)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The parts of one nftables rule the path probe cares about."""
+
+    table: str
+    chain: str
+    dnat_to: str | None
+    nat_out: bool
+    packets: int | None
+
+
+def rules_from_ruleset(document: Mapping[str, Any]) -> list[Rule]:
+    """Pick the rules out of ``nft -j list ruleset`` output (the nftables JSON API's document)."""
+    rules: list[Rule] = []
+    for item in document.get("nftables", []):
+        rule = item.get("rule")
+        if not isinstance(rule, dict):
+            continue
+        dnat_to: str | None = None
+        nat_out = False
+        packets: int | None = None
+        for expr in rule.get("expr", []):
+            if not isinstance(expr, dict):
+                continue
+            if isinstance(expr.get("dnat"), dict):
+                addr = expr["dnat"].get("addr")
+                dnat_to = addr if isinstance(addr, str) else None
+            if "masquerade" in expr or "snat" in expr:
+                nat_out = True
+            if isinstance(expr.get("counter"), dict):
+                packets = int(expr["counter"].get("packets", 0))
+        rules.append(
+            Rule(f"{rule.get('family')} {rule.get('table')}", str(rule.get("chain")), dnat_to, nat_out, packets)
+        )
+    return rules
+
+
+def judge_rules(rules: Sequence[Rule], vm_ip: str) -> list[Check]:
+    """The VM's table must DNAT to the VM and masquerade/SNAT what it sends; counters are shown as found."""
+    dnat = [rule for rule in rules if rule.dnat_to == vm_ip]
+    if not dnat:
+        return [Check("path", "nft dnat", Status.FAIL, f"no nftables rule DNATs to {vm_ip}")]
+    table = dnat[0].table
+    own = [rule for rule in rules if rule.table == table]
+    counted = sum(rule.packets or 0 for rule in dnat)
+    checks = [
+        Check(
+            "path",
+            "nft dnat",
+            Status.OK,
+            f"table {table}: {len(dnat)} DNAT rule(s) to {vm_ip}, {counted} packets",
+            {"table": table, "rules": len(own), "dnat_rules": len(dnat), "dnat_packets": counted},
+        )
+    ]
+    snat = [rule for rule in own if rule.nat_out]
+    if snat:
+        packets = sum(rule.packets or 0 for rule in snat)
+        checks.append(Check("path", "nft snat", Status.OK, f"{len(snat)} SNAT/masquerade rule(s), {packets} packets"))
+    else:
+        checks.append(Check("path", "nft snat", Status.FAIL, f"table {table} has no SNAT/masquerade rule"))
+    return checks
