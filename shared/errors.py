@@ -7,6 +7,7 @@ The tree, and what the caller (a person or Kubernetes) should do next::
      +-- ImageRejected   exit 3  the base image failed vetting; use another image
      +-- HandshakeError  exit 4  the sidecar's handshake is missing, malformed or of an unknown major version
      +-- ChildFailed     exit 5  a process podvm supervises (qemu, dnsmasq) died
+     +-- StoppedHard     exit 6  the guest ignored the ACPI power-down until the timeout and was stopped hard
 
 Every message is one line that names the input at fault.
 """
@@ -40,3 +41,9 @@ class ChildFailed(PodvmError):
     """A supervised child process exited when it should not have."""
 
     exit_code = 5
+
+
+class StoppedHard(PodvmError):
+    """The guest did not power off within the shutdown timeout and was stopped without its consent."""
+
+    exit_code = 6
