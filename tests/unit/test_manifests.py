@@ -1,5 +1,7 @@
 """The Kubernetes manifests in deploy/ are valid API objects and keep the promises the README makes about them."""
 
+import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +122,42 @@ def test_configmap_feeds_the_config_drive() -> None:
     assert set(data) == {"metadata", "userdata"}
     yaml.safe_load(data["metadata"])
     assert data["userdata"].startswith("#cloud-config")
+
+
+def _localpod() -> Any:
+    """scripts/podman/localpod.py, which turns deploy/pod.yaml into the pod podman runs here."""
+    path = DEPLOY.parent / "scripts" / "podman" / "localpod.py"
+    spec = importlib.util.spec_from_file_location("localpod", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["localpod"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_local_pod_is_the_cluster_pod_with_local_storage_and_no_kvm(tmp_path: Path) -> None:
+    localpod = _localpod()
+    settings = localpod.LocalSettings("podvm-t1", tmp_path, "http://10.88.0.1:8780/guest.qcow2", env={"VM_CPUS": "1"})
+    local = localpod.plan(*localpod.cluster_manifests(), settings)
+    for doc in (local.manifest, local.configmap):
+        kubernetes_validate.validate(doc, VERSIONS[0], strict=True)
+    spec = local.manifest["spec"]
+    vm = _container(spec, "vm")
+    env = _env(vm)
+    assert env["IMG_SOURCE"] == settings.image_source
+    assert env["ACCEL"] == "tcg"
+    assert env["VM_CPUS"] == "1"
+    assert env["SHUTDOWN_TIMEOUT"] == _env(_container(_kind("Pod")["spec"], "vm"))["SHUTDOWN_TIMEOUT"]
+    assert vm["securityContext"] == _container(_kind("Pod")["spec"], "vm")["securityContext"]
+    paths = [v.get("hostPath", {}).get("path", "") for v in spec["volumes"]]
+    assert "/dev/kvm" not in paths and "/dev/net/tun" not in paths
+    assert all(p.startswith(str(tmp_path)) for p in paths if p)
+    assert {"name": "config", "configMap": {"name": "podvm-t1-config"}} in spec["volumes"]
+    assert local.configmap["metadata"]["name"] == "podvm-t1-config"
+    assert Path(env["METADATA"]).parent.as_posix() in {m["mountPath"] for m in vm["volumeMounts"]}
+
+
+def test_local_pod_plan_changes_nothing(tmp_path: Path) -> None:
+    localpod = _localpod()
+    localpod.plan(*localpod.cluster_manifests(), localpod.LocalSettings("p", tmp_path / "state", "http://x/y"))
+    assert not (tmp_path / "state").exists()

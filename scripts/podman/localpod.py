@@ -1,0 +1,149 @@
+"""Generates the local variant of deploy/pod.yaml that `podman kube play` runs on a single machine.
+
+The local pod is deploy/pod.yaml with only what a single machine needs changed, so the two never drift apart:
+claims and emptyDirs become host directories owned by the runner (podman names emptyDirs globally), /dev/net/tun
+becomes a device node the runner may open (a host's own node is often root-only), /dev/kvm is dropped and the
+accelerator set explicitly, the image comes from a local URL, and the ConfigMap (podman ignores subPath) is mounted
+as a directory named by METADATA and USERDATA. ``plan`` computes it all as data; ``apply`` makes it.
+
+    localpod.py --state DIR --image-source URL [--name NAME] [--tag TAG] [--env K=V ...] [--print]
+    # prints: POD_YAML CONFIGMAP_YAML, for podman kube play --configmap CONFIGMAP_YAML POD_YAML
+"""
+
+import argparse
+import copy
+import os
+import stat
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+RUNNER_UID = 10001
+TUN_MAJOR, TUN_MINOR = 10, 200
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """What differs between a cluster and this machine."""
+
+    name: str
+    state: Path  # directory holding the cache, the pet disk and the device node
+    image_source: str
+    tag: str = "latest"
+    accel: str = "tcg"
+    env: dict[str, str] = field(default_factory=dict)  # more variables for the runner
+    config: dict[str, str] = field(default_factory=dict)  # ConfigMap data replacing deploy/configmap.yaml's
+    guest_port: int = 80  # what the readiness probe connects to
+
+
+@dataclass(frozen=True)
+class LocalPod:
+    """The plan: directories to create for the runner, the tun node, and the manifest to play."""
+
+    directories: tuple[Path, ...]  # the first is the state directory, the others belong to the runner
+    tun: Path
+    manifest: dict[str, Any]
+    path: Path
+    configmap: dict[str, Any]
+    configmap_path: Path
+
+
+def _set_env(container: dict[str, Any], values: dict[str, str]) -> None:
+    env = [item for item in container.get("env", []) if item["name"] not in values]
+    container["env"] = env + [{"name": k, "value": v} for k, v in values.items()]
+
+
+def plan(pod: dict[str, Any], configmap: dict[str, Any], settings: LocalSettings) -> LocalPod:
+    """The local pod for ``settings``, computed from the cluster manifests without touching anything."""
+    manifest = copy.deepcopy(pod)
+    manifest["metadata"]["name"] = settings.name
+    spec = manifest["spec"]
+    spec["hostname"] = settings.name
+    config = copy.deepcopy(configmap)
+    config["metadata"]["name"] = f"{settings.name}-config"
+    config["data"] = settings.config or config["data"]
+    state = settings.state
+    runner_dirs = {name: state / name for name in ("images", "vm", "run", "tmp")}
+    tun = state / "dev" / "tun"
+    sources: dict[str, dict[str, Any]] = {
+        "images": {"hostPath": {"path": str(runner_dirs["images"]), "type": "Directory"}},
+        "disk": {"hostPath": {"path": str(runner_dirs["vm"]), "type": "Directory"}},
+        "run": {"hostPath": {"path": str(runner_dirs["run"]), "type": "Directory"}},
+        "tmp": {"hostPath": {"path": str(runner_dirs["tmp"]), "type": "Directory"}},
+        "tun": {"hostPath": {"path": str(tun), "type": "CharDevice"}},
+        "config": {"configMap": {"name": config["metadata"]["name"]}},
+    }
+    spec["volumes"] = [
+        {"name": v["name"], **sources[v["name"]]} if v["name"] in sources else v
+        for v in spec["volumes"]
+        if v["name"] != "kvm"
+    ]
+    for container in spec["containers"]:
+        part = container["name"]
+        container["image"] = f"localhost/podvm-{part}:{settings.tag}"
+        mounts = [m for m in container.get("volumeMounts", []) if m["name"] not in ("kvm", "config")]
+        if part == "vm":
+            mounts.append({"name": "config", "mountPath": "/config", "readOnly": True})
+            variables = {"IMG_SOURCE": settings.image_source, "ACCEL": settings.accel}
+            variables |= {"METADATA": "/config/metadata", "USERDATA": "/config/userdata"} | settings.env
+            _set_env(container, variables)
+            container["readinessProbe"]["tcpSocket"]["port"] = settings.guest_port
+        container["volumeMounts"] = mounts
+    return LocalPod(
+        directories=(state, *runner_dirs.values(), tun.parent),
+        tun=tun,
+        manifest=manifest,
+        path=state / f"{settings.name}.yaml",
+        configmap=config,
+        configmap_path=state / f"{settings.name}-config.yaml",
+    )
+
+
+def apply(local: LocalPod) -> Path:
+    """Create the runner's directories and its tun node (idempotent), write the manifest and return its path."""
+    for directory in local.directories:
+        directory.mkdir(parents=True, exist_ok=True)
+    for directory in local.directories[1:-1]:
+        os.chown(directory, RUNNER_UID, RUNNER_UID)
+    if not local.tun.exists():
+        os.mknod(local.tun, stat.S_IFCHR | 0o666, os.makedev(TUN_MAJOR, TUN_MINOR))
+    os.chmod(local.tun, 0o666)  # noqa: S103 - a tun node only lets its opener make its own interfaces
+    local.configmap_path.write_text(yaml.safe_dump(local.configmap, sort_keys=False))
+    local.path.write_text(yaml.safe_dump(local.manifest, sort_keys=False))
+    return local.path
+
+
+def cluster_manifests() -> tuple[dict[str, Any], dict[str, Any]]:
+    """deploy/pod.yaml and deploy/configmap.yaml, the sources of every local pod."""
+    pod = yaml.safe_load((REPO / "deploy" / "pod.yaml").read_text())
+    configmap = yaml.safe_load((REPO / "deploy" / "configmap.yaml").read_text())
+    return pod, configmap
+
+
+def main(argv: list[str]) -> int:
+    """Write the manifests and print their paths: the pod's, then the ConfigMap's (``--print``: print the pod)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--state", type=Path, required=True)
+    parser.add_argument("--image-source", required=True)
+    parser.add_argument("--name", default="podvm")
+    parser.add_argument("--tag", default="latest")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--print", action="store_true", help="print the manifest, change nothing")
+    args = parser.parse_args(argv)
+    env = dict(item.split("=", 1) for item in args.env)
+    local = plan(
+        *cluster_manifests(), LocalSettings(args.name, args.state.resolve(), args.image_source, args.tag, env=env)
+    )
+    if args.print:
+        sys.stdout.write(yaml.safe_dump(local.manifest, sort_keys=False))
+    else:
+        sys.stdout.write(f"{apply(local)} {local.configmap_path}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
