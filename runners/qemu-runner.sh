@@ -110,7 +110,7 @@ while kill -0 "$qemu" 2>/dev/null; do
     if [ "$ticks" -ge "$((SHUTDOWN_TIMEOUT * 5))" ]; then
         kill -KILL "$qemu" 2>/dev/null || true
         wait "$qemu" 2>/dev/null || true
-        die 1 "the guest did not power off within ${SHUTDOWN_TIMEOUT}s: qemu killed"
+        die 6 "the guest did not power off within ${SHUTDOWN_TIMEOUT}s: qemu killed"
     fi
     sleep 0.2
     ticks=$((ticks + 1))
