@@ -1,0 +1,152 @@
+"""The config drive: ``/metadata`` and ``/userdata`` turned into an ISO the guest's cloud-init reads.
+
+The file tree is planned as plain data (path -> bytes) and then written with pycdlib, with Rock Ridge and Joliet so
+names such as ``meta_data.json`` survive. It is rebuilt at every start because the ConfigMaps may have changed.
+"""
+
+import io
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shared.errors import ConfigError
+from shared.files import write_atomic
+from vmrunner.config import Config
+
+# The OpenStack metadata versions cloud-init knows; older readers look for a dated folder, newer for ``latest``.
+OPENSTACK_VERSIONS = ("2012-08-10", "latest")
+LABELS = {"config-2": "config-2", "nocloud": "cidata"}
+
+
+@dataclass(frozen=True)
+class DrivePlan:
+    """The ISO to write: its volume label and its files (absolute paths inside the ISO, contents)."""
+
+    label: str
+    files: dict[str, bytes]
+
+
+def instance_uuid(hostname: str) -> str:
+    """A uuid stable for this VM across restarts, so cloud-init does not redo its first boot."""
+    return str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{hostname}.podvm"))
+
+
+def read_yaml(path: Path, variable: str) -> dict[str, Any] | None:
+    """The YAML mapping in ``path``; None when the file is absent.
+
+    :raise ConfigError: naming the file and line when it is not valid YAML or not a mapping.
+    """
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise ConfigError(f"{variable}={path}: cannot read: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "invalid"
+        raise ConfigError(f"{variable}={path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{variable}={path}: expected a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def read_userdata(path: Path) -> bytes | None:
+    """User data as given; a ``#cloud-config`` document must be valid YAML (cloud-init would ignore it silently)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise ConfigError(f"USERDATA={path}: cannot read: {err.strerror}") from None
+    if data.startswith(b"#cloud-config"):
+        read_yaml(path, "USERDATA")
+    return data
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base``: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in over.items():
+        old = merged.get(key)
+        merged[key] = merge(old, value) if isinstance(old, Mapping) and isinstance(value, Mapping) else value
+    return merged
+
+
+def meta_data(hostname: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenStack meta data: stable uuid, the pod's hostname and name, then the user's YAML on top."""
+    defaults = {"uuid": instance_uuid(hostname), "hostname": hostname, "name": hostname, "launch_index": 0}
+    return merge(defaults, overrides)
+
+
+def plan_drive(kind: str, hostname: str, metadata: dict[str, Any] | None, userdata: bytes | None) -> DrivePlan | None:
+    """The ISO's files for ``kind`` (config-2 or nocloud); None when there is neither metadata nor user data."""
+    if metadata is None and userdata is None:
+        return None
+    meta = meta_data(hostname, metadata or {})
+    if kind == "nocloud":
+        nocloud = merge({"instance-id": meta["uuid"], "local-hostname": meta["hostname"]}, metadata or {})
+        return DrivePlan(
+            LABELS[kind],
+            {
+                "/meta-data": yaml.safe_dump(nocloud, sort_keys=True).encode(),
+                "/user-data": userdata if userdata is not None else b"",
+            },
+        )
+    files: dict[str, bytes] = {}
+    document = (json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n").encode()
+    for version in OPENSTACK_VERSIONS:
+        files[f"/openstack/{version}/meta_data.json"] = document
+        if userdata is not None:
+            files[f"/openstack/{version}/user_data"] = userdata
+    return DrivePlan(LABELS[kind], files)
+
+
+def plan_from_config(cfg: Config) -> DrivePlan | None:
+    """Read ``METADATA`` and ``USERDATA`` and plan the drive."""
+    return plan_drive(cfg.config_drive, cfg.hostname, read_yaml(cfg.metadata, "METADATA"), read_userdata(cfg.userdata))
+
+
+def _iso_name(part: str, is_file: bool) -> str:
+    """An ISO9660 level-3 name for ``part`` (Rock Ridge and Joliet carry the real one)."""
+    stem, _, ext = part.rpartition(".") if is_file and "." in part else (part, "", "")
+    clean = "".join(c if c.isalnum() else "_" for c in (stem or part).upper())[:30]
+    return f"{clean}.{''.join(c if c.isalnum() else '_' for c in ext.upper())[:3]};1" if is_file else clean[:31]
+
+
+def render(plan: DrivePlan) -> bytes:
+    """The ISO image bytes of ``plan``."""
+    import pycdlib
+
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, vol_ident=plan.label, joliet=3, rock_ridge="1.09")
+    made: set[str] = set()
+    for path, content in sorted(plan.files.items()):
+        parts = path.strip("/").split("/")
+        iso_dir = ""
+        for depth, part in enumerate(parts[:-1]):
+            iso_dir += "/" + _iso_name(part, is_file=False)
+            if iso_dir not in made:
+                iso.add_directory(iso_dir, rr_name=part, joliet_path="/" + "/".join(parts[: depth + 1]))
+                made.add(iso_dir)
+        iso_file = f"{iso_dir}/{_iso_name(parts[-1], is_file=True)}"
+        iso.add_fp(io.BytesIO(content), len(content), iso_file, rr_name=parts[-1], joliet_path=path)
+    out = io.BytesIO()
+    iso.write_fp(out)
+    iso.close()
+    return out.getvalue()
+
+
+def write(plan: DrivePlan, path: Path) -> None:
+    """Write the ISO atomically, readable only by the runner (user data may hold secrets)."""
+    write_atomic(path, render(plan), mode=0o600)

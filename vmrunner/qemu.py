@@ -1,0 +1,144 @@
+"""qemu's command line, planned as data from the config, the handshake and a few observed facts."""
+
+import fcntl
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.handshake import Handshake
+from vmrunner.config import Config
+
+log = logging.getLogger("vmrunner.qemu")
+
+KVM_GET_API_VERSION = 0xAE00
+KVM_CREATE_VM = 0xAE01
+KVM_API_VERSION = 12
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The runner's sockets and FIFO in ``RUN_DIR``."""
+
+    qmp: Path
+    console: Path
+    console_log: Path
+
+    @classmethod
+    def of(cls, run_dir: Path) -> "RunPaths":
+        """The fixed names inside ``run_dir``; ``vmrunner console`` and ``status`` find them there."""
+        return cls(run_dir / "qmp.sock", run_dir / "console.sock", run_dir / "console.fifo")
+
+
+@dataclass(frozen=True)
+class QemuPlan:
+    """qemu's argv and the facts it was derived from (printed by ``vmrunner plan``)."""
+
+    argv: tuple[str, ...]
+    accel: str
+    vnc: bool
+    paths: RunPaths
+
+
+def kvm_works(device: str = "/dev/kvm") -> bool:
+    """True when ``device`` opens read-write, speaks KVM API 12 and lets this process create a VM."""
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if fcntl.ioctl(fd, KVM_GET_API_VERSION, 0) != KVM_API_VERSION:
+            return False
+        os.close(fcntl.ioctl(fd, KVM_CREATE_VM, 0))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def choose_accel(wanted: str, kvm_usable: bool) -> str:
+    """``kvm`` or ``tcg`` for ACCEL=auto|kvm|tcg; auto falls back to TCG with a warning."""
+    if wanted != "auto":
+        return wanted
+    if kvm_usable:
+        return "kvm"
+    log.warning("ACCEL=auto: /dev/kvm is missing or unusable; running under TCG emulation, which is much slower")
+    return "tcg"
+
+
+def vnc_enabled(cfg: Config, hs: Handshake) -> bool:
+    """VNC follows the handshake: no server when the sidecar sends TCP 5900 to the VM."""
+    if cfg.no_vnc == hs.vnc_in_pod:
+        log.warning(
+            "NO_VNC=%s but the sidecar's handshake says vnc_in_pod=%s; following the handshake",
+            str(cfg.no_vnc).lower(),
+            str(hs.vnc_in_pod).lower(),
+        )
+    return hs.vnc_in_pod
+
+
+def _disk_args(bus: str, pet: Path) -> list[str]:
+    drive = ["-drive", f"file={pet},if=none,id=disk0,format=qcow2,discard=unmap"]
+    if bus == "virtio":
+        return [*drive, "-device", "virtio-blk-pci,drive=disk0,bootindex=1"]
+    if bus == "ide":
+        return [*drive, "-device", "ide-hd,drive=disk0,bus=ide.0,unit=0,bootindex=1"]
+    return [*drive, "-device", "virtio-scsi-pci,id=scsi0", "-device", "scsi-hd,drive=disk0,bus=scsi0.0,bootindex=1"]
+
+
+def plan_qemu(cfg: Config, hs: Handshake, accel: str, vnc: bool, drive: Path | None) -> QemuPlan:
+    """The complete argv: explicit formats everywhere, no defaults, the handshake's tap and MAC, extra args last."""
+    paths = RunPaths.of(cfg.run_dir)
+    argv = [
+        cfg.qemu,
+        "-name",
+        f"{cfg.hostname},debug-threads=on",
+        "-nodefaults",
+        "-no-user-config",
+        "-machine",
+        cfg.machine,
+        "-accel",
+        accel,
+        *(["-cpu", "host"] if accel == "kvm" else []),
+        "-smp",
+        str(cfg.cpus),
+        "-m",
+        f"{cfg.memory >> 20}M",
+        "-display",
+        "none",
+        "-device",
+        "VGA",
+        *_disk_args(cfg.disk_bus, cfg.pet_path),
+    ]
+    if drive is not None:
+        argv += [
+            "-drive",
+            f"file={drive},if=none,id=cd0,format=raw,readonly=on,media=cdrom",
+            "-device",
+            "ide-cd,drive=cd0,bus=ide.1,unit=0",
+        ]
+    argv += [
+        "-netdev",
+        f"tap,id=net0,ifname={hs.tap},script=no,downscript=no",
+        "-device",
+        f"{cfg.nic_model},netdev=net0,mac={hs.mac}",
+    ]
+    if vnc:
+        if cfg.vnc_password_file is not None:
+            argv += ["-object", f"secret,id=vncpass,file={cfg.vnc_password_file},format=raw"]
+            argv += ["-vnc", ":0,password-secret=vncpass"]
+        else:
+            argv += ["-vnc", ":0"]
+    argv += [
+        "-chardev",
+        f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
+        "-mon",
+        "chardev=qmp,mode=control",
+        "-chardev",
+        f"socket,id=console,path={paths.console},server=on,wait=off,logfile={paths.console_log}",
+        "-serial",
+        "chardev:console",
+        *cfg.extra_args,
+    ]
+    return QemuPlan(tuple(argv), accel, vnc, paths)

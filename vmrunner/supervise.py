@@ -1,0 +1,156 @@
+"""Running qemu: the guest's serial console into the log, qemu's errors kept for the report, ACPI shutdown on SIGTERM.
+
+qemu writes everything that crosses the serial port to a FIFO (the console chardev's ``logfile``); the runner reads
+it line by line into its log with a ``guest:`` prefix, while ``vmrunner console`` talks to the same port through the
+chardev's socket. The FIFO is opened read-write by the runner so it never blocks qemu and never reads EOF.
+"""
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+from shared.errors import ChildFailed, StoppedHard
+from vmrunner.qemu import QemuPlan
+
+log = logging.getLogger("vmrunner")
+guest_log = logging.getLogger("guest")
+STDERR_TAIL = 20
+QUIT_GRACE = 5.0
+
+
+def prepare_run_dir(plan: QemuPlan) -> None:
+    """Remove stale sockets of an earlier qemu and make a fresh console FIFO."""
+    for path in (plan.paths.qmp, plan.paths.console, plan.paths.console_log):
+        path.unlink(missing_ok=True)
+    os.mkfifo(plan.paths.console_log, 0o600)
+
+
+async def qmp_execute(socket: Path, command: str, timeout: float = 5.0) -> object:
+    """Run one QMP command over ``socket`` with the qemu.qmp library, retrying the connect until ``timeout``."""
+    from qemu.qmp import QMPClient
+
+    client = QMPClient("vmrunner")
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            await client.connect(str(socket))
+            break
+        except Exception:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise
+            await asyncio.sleep(0.1)
+    try:
+        return await client.execute(command)
+    finally:
+        await client.disconnect()
+
+
+class Supervisor:
+    """One qemu process from start to exit."""
+
+    def __init__(self, plan: QemuPlan, shutdown_timeout: float) -> None:
+        self.plan = plan
+        self.shutdown_timeout = shutdown_timeout
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
+        self.partial = b""
+
+    def _console_readable(self, fd: int) -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        if len(self.partial) > 4096:
+            lines.append(self.partial)
+            self.partial = b""
+        for line in lines:
+            text = line.decode("utf-8", "replace").rstrip("\r")
+            if text:
+                guest_log.info("%s", text)
+
+    async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
+        async for raw in stream:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self.stderr_tail.append(line)
+                log.warning("qemu: %s", line)
+
+    async def run(self) -> int:
+        """Start qemu and supervise it until it exits or SIGTERM/SIGINT asks the guest to stop.
+
+        :raise ChildFailed: when qemu exits with an error, with the tail of its stderr.
+        :raise StoppedHard: when the guest ignored the power-down until the timeout.
+        """
+        loop = asyncio.get_running_loop()
+        prepare_run_dir(self.plan)
+        fifo = os.open(self.plan.paths.console_log, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        loop.add_reader(fifo, self._console_readable, fifo)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.plan.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            assert proc.stderr is not None
+            reader = asyncio.create_task(self._read_stderr(proc.stderr))
+            log.info("qemu started (pid %d, %s)", proc.pid, self.plan.accel)
+            exited = asyncio.create_task(proc.wait())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.done() and not exited.done():
+                status = await self._shutdown(proc, exited)
+            else:
+                stopping.cancel()
+                status = self._exited(exited.result(), await self._drain(reader))
+            await reader
+            return status
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            self._console_readable(fifo)
+            loop.remove_reader(fifo)
+            os.close(fifo)
+            for path in (self.plan.paths.qmp, self.plan.paths.console, self.plan.paths.console_log):
+                path.unlink(missing_ok=True)
+
+    async def _drain(self, reader: "asyncio.Task[None]") -> str:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(reader), 2.0)
+        return " | ".join(self.stderr_tail) or "(no error output)"
+
+    def _exited(self, code: int, tail: str) -> int:
+        if code == 0:
+            log.info("guest powered off by itself; qemu exited")
+            return 0
+        raise ChildFailed(f"qemu exited with status {code}: {tail}")
+
+    async def _shutdown(self, proc: asyncio.subprocess.Process, exited: "asyncio.Task[int]") -> int:
+        log.info("stopping: ACPI power-down requested; waiting up to %gs for the guest", self.shutdown_timeout)
+        try:
+            await qmp_execute(self.plan.paths.qmp, "system_powerdown")
+        except Exception as err:
+            log.warning("QMP system_powerdown failed: %s", err)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(exited), self.shutdown_timeout)
+            log.info("guest powered off")
+            return 0
+        log.warning("guest did not power off within %gs; stopping qemu hard", self.shutdown_timeout)
+        with contextlib.suppress(Exception):
+            await qmp_execute(self.plan.paths.qmp, "quit", timeout=1.0)
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), QUIT_GRACE)
+        except TimeoutError:
+            proc.kill()
+            await exited
+        raise StoppedHard(
+            f"SHUTDOWN_TIMEOUT={self.shutdown_timeout:g}s: the guest ignored the ACPI power-down; stopped hard"
+        )
