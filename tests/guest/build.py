@@ -1,0 +1,202 @@
+"""Build the tiny test guest: Debian's cloud kernel plus a busybox initramfs on a syslinux FAT disk, as qcow2.
+
+Tests need a real guest that boots in seconds under TCG, gets DHCP, reads the config drive by its label, keeps a
+counter on its own disk and powers off on the ACPI button. Everything comes from Debian packages and is built
+without mounting anything. The result is cached in ``.cache/guest/`` under a hash of its inputs.
+
+Usage: ``python -m tests.guest.build [OUT]`` prints (and optionally copies to OUT) the image's path.
+"""
+
+import gzip
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE.parent.parent / ".cache" / "guest"
+BOOT_LABEL = "PODVMBOOT"
+DISK_MIB = 64
+
+# What the init needs, in the order the notes give; dependencies found in each .ko are loaded before it.
+MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "virtio_blk",
+    "scsi_mod",
+    "sd_mod",
+    "libata",
+    "ata_piix",
+    "cdrom",
+    "sr_mod",
+    "isofs",
+    "fat",
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+    "button",
+    "evdev",
+)
+
+SYSLINUX_CFG = f"""DEFAULT podvm
+TIMEOUT 0
+PROMPT 0
+LABEL podvm
+  KERNEL vmlinuz
+  INITRD initrd.gz
+  APPEND console=ttyS0 quiet panic=-1 podvm.label={BOOT_LABEL}
+"""
+
+
+def _run(argv: list[str], cwd: Path | None = None) -> str:
+    """Run a build step; a failure names the command and shows its error output."""
+    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"guest build: {' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+def kernel_package() -> str:
+    """The versioned cloud kernel package the ``linux-image-cloud-amd64`` metapackage currently points at."""
+    out = _run(["apt-cache", "depends", "linux-image-cloud-amd64"])
+    match = re.search(r"Depends:\s*(linux-image-\S+-cloud-amd64)", out)
+    if not match:
+        raise RuntimeError("guest build: apt-cache depends linux-image-cloud-amd64 names no kernel package")
+    return match.group(1)
+
+
+def download(package: str, into: Path) -> Path:
+    """``apt-get download`` one package into the cache (once) and return the .deb."""
+    into.mkdir(parents=True, exist_ok=True)
+    found = sorted(into.glob(f"{package}_*.deb"))
+    if not found:
+        _run(["apt-get", "download", package], cwd=into)
+        found = sorted(into.glob(f"{package}_*.deb"))
+    if not found:
+        raise RuntimeError(f"guest build: apt-get download {package} produced no .deb in {into}")
+    return found[-1]
+
+
+def _module_index(root: Path) -> dict[str, Path]:
+    return {ko.name.removesuffix(".ko").replace("-", "_"): ko for ko in root.rglob("*.ko")}
+
+
+def module_order(index: dict[str, Path], wanted: tuple[str, ...] = MODULES) -> list[str]:
+    """``wanted`` with each module's dependencies (from its ``depends=`` field) placed before it, once each."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name not in index:
+            raise RuntimeError(f"guest build: kernel module {name} is not in the kernel package")
+        match = re.search(rb"depends=([a-z0-9_,-]*)", index[name].read_bytes())
+        for dep in match.group(1).decode().split(",") if match and match.group(1) else []:
+            visit(dep.replace("-", "_"))
+        order.append(name)
+
+    for name in wanted:
+        visit(name)
+    return order
+
+
+def _cpio_newc(tree: Path, out: Path) -> None:
+    """Pack ``tree`` as a gzip'd cpio newc archive, the format the kernel unpacks as its initramfs."""
+    names = sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))
+    done = subprocess.run(
+        ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
+        cwd=tree,
+        input="\n".join(names).encode() + b"\n",
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"guest build: cpio failed: {done.stderr.decode().strip()}")
+    out.write_bytes(gzip.compress(done.stdout, compresslevel=6))
+
+
+def _initramfs(kernel_root: Path, busybox_root: Path, work: Path) -> Path:
+    tree = work / "initramfs"
+    for sub in ("bin", "lib/modules", "etc/acpi/PWRF"):
+        (tree / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(busybox_root / "bin" / "busybox", tree / "bin" / "busybox")
+    index = _module_index(kernel_root / "lib" / "modules")
+    order = module_order(index)
+    for name in order:
+        shutil.copyfile(index[name], tree / "lib" / "modules" / f"{name}.ko")
+    (tree / "lib" / "modules" / "order").write_text("\n".join(order) + "\n")
+    for source, target in (
+        ("init.sh", "init"),
+        ("udhcpc.script", "etc/udhcpc.script"),
+        ("power-button.sh", "etc/acpi/PWRF/00000080"),
+    ):
+        shutil.copyfile(HERE / source, tree / target)
+        (tree / target).chmod(0o755)
+    initrd = work / "initrd.gz"
+    _cpio_newc(tree, initrd)
+    return initrd
+
+
+def _disk(kernel: Path, initrd: Path, work: Path, out: Path) -> None:
+    """A syslinux-bootable FAT 'superfloppy' image, made without mounting, converted to qcow2 at ``out``."""
+    raw = work / "disk.raw"
+    _run(["mkfs.vfat", "-C", "-n", BOOT_LABEL, str(raw), str(DISK_MIB * 1024)])
+    _run(["syslinux", "--install", str(raw)])
+    cfg = work / "syslinux.cfg"
+    cfg.write_text(SYSLINUX_CFG)
+    for source, name in ((kernel, "vmlinuz"), (initrd, "initrd.gz"), (cfg, "syslinux.cfg")):
+        _run(["mcopy", "-o", "-i", str(raw), str(source), f"::{name}"])
+    tmp = out.with_name(f".{out.name}.tmp")
+    _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(tmp)])
+    tmp.replace(out)
+
+
+def _inputs_hash(debs: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in [*debs, *(HERE / n for n in ("build.py", "init.sh", "udhcpc.script", "power-button.sh"))]:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes() if path.suffix != ".deb" else str(path.stat().st_size).encode())
+    return digest.hexdigest()[:16]
+
+
+def ensure_guest(cache: Path = CACHE) -> Path:
+    """Path of the guest qcow2, built on first use and reused while its inputs are unchanged."""
+    debs = [download(kernel_package(), cache / "debs"), download("busybox-static", cache / "debs")]
+    out = cache / f"podvm-guest-{_inputs_hash(debs)}.qcow2"
+    if out.exists():
+        return out
+    with tempfile.TemporaryDirectory(prefix="podvm-guest-") as tmp:
+        work = Path(tmp)
+        for deb, name in zip(debs, ("kernel", "busybox"), strict=True):
+            _run(["dpkg-deb", "-x", str(deb), str(work / name)])
+        kernels = sorted((work / "kernel" / "boot").glob("vmlinuz-*"))
+        if not kernels:
+            raise RuntimeError(f"guest build: no /boot/vmlinuz-* in {debs[0].name}")
+        initrd = _initramfs(work / "kernel", work / "busybox", work)
+        _disk(kernels[-1], initrd, work, out)
+    return out
+
+
+def main() -> int:
+    """Build (or reuse) the guest and print its path; with an argument, also copy it there."""
+    image = ensure_guest()
+    if len(sys.argv) > 1:
+        target = Path(sys.argv[1])
+        shutil.copyfile(image, target)
+        image = target
+    sys.stdout.write(f"{os.fspath(image)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+#!/bin/busybox sh
+# The tiny test guest's /init: it reports on its serial console and over HTTP what the pod's network and the
+# config drive gave it, so end-to-end tests can assert on plain key=value lines.
+
+/bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mkdir -p /proc /sys /dev /tmp /run /etc /www /mnt/boot /mnt/config
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "podvm-guest: booted"
+
+for module in $(cat /lib/modules/order); do
+    insmod "/lib/modules/$module.ko" || echo "podvm-guest: module $module failed"
+done
+
+# Devices appear asynchronously after their drivers load: wait up to ~5 s for a label to show up.
+# Prints "LABEL DEVICE" for the first label found.
+find_label() {
+    for _ in $(seq 50); do
+        for label in "$@"; do
+            dev=$(findfs "LABEL=$label" 2>/dev/null) && { echo "$label $dev"; return 0; }
+        done
+        sleep 0.1
+    done
+    return 1
+}
+
+# Persistence: a counter on the guest's own boot disk, so a test sees whether the pet disk survived a restart.
+counter=unknown
+if found=$(find_label PODVMBOOT); then
+    if mount -t vfat -o rw "${found#* }" /mnt/boot; then
+        counter=$(( $(cat /mnt/boot/counter 2>/dev/null || echo 0) + 1 ))
+        echo "$counter" > /mnt/boot/counter
+        sync
+    fi
+fi
+echo "podvm-guest: boot counter=$counter"
+
+# The config drive, found by its label as cloud-init finds it.
+drive_label=none drive_dev=none hostname_md= uuid= user_data=absent
+if found=$(find_label config-2 cidata); then
+    drive_label=${found% *} drive_dev=${found#* }
+    if mount -t iso9660 -o ro "$drive_dev" /mnt/config; then
+        md=/mnt/config/openstack/latest/meta_data.json
+        if [ -f "$md" ]; then
+            hostname_md=$(grep -o '"hostname": *"[^"]*"' "$md" | sed 's/.*"\([^"]*\)"$/\1/')
+            uuid=$(grep -o '"uuid": *"[^"]*"' "$md" | sed 's/.*"\([^"]*\)"$/\1/')
+            [ -f /mnt/config/openstack/latest/user_data ] && user_data=present
+        elif [ -f /mnt/config/meta-data ]; then
+            hostname_md=$(sed -n 's/^local-hostname: *//p' /mnt/config/meta-data)
+            uuid=$(sed -n 's/^instance-id: *//p' /mnt/config/meta-data)
+            [ -f /mnt/config/user-data ] && user_data=present
+        fi
+    fi
+fi
+echo "podvm-guest: config drive label=$drive_label device=$drive_dev hostname=$hostname_md user_data=$user_data"
+[ -n "$hostname_md" ] && hostname "$hostname_md"
+
+ip link set lo up
+ip link set eth0 up
+udhcpc -i eth0 -s /etc/udhcpc.script -O search -O mtu -t 30 -T 1 -A 1 -n \
+    || echo "podvm-guest: DHCP failed"
+. /run/dhcp.env 2>/dev/null
+
+cat > /www/index.html <<EOF
+hostname=$hostname_md
+uuid=$uuid
+ip=$ip
+prefix_mask=$subnet
+gateway=$router
+dns=$dns
+search=$search
+mtu=$mtu
+dhcp_hostname=$dhcp_hostname
+counter=$counter
+user_data=$user_data
+config_drive_label=$drive_label
+EOF
+
+httpd -h /www -p 80
+mkdir -p /var/log
+acpid -c /etc/acpi -l /var/log/acpid.log || echo "podvm-guest: acpid failed"
+
+echo "podvm-guest: ready ip=$ip"
+while true; do sleep 3600; done
