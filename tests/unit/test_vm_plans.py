@@ -1,0 +1,282 @@
+"""vmrunner's pure parts: config validation, checksum parsing, vetting verdicts, pet, drive and qemu plans."""
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pycdlib
+import pytest
+
+from shared.errors import ConfigError, ImageRejected
+from shared.handshake import Handshake
+from vmrunner import configdrive
+from vmrunner.config import Checksum, Config, load, parse_checksum
+from vmrunner.pet import plan_pet
+from vmrunner.qemu import choose_accel, plan_qemu, vnc_enabled
+from vmrunner.vet import judge
+
+BASE = {"IMG_SOURCE": "https://example.org/images/debian-12.qcow2", "HOSTNAME": "vm-0"}
+HS = Handshake(
+    tap="podvm-tap0",
+    bridge="podvm0",
+    mac="0a:58:c0:a8:fe:02",
+    vm_ip="192.168.254.2",
+    gateway="192.168.254.1",
+    prefix=30,
+    mtu=1440,
+    pod_ip="10.1.2.3",
+    dns=("10.96.0.10",),
+    search=("svc.cluster.local",),
+    hostname="vm-0",
+    vnc_in_pod=True,
+    tap_owner=10001,
+)
+
+
+def cfg(**values: str) -> Config:
+    return load({**BASE, **values})
+
+
+def test_defaults() -> None:
+    c = cfg()
+    assert c.img_target == "debian-12.qcow2"
+    assert c.base_path == Path("/image/debian-12.qcow2")
+    assert c.pet_path == Path("/vm/vm-0.qcow2")
+    assert (c.img_format, c.accel, c.machine, c.disk_bus, c.nic_model) == (
+        "qcow2",
+        "auto",
+        "pc",
+        "virtio",
+        "virtio-net-pci",
+    )
+    assert (c.cpus, c.memory, c.shutdown_timeout, c.handshake_timeout) == (1, 1 << 30, 60.0, 120.0)
+    assert c.img_max_size == 256 << 30 and c.img_checksum is None and c.vm_disk_size is None
+    assert c.is_url
+
+
+def test_local_source_names_the_target_after_the_file() -> None:
+    c = cfg(IMG_SOURCE="/images/base.img", IMG_FORMAT="RAW")
+    assert (c.img_target, c.img_format, c.is_url) == ("base.img", "raw", False)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"IMG_SOURCE": ""}, "IMG_SOURCE is required"),
+        (
+            {"IMG_SOURCE": "ftp://x/y.qcow2"},
+            "IMG_SOURCE='ftp://x/y.qcow2': expected an http(s) URL or an absolute path",
+        ),
+        ({"IMG_SOURCE": "images/x.qcow2"}, "IMG_SOURCE='images/x.qcow2': expected"),
+        ({"IMG_SOURCE": "http:///x.qcow2"}, "IMG_SOURCE='http:///x.qcow2': the URL has no host"),
+        ({"IMG_SOURCE": "https://example.org/"}, "IMG_TARGET='': expected a plain file name"),
+        ({"IMG_TARGET": "../etc/passwd"}, "IMG_TARGET='../etc/passwd': expected a plain file name"),
+        ({"IMG_TARGET": ".hidden"}, "IMG_TARGET='.hidden'"),
+        ({"IMG_TARGET": "x.lock"}, "IMG_TARGET='x.lock'"),
+        ({"IMG_CHECKSUM": "md5:abc"}, "IMG_CHECKSUM='md5:abc': expected sha256:<64 hex digits>"),
+        ({"IMG_CHECKSUM": "sha256:" + "0" * 63}, "IMG_CHECKSUM='sha256:"),
+        ({"IMG_CHECKSUM": "sha512:" + "g" * 128}, "IMG_CHECKSUM='sha512:"),
+        ({"IMG_FORMAT": "vmdk"}, "IMG_FORMAT='vmdk': expected one of qcow2, raw"),
+        ({"IMG_MAX_SIZE": "huge"}, "IMG_MAX_SIZE='huge': expected a size"),
+        ({"IMG_MAX_SIZE": "1K"}, "IMG_MAX_SIZE='1K': must be at least"),
+        ({"VM_DISK_SIZE": "-1"}, "VM_DISK_SIZE='-1': expected a size"),
+        ({"VM_CPUS": "0"}, "VM_CPUS=0: expected a number from 1 to 255"),
+        ({"VM_MEMORY": "1M"}, "VM_MEMORY='1M': must be at least"),
+        ({"ACCEL": "xen"}, "ACCEL='xen': expected one of auto, kvm, tcg"),
+        ({"VM_DISK_BUS": "sata"}, "VM_DISK_BUS='sata': expected one of virtio, ide, scsi"),
+        ({"VM_NIC_MODEL": "ne2k"}, "VM_NIC_MODEL='ne2k': expected one of"),
+        ({"NO_VNC": "perhaps"}, "NO_VNC='perhaps': expected true or false"),
+        ({"VNC_PASSWORD_FILE": "secret"}, "VNC_PASSWORD_FILE='secret': expected an absolute path"),
+        ({"SHUTDOWN_TIMEOUT": "soon"}, "SHUTDOWN_TIMEOUT='soon': expected a duration"),
+        ({"HANDSHAKE_TIMEOUT": "x"}, "HANDSHAKE_TIMEOUT='x'"),
+        ({"CONFIG_DRIVE": "vfat"}, "CONFIG_DRIVE='vfat': expected one of config-2, nocloud"),
+        ({"IMAGE_DIR": "image"}, "IMAGE_DIR='image': expected an absolute path"),
+        ({"VM_DIR": "vm"}, "VM_DIR='vm'"),
+        ({"RUN_DIR": "run"}, "RUN_DIR='run'"),
+        ({"METADATA": "m"}, "METADATA='m'"),
+        ({"USERDATA": "u"}, "USERDATA='u'"),
+        ({"FETCH_RETRIES": "-1"}, "FETCH_RETRIES=-1"),
+        ({"HOSTNAME": "Bad_Host"}, "HOSTNAME='bad_host'"),
+    ],
+)
+def test_every_bad_value_is_one_line_naming_it(values: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({**BASE, **values})
+    assert str(caught.value).startswith(message), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_checksum_parsing_and_hashing() -> None:
+    digest = hashlib.sha256(b"x").hexdigest()
+    parsed = parse_checksum("C", f"SHA256:{digest.upper()}")
+    assert parsed == Checksum("sha256", digest)
+    assert str(parsed) == f"sha256:{digest}"
+    hasher = parsed.hasher()
+    hasher.update(b"x")
+    assert hasher.hexdigest() == digest
+    assert parse_checksum("C", "sha512:" + "a" * 128).algorithm == "sha512"
+
+
+GOOD: dict[str, Any] = {"format": "qcow2", "virtual-size": 1 << 30, "format-specific": {"data": {"corrupt": False}}}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"format": "raw"}, "img: qemu-img reads it as 'raw', not qcow2"),
+        ({"backing-filename": "/etc/hostname"}, "img: has a backing file ('/etc/hostname'); refused"),
+        ({"full-backing-filename": "/etc/passwd"}, "img: has a backing file"),
+        ({"format-specific": {"data": {"data-file": "/etc/shadow"}}}, "img: has an external data file ('/etc/shadow')"),
+        ({"format-specific": {"data": {"data-file-raw": True}}}, "img: has an external data file"),
+        ({"format-specific": {"data": {"corrupt": True}}}, "img: is marked corrupt; refused"),
+        ({"virtual-size": 2 << 30}, "img: virtual size 2147483648 bytes exceeds IMG_MAX_SIZE (1073741824 bytes)"),
+        ({"virtual-size": None}, "img: no valid virtual size"),
+    ],
+)
+def test_vetting_refuses_each_unsafe_trait(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ImageRejected, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        judge({**GOOD, **change}, "qcow2", 1 << 30, "img")
+
+
+def test_vetting_accepts_a_plain_image() -> None:
+    verdict = judge(GOOD, "qcow2", 1 << 30, "img")
+    assert (verdict.format, verdict.virtual_size) == ("qcow2", 1 << 30)
+
+
+def test_pet_is_created_once_with_explicit_backing_format() -> None:
+    plan = plan_pet(cfg(IMG_FORMAT="raw"), 1 << 30, exists=False, current_size=None)
+    assert plan.create == (
+        "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/image/debian-12.qcow2", "/vm/.vm-0.qcow2.tmp"
+    )  # fmt: skip
+    assert plan.staging == Path("/vm/.vm-0.qcow2.tmp") and plan.resize is None
+
+
+def test_pet_created_larger_when_asked() -> None:
+    plan = plan_pet(cfg(VM_DISK_SIZE="20G"), 1 << 30, exists=False, current_size=None)
+    assert plan.create is not None and plan.create[-1] == str(20 << 30)
+
+
+def test_existing_pet_is_only_ever_grown() -> None:
+    assert plan_pet(cfg(), 1 << 30, exists=True, current_size=None) == plan_pet(
+        cfg(VM_DISK_SIZE="1G"), 1 << 30, exists=True, current_size=2 << 30
+    )
+    unchanged = plan_pet(cfg(VM_DISK_SIZE="2G"), 1 << 30, exists=True, current_size=2 << 30)
+    assert unchanged.create is None and unchanged.resize is None
+    grow = plan_pet(cfg(VM_DISK_SIZE="3G"), 1 << 30, exists=True, current_size=2 << 30)
+    assert grow.create is None
+    assert grow.resize == ("qemu-img", "resize", "-q", "-f", "qcow2", "/vm/vm-0.qcow2", str(3 << 30))
+
+
+def test_metadata_merges_over_stable_defaults() -> None:
+    meta = configdrive.meta_data("vm-0", {"name": "db", "meta": {"role": "db"}})
+    assert meta["uuid"] == configdrive.instance_uuid("vm-0") == configdrive.meta_data("vm-0", {})["uuid"]
+    assert meta["uuid"] != configdrive.instance_uuid("vm-1")
+    assert (meta["hostname"], meta["name"], meta["meta"]) == ("vm-0", "db", {"role": "db"})
+    assert configdrive.merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}, "d": 4}) == {"a": {"b": 1, "c": 3}, "d": 4}
+    assert configdrive.meta_data("vm-0", {"uuid": "fixed"})["uuid"] == "fixed"
+
+
+def test_config2_plan_has_latest_and_a_dated_folder() -> None:
+    plan = configdrive.plan_drive("config-2", "vm-0", {"name": "db"}, b"#!/bin/sh\necho hi\n")
+    assert plan is not None and plan.label == "config-2"
+    assert sorted(plan.files) == [
+        "/openstack/2012-08-10/meta_data.json",
+        "/openstack/2012-08-10/user_data",
+        "/openstack/latest/meta_data.json",
+        "/openstack/latest/user_data",
+    ]
+    assert json.loads(plan.files["/openstack/latest/meta_data.json"])["name"] == "db"
+    assert plan.files["/openstack/latest/user_data"] == b"#!/bin/sh\necho hi\n"
+
+
+def test_nocloud_plan_and_no_files_no_drive() -> None:
+    plan = configdrive.plan_drive("nocloud", "vm-0", None, None)
+    assert plan is None
+    plan = configdrive.plan_drive("nocloud", "vm-0", {"local-hostname": "db"}, None)
+    assert plan is not None and plan.label == "cidata"
+    assert plan.files["/user-data"] == b""
+    assert b"instance-id: " + configdrive.instance_uuid("vm-0").encode() in plan.files["/meta-data"]
+    assert b"local-hostname: db" in plan.files["/meta-data"]
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "metadata"
+    bad.write_text("name: ok\nmeta: [unclosed\nother: 1\n")
+    with pytest.raises(ConfigError, match=rf"^METADATA={bad}: invalid YAML at line \d+: "):
+        configdrive.read_yaml(bad, "METADATA")
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="expected a YAML mapping, got list"):
+        configdrive.read_yaml(bad, "METADATA")
+    assert configdrive.read_yaml(tmp_path / "absent", "METADATA") is None
+    user = tmp_path / "userdata"
+    user.write_text("#cloud-config\nusers: [\n")
+    with pytest.raises(ConfigError, match=rf"^USERDATA={user}: invalid YAML at line 3"):
+        configdrive.read_userdata(user)
+    user.write_text("#!/bin/sh\n: [\n")
+    assert configdrive.read_userdata(user) == b"#!/bin/sh\n: [\n"
+
+
+def test_iso_keeps_names_label_and_bytes() -> None:
+    plan = configdrive.plan_drive("config-2", "vm-0", {}, b"data")
+    assert plan is not None
+    iso = pycdlib.PyCdlib()
+    iso.open_fp(io.BytesIO(configdrive.render(plan)))
+    try:
+        assert iso.pvd.volume_identifier.decode().strip() == "config-2"
+        for path, content in plan.files.items():
+            for kind in ("rr_path", "joliet_path"):
+                out = io.BytesIO()
+                iso.get_file_from_iso_fp(out, **{kind: path})
+                assert out.getvalue() == content
+    finally:
+        iso.close()
+
+
+def test_qemu_plan_tcg_virtio_vnc_and_extra_args_last() -> None:
+    c = load({**BASE, "ACCEL": "tcg", "VM_CPUS": "2", "VM_MEMORY": "512M", "RUN_DIR": "/r"}, ("-usb", "-S"))
+    plan = plan_qemu(c, HS, "tcg", True, Path("/r/config-drive.iso"))
+    argv = list(plan.argv)
+    line = " ".join(argv)
+    assert argv[:2] == ["qemu-system-x86_64", "-name"]
+    assert argv[-2:] == ["-usb", "-S"]
+    assert "-nodefaults -no-user-config -machine pc -accel tcg -smp 2 -m 512M -display none" in line
+    assert "-cpu" not in argv
+    assert "-drive file=/vm/vm-0.qcow2,if=none,id=disk0,format=qcow2" in line
+    assert "-device virtio-blk-pci,drive=disk0,bootindex=1" in line
+    assert "file=/r/config-drive.iso,if=none,id=cd0,format=raw,readonly=on,media=cdrom" in line
+    assert "-netdev tap,id=net0,ifname=podvm-tap0,script=no,downscript=no" in line
+    assert "-device virtio-net-pci,netdev=net0,mac=0a:58:c0:a8:fe:02" in line
+    assert "-vnc :0 " in line
+    assert "socket,id=qmp,path=/r/qmp.sock,server=on,wait=off" in line
+    assert "socket,id=console,path=/r/console.sock,server=on,wait=off,logfile=/r/console.fifo" in line
+
+
+def test_qemu_plan_kvm_legacy_buses_password_and_no_vnc() -> None:
+    c = cfg(VM_DISK_BUS="ide", VM_NIC_MODEL="e1000", VNC_PASSWORD_FILE="/secret/vnc")  # noqa: S106 a path, not a password
+    line = " ".join(plan_qemu(c, HS, "kvm", True, None).argv)
+    assert "-accel kvm -cpu host" in line
+    assert "-device ide-hd,drive=disk0,bus=ide.0,unit=0,bootindex=1" in line
+    assert "-device e1000,netdev=net0,mac=0a:58:c0:a8:fe:02" in line
+    assert "-object secret,id=vncpass,file=/secret/vnc,format=raw -vnc :0,password-secret=vncpass" in line
+    assert "cd0" not in line
+    scsi = " ".join(plan_qemu(cfg(VM_DISK_BUS="scsi"), HS, "tcg", False, None).argv)
+    assert "-device virtio-scsi-pci,id=scsi0 -device scsi-hd,drive=disk0,bus=scsi0.0" in scsi
+    assert "-vnc" not in scsi
+
+
+def test_accel_choice() -> None:
+    assert choose_accel("auto", True) == "kvm"
+    assert choose_accel("auto", False) == "tcg"
+    assert choose_accel("tcg", True) == "tcg"
+    assert choose_accel("kvm", False) == "kvm"
+
+
+def test_vnc_follows_the_handshake(caplog: pytest.LogCaptureFixture) -> None:
+    assert vnc_enabled(cfg(), HS) is True
+    assert not caplog.records
+    assert vnc_enabled(cfg(NO_VNC="true"), HS) is True
+    assert "following the handshake" in caplog.text
+    off = Handshake(**{**HS.__dict__, "vnc_in_pod": False})
+    assert vnc_enabled(cfg(), off) is False
