@@ -3,7 +3,7 @@ PYTHON ?= /usr/bin/python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: test deps lint unit demo demo-down bench plan clean
+.PHONY: test deps lint unit images demo demo-down bench plan clean
 
 ## test: install what is missing, lint, type-check, then run every test tier (needs root)
 test: deps lint
@@ -30,6 +30,18 @@ lint: deps
 ## unit: the fast tier only (no root needed)
 unit: deps
 	$(BIN)/pytest tests/unit
+
+## images: build the two container images with podman (on a local Debian base when no registry is reachable)
+images: deps
+	./scripts/podman/build-images
+
+## demo: as root, from nothing to a VM on a pod IP: packages, images, a demo guest, the pod (Ctrl-C stops it)
+demo:
+	./scripts/demo
+
+## demo-down: shut the demo VM down through ACPI and remove its pod (images and the VM's disk are kept)
+demo-down:
+	./scripts/demo down
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info .pytest_cache .mypy_cache .ruff_cache
