@@ -101,6 +101,7 @@ def _hashers(cfg: Config) -> dict[str, "hashlib._Hash"]:
 def _download(cfg: Config, out: IO[bytes]) -> dict[str, str]:
     """Stream ``IMG_SOURCE`` into ``out``, resuming with Range and retrying with back-off; return the digests."""
     import requests
+    import urllib3
 
     url = cfg.img_source
     hashers = _hashers(cfg)
@@ -112,7 +113,7 @@ def _download(cfg: Config, out: IO[bytes]) -> dict[str, str]:
             try:
                 offset, hashers = _one_request(session, url, out, offset=offset, hashers=hashers, progress=progress)
                 return {name: h.hexdigest() for name, h in hashers.items()}
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+            except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as err:
                 reason = f"{type(err).__name__}: {err}"
             except _Transient as err:
                 reason = str(err)
@@ -152,7 +153,8 @@ def _one_request(
         length = resp.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
         progress.start(offset)
-        for chunk in resp.iter_content(CHUNK):
+        # read1 hands over whatever has arrived, so a dropped connection loses no byte already received.
+        while chunk := resp.raw.read1(CHUNK, decode_content=True):
             out.write(chunk)
             for h in hashers.values():
                 h.update(chunk)

@@ -1,0 +1,168 @@
+"""Fetching into the shared cache against a real HTTP server on loopback, and vetting crafted images."""
+
+import hashlib
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from shared.errors import ConfigError, ImageRejected, PodvmError
+from tests.vm.conftest import VMRUNNER, Server, runner_env
+from vmrunner.config import load
+from vmrunner.image import ensure_base
+
+
+def cache_names(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "image").iterdir() if not p.name.endswith(".lock"))
+
+
+def test_fetch_caches_a_read_only_vetted_image_and_reuses_it(
+    served: Server, qcow2_bytes: bytes, shared_dir: Path
+) -> None:
+    served.served.files["/img/base.qcow2"] = qcow2_bytes
+    digest = hashlib.sha512(qcow2_bytes).hexdigest()
+    cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/img/base.qcow2"), IMG_CHECKSUM=f"sha512:{digest}"))
+    verdict = ensure_base(cfg)
+    assert verdict.virtual_size == 64 << 20
+    assert cache_names(shared_dir) == [".base.qcow2.vetted", "base.qcow2"]
+    assert cfg.base_path.read_bytes() == qcow2_bytes
+    assert cfg.base_path.stat().st_mode & 0o777 == 0o444
+    assert ensure_base(cfg) == verdict
+    assert len(served.served.requests) == 1, "a cached base is never fetched again"
+
+
+def test_dropped_connection_resumes_with_range(served: Server, qcow2_bytes: bytes, shared_dir: Path) -> None:
+    served.served.files["/base.qcow2"] = qcow2_bytes
+    served.served.drop_after = 65536
+    sha = hashlib.sha256(qcow2_bytes).hexdigest()
+    cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/base.qcow2"), IMG_CHECKSUM=f"sha256:{sha}"))
+    ensure_base(cfg)
+    assert cfg.base_path.read_bytes() == qcow2_bytes
+    assert served.served.requests == [("/base.qcow2", None), ("/base.qcow2", "bytes=65536-")]
+
+
+def test_server_without_range_support_starts_over(served: Server, qcow2_bytes: bytes, shared_dir: Path) -> None:
+    served.served.files["/base.qcow2"] = qcow2_bytes
+    served.served.drop_after = 65536
+    served.served.ranges = False
+    sha = hashlib.sha256(qcow2_bytes).hexdigest()
+    cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/base.qcow2"), IMG_CHECKSUM=f"sha256:{sha}"))
+    ensure_base(cfg)
+    assert cfg.base_path.read_bytes() == qcow2_bytes
+
+
+def test_redirects_are_followed(served: Server, qcow2_bytes: bytes, shared_dir: Path) -> None:
+    served.served.files["/real/base.qcow2"] = qcow2_bytes
+    served.served.redirects["/latest.qcow2"] = "/real/base.qcow2"
+    cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/latest.qcow2")))
+    ensure_base(cfg)
+    assert (shared_dir / "image" / "latest.qcow2").read_bytes() == qcow2_bytes
+
+
+def test_checksum_mismatch_leaves_nothing_in_the_cache(served: Server, qcow2_bytes: bytes, shared_dir: Path) -> None:
+    served.served.files["/base.qcow2"] = qcow2_bytes
+    cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/base.qcow2"), IMG_CHECKSUM="sha256:" + "0" * 64))
+    with pytest.raises(ImageRejected, match=r"^IMG_CHECKSUM: http://.*/base.qcow2 has sha256:[0-9a-f]{64}, expected"):
+        ensure_base(cfg)
+    assert cache_names(shared_dir) == []
+
+
+def test_cached_image_with_another_checksum_is_an_error_and_left_alone(
+    served: Server, qcow2_bytes: bytes, shared_dir: Path
+) -> None:
+    served.served.files["/base.qcow2"] = qcow2_bytes
+    env = runner_env(shared_dir, IMG_SOURCE=served.url("/base.qcow2"))
+    ensure_base(load(env))
+    before = (shared_dir / "image" / "base.qcow2").stat()
+    with pytest.raises(ImageRejected, match="the cached image does not match IMG_CHECKSUM"):
+        ensure_base(load({**env, "IMG_CHECKSUM": "sha512:" + "a" * 128}))
+    after = (shared_dir / "image" / "base.qcow2").stat()
+    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+    assert len(served.served.requests) == 1
+
+
+def test_not_found_is_a_clear_error(served: Server, shared_dir: Path) -> None:
+    cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/missing.qcow2")))
+    with pytest.raises(PodvmError, match=r"^IMG_SOURCE=http://127.0.0.1:\d+/missing.qcow2: HTTP 404 Not Found$"):
+        ensure_base(cfg)
+    assert cache_names(shared_dir) == []
+
+
+def test_refused_connection_is_retried_then_a_clear_error(shared_dir: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = load(runner_env(shared_dir, IMG_SOURCE=f"http://127.0.0.1:{port}/x.qcow2", FETCH_RETRIES="1"))
+    with pytest.raises(PodvmError, match=r"download failed after 2 attempts: ConnectionError: .*[Rr]efused"):
+        ensure_base(cfg)
+    assert cache_names(shared_dir) == []
+
+
+def test_concurrent_fetchers_download_once(served: Server, qcow2_bytes: bytes, shared_dir: Path) -> None:
+    served.served.files["/base.qcow2"] = qcow2_bytes
+    served.served.delay = 1.0
+    env = runner_env(shared_dir, IMG_SOURCE=served.url("/base.qcow2"))
+    procs = [subprocess.Popen([*VMRUNNER, "fetch"], env=env, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    try:
+        logs = [p.communicate(timeout=60)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0, 0], logs
+    assert served.served.requests == [("/base.qcow2", None)]
+    assert sum("waiting for it" in log for log in logs) >= 1
+    assert (shared_dir / "image" / "base.qcow2").read_bytes() == qcow2_bytes
+
+
+def crafted(tmp_path: Path, *options: str) -> Path:
+    path = tmp_path / "crafted.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *options, str(path), "64M"], check=True)
+    return path
+
+
+def test_backing_file_image_is_refused_and_not_cached(tmp_path: Path, shared_dir: Path) -> None:
+    image = crafted(tmp_path, "-b", "/etc/hostname", "-F", "raw")
+    with pytest.raises(ImageRejected, match=r"has a backing file \('/etc/hostname'\); refused"):
+        ensure_base(load(runner_env(shared_dir, IMG_SOURCE=str(image))))
+    assert cache_names(shared_dir) == []
+
+
+def test_external_data_file_image_is_refused_and_not_cached(tmp_path: Path, shared_dir: Path) -> None:
+    host_file = tmp_path / "host-secret"
+    host_file.write_bytes(b"secret" * 1000)
+    image = crafted(tmp_path, "-o", f"data_file={host_file}")
+    with pytest.raises(ImageRejected, match="has an external data file"):
+        ensure_base(load(runner_env(shared_dir, IMG_SOURCE=str(image))))
+    assert cache_names(shared_dir) == []
+
+
+def test_oversized_and_misformatted_images_are_refused(tmp_path: Path, qcow2_bytes: bytes, shared_dir: Path) -> None:
+    image = tmp_path / "base.qcow2"
+    image.write_bytes(qcow2_bytes)
+    with pytest.raises(ImageRejected, match="exceeds IMG_MAX_SIZE"):
+        ensure_base(load(runner_env(shared_dir, IMG_SOURCE=str(image), IMG_MAX_SIZE="32M")))
+    raw = tmp_path / "raw.img"
+    raw.write_bytes(b"\0" * 65536)
+    with pytest.raises(ImageRejected, match="qemu-img info -f qcow2 failed"):
+        ensure_base(load(runner_env(shared_dir, IMG_SOURCE=str(raw))))
+    assert cache_names(shared_dir) == []
+
+
+def test_missing_local_source_names_the_variable(shared_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^IMG_SOURCE=/nonexistent/x.qcow2: no such file$"):
+        ensure_base(load(runner_env(shared_dir, IMG_SOURCE="/nonexistent/x.qcow2")))
+    assert cache_names(shared_dir) == []
+
+
+def test_fetch_command_exit_status_for_a_refused_image(tmp_path: Path, shared_dir: Path) -> None:
+    image = crafted(tmp_path, "-b", "/etc/hostname", "-F", "raw")
+    done = subprocess.run(
+        [*VMRUNNER, "fetch"],
+        env=runner_env(shared_dir, IMG_SOURCE=str(image)),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 3
+    assert done.stderr.strip().count("\n") == 1 and "has a backing file" in done.stderr
