@@ -1,0 +1,190 @@
+"""End-to-end harness: a VM runner (any program honouring the runner contract) in a test bed pod, and checks.
+
+A runner runs as it would in its container: uid 10001 without capabilities, in the pod's network namespace, with
+a usable ``/dev/net/tun``. The host's tun node stays untouched: the runner gets a private mount namespace where a
+0666 node of its own is bind-mounted over ``/dev/net/tun``. The checks look at the guest from the client
+namespace (HTTP and VNC on the pod IP) and at the logs, so a second runner is held to the same standard.
+"""
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RUNNER_UID = 10001
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+READY = "podvm-guest: ready"
+ACPI_LINE = "podvm-guest: ACPI power button, shutting down"
+GRACEFUL_EXIT = 0
+
+_DROP_PRIVILEGES = (
+    'mount --bind "$PODVM_TUN" /dev/net/tun && '
+    f"exec setpriv --reuid {RUNNER_UID} --regid {RUNNER_UID} --clear-groups "
+    '--inh-caps=-all --bounding-set=-all --no-new-privs -- "$@"'
+)
+
+
+@dataclass(frozen=True)
+class PodNet:
+    """What the harness needs of a test bed pod: its namespace, the client's namespace and the pod's IP."""
+
+    pod_ns: str
+    client_ns: str
+    pod_ip: str
+
+
+@dataclass
+class Proc:
+    """A process started by the harness, with its combined output in ``log``."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    stopped: bool = field(default=False)
+
+    def text(self) -> str:
+        """Everything the process wrote so far."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_for(self, pattern: str, timeout: float, after: int = 0) -> re.Match[str]:
+        """Wait until ``pattern`` appears in the log (past offset ``after``); fail early if the process died."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while True:
+            match = regex.search(self.text(), after)
+            if match:
+                return match
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) before {pattern!r}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: no {pattern!r} within {timeout:.0f} s")
+            time.sleep(0.1)
+
+    def terminate(self, timeout: float) -> int:
+        """SIGTERM, wait up to ``timeout``, then kill the whole process group; return the exit status."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.stopped = True
+        return self.popen.wait()
+
+    def kill(self) -> None:
+        """Kill the process and everything it started (its own session), ignoring what is already gone."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
+
+
+def start(name: str, argv: Sequence[str], env: Mapping[str, str], log: Path) -> Proc:
+    """Start ``argv`` in a session of its own (so a kill reaches its children) with output to ``log``."""
+    with log.open("ab") as out:
+        popen = subprocess.Popen(
+            list(argv),
+            env=dict(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return Proc(name, popen, log)
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """A minimal environment: PATH with the project's commands first, plus ``extra``."""
+    return {"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", **extra}
+
+
+def start_sidecar(pod: PodNet, env: Mapping[str, str], log: Path) -> Proc:
+    """The real ``netsidecar run`` as root in the pod namespace (it is the privileged container)."""
+    return start("netsidecar", ["ip", "netns", "exec", pod.pod_ns, str(BIN / "netsidecar"), "run"], env, log)
+
+
+def make_tun_node(directory: Path) -> Path:
+    """A private 0666 tun node (char 10:200) the runner sees as /dev/net/tun; the host's node is not changed."""
+    node = directory / "tun"
+    if not node.exists():
+        os.mknod(node, 0o666 | 0o020000, os.makedev(10, 200))
+    node.chmod(0o666)
+    return node
+
+
+def start_runner(pod: PodNet, argv: Sequence[str], env: Mapping[str, str], tun: Path, log: Path) -> Proc:
+    """A runner as uid 10001 without capabilities in the pod namespace, with ``tun`` as its /dev/net/tun."""
+    wrapper = [
+        "ip", "netns", "exec", pod.pod_ns,
+        "unshare", "--mount", "--propagation", "private", "--",
+        "sh", "-c", _DROP_PRIVILEGES, "podvm-runner", *argv,
+    ]  # fmt: skip
+    return start("runner", wrapper, {**env, "PODVM_TUN": str(tun)}, log)
+
+
+def serve_directory(namespace: str, directory: Path, port: int, log: Path) -> Proc:
+    """A plain HTTP server on 127.0.0.1:``port`` inside ``namespace`` (IMG_SOURCE for a runner there)."""
+    subprocess.run(["ip", "-n", namespace, "link", "set", "lo", "up"], check=True)
+    argv = ["ip", "netns", "exec", namespace, sys.executable, "-m", "http.server", "--bind", "127.0.0.1"]
+    server = start("http", [*argv, "--directory", str(directory), str(port)], base_env(), log)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        probe = subprocess.run(
+            ["ip", "netns", "exec", namespace, "curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/"],
+            check=False,
+        )
+        if probe.returncode == 0:
+            return server
+        time.sleep(0.1)
+    server.kill()
+    raise AssertionError(f"image server on 127.0.0.1:{port} in {namespace} did not come up: {server.text()}")
+
+
+def in_ns(namespace: str, argv: Sequence[str], timeout: float = 15) -> subprocess.CompletedProcess[bytes]:
+    """Run a short command inside ``namespace``."""
+    return subprocess.run(["ip", "netns", "exec", namespace, *argv], capture_output=True, timeout=timeout, check=False)
+
+
+def guest_page(pod: PodNet, timeout: float = 30) -> dict[str, str]:
+    """The guest's ``key=value`` status page, fetched from the client namespace through the pod IP."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = in_ns(pod.client_ns, ["curl", "-sf", "--max-time", "3", f"http://{pod.pod_ip}/"])
+        if done.returncode == 0:
+            lines = done.stdout.decode().splitlines()
+            return dict(line.split("=", 1) for line in lines if "=" in line)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"http://{pod.pod_ip}/ from {pod.client_ns}: curl exit {done.returncode}")
+        time.sleep(0.5)
+
+
+def vnc_banner(pod: PodNet, port: int = 5900) -> str:
+    """The first line a VNC server sends on pod IP:``port``, read from the client namespace."""
+    done = in_ns(pod.client_ns, ["socat", "-T", "2", "-u", f"TCP:{pod.pod_ip}:{port},connect-timeout=3", "STDOUT"])
+    return done.stdout.decode(errors="replace").split("\n", 1)[0]
+
+
+def is_vnc_banner(line: str) -> bool:
+    """True for an RFB protocol version line of the 3.x family that qemu speaks."""
+    return re.fullmatch(r"RFB 003\.00\d", line) is not None
+
+
+def graceful_stop(runner: Proc, timeout: float) -> int:
+    """SIGTERM the runner and return its exit status; the caller checks the ACPI line and the status."""
+    return runner.terminate(timeout)
+
+
+def counter(page: Mapping[str, str]) -> int:
+    """The guest's boot counter (kept on its own disk) from its status page."""
+    return int(page["counter"])
+
+
+def report(*procs: Proc) -> str:
+    """Every process's log, for a failing test's output."""
+    return "\n".join(f"----- {p.name} ({p.log}) -----\n{p.text()}" for p in procs)
