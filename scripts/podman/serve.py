@@ -1,9 +1,9 @@
-"""Serves a directory over HTTP on podman's bridge gateway, where a pod reaches the host, for IMG_SOURCE.
+"""Serves a directory over HTTP on a podman network's gateway, where a pod reaches the host, for IMG_SOURCE.
 
 The bridge only exists while a container is attached, so the socket is bound with IP_FREEBIND: the server can start
 before the pod and never listens on the host's other interfaces.
 
-    python3 scripts/podman/serve.py DIR [--port PORT]     # prints the base URL, serves until killed
+    python3 scripts/podman/serve.py DIR --network NAME [--port PORT]   # prints the base URL, serves until killed
 """
 
 import argparse
@@ -37,7 +37,7 @@ class QuietHandler(SimpleHTTPRequestHandler):
         """Drop access log lines."""
 
 
-def podman_gateway(network: str = "podman") -> str:
+def podman_gateway(network: str) -> str:
     """The gateway address of a podman network: the host as its containers see it."""
     out = subprocess.run(["podman", "network", "inspect", network], check=True, capture_output=True, text=True)
     gateway: str = json.loads(out.stdout)[0]["subnets"][0]["gateway"]
@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path)
     parser.add_argument("--port", type=int, default=8780)
-    parser.add_argument("--network", default="podman")
+    parser.add_argument("--network", required=True, help="the podman network the pod runs on")
     args = parser.parse_args(argv)
     server, url = bind(args.directory, podman_gateway(args.network), args.port)
     print(url, flush=True)

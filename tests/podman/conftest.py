@@ -51,7 +51,8 @@ class Pod:
     def ip(self) -> str:
         """The pod's IP now (a restarted pod may get another)."""
         infra = podman("pod", "inspect", "--format", "{{.InfraContainerID}}", self.name).stdout.strip()
-        return podman("inspect", "--format", "{{.NetworkSettings.Networks.podman.IPAddress}}", infra).stdout.strip()
+        ip_format = "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}"
+        return podman("inspect", "--format", ip_format, infra).stdout.strip()
 
     def logs(self, container: str) -> str:
         """Both streams of one container's log (the runner's includes the guest's console)."""
@@ -73,11 +74,22 @@ def images() -> str:
 
 
 @pytest.fixture(scope="session")
-def guest_url() -> Iterator[str]:
-    """The tiny guest's qcow2 served over HTTP on podman's gateway, where the pod's runner fetches it."""
+def network(images: str) -> Iterator[str]:
+    """A podman network of this run's own, so its gateway (where the image is served) is known."""
+    name = f"podvm-t{os.getpid()}"
+    podman("network", "create", name)
+    try:
+        yield name
+    finally:
+        podman("network", "rm", "--force", name, check=False)
+
+
+@pytest.fixture(scope="session")
+def guest_url(network: str) -> Iterator[str]:
+    """The tiny guest's qcow2 served over HTTP on the network's gateway, where the pod's runner fetches it."""
     image = ensure_guest()
     serve = _script("serve")
-    server, url = serve.start(image.parent, serve.podman_gateway())
+    server, url = serve.start(image.parent, serve.podman_gateway(network))
     try:
         yield f"{url}/{image.name}"
     finally:
@@ -97,7 +109,7 @@ def wait_for(what: str, check: Callable[[], object], timeout: float, pod: Pod | 
 
 
 @pytest.fixture(scope="module")
-def pod(images: str, guest_url: str) -> Iterator[Pod]:
+def pod(images: str, network: str, guest_url: str) -> Iterator[Pod]:
     """The local variant of deploy/pod.yaml, played by podman with names derived from this run's id."""
     localpod = _script("localpod")
     name = f"podvm-t{os.getpid()}"
@@ -113,7 +125,7 @@ def pod(images: str, guest_url: str) -> Iterator[Pod]:
     local = localpod.plan(*localpod.cluster_manifests(), settings)
     try:
         localpod.apply(local)
-        podman("kube", "play", "--configmap", str(local.configmap_path), str(local.path))
+        podman("kube", "play", "--network", network, "--configmap", str(local.configmap_path), str(local.path))
         yield Pod(name, state)
     finally:
         podman("pod", "rm", "--force", "--time", "0", name, check=False)
