@@ -1,0 +1,119 @@
+"""The config drive read back by pycdlib and by cloud-init's own config-drive reader (from Debian's package)."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pycdlib
+import pytest
+
+from tests.vm.conftest import REPO, VMRUNNER, require, runner_env
+
+CLOUD_INIT_CACHE = REPO / ".cache" / "cloud-init"
+
+
+@pytest.fixture(scope="session")
+def cloud_init() -> Path:
+    """Debian's cloud-init unpacked (not installed) once into .cache; its python path."""
+    site = CLOUD_INIT_CACHE / "root" / "usr" / "lib" / "python3" / "dist-packages"
+    if not (site / "cloudinit").is_dir():
+        require("apt-get")
+        CLOUD_INIT_CACHE.mkdir(parents=True, exist_ok=True)
+        for old in CLOUD_INIT_CACHE.glob("*.deb"):
+            old.unlink()
+        got = subprocess.run(
+            ["apt-get", "download", "cloud-init"], cwd=CLOUD_INIT_CACHE, capture_output=True, text=True, check=False
+        )
+        if got.returncode != 0:
+            pytest.fail(f"apt-get download cloud-init failed: {got.stderr.strip()}")
+        (deb,) = CLOUD_INIT_CACHE.glob("cloud-init_*.deb")
+        subprocess.run(["dpkg", "-x", str(deb), str(CLOUD_INIT_CACHE / "root")], check=True)
+    return site
+
+
+def extract(iso_path: Path, into: Path) -> dict[str, bytes]:
+    """Every file of the ISO by its Rock Ridge name, also written under ``into`` (this kernel cannot mount it)."""
+    iso = pycdlib.PyCdlib()
+    iso.open(str(iso_path))
+    files: dict[str, bytes] = {}
+    try:
+        for root, _dirs, names in iso.walk(rr_path="/"):
+            for name in names:
+                path = f"{root.rstrip('/')}/{name}"
+                out = io.BytesIO()
+                iso.get_file_from_iso_fp(out, rr_path=path)
+                files[path] = out.getvalue()
+                target = into / path.lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(out.getvalue())
+        label = iso.pvd.volume_identifier.decode().strip()
+    finally:
+        iso.close()
+    files["label"] = label.encode()
+    return files
+
+
+def test_config2_drive_is_read_by_cloud_init(tmp_path: Path, shared_dir: Path, cloud_init: Path) -> None:
+    (shared_dir / "metadata").write_text("name: db-server\nmeta:\n  role: db\npublic_keys:\n  k: ssh-ed25519 AAAA x\n")
+    userdata = b"#cloud-config\nruncmd:\n  - [touch, /tmp/ok]\n"
+    (shared_dir / "userdata").write_bytes(userdata)
+    iso = tmp_path / "drive.iso"
+    env = runner_env(shared_dir, IMG_SOURCE="/unused.qcow2")
+    subprocess.run([*VMRUNNER, "configdrive", str(iso)], env=env, check=True)
+    assert iso.stat().st_mode & 0o777 == 0o600
+    files = extract(iso, tmp_path / "drive")
+    assert files["label"] == b"config-2"
+    reader = (
+        "import json, sys\n"
+        "from cloudinit.sources.helpers.openstack import ConfigDriveReader\n"
+        "r = ConfigDriveReader(sys.argv[1]).read_v2()\n"
+        "print(json.dumps({'meta': r['metadata'], 'ud': r['userdata'].decode(), 'version': r['version']}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", reader, str(tmp_path / "drive")],
+        env={**os.environ, "PYTHONPATH": str(cloud_init)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["version"] == 2
+    assert result["ud"] == userdata.decode()
+    meta = result["meta"]
+    assert (meta["hostname"], meta["name"], meta["meta"]) == ("vm-0", "db-server", {"role": "db"})
+    assert meta["public_keys"] == {"k": "ssh-ed25519 AAAA x"}
+    first_uuid = meta["uuid"]
+    subprocess.run([*VMRUNNER, "configdrive", str(iso)], env=env, check=True)
+    again = extract(iso, tmp_path / "again")
+    assert json.loads(again["/openstack/latest/meta_data.json"])["uuid"] == first_uuid
+    assert "/openstack/2012-08-10/meta_data.json" in again
+
+
+def test_nocloud_drive(tmp_path: Path, shared_dir: Path) -> None:
+    (shared_dir / "userdata").write_text("#cloud-config\n{}\n")
+    iso = tmp_path / "drive.iso"
+    env = runner_env(shared_dir, IMG_SOURCE="/unused.qcow2", CONFIG_DRIVE="nocloud")
+    subprocess.run([*VMRUNNER, "configdrive", str(iso)], env=env, check=True)
+    files = extract(iso, tmp_path / "drive")
+    assert files["label"] == b"cidata"
+    assert files["/user-data"] == b"#cloud-config\n{}\n"
+    assert b"instance-id: " in files["/meta-data"] and b"local-hostname: vm-0" in files["/meta-data"]
+
+
+def test_invalid_metadata_fails_with_one_line_and_writes_nothing(tmp_path: Path, shared_dir: Path) -> None:
+    (shared_dir / "metadata").write_text("name: x\n  bad: indent\n")
+    iso = tmp_path / "drive.iso"
+    done = subprocess.run(
+        [*VMRUNNER, "configdrive", str(iso)],
+        env=runner_env(shared_dir, IMG_SOURCE="/unused.qcow2"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert f"METADATA={shared_dir}/metadata: invalid YAML at line 2" in done.stderr
+    assert not iso.exists() and not list(tmp_path.glob(".drive.iso*"))
