@@ -1,12 +1,141 @@
-"""Command line of netsidecar."""
+"""Command line of netsidecar: run | plan | status | down | probe.
 
+``plan`` needs no root and changes nothing: it reads the pod interface from the kernel when it can; ``POD_IFACE``,
+``POD_IP`` and ``POD_MTU`` override those facts (so it also works away from a pod).
+"""
+
+import importlib
+import ipaddress
+import json
 import logging
+import os
+import signal
+import sys
+import time
+from types import FrameType
 
+from netsidecar import config
+from netsidecar.config import PodFacts, Settings
+from netsidecar.plan import Plan, build, rule_count
 from shared.cli import run_main
+from shared.env import Env
+from shared.errors import ConfigError
+from shared.handshake import FILE_NAME
 from shared.log import configure
+
+log = logging.getLogger("netsidecar")
+USAGE = "usage: netsidecar run | plan | status | down | probe ..."
+
+
+def _facts(settings: Settings) -> PodFacts:
+    if settings.pod_iface and settings.pod_ip and settings.pod_mtu:
+        return PodFacts(
+            settings.pod_iface, settings.pod_ip, ipaddress.IPv4Network(f"{settings.pod_ip}/32"), settings.pod_mtu
+        )
+    from netsidecar.kernel import pod_facts  # noqa: PLC0415 - pyroute2 only when the kernel is asked
+
+    return pod_facts(settings)
+
+
+def _plan(settings: Settings) -> Plan:
+    pod = _facts(settings)
+    config.check_overlap(settings, pod)
+    log.info("pod interface %s %s/%d mtu %d", pod.iface, pod.ip, pod.network.prefixlen, pod.mtu)
+    return build(settings, pod, config.read_resolv(settings.resolv_conf))
+
+
+def plan_command(settings: Settings) -> int:
+    """Print the plan as JSON."""
+    print(json.dumps(_plan(settings).to_dict(), indent=2))
+    return 0
+
+
+def teardown(settings: Settings) -> None:
+    """Remove everything the sidecar makes: handshake, dnsmasq, table, tap, bridge."""
+    from netsidecar import dhcp, kernel  # noqa: PLC0415 - keeps `plan` free of pyroute2 and nftables
+
+    (settings.run_dir / FILE_NAME).unlink(missing_ok=True)
+    dhcp.stop_stale(settings.run_dir)
+    (settings.run_dir / "dnsmasq.leases").unlink(missing_ok=True)
+    kernel.remove_ruleset()
+    kernel.remove_links()
+    log.info("network removed")
+
+
+def run_command(settings: Settings) -> int:
+    """Put the network in place, publish the handshake, supervise dnsmasq until SIGTERM, then tear down."""
+    from netsidecar import dhcp, kernel  # noqa: PLC0415 - keeps `plan` free of pyroute2 and nftables
+
+    stop: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    kernel.check_tap_device()
+    plan = _plan(settings)
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    kernel.enable_forwarding()
+    kernel.ensure_links(plan.links)
+    kernel.apply_ruleset(plan.ruleset)
+    log.info("rules: %d in table ip %s", rule_count(plan.ruleset), config.TABLE)
+    server = dhcp.Dnsmasq(plan.dnsmasq, settings.run_dir)
+    server.start()
+    path = plan.handshake.write(settings.run_dir)
+    log.info("network ready: handshake %s", path)
+    while not stop:
+        server.poll()
+        time.sleep(0.2)
+    log.info("signal %d: keeping the network while the VM holds its tap (up to %gs)", stop[0], settings.drain_timeout)
+    (settings.run_dir / FILE_NAME).unlink(missing_ok=True)
+    deadline = time.monotonic() + settings.drain_timeout
+    while kernel.tap_carrier() and time.monotonic() < deadline:
+        server.poll()
+        time.sleep(0.2)
+    server.stop()
+    teardown(settings)
+    return 0
+
+
+def status_command(settings: Settings) -> int:
+    """Print what is in place: links, rules with counters, dnsmasq, the lease."""
+    from netsidecar import dhcp, kernel  # noqa: PLC0415 - keeps `plan` free of pyroute2 and nftables
+
+    lease = settings.run_dir / "dnsmasq.leases"
+    report = {
+        "links": kernel.link_status(),
+        "rules": kernel.ruleset_status(),
+        "dnsmasq_pid": dhcp.is_running(settings.run_dir),
+        "leases": lease.read_text().splitlines() if lease.exists() else [],
+        "handshake": (settings.run_dir / FILE_NAME).exists(),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def down_command(settings: Settings) -> int:
+    """Remove everything, e.g. after a sidecar killed without its SIGTERM cleanup."""
+    teardown(settings)
+    return 0
+
+
+def command(args: list[str]) -> int:
+    """Dispatch a subcommand."""
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    if args[0] == "probe":
+        probe = importlib.import_module("netsidecar.probe")
+        status: int = probe.command(args[1:])
+        return status
+    commands = {"run": run_command, "plan": plan_command, "status": status_command, "down": down_command}
+    if args[0] not in commands or len(args) > 1:
+        raise ConfigError(f"netsidecar {' '.join(args)}: unknown command; {USAGE}")
+    return commands[args[0]](config.read_settings(Env(os.environ)))
 
 
 def main() -> None:
     """Entry point of the `netsidecar` console script."""
     logger: logging.Logger = configure("netsidecar")
-    run_main(logger, lambda: 0)
+    run_main(logger, lambda: command(sys.argv[1:]))

@@ -1,0 +1,186 @@
+"""The sidecar's inputs, validated before anything changes: environment, the pod's facts and its resolv.conf."""
+
+import hashlib
+import ipaddress
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.env import Env, pod_hostname
+from shared.errors import ConfigError
+
+log = logging.getLogger("netsidecar")
+
+BRIDGE = "podvm0"
+TAP = "podvm-tap0"
+TABLE = "podvm"
+PREFIX = 30
+VNC_PORT = 5900
+DEFAULT_TAP_OWNER = 10001
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
+_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+SEARCH_LIMIT = 255
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the environment asks for (validated, independent of the pod's facts)."""
+
+    vm_ip: ipaddress.IPv4Address
+    gateway: ipaddress.IPv4Address
+    no_vnc: bool
+    pod_iface: str | None
+    pod_ip: ipaddress.IPv4Address | None
+    pod_mtu: int | None
+    mac: str
+    hostname: str
+    tap_owner: int | None
+    run_dir: Path
+    resolv_conf: Path
+    pod_wait_timeout: float
+    drain_timeout: float
+
+
+@dataclass(frozen=True)
+class PodFacts:
+    """The pod interface as the kernel (or an override) describes it."""
+
+    iface: str
+    ip: ipaddress.IPv4Address
+    network: ipaddress.IPv4Network
+    mtu: int
+
+
+@dataclass(frozen=True)
+class Resolv:
+    """What the VM gets from the pod's resolv.conf: IPv4 nameservers and a search list that fits option 119."""
+
+    nameservers: tuple[str, ...]
+    search: tuple[str, ...]
+
+
+def derive_mac(hostname: str) -> str:
+    """A stable, locally administered, unicast MAC from the pod hostname, so a restarted pod keeps its lease."""
+    digest = hashlib.sha256(hostname.encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
+def _mac(env: Env, hostname: str) -> str:
+    raw = env.optional("VM_MAC")
+    if raw is None:
+        return derive_mac(hostname)
+    mac = raw.lower().replace("-", ":")
+    if not _MAC.match(mac):
+        raise ConfigError(f"VM_MAC={raw!r}: expected six hex octets such as 02:00:00:00:00:01")
+    if int(mac[:2], 16) & 1:
+        raise ConfigError(f"VM_MAC={raw!r}: a multicast address cannot be a NIC's address (first octet must be even)")
+    return mac
+
+
+def _tap_owner(env: Env) -> int | None:
+    if "TAP_OWNER" not in env.values:
+        return DEFAULT_TAP_OWNER
+    raw = env.values["TAP_OWNER"].strip()
+    if raw in ("", "root"):
+        return None
+    return env.integer("TAP_OWNER", DEFAULT_TAP_OWNER, 0, 2**32 - 2) or None
+
+
+def _iface(env: Env, name: str) -> str | None:
+    raw = env.optional(name)
+    if raw is not None and not _IFNAME.match(raw):
+        raise ConfigError(f"{name}={raw!r}: expected an interface name of 1 to 15 characters")
+    return raw
+
+
+def read_settings(env: Env) -> Settings:
+    """Validate the environment; every bad value is a ConfigError naming the variable."""
+    vm_ip = env.ipv4("VM_IP", "192.168.254.2")
+    gateway = env.ipv4("VM_GW", "192.168.254.1")
+    net = ipaddress.IPv4Network(f"{vm_ip}/{PREFIX}", strict=False)
+    hosts = set(net.hosts())
+    if vm_ip not in hosts:
+        raise ConfigError(
+            f"VM_IP={vm_ip}: must be a usable host of its /{PREFIX} ({net}), not its network or broadcast"
+        )
+    if gateway not in hosts or gateway == vm_ip:
+        raise ConfigError(f"VM_GW={gateway}: must be the other usable host of VM_IP's /{PREFIX} ({net})")
+    pod_ip = env.ipv4("POD_IP", "") if env.optional("POD_IP") is not None else None
+    pod_mtu = env.integer("POD_MTU", 0, 576, 65535) if env.optional("POD_MTU") is not None else None
+    hostname = pod_hostname(env)
+    return Settings(
+        vm_ip=vm_ip,
+        gateway=gateway,
+        no_vnc=env.flag("NO_VNC"),
+        pod_iface=_iface(env, "POD_IFACE"),
+        pod_ip=pod_ip,
+        pod_mtu=pod_mtu,
+        mac=_mac(env, hostname),
+        hostname=hostname,
+        tap_owner=_tap_owner(env),
+        run_dir=env.path("RUN_DIR", "/run/podvm"),
+        resolv_conf=env.path("RESOLV_CONF", "/etc/resolv.conf"),
+        pod_wait_timeout=env.duration("POD_WAIT_TIMEOUT", 30.0),
+        drain_timeout=env.duration("NET_DRAIN_TIMEOUT", 30.0),
+    )
+
+
+def check_overlap(settings: Settings, pod: PodFacts) -> None:
+    """The VM's /30 must not collide with the pod's address or subnet, or replies would never reach the VM."""
+    net = ipaddress.IPv4Network(f"{settings.vm_ip}/{PREFIX}", strict=False)
+    if pod.ip in net or net.overlaps(pod.network):
+        raise ConfigError(
+            f"VM_IP={settings.vm_ip}: its /{PREFIX} {net} overlaps the pod's {pod.ip}/{pod.network.prefixlen}"
+        )
+
+
+def _encoded_length(domain: str) -> int:
+    """Bytes of a name in DNS wire form without compression (labels plus the root)."""
+    return sum(len(label) + 1 for label in domain.split(".")) + 1
+
+
+def valid_domain(domain: str) -> bool:
+    """A DNS name made of letters, digits and inner hyphens, at most 253 characters."""
+    return 0 < len(domain) <= 253 and all(_LABEL.match(label) for label in domain.split("."))
+
+
+def parse_resolv(text: str, source: str = "resolv.conf") -> Resolv:
+    """IPv4 nameservers and the last search/domain line of a resolv.conf; invalid or excess names are dropped."""
+    nameservers: list[str] = []
+    search: list[str] = []
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split(";", 1)[0].split()
+        if not words:
+            continue
+        if words[0] == "nameserver" and len(words) >= 2:
+            try:
+                nameservers.append(str(ipaddress.IPv4Address(words[1])))
+            except ValueError:
+                log.info("%s: nameserver %s is not IPv4; the VM does not get it", source, words[1])
+        elif words[0] in ("search", "domain"):
+            search = [w.rstrip(".") for w in words[1:]]
+    kept: list[str] = []
+    size = 0
+    for domain in search:
+        if not valid_domain(domain):
+            log.warning("%s: search domain %r is not a valid DNS name; dropped", source, domain)
+            continue
+        if size + _encoded_length(domain) > SEARCH_LIMIT:
+            log.warning("%s: search domain %r dropped: option 119 holds at most %d bytes", source, domain, SEARCH_LIMIT)
+            continue
+        size += _encoded_length(domain)
+        kept.append(domain)
+    return Resolv(tuple(dict.fromkeys(nameservers)), tuple(dict.fromkeys(kept)))
+
+
+def read_resolv(path: Path) -> Resolv:
+    """The pod's resolv.conf; a missing file means no DNS for the VM (logged), not a failure."""
+    try:
+        return parse_resolv(path.read_text(), str(path))
+    except FileNotFoundError:
+        log.warning("%s does not exist; the VM gets no nameservers", path)
+        return Resolv((), ())
+    except OSError as err:
+        raise ConfigError(f"RESOLV_CONF={path}: cannot read it: {err.strerror}") from err

@@ -1,0 +1,106 @@
+"""dnsmasq under supervision: exactly one instance, restarted with back-off, its lines relayed into our log."""
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from netsidecar.config import BRIDGE
+from netsidecar.kernel import die_with_parent
+from netsidecar.plan import pid_file
+
+log = logging.getLogger("netsidecar")
+_BACKOFF_MAX = 10.0
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def stop_stale(run_dir: Path) -> None:
+    """Kill the dnsmasq a previous sidecar left behind, if the pid file still names one serving our bridge."""
+    path = pid_file(run_dir)
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return
+    argv = _cmdline(pid)
+    if argv and Path(argv[0]).name == "dnsmasq" and f"--interface={BRIDGE}" in argv:
+        log.info("stopping stale dnsmasq (pid %d)", pid)
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(50):
+            if not _cmdline(pid):
+                break
+            time.sleep(0.02)
+    path.unlink(missing_ok=True)
+
+
+def _relay(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stderr is not None
+    for raw in proc.stderr:
+        log.info("dnsmasq: %s", raw.decode(errors="replace").rstrip())
+
+
+class Dnsmasq:
+    """One supervised dnsmasq; `poll` restarts it with back-off when it has died."""
+
+    def __init__(self, argv: list[str], run_dir: Path) -> None:
+        self.argv = argv
+        self.run_dir = run_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.backoff = 0.5
+        self.next_start = 0.0
+
+    def start(self) -> None:
+        """Start dnsmasq and record its pid."""
+        stop_stale(self.run_dir)
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - the pdeathsig must be set in the child
+        )
+        pid_file(self.run_dir).write_text(f"{self.proc.pid}\n")
+        threading.Thread(target=_relay, args=(self.proc,), daemon=True).start()
+        log.info("dnsmasq started (pid %d)", self.proc.pid)
+
+    def poll(self) -> None:
+        """Restart dnsmasq if it died, waiting longer after each quick death."""
+        if self.proc is None or self.proc.poll() is None:
+            return
+        now = time.monotonic()
+        if self.next_start == 0.0:
+            log.warning("dnsmasq exited with status %s; restarting in %.1fs", self.proc.returncode, self.backoff)
+            self.next_start = now + self.backoff
+            self.backoff = min(self.backoff * 2, _BACKOFF_MAX)
+        if now >= self.next_start:
+            self.next_start = 0.0
+            self.start()
+
+    def stop(self) -> None:
+        """Stop dnsmasq and forget its pid."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        pid_file(self.run_dir).unlink(missing_ok=True)
+
+
+def is_running(run_dir: Path) -> int | None:
+    """The pid of the dnsmasq the pid file names, if it runs."""
+    try:
+        pid = int(pid_file(run_dir).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    argv = _cmdline(pid)
+    return pid if argv and Path(argv[0]).name == "dnsmasq" else None

@@ -1,0 +1,216 @@
+"""Thin code that applies a plan to the kernel: links by netlink (pyroute2), rules by libnftables' JSON API."""
+
+import ctypes
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+from netsidecar.config import BRIDGE, TABLE, TAP, PodFacts, Settings
+from netsidecar.plan import Json, LinkPlan
+from shared.errors import ConfigError, PodvmError
+
+log = logging.getLogger("netsidecar")
+
+_TUNSETIFF = 0x400454CA
+_TUNSETPERSIST = 0x400454CB
+_TUNSETOWNER = 0x400454CC
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+
+
+def _ipr() -> Any:
+    """An IPRoute socket; pyroute2 is imported here because its import alone costs a third of a second."""
+    from pyroute2 import IPRoute  # noqa: PLC0415 - costly import, only where netlink is used
+
+    return IPRoute()
+
+
+def _link(ipr: Any, name: str) -> Any | None:
+    links = ipr.link_lookup(ifname=name)
+    return ipr.get_links(links[0])[0] if links else None
+
+
+def pod_facts(settings: Settings) -> PodFacts:
+    """Find the pod interface (the default route's, unless POD_IFACE), waiting up to POD_WAIT_TIMEOUT for it."""
+    deadline = time.monotonic() + settings.pod_wait_timeout
+    with _ipr() as ipr:
+        while True:
+            facts = _try_pod_facts(ipr, settings)
+            if facts is not None:
+                return facts
+            if time.monotonic() >= deadline:
+                what = f"POD_IFACE={settings.pod_iface}" if settings.pod_iface else "the default route's interface"
+                raise PodvmError(f"{what}: no IPv4 address after POD_WAIT_TIMEOUT={settings.pod_wait_timeout:g}s")
+            time.sleep(0.1)
+
+
+def _try_pod_facts(ipr: Any, settings: Settings) -> PodFacts | None:
+    if settings.pod_iface:
+        found = ipr.link_lookup(ifname=settings.pod_iface)
+        if not found:
+            return None
+        index = found[0]
+    else:
+        routes = [r for r in ipr.get_default_routes(family=socket.AF_INET) if r.get_attr("RTA_OIF")]
+        if not routes:
+            return None
+        index = routes[0].get_attr("RTA_OIF")
+    link = ipr.get_links(index)[0]
+    addrs = ipr.get_addr(index=index, family=socket.AF_INET)
+    if not addrs and settings.pod_ip is None:
+        return None
+    if addrs:
+        address = ipaddress.IPv4Interface(f"{addrs[0].get_attr('IFA_ADDRESS')}/{addrs[0]['prefixlen']}")
+    else:
+        address = ipaddress.IPv4Interface(f"{settings.pod_ip}/32")
+    ip = settings.pod_ip or address.ip
+    return PodFacts(
+        iface=link.get_attr("IFLA_IFNAME"),
+        ip=ip,
+        network=address.network if ip == address.ip else ipaddress.IPv4Network(f"{ip}/32"),
+        mtu=settings.pod_mtu or link.get_attr("IFLA_MTU"),
+    )
+
+
+def enable_forwarding() -> None:
+    """Routing between the pod interface and the bridge needs it; Calico turns it off in pods."""
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+
+
+def _create_tap(name: str, owner: int | None) -> None:
+    """A persistent tap owned by ``owner`` (so an unprivileged runner opens it); the creating fd is then closed."""
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    try:
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TAP | _IFF_NO_PI))
+        if owner is not None:
+            fcntl.ioctl(fd, _TUNSETOWNER, owner)
+        fcntl.ioctl(fd, _TUNSETPERSIST, 1)
+    finally:
+        os.close(fd)
+
+
+def ensure_links(plan: LinkPlan) -> None:
+    """Create the bridge and tap if missing, else keep them (a VM may hold the tap open) and fix their settings."""
+    with _ipr() as ipr:
+        if _link(ipr, plan.bridge) is None:
+            ipr.link("add", ifname=plan.bridge, kind="bridge")
+            log.info("bridge %s created", plan.bridge)
+        bridge = ipr.link_lookup(ifname=plan.bridge)[0]
+        ipr.link("set", index=bridge, mtu=plan.mtu)
+        address, prefix = plan.bridge_address.split("/")
+        have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=bridge, family=2)}
+        for addr, plen in have - {(address, int(prefix))}:
+            ipr.addr("del", index=bridge, address=addr, prefixlen=plen)
+        if (address, int(prefix)) not in have:
+            ipr.addr("add", index=bridge, address=address, prefixlen=int(prefix))
+        if _link(ipr, plan.tap) is None:
+            _create_tap(plan.tap, plan.tap_owner)
+            log.info("tap %s created (owner %s)", plan.tap, "root" if plan.tap_owner is None else plan.tap_owner)
+        else:
+            log.info("tap %s kept as it is (a VM may hold it open)", plan.tap)
+        tap = ipr.link_lookup(ifname=plan.tap)[0]
+        ipr.link("set", index=tap, mtu=plan.mtu, master=bridge, state="up")
+        ipr.link("set", index=bridge, state="up")
+    log.info("bridge %s %s mtu %d, tap %s", plan.bridge, plan.bridge_address, plan.mtu, plan.tap)
+
+
+def tap_carrier() -> bool:
+    """Whether a VM holds the tap open (the kernel reports carrier only while a queue is attached)."""
+    with _ipr() as ipr:
+        link = _link(ipr, TAP)
+        return bool(link is not None and link.get_attr("IFLA_CARRIER"))
+
+
+def remove_links() -> None:
+    """Delete the tap and the bridge if they exist."""
+    with _ipr() as ipr:
+        for name in (TAP, BRIDGE):
+            found = ipr.link_lookup(ifname=name)
+            if found:
+                ipr.link("del", index=found[0])
+                log.info("removed %s", name)
+
+
+def link_status() -> list[Json]:
+    """The bridge and tap as the kernel holds them."""
+    out: list[Json] = []
+    with _ipr() as ipr:
+        for name in (BRIDGE, TAP):
+            link = _link(ipr, name)
+            if link is None:
+                out.append({"name": name, "present": False})
+                continue
+            addrs = [
+                f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(index=link["index"], family=2)
+            ]
+            out.append(
+                {
+                    "name": name,
+                    "present": True,
+                    "state": link.get_attr("IFLA_OPERSTATE"),
+                    "carrier": bool(link.get_attr("IFLA_CARRIER")),
+                    "mtu": link.get_attr("IFLA_MTU"),
+                    "mac": link.get_attr("IFLA_ADDRESS"),
+                    "master": link.get_attr("IFLA_MASTER"),
+                    "addresses": addrs,
+                }
+            )
+    return out
+
+
+def _nft() -> Any:
+    import nftables  # noqa: PLC0415 - loads libnftables, only where rules are touched
+
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    nft.set_handle_output(False)
+    return nft
+
+
+def apply_ruleset(document: Json) -> None:
+    """Replace table ip podvm in one transaction; on error the kernel keeps what it had."""
+    nft = _nft()
+    rc, _out, err = nft.json_cmd(document)
+    if rc != 0:
+        raise PodvmError(f"nftables refused the ruleset: {err.strip()}")
+
+
+def remove_ruleset() -> None:
+    """Delete table ip podvm if it exists."""
+    nft = _nft()
+    table = {"family": "ip", "name": TABLE}
+    nft.json_cmd({"nftables": [{"add": {"table": table}}, {"delete": {"table": table}}]})
+
+
+def ruleset_status() -> list[Json]:
+    """The table's rules with their counters, as nftables lists them."""
+    nft = _nft()
+    rc, out, _err = nft.cmd(f"list table ip {TABLE}")
+    if rc != 0:
+        return []
+    items: list[Json] = json.loads(out)["nftables"]
+    return [item["rule"] for item in items if "rule" in item]
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Run in a child before exec: the kernel sends SIGKILL when the sidecar dies, so no orphan DHCP server stays."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
+def check_tap_device() -> None:
+    """A clear message when /dev/net/tun is missing, instead of an errno from deep inside."""
+    if not Path("/dev/net/tun").exists():
+        raise ConfigError("/dev/net/tun is missing: mount it into the netsidecar container")

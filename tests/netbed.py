@@ -1,0 +1,404 @@
+"""A namespace test bed: a simulated node, an outside client, a pod running the real sidecar, and a VM stand-in.
+
+Everything is derived from one short id (``Bed(ident)``): namespace names ``pv<id>-node``, ``pv<id>-pod``,
+``pv<id>-cli``, ``pv<id>-vm`` and veth names, so parallel beds never collide. Each object has ``setup()`` and
+``cleanup()``, both safe to call twice; ``cleanup`` kills the processes left in the namespace before deleting it.
+
+Topology (addresses from the id ``n``, 1..200)::
+
+    client 10.<n>.9.2/24 --- 10.<n>.9.1 node 10.<n>.0.1 --- pod (calico: 10.<n>.0.5/32 via 169.254.1.1;
+                                                              bridge: 10.<n>.0.5/24 via 10.<n>.0.1), MTU 1440
+    pod: podvm0 (the sidecar's bridge) <- veth -> vm stand-in (udhcpc with the VM's MAC)
+
+API (all in this module):
+
+- ``ns_run(ns, *argv, check=True, timeout=30)`` runs a command in namespace ``ns`` (``None``: the root one) and
+  returns the CompletedProcess; ``ns_popen(ns, argv, **kw)`` starts one.
+- ``Bed(ident, style="calico"|"bridge", mtu=1440)``: ``.setup()`` builds node, client and pod; ``.pod_ip``,
+  ``.client_ip``, ``.pod.ns``, ``.client.ns``, ``.node.ns``; ``.cleanup()`` removes all (reverse order).
+- ``Sidecar(bed, env={}, run_dir=...)``: ``.start(timeout=10)`` runs ``netsidecar run`` in the pod namespace and
+  waits for the handshake (returns it); ``.term()`` (SIGTERM, waits), ``.kill()`` (SIGKILL); ``.log()`` its output.
+- ``VmStandIn(bed, mac)``: a namespace whose veth is plugged into the sidecar's bridge with ``mac``; ``.dhcp()``
+  runs busybox udhcpc (``-O search -O mtu``) and returns what it received (dict of the script's environment);
+  ``.serve_tcp(port, reply)`` / ``.serve_udp(port, reply)`` start small servers; ``.ns`` for anything else.
+- pytest fixtures (``bed``, ``bed_factory``) live in ``tests/netns/conftest.py``; other folders can use
+  ``pytest_plugins = ["tests.netbed"]`` to get ``bed_factory`` from here.
+
+A real guest can replace the stand-in: start the sidecar with ``Sidecar`` and attach qemu to the tap
+``podvm-tap0`` inside ``bed.pod.ns`` (the tap is owned by uid 10001 unless ``TAP_OWNER`` says otherwise).
+"""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.handshake import Handshake, wait
+
+ROOT = Path(__file__).resolve().parent.parent
+NETSIDECAR = [sys.executable, "-c", "from netsidecar.cli import main; main()"]
+
+
+def ns_prefix(ns: str | None) -> list[str]:
+    """argv prefix that runs a command inside ``ns``."""
+    return [] if ns is None else ["ip", "netns", "exec", ns]
+
+
+def ns_run(ns: str | None, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a command in a namespace and capture its output; a failure raises with the output in the message."""
+    proc = subprocess.run([*ns_prefix(ns), *argv], capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{ns}: {' '.join(argv)} -> {proc.returncode}: {proc.stderr.strip()}")
+    return proc
+
+
+def ns_popen(ns: str | None, argv: list[str], **kwargs: object) -> "subprocess.Popen[bytes]":
+    """Start a command in a namespace."""
+    return subprocess.Popen([*ns_prefix(ns), *argv], **kwargs)  # type: ignore[call-overload,no-any-return]
+
+
+class Netns:
+    """A named network namespace with loopback up."""
+
+    def __init__(self, name: str) -> None:
+        self.ns = name
+
+    def setup(self) -> None:
+        """Create it (again, if a crashed run left it)."""
+        self.cleanup()
+        ns_run(None, "ip", "netns", "add", self.ns)
+        ns_run(self.ns, "ip", "link", "set", "lo", "up")
+
+    def cleanup(self) -> None:
+        """Kill what runs inside, then delete it."""
+        pids = ns_run(None, "ip", "netns", "pids", self.ns, check=False).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        if pids:
+            time.sleep(0.1)
+        ns_run(None, "ip", "netns", "del", self.ns, check=False)
+
+
+class Veth:
+    """A veth pair between two namespaces."""
+
+    def __init__(self, a_ns: str, a: str, b_ns: str, b: str, mtu: int = 1500) -> None:
+        self.a_ns, self.a, self.b_ns, self.b, self.mtu = a_ns, a, b_ns, b, mtu
+
+    def setup(self) -> None:
+        """Create the pair, move the ends and bring them up."""
+        ns_run(
+            self.a_ns,
+            "ip",
+            "link",
+            "add",
+            self.a,
+            "mtu",
+            str(self.mtu),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            self.b,
+            "mtu",
+            str(self.mtu),
+            "netns",
+            self.b_ns,
+        )
+        ns_run(self.a_ns, "ip", "link", "set", self.a, "up")
+        ns_run(self.b_ns, "ip", "link", "set", self.b, "up")
+
+    def cleanup(self) -> None:
+        """Delete the pair (both ends go)."""
+        ns_run(self.a_ns, "ip", "link", "del", self.a, check=False)
+
+
+class Bed:
+    """Node, client and pod namespaces wired like a cluster; see the module docstring."""
+
+    def __init__(self, ident: int, style: str = "calico", mtu: int = 1440) -> None:
+        assert 1 <= ident <= 200, ident
+        assert style in ("calico", "bridge"), style
+        self.ident, self.style, self.mtu = ident, style, mtu
+        self.node = Netns(f"pv{ident}-node")
+        self.pod = Netns(f"pv{ident}-pod")
+        self.client = Netns(f"pv{ident}-cli")
+        self.pod_ip = f"10.{ident}.0.5"
+        self.client_ip = f"10.{ident}.9.2"
+        self._pod_veth = Veth(self.node.ns, f"pv{ident}pod", self.pod.ns, "eth0", mtu)
+        self._cli_veth = Veth(self.node.ns, f"pv{ident}cli", self.client.ns, "eth0")
+
+    def setup(self) -> None:
+        """Build the three namespaces and their routes."""
+        n, node, pod, cli = self.ident, self.node.ns, self.pod.ns, self.client.ns
+        for ns in (self.node, self.pod, self.client):
+            ns.setup()
+        self._pod_veth.setup()
+        self._cli_veth.setup()
+        ns_run(node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        ns_run(node, "ip", "addr", "add", f"10.{n}.9.1/24", "dev", f"pv{n}cli")
+        ns_run(cli, "ip", "addr", "add", f"{self.client_ip}/24", "dev", "eth0")
+        ns_run(cli, "ip", "route", "add", "default", "via", f"10.{n}.9.1")
+        if self.style == "calico":
+            ns_run(node, "ip", "route", "add", f"{self.pod_ip}/32", "dev", f"pv{n}pod")
+            ns_run(node, "sysctl", "-qw", f"net.ipv4.conf.pv{n}pod.proxy_arp=1")
+            # Proxy ARP answers for 169.254.1.1 only if the node routes it elsewhere: a default route does.
+            ns_run(node, "ip", "route", "add", "default", "dev", f"pv{n}cli")
+            ns_run(pod, "ip", "addr", "add", f"{self.pod_ip}/32", "dev", "eth0")
+            ns_run(pod, "ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
+            ns_run(pod, "ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
+        else:
+            ns_run(node, "ip", "addr", "add", f"10.{n}.0.1/24", "dev", f"pv{n}pod")
+            ns_run(pod, "ip", "addr", "add", f"{self.pod_ip}/24", "dev", "eth0")
+            ns_run(pod, "ip", "route", "add", "default", "via", f"10.{n}.0.1")
+
+    def cleanup(self) -> None:
+        """Remove everything, in reverse order."""
+        for ns in (self.client, self.pod, self.node):
+            ns.cleanup()
+
+
+class Sidecar:
+    """The real `netsidecar run` as a process in the pod namespace."""
+
+    def __init__(self, bed: Bed, env: dict[str, str] | None = None, run_dir: Path | None = None) -> None:
+        self.bed = bed
+        self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix=f"pv{bed.ident}-run-"))
+        self.resolv = self.run_dir.parent / f"pv{bed.ident}-resolv.conf"
+        self.env = {
+            "HOSTNAME": f"vm-{bed.ident}",
+            "RUN_DIR": str(self.run_dir),
+            "RESOLV_CONF": str(self.resolv),
+            "NET_DRAIN_TIMEOUT": "2s",
+            "POD_WAIT_TIMEOUT": "5s",
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._out = self.run_dir.parent / f"pv{bed.ident}-sidecar.log"
+
+    def write_resolv(self, text: str) -> None:
+        """The resolv.conf the sidecar reads."""
+        self.resolv.write_text(textwrap.dedent(text))
+
+    def start(self, timeout: float = 10) -> Handshake:
+        """Start `netsidecar run` and wait for its handshake."""
+        if not self.resolv.exists():
+            self.write_resolv("nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local\n")
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
+        out = self._out.open("ab")
+        self.proc = ns_popen(self.bed.pod.ns, [*NETSIDECAR, "run"], env=env, stdout=out, stderr=out)
+        deadline = time.monotonic() + timeout
+        while not (self.run_dir / "network.json").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"netsidecar run gave no handshake (rc={self.proc.poll()}):\n{self.log()}")
+            time.sleep(0.02)
+        return wait(self.run_dir, 1)
+
+    def log(self) -> str:
+        """Everything the sidecar printed so far."""
+        return self._out.read_text() if self._out.exists() else ""
+
+    def term(self, timeout: float = 15) -> int:
+        """SIGTERM and wait for the clean exit."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def cleanup(self) -> None:
+        """Stop it if it still runs and remove its files."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for path in (self.resolv, self._out):
+            path.unlink(missing_ok=True)
+        subprocess.run(["rm", "-rf", str(self.run_dir)], check=False)
+
+
+class VmStandIn:
+    """A namespace standing in for the VM: its veth end sits in the sidecar's bridge with the VM's MAC."""
+
+    def __init__(self, bed: Bed, mac: str) -> None:
+        self.bed, self.mac = bed, mac
+        self.netns = Netns(f"pv{bed.ident}-vm")
+        self.ns = self.netns.ns
+        self.veth = Veth(self.ns, "eth0", bed.pod.ns, f"pv{bed.ident}vm", bed.mtu)
+        self.script = Path(tempfile.gettempdir()) / f"pv{bed.ident}-udhcpc.sh"
+        self.record = Path(tempfile.gettempdir()) / f"pv{bed.ident}-udhcpc.json"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def setup(self) -> None:
+        """Create the namespace and plug its veth into podvm0 (the sidecar must be up)."""
+        self.netns.setup()
+        self.veth.setup()
+        ns_run(self.ns, "ip", "link", "set", "eth0", "address", self.mac)
+        ns_run(self.bed.pod.ns, "ip", "link", "set", f"pv{self.bed.ident}vm", "master", "podvm0")
+
+    def dhcp(self) -> dict[str, str]:
+        """Run busybox udhcpc once; apply the lease (address, default route, MTU) and return what it received."""
+        self.script.write_text(
+            textwrap.dedent(f"""\
+            #!/bin/sh
+            [ "$1" = bound ] || exit 0
+            {sys.executable} -c 'import json,os; print(json.dumps(dict(os.environ)))' > {self.record}
+            ip addr add "$ip/$mask" dev "$interface"
+            [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
+            ip route add default via "$router"
+            """)
+        )
+        self.script.chmod(0o755)
+        ns_run(
+            self.ns,
+            "busybox",
+            "udhcpc",
+            "-i",
+            "eth0",
+            "-s",
+            str(self.script),
+            "-O",
+            "search",
+            "-O",
+            "mtu",
+            "-n",
+            "-q",
+            "-f",
+            "-t",
+            "10",
+            "-T",
+            "1",
+            timeout=30,
+        )
+        received: dict[str, str] = json.loads(self.record.read_text())
+        return received
+
+    def serve_tcp(self, port: int, reply: str) -> None:
+        """A TCP server answering ``reply`` and the peer's address to each connection."""
+        self._serve("SOCK_STREAM", port, reply)
+
+    def serve_udp(self, port: int, reply: str) -> None:
+        """A UDP server answering ``reply`` and the peer's address to each datagram."""
+        self._serve("SOCK_DGRAM", port, reply)
+
+    def _serve(self, kind: str, port: int, reply: str) -> None:
+        code = textwrap.dedent(f"""\
+            import socket
+            s = socket.socket(socket.AF_INET, socket.{kind})
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("0.0.0.0", {port}))
+            if s.type == socket.SOCK_STREAM:
+                s.listen()
+                while True:
+                    c, peer = s.accept()
+                    c.sendall(("{reply} " + peer[0] + "\\n").encode())
+                    c.close()
+            while True:
+                data, peer = s.recvfrom(2048)
+                s.sendto(("{reply} " + peer[0] + "\\n").encode(), peer)
+            """)
+        self.procs.append(ns_popen(self.ns, [sys.executable, "-c", code]))
+        time.sleep(0.3)
+
+    def cleanup(self) -> None:
+        """Stop servers, remove the namespace and temp files."""
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        self.procs.clear()
+        self.netns.cleanup()
+        self.script.unlink(missing_ok=True)
+        self.record.unlink(missing_ok=True)
+
+
+def tcp_request(ns: str, host: str, port: int, data: str = "") -> str:
+    """Connect from ``ns`` to host:port, send ``data``, return the reply ('' if refused or timed out)."""
+    code = textwrap.dedent(f"""\
+        import socket, sys
+        try:
+            s = socket.create_connection(({host!r}, {port}), timeout=2)
+            s.sendall({data!r}.encode())
+            print(s.recv(2048).decode(), end="")
+        except OSError as e:
+            sys.exit(1)
+        """)
+    return ns_run(ns, sys.executable, "-c", code, check=False).stdout.strip()
+
+
+def udp_request(ns: str, host: str, port: int) -> str:
+    """Send one datagram from ``ns`` and return the reply ('' if none)."""
+    code = textwrap.dedent(f"""\
+        import socket, sys
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        s.sendto(b"hi", ({host!r}, {port}))
+        try:
+            print(s.recv(2048).decode(), end="")
+        except OSError:
+            sys.exit(1)
+        """)
+    return ns_run(ns, sys.executable, "-c", code, check=False).stdout.strip()
+
+
+_next_id = [0]
+
+
+def _fresh_id() -> int:
+    """A bed id unlikely to collide with another pytest process (pid-based) or another bed in this one."""
+    _next_id[0] += 1
+    return 1 + (os.getpid() * 7 + _next_id[0]) % 200
+
+
+@pytest.fixture
+def bed_factory(request: pytest.FixtureRequest) -> Iterator["BedFactory"]:
+    """Make beds, sidecars and stand-ins; everything is cleaned up in reverse order, logs printed on failure."""
+    made: list[Bed | Sidecar | VmStandIn] = []
+
+    def make_bed(style: str = "calico", mtu: int = 1440) -> Bed:
+        bed = Bed(_fresh_id(), style, mtu)
+        made.append(bed)
+        bed.setup()
+        return bed
+
+    factory = BedFactory(made, make_bed)
+    try:
+        yield factory
+    finally:
+        for item in reversed(made):
+            if isinstance(item, Sidecar) and item.log():
+                sys.stderr.write(f"--- sidecar log (pv{item.bed.ident}) ---\n{item.log()}\n")
+            item.cleanup()
+
+
+class BedFactory:
+    """What ``bed_factory`` yields: ``bed()``, ``sidecar(bed, env)``, ``vm(bed, mac)``."""
+
+    def __init__(self, made: list[Bed | Sidecar | VmStandIn], make_bed: object) -> None:
+        self.made = made
+        self.bed = make_bed
+
+    def sidecar(self, bed: Bed, env: dict[str, str] | None = None) -> Sidecar:
+        """A Sidecar, cleaned up by the fixture."""
+        side = Sidecar(bed, env)
+        self.made.append(side)
+        return side
+
+    def vm(self, bed: Bed, mac: str) -> VmStandIn:
+        """A VmStandIn plugged into the bridge, cleaned up by the fixture."""
+        vm = VmStandIn(bed, mac)
+        self.made.append(vm)
+        vm.setup()
+        return vm

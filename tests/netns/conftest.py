@@ -1,0 +1,3 @@
+"""Namespace tier: the bed fixtures come from tests.netbed."""
+
+pytest_plugins = ["tests.netbed"]
