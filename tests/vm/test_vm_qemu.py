@@ -1,0 +1,167 @@
+"""qemu really started by the runner as uid 10001 without capabilities, on a tap in a throwaway network namespace.
+
+No guest OS is needed: an empty disk leaves the VM in its BIOS, which answers QMP but not ACPI, exactly what the
+hard-stop path needs. The runner reaches /dev/net/tun through a 0666 node bind-mounted in a private mount namespace.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.handshake import Handshake
+from tests.vm.conftest import VMRUNNER, require, runner_env
+
+UID = 10001
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[str]:
+    """A namespace with a tap owned by the runner's uid; removed with everything in it."""
+    require("ip")
+    require("qemu-system-x86_64")
+    name = f"pvm-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "tuntap", "add", "dev", "tap0", "mode", "tap", "user", str(UID)], check=True)
+        subprocess.run(["ip", "-n", name, "link", "set", "tap0", "up"], check=True)
+        yield name
+    finally:
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=False).stdout
+        for pid in pids.split():
+            os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def publish_handshake(root: Path) -> None:
+    Handshake(
+        tap="tap0",
+        bridge="br0",
+        mac="0a:58:c0:a8:fe:02",
+        vm_ip="192.168.254.2",
+        gateway="192.168.254.1",
+        prefix=30,
+        mtu=1500,
+        pod_ip="10.0.0.5",
+        dns=(),
+        search=(),
+        hostname="vm-0",
+        vnc_in_pod=False,
+        tap_owner=UID,
+    ).write(root / "run")
+
+
+@pytest.fixture
+def pod(shared_dir: Path, qcow2_bytes: bytes) -> Path:
+    """The runner's directories, a base image it can read, a handshake and a 0666 tun node to bind-mount."""
+    (shared_dir / "base.qcow2").write_bytes(qcow2_bytes)
+    (shared_dir / "base.qcow2").chmod(0o644)
+    subprocess.run(["mknod", "-m", "0666", str(shared_dir / "tun"), "c", "10", "200"], check=True)
+    publish_handshake(shared_dir)
+    return shared_dir
+
+
+def start(ns: str, root: Path, *extra: str, **env: str) -> subprocess.Popen[str]:
+    """``vmrunner run`` as uid 10001 with no capabilities, in ``ns``, with /dev/net/tun usable by it."""
+    script = 'mount --bind "$1" /dev/net/tun && shift && exec "$@"'
+    argv = [
+        *("ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private"),
+        *("sh", "-c", script, "sh", str(root / "tun")),
+        *("setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", "--inh-caps=-all", "--no-new-privs"),
+        *VMRUNNER,
+        "run",
+        *extra,
+    ]
+    environment = runner_env(root, IMG_SOURCE=str(root / "base.qcow2"), SHUTDOWN_TIMEOUT="1s", **env)
+    return subprocess.Popen(argv, env=environment, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"runner exited with {proc.returncode}: {proc.communicate()[1]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path} did not appear within {timeout}s")
+        time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
+def qemu_uids(runner_pid: int) -> list[int]:
+    children = Path(f"/proc/{runner_pid}/task/{runner_pid}/children").read_text().split()
+    return [Path(f"/proc/{pid}").stat().st_uid for pid in children]
+
+
+def test_unprivileged_runner_runs_qemu_answers_qmp_and_stops_hard(netns: str, pod: Path) -> None:
+    proc = start(netns, pod)
+    try:
+        wait_for(pod / "run" / "qmp.sock", proc)
+        assert qemu_uids(proc.pid) == [UID]
+        status = subprocess.run(
+            [*VMRUNNER, "status"], env=runner_env(pod), capture_output=True, text=True, check=False, timeout=20
+        )
+        assert (status.returncode, status.stdout.strip()) == (0, "running"), status.stderr
+        with socket.socket(socket.AF_UNIX) as console:
+            console.connect(str(pod / "run" / "console.sock"))
+            console.sendall(b"\r\n")
+        assert (pod / "vm" / "vm-0.qcow2").exists()
+        assert (pod / "run" / "config-drive.iso").exists() is False
+    finally:
+        code, log = stop(proc)
+    assert code == 6, log
+    assert "stopping: ACPI power-down requested; waiting up to 1s" in log
+    assert "guest did not power off within 1s; stopping qemu hard" in log
+    assert log.strip().splitlines()[-1].endswith("the guest ignored the ACPI power-down; stopped hard")
+    assert sorted(p.name for p in (pod / "run").iterdir()) == ["network.json"]
+
+    pet = (pod / "vm" / "vm-0.qcow2").stat()
+    (pod / "metadata").write_text("name: second\n")
+    again = start(netns, pod)
+    try:
+        wait_for(pod / "run" / "qmp.sock", again)
+        assert (pod / "run" / "config-drive.iso").stat().st_uid == UID
+    finally:
+        code, log = stop(again)
+    assert code == 6, log
+    assert "using pet disk" in log and "fetching" not in log and "vetting" not in log
+    assert (pod / "vm" / "vm-0.qcow2").stat().st_ino == pet.st_ino
+
+
+def test_qemu_failure_exits_with_its_error_output(netns: str, pod: Path) -> None:
+    proc = start(netns, pod, "-no-such-option")
+    try:
+        _, log = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 5, log
+    last = log.strip().splitlines()[-1]
+    assert "qemu exited with status 1: " in last and "-no-such-option" in last
+
+
+def test_missing_handshake_names_the_file(pod: Path) -> None:
+    (pod / "run" / "network.json").unlink()
+    done = subprocess.run(
+        [*VMRUNNER, "run"],
+        env=runner_env(pod, IMG_SOURCE=str(pod / "base.qcow2"), HANDSHAKE_TIMEOUT="300ms"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 4
+    assert f"{pod}/run/network.json: no network handshake after 0.3s" in done.stderr
+    assert list((pod / "image").iterdir()) == [] and list((pod / "vm").iterdir()) == []
