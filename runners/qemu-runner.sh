@@ -10,8 +10,8 @@ IMAGE_DIR=${IMAGE_DIR:-/image}
 VM_DIR=${VM_DIR:-/vm}
 HANDSHAKE_TIMEOUT=${HANDSHAKE_TIMEOUT:-120}
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-60}
-CPUS=${CPUS:-1}
-MEMORY=${MEMORY:-512M}
+VM_CPUS=${VM_CPUS:-1}
+VM_MEMORY=${VM_MEMORY:-512M}
 ACCEL=${ACCEL:-auto}
 QMP_SOCKET=${QMP_SOCKET:-$RUN_DIR/qemu-runner.qmp}
 HANDSHAKE=$RUN_DIR/network.json
@@ -70,7 +70,7 @@ case $IMG_SOURCE in
 esac
 
 # 3. Vet it: qcow2 by declaration, never probed; no backing file, no external data file.
-info=$(ulimit -t 10 -v 1048576; qemu-img info -f qcow2 --output=json "$base" 2>&1) || die 3 "$base: not a valid qcow2 image: $info"
+info=$(ulimit -t 10; ulimit -v 1048576; qemu-img info -f qcow2 --output=json "$base" 2>&1) || die 3 "$base: not a valid qcow2 image: $info"
 case $info in
     *'"backing-filename"'*|*'"data-file"'*) die 3 "$base: refused: the image has a backing file or an external data file" ;;
 esac
@@ -88,7 +88,7 @@ rm -f "$QMP_SOCKET"
 stopping=no
 trap 'stopping=yes' TERM INT
 # shellcheck disable=SC2086  # $display is two words on purpose
-qemu-system-x86_64 -nodefaults -accel "$ACCEL" -smp "$CPUS" -m "$MEMORY" $display \
+qemu-system-x86_64 -nodefaults -accel "$ACCEL" -smp "$VM_CPUS" -m "$VM_MEMORY" $display \
     -drive "file=$pet,format=qcow2,if=virtio" \
     -netdev "tap,id=net0,ifname=$TAP,script=no,downscript=no" -device "virtio-net-pci,netdev=net0,mac=$MAC" \
     -serial stdio -monitor none -qmp "unix:$QMP_SOCKET,server=on,wait=off" "$@" </dev/null &
