@@ -33,7 +33,7 @@ _DROP_PRIVILEGES = (
 
 @dataclass(frozen=True)
 class PodNet:
-    """What the harness needs of a test bed pod: its namespace, the client's namespace and the pod's IP."""
+    """What the harness needs of a test bed pod (``tests.netbed.Bed``): pod and client namespaces, pod IP."""
 
     pod_ns: str
     client_ns: str
@@ -102,11 +102,6 @@ def start(name: str, argv: Sequence[str], env: Mapping[str, str], log: Path) -> 
 def base_env(**extra: str) -> dict[str, str]:
     """A minimal environment: PATH with the project's commands first, plus ``extra``."""
     return {"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", **extra}
-
-
-def start_sidecar(pod: PodNet, env: Mapping[str, str], log: Path) -> Proc:
-    """The real ``netsidecar run`` as root in the pod namespace (it is the privileged container)."""
-    return start("netsidecar", ["ip", "netns", "exec", pod.pod_ns, str(BIN / "netsidecar"), "run"], env, log)
 
 
 def make_tun_node(directory: Path) -> Path:

@@ -1,0 +1,157 @@
+"""End to end: the real sidecar and the real runner (uid 10001, no capabilities, TCG) boot the tiny guest in a pod.
+
+The guest is booted twice in the whole module: the first boot answers the network and VNC checks and is stopped
+with SIGTERM (ACPI); the second start must find the same pet disk (the guest's counter grew).
+"""
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shared.handshake import Handshake
+from tests.e2e import harness
+from tests.e2e.harness import PodNet, Proc
+from tests.guest.build import ensure_guest
+from tests.netbed import Bed, Sidecar
+
+pytestmark = pytest.mark.guest
+
+HOSTNAME = "pet-e2e"
+METADATA_HOSTNAME = "guest-from-metadata"
+DNS = ["10.96.0.10", "10.96.0.11"]
+SEARCH = ["default.svc.cluster.local", "svc.cluster.local", "cluster.local"]
+IMAGE_PORT = 8639
+BOOT_TIMEOUT = 120.0
+STOP_TIMEOUT = 40.0
+
+
+@dataclass
+class Boot:
+    """One start of the runner: the guest's page, the VNC banner, the exit status and the log after SIGTERM."""
+
+    runner: Proc
+    page: dict[str, str]
+    vnc: str
+    exit_status: int
+    log_after_sigterm: str
+
+
+@dataclass
+class World:
+    """The pod with the real sidecar, its handshake, and the two boots of the guest."""
+
+    pod: PodNet
+    handshake: Handshake
+    first: Boot
+    second: Boot
+
+
+def _dirs(base: Path) -> dict[str, Path]:
+    """The runner's volumes, owned by its uid; RUN_DIR is shared with the root sidecar."""
+    dirs = {name: base / name for name in ("image", "vm", "run", "srv", "config")}
+    for path in dirs.values():
+        path.mkdir()
+        os.chown(path, harness.RUNNER_UID, harness.RUNNER_UID)
+    (dirs["config"] / "metadata").write_text(f"hostname: {METADATA_HOSTNAME}\nmeta:\n  role: e2e\n")
+    (dirs["config"] / "userdata").write_text("#cloud-config\nruncmd: [echo hello]\n")
+    return dirs
+
+
+def _boot(pod: PodNet, env: dict[str, str], tun: Path, log: Path, procs: list[Proc]) -> Boot:
+    """Start the runner, wait for the guest, look at it from the client, then stop it with SIGTERM."""
+    runner = harness.start_runner(pod, [str(harness.BIN / "vmrunner"), "run"], env, tun, log)
+    procs.append(runner)
+    runner.wait_for(harness.READY, BOOT_TIMEOUT)
+    page = harness.guest_page(pod)
+    vnc = harness.vnc_banner(pod)
+    offset = len(runner.text())
+    status = harness.graceful_stop(runner, STOP_TIMEOUT)
+    return Boot(runner, page, vnc, status, runner.text()[offset:])
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    """Build the pod, start the sidecar, boot the guest twice; everything is removed afterwards, also on failure."""
+    image = ensure_guest()
+    base = Path(tempfile.mkdtemp(prefix="podvm-e2e-"))
+    base.chmod(0o755)
+    bed = Bed(1 + (os.getpid() * 7 + 100) % 200)
+    procs: list[Proc] = []
+    sidecar: Sidecar | None = None
+    try:
+        dirs = _dirs(base)
+        shutil.copyfile(image, dirs["srv"] / "guest.qcow2")
+        bed.setup()
+        pod = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
+        sidecar = Sidecar(bed, {"HOSTNAME": HOSTNAME, "TAP_OWNER": str(harness.RUNNER_UID)}, dirs["run"])
+        sidecar.write_resolv(f"nameserver {DNS[0]}\nnameserver {DNS[1]}\nsearch {' '.join(SEARCH)}\n")
+        handshake = sidecar.start(timeout=20)
+        procs.append(harness.serve_directory(pod.pod_ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
+        env = harness.base_env(
+            IMG_SOURCE=f"http://127.0.0.1:{IMAGE_PORT}/guest.qcow2",
+            IMAGE_DIR=str(dirs["image"]),
+            VM_DIR=str(dirs["vm"]),
+            RUN_DIR=str(dirs["run"]),
+            METADATA=str(dirs["config"] / "metadata"),
+            USERDATA=str(dirs["config"] / "userdata"),
+            HOSTNAME=HOSTNAME,
+            ACCEL="tcg",
+            VM_MEMORY="256M",
+            SHUTDOWN_TIMEOUT="30s",
+        )
+        tun = harness.make_tun_node(base)
+        first = _boot(pod, env, tun, base / "runner1.log", procs)
+        second = _boot(pod, env, tun, base / "runner2.log", procs)
+        yield World(pod, handshake, first, second)
+    except BaseException:
+        print(harness.report(*procs))
+        print(f"----- sidecar -----\n{sidecar.log() if sidecar else ''}")
+        raise
+    finally:
+        for proc in reversed(procs):
+            if proc.popen.poll() is None:
+                proc.kill()
+        if sidecar is not None:
+            sidecar.cleanup()
+        bed.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_http_to_the_pod_ip_reaches_the_guest_with_its_metadata(world: World) -> None:
+    page = world.first.page
+    assert page["hostname"] == METADATA_HOSTNAME
+    assert page["ip"] == world.handshake.vm_ip
+    assert page["user_data"] == "present"
+    assert page["uuid"]
+
+
+def test_the_guest_got_the_pods_dns_settings_and_mtu(world: World) -> None:
+    page = world.first.page
+    assert page["dns"].split() == DNS
+    assert page["search"].split() == SEARCH
+    assert int(page["mtu"]) == world.handshake.mtu
+
+
+def test_the_config_drive_was_found_by_label_by_the_guest_kernel(world: World) -> None:
+    assert world.first.page["config_drive_label"] == "config-2"
+    assert "podvm-guest: config drive label=config-2 device=/dev/sr0" in world.first.runner.text()
+
+
+def test_vnc_answers_on_the_pod_ip(world: World) -> None:
+    assert harness.is_vnc_banner(world.first.vnc), world.first.vnc
+
+
+def test_sigterm_powers_the_guest_off_through_acpi(world: World) -> None:
+    assert harness.ACPI_LINE in world.first.log_after_sigterm
+    assert world.first.exit_status == harness.GRACEFUL_EXIT
+
+
+def test_a_second_start_reuses_the_pet_disk(world: World) -> None:
+    assert harness.counter(world.second.page) == harness.counter(world.first.page) + 1
+    assert world.second.page["uuid"] == world.first.page["uuid"]
+    assert world.second.exit_status == harness.GRACEFUL_EXIT
