@@ -180,6 +180,18 @@ def counter(page: Mapping[str, str]) -> int:
     return int(page["counter"])
 
 
+def identity(pid: int) -> tuple[int, int]:
+    """(effective uid, effective capability mask) of a process, from /proc."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["Uid"].split()[1]), int(fields["CapEff"].strip(), 16)
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (a runner's qemu)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for task in tasks.iterdir() for c in (task / "children").read_text().split()]
+
+
 def report(*procs: Proc) -> str:
     """Every process's log, for a failing test's output."""
     return "\n".join(f"----- {p.name} ({p.log}) -----\n{p.text()}" for p in procs)

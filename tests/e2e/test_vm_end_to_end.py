@@ -35,6 +35,7 @@ class Boot:
     """One start of the runner: the guest's page, the VNC banner, the exit status and the log after SIGTERM."""
 
     runner: Proc
+    identities: list[tuple[int, int]]
     page: dict[str, str]
     vnc: str
     exit_status: int
@@ -49,6 +50,11 @@ class World:
     handshake: Handshake
     first: Boot
     second: Boot
+    sidecar: Sidecar
+
+    def logs(self) -> str:
+        """The runners' logs (with the guest's console) and the sidecar's, for a failure's message."""
+        return f"{harness.report(self.first.runner, self.second.runner)}\n----- sidecar -----\n{self.sidecar.log()}"
 
 
 def _dirs(base: Path) -> dict[str, Path]:
@@ -67,11 +73,13 @@ def _boot(pod: PodNet, env: dict[str, str], tun: Path, log: Path, procs: list[Pr
     runner = harness.start_runner(pod, [str(harness.BIN / "vmrunner"), "run"], env, tun, log)
     procs.append(runner)
     runner.wait_for(harness.READY, BOOT_TIMEOUT)
+    pids = [runner.popen.pid, *harness.children(runner.popen.pid)]
+    identities = [harness.identity(pid) for pid in pids]
     page = harness.guest_page(pod)
     vnc = harness.vnc_banner(pod)
     offset = len(runner.text())
     status = harness.graceful_stop(runner, STOP_TIMEOUT)
-    return Boot(runner, page, vnc, status, runner.text()[offset:])
+    return Boot(runner, identities, page, vnc, status, runner.text()[offset:])
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +115,7 @@ def world() -> Iterator[World]:
         tun = harness.make_tun_node(base)
         first = _boot(pod, env, tun, base / "runner1.log", procs)
         second = _boot(pod, env, tun, base / "runner2.log", procs)
-        yield World(pod, handshake, first, second)
+        yield World(pod, handshake, first, second, sidecar)
     except BaseException:
         print(harness.report(*procs))
         print(f"----- sidecar -----\n{sidecar.log() if sidecar else ''}")
@@ -122,9 +130,14 @@ def world() -> Iterator[World]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_the_runner_and_qemu_run_as_uid_10001_without_capabilities(world: World) -> None:
+    assert len(world.first.identities) == 2, world.logs()
+    assert world.first.identities == [(harness.RUNNER_UID, 0)] * 2
+
+
 def test_http_to_the_pod_ip_reaches_the_guest_with_its_metadata(world: World) -> None:
     page = world.first.page
-    assert page["hostname"] == METADATA_HOSTNAME
+    assert page["hostname"] == METADATA_HOSTNAME, world.logs()
     assert page["ip"] == world.handshake.vm_ip
     assert page["user_data"] == "present"
     assert page["uuid"]
@@ -143,15 +156,15 @@ def test_the_config_drive_was_found_by_label_by_the_guest_kernel(world: World) -
 
 
 def test_vnc_answers_on_the_pod_ip(world: World) -> None:
-    assert harness.is_vnc_banner(world.first.vnc), world.first.vnc
+    assert harness.is_vnc_banner(world.first.vnc), f"{world.first.vnc!r}\n{world.logs()}"
 
 
 def test_sigterm_powers_the_guest_off_through_acpi(world: World) -> None:
-    assert harness.ACPI_LINE in world.first.log_after_sigterm
+    assert harness.ACPI_LINE in world.first.log_after_sigterm, world.logs()
     assert world.first.exit_status == harness.GRACEFUL_EXIT
 
 
 def test_a_second_start_reuses_the_pet_disk(world: World) -> None:
-    assert harness.counter(world.second.page) == harness.counter(world.first.page) + 1
+    assert harness.counter(world.second.page) == harness.counter(world.first.page) + 1, world.logs()
     assert world.second.page["uuid"] == world.first.page["uuid"]
     assert world.second.exit_status == harness.GRACEFUL_EXIT

@@ -60,7 +60,10 @@ LABEL podvm
 
 def _run(argv: list[str], cwd: Path | None = None) -> str:
     """Run a build step; a failure names the command and shows its error output."""
-    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise RuntimeError(f"guest build: {argv[0]} is missing; scripts/install-system-deps installs it") from None
     if done.returncode != 0:
         raise RuntimeError(f"guest build: {' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
     return done.stdout
