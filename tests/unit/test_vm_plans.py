@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from shared.errors import ConfigError, ImageRejected
 from shared.handshake import Handshake
 from vmrunner import configdrive
 from vmrunner.config import Checksum, Config, load, parse_checksum
+from vmrunner.image import Progress
 from vmrunner.pet import plan_pet
 from vmrunner.qemu import choose_accel, plan_qemu, vnc_enabled
 from vmrunner.vet import judge
@@ -280,3 +282,17 @@ def test_vnc_follows_the_handshake(caplog: pytest.LogCaptureFixture) -> None:
     assert "following the handshake" in caplog.text
     off = Handshake(**{**HS.__dict__, "vnc_in_pod": False})
     assert vnc_enabled(cfg(), off) is False
+
+
+def test_progress_lines_give_percent_rate_and_time_left(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="vmrunner.image")
+    progress = Progress("base.qcow2", every=0.0)
+    progress.start(0)
+    progress.tick(512 << 20, 1 << 30)
+    progress.tick(1 << 20, None)
+    lines = [r.getMessage() for r in caplog.records]
+    assert re.match(r"^fetching base.qcow2: 50% of 1.0 GiB, [\d.]+ [KMGT]?i?B/s, \d+s left$", lines[0]), lines
+    assert re.match(r"^fetching base.qcow2: 1.0 MiB, [\d.]+ [KMGT]?i?B/s$", lines[1]), lines
+    quiet = Progress("x", every=3600.0)
+    quiet.tick(1, 2)
+    assert len(caplog.records) == 2
