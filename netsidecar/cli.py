@@ -76,6 +76,8 @@ def run_command(settings: Settings) -> int:
     kernel.check_tap_device()
     plan = _plan(settings)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
+    # A handshake left by a killed sidecar is withdrawn until this one has checked everything again.
+    (settings.run_dir / FILE_NAME).unlink(missing_ok=True)
     kernel.enable_forwarding()
     kernel.ensure_links(plan.links)
     kernel.apply_ruleset(plan.ruleset)

@@ -1,4 +1,9 @@
-"""dnsmasq under supervision: exactly one instance, restarted with back-off, its lines relayed into our log."""
+"""dnsmasq under supervision: exactly one instance, restarted with back-off, its lines relayed into our log.
+
+dnsmasq drops to an unprivileged user, which clears any parent-death signal, so a dnsmasq outlives a sidecar
+killed with SIGKILL (and keeps answering DHCP meanwhile); the pid file in RUN_DIR, checked against
+/proc/PID/cmdline, lets the next sidecar replace it so exactly one runs.
+"""
 
 import logging
 import os
@@ -9,7 +14,6 @@ import time
 from pathlib import Path
 
 from netsidecar.config import BRIDGE
-from netsidecar.kernel import die_with_parent
 from netsidecar.plan import pid_file
 
 log = logging.getLogger("netsidecar")
@@ -65,7 +69,6 @@ class Dnsmasq:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=die_with_parent,  # noqa: PLW1509 - the pdeathsig must be set in the child
         )
         pid_file(self.run_dir).write_text(f"{self.proc.pid}\n")
         threading.Thread(target=_relay, args=(self.proc,), daemon=True).start()

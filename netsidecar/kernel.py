@@ -1,12 +1,10 @@
 """Thin code that applies a plan to the kernel: links by netlink (pyroute2), rules by libnftables' JSON API."""
 
-import ctypes
 import fcntl
 import ipaddress
 import json
 import logging
 import os
-import signal
 import socket
 import struct
 import time
@@ -198,16 +196,6 @@ def ruleset_status() -> list[Json]:
         return []
     items: list[Json] = json.loads(out)["nftables"]
     return [item["rule"] for item in items if "rule" in item]
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Run in a child before exec: the kernel sends SIGKILL when the sidecar dies, so no orphan DHCP server stays."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 def check_tap_device() -> None:

@@ -17,7 +17,8 @@ API (all in this module):
 - ``Bed(ident, style="calico"|"bridge", mtu=1440)``: ``.setup()`` builds node, client and pod; ``.pod_ip``,
   ``.client_ip``, ``.pod.ns``, ``.client.ns``, ``.node.ns``; ``.cleanup()`` removes all (reverse order).
 - ``Sidecar(bed, env={}, run_dir=...)``: ``.start(timeout=10)`` runs ``netsidecar run`` in the pod namespace and
-  waits for the handshake (returns it); ``.term()`` (SIGTERM, waits), ``.kill()`` (SIGKILL); ``.log()`` its output.
+  waits for the handshake (returns it); ``.term()`` (SIGTERM, waits), ``.kill()`` (SIGKILL); ``.log()`` its output;
+  ``.cli('status')`` runs another subcommand with the same environment; ``.write_resolv(text)`` before ``start``.
 - ``VmStandIn(bed, mac)``: a namespace whose veth is plugged into the sidecar's bridge with ``mac``; ``.dhcp()``
   runs busybox udhcpc (``-O search -O mtu``) and returns what it received (dict of the script's environment);
   ``.serve_tcp(port, reply)`` / ``.serve_udp(port, reply)`` start small servers; ``.ns`` for anything else.
@@ -53,9 +54,13 @@ def ns_prefix(ns: str | None) -> list[str]:
     return [] if ns is None else ["ip", "netns", "exec", ns]
 
 
-def ns_run(ns: str | None, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def ns_run(
+    ns: str | None, *argv: str, check: bool = True, timeout: float = 30, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a command in a namespace and capture its output; a failure raises with the output in the message."""
-    proc = subprocess.run([*ns_prefix(ns), *argv], capture_output=True, text=True, timeout=timeout, check=False)
+    proc = subprocess.run(
+        [*ns_prefix(ns), *argv], capture_output=True, text=True, timeout=timeout, check=False, env=env
+    )
     if check and proc.returncode != 0:
         raise RuntimeError(f"{ns}: {' '.join(argv)} -> {proc.returncode}: {proc.stderr.strip()}")
     return proc
@@ -194,15 +199,23 @@ class Sidecar:
         """Start `netsidecar run` and wait for its handshake."""
         if not self.resolv.exists():
             self.write_resolv("nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local\n")
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
-        out = self._out.open("ab")
-        self.proc = ns_popen(self.bed.pod.ns, [*NETSIDECAR, "run"], env=env, stdout=out, stderr=out)
+        handshake = self.run_dir / "network.json"
+        started = time.time_ns()
+        with self._out.open("ab") as out:
+            self.proc = ns_popen(self.bed.pod.ns, [*NETSIDECAR, "run"], env=self._env(), stdout=out, stderr=out)
         deadline = time.monotonic() + timeout
-        while not (self.run_dir / "network.json").exists():
+        while not (handshake.exists() and handshake.stat().st_mtime_ns >= started):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"netsidecar run gave no handshake (rc={self.proc.poll()}):\n{self.log()}")
             time.sleep(0.02)
         return wait(self.run_dir, 1)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run another netsidecar subcommand (status, down, plan) with this sidecar's environment."""
+        return ns_run(self.bed.pod.ns, *NETSIDECAR, *args, env=self._env(), check=False)
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
 
     def log(self) -> str:
         """Everything the sidecar printed so far."""
@@ -367,13 +380,7 @@ def bed_factory(request: pytest.FixtureRequest) -> Iterator["BedFactory"]:
     """Make beds, sidecars and stand-ins; everything is cleaned up in reverse order, logs printed on failure."""
     made: list[Bed | Sidecar | VmStandIn] = []
 
-    def make_bed(style: str = "calico", mtu: int = 1440) -> Bed:
-        bed = Bed(_fresh_id(), style, mtu)
-        made.append(bed)
-        bed.setup()
-        return bed
-
-    factory = BedFactory(made, make_bed)
+    factory = BedFactory(made)
     try:
         yield factory
     finally:
@@ -384,11 +391,17 @@ def bed_factory(request: pytest.FixtureRequest) -> Iterator["BedFactory"]:
 
 
 class BedFactory:
-    """What ``bed_factory`` yields: ``bed()``, ``sidecar(bed, env)``, ``vm(bed, mac)``."""
+    """What ``bed_factory`` yields: ``bed()``, ``sidecar(bed, env)``, ``vm(bed, mac)``; ``made`` is torn down."""
 
-    def __init__(self, made: list[Bed | Sidecar | VmStandIn], make_bed: object) -> None:
+    def __init__(self, made: list[Bed | Sidecar | VmStandIn]) -> None:
         self.made = made
-        self.bed = make_bed
+
+    def bed(self, style: str = "calico", mtu: int = 1440) -> Bed:
+        """A Bed, set up now and cleaned up by the fixture."""
+        bed = Bed(_fresh_id(), style, mtu)
+        self.made.append(bed)
+        bed.setup()
+        return bed
 
     def sidecar(self, bed: Bed, env: dict[str, str] | None = None) -> Sidecar:
         """A Sidecar, cleaned up by the fixture."""
