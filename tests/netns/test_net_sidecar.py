@@ -57,6 +57,10 @@ def test_calico_pod_traffic_and_dhcp(bed_factory: BedFactory) -> None:
     side.write_resolv(RESOLV)
     hs = side.start()
     assert (hs.pod_ip, hs.mtu, hs.vnc_in_pod, hs.tap_owner) == (bed.pod_ip, 1440, True, 10001)
+    assert ns_run(bed.pod.ns, "cat", "/sys/class/net/podvm-tap0/owner").stdout.strip() == "10001"
+    mtus = {link["ifname"]: link["mtu"] for link in json.loads(ns_run(bed.pod.ns, "ip", "-j", "link").stdout)}
+    assert mtus["podvm0"] == mtus["podvm-tap0"] == 1440
+    assert ns_run(bed.pod.ns, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "1"
     vm = bed_factory.vm(bed, hs.mac)
     got = vm.dhcp()
     assert (got["ip"], got["router"], got["mtu"], got["hostname"]) == (
