@@ -158,6 +158,13 @@ def _netmask(prefix: int) -> str:
     return ".".join(str((bits >> shift) & 0xFF) for shift in (24, 16, 8, 0))
 
 
+def _lease(seconds: int | None) -> str:
+    """Lease time as DHCP means it: 0xffffffff is an infinite lease (RFC 2131)."""
+    if seconds is None:
+        return "-"
+    return "infinite" if seconds == 0xFFFFFFFF else f"{seconds}s"
+
+
 def judge_offer(offer: Offer | None, expected: Expected) -> list[Check]:
     """Compare a DHCP offer with the handshake: one check for the offer, one per field that differs."""
     if offer is None:
@@ -175,7 +182,7 @@ def judge_offer(offer: Offer | None, expected: Expected) -> list[Check]:
     }
     told = (
         f"{offer.address} via {offer.router} dns {','.join(offer.dns) or '-'} search {','.join(offer.search) or '-'}"
-        f" mtu {offer.mtu} lease {offer.lease}s from {offer.server}"
+        f" mtu {offer.mtu} lease {_lease(offer.lease)} from {offer.server}"
     )
     wanted: list[tuple[str, object, object]] = [
         ("address", offer.address, expected.vm_ip),

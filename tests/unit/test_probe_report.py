@@ -67,6 +67,12 @@ def test_offer_matching_handshake_is_healthy() -> None:
     checks = judge_offer(GOOD, EXPECTED)
     assert [c.status for c in checks] == [Status.OK]
     assert exit_status(checks) == 0
+    assert "lease 3600s" in checks[0].detail
+
+
+def test_infinite_lease_is_named() -> None:
+    forever = Offer(**{**GOOD.__dict__, "lease": 0xFFFFFFFF})
+    assert "lease infinite" in judge_offer(forever, EXPECTED)[0].detail
 
 
 def test_offer_differences_are_each_flagged() -> None:
