@@ -158,3 +158,36 @@ def test_restart_after_kill_keeps_links_and_flows_then_sigterm_cleans(bed_factor
     gone = kernel_view(bed.pod.ns)
     assert gone == {"links": {}, "tables": [], "dnsmasq": []}
     assert not (side.run_dir / "network.json").exists()
+
+
+HOLD_TAP = """\
+import fcntl, os, struct, time
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", b"podvm-tap0", 0x0002 | 0x1000))
+print("attached", flush=True)
+time.sleep(600)
+"""
+
+
+def test_tap_held_by_a_vm_survives_restart_and_delays_teardown(bed_factory: BedFactory) -> None:
+    bed = bed_factory.bed("calico")
+    side = bed_factory.sidecar(bed, {"NET_DRAIN_TIMEOUT": "2s"})
+    side.start()
+    holder = ns_popen(bed.pod.ns, [sys.executable, "-c", HOLD_TAP], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"attached"
+        before = kernel_view(bed.pod.ns)["links"]
+        side.kill()
+        side.start()
+        assert kernel_view(bed.pod.ns)["links"] == before, "a tap held open is kept, not recreated"
+        assert "tap podvm-tap0 kept" in side.log()
+        begin = time.monotonic()
+        assert side.term() == 0
+        waited = time.monotonic() - begin
+        assert 1.8 <= waited < 6, (
+            f"teardown after {waited:.1f}s: must wait for NET_DRAIN_TIMEOUT while the tap has carrier"
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert kernel_view(bed.pod.ns)["tables"] == []
