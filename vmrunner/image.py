@@ -178,6 +178,8 @@ def _copy(cfg: Config, out: IO[bytes]) -> dict[str, str]:
         raise ConfigError(f"IMG_SOURCE={cfg.img_source}: no such file") from None
     except IsADirectoryError:
         raise ConfigError(f"IMG_SOURCE={cfg.img_source}: is a directory, expected an image file") from None
+    except PermissionError:
+        raise ConfigError(f"IMG_SOURCE={cfg.img_source}: permission denied") from None
     return {name: h.hexdigest() for name, h in hashers.items()}
 
 

@@ -50,7 +50,8 @@ def virtual_size(path: Path) -> int:
 def _run(argv: tuple[str, ...]) -> str:
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise PodvmError(f"{argv[0]} {argv[1]} {argv[-1]} failed: {done.stderr.strip().splitlines()[-1:]}")
+        last = (done.stderr.strip().splitlines() or ["(no error output)"])[-1]
+        raise PodvmError(f"{argv[0]} {argv[1]} {argv[-1]} failed: {last}")
     return done.stdout
 
 

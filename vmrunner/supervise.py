@@ -13,7 +13,7 @@ import os
 import signal
 from pathlib import Path
 
-from shared.errors import ChildFailed, StoppedHard
+from shared.errors import ChildFailed, ConfigError, PodvmError, StoppedHard
 from vmrunner.qemu import QemuPlan
 
 log = logging.getLogger("vmrunner")
@@ -30,18 +30,23 @@ def prepare_run_dir(plan: QemuPlan) -> None:
 
 
 async def qmp_execute(socket: Path, command: str, timeout: float = 5.0) -> object:
-    """Run one QMP command over ``socket`` with the qemu.qmp library, retrying the connect until ``timeout``."""
-    from qemu.qmp import QMPClient
+    """Run one QMP command over ``socket`` with the qemu.qmp library, retrying the connect until ``timeout``.
 
+    :raise PodvmError: when no qemu answers there in time.
+    """
+    from qemu.qmp import QMPClient, QMPError
+
+    # The library logs every failed connect at ERROR; the retry loop below is the normal way to wait for qemu.
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     client = QMPClient("vmrunner")
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         try:
             await client.connect(str(socket))
             break
-        except Exception:
+        except (QMPError, OSError) as err:
             if asyncio.get_running_loop().time() >= deadline:
-                raise
+                raise PodvmError(f"{socket}: no qemu answers: {err}") from None
             await asyncio.sleep(0.1)
     try:
         return await client.execute(command)
@@ -94,12 +99,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.plan.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-            )
+            proc = await self._spawn()
             assert proc.stderr is not None
             reader = asyncio.create_task(self._read_stderr(proc.stderr))
             log.info("qemu started (pid %d, %s)", proc.pid, self.plan.accel)
@@ -122,6 +122,17 @@ class Supervisor:
             for path in (self.plan.paths.qmp, self.plan.paths.console, self.plan.paths.console_log):
                 path.unlink(missing_ok=True)
 
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        try:
+            return await asyncio.create_subprocess_exec(
+                *self.plan.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except FileNotFoundError:
+            raise ConfigError(f"QEMU={self.plan.argv[0]}: no such program") from None
+
     async def _drain(self, reader: "asyncio.Task[None]") -> str:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(reader), 2.0)
@@ -137,14 +148,14 @@ class Supervisor:
         log.info("stopping: ACPI power-down requested; waiting up to %gs for the guest", self.shutdown_timeout)
         try:
             await qmp_execute(self.plan.paths.qmp, "system_powerdown")
-        except Exception as err:
+        except PodvmError as err:
             log.warning("QMP system_powerdown failed: %s", err)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(exited), self.shutdown_timeout)
             log.info("guest powered off")
             return 0
         log.warning("guest did not power off within %gs; stopping qemu hard", self.shutdown_timeout)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(PodvmError):
             await qmp_execute(self.plan.paths.qmp, "quit", timeout=1.0)
         try:
             await asyncio.wait_for(asyncio.shield(exited), QUIT_GRACE)

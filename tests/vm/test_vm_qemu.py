@@ -165,3 +165,19 @@ def test_missing_handshake_names_the_file(pod: Path) -> None:
     assert done.returncode == 4
     assert f"{pod}/run/network.json: no network handshake after 0.3s" in done.stderr
     assert list((pod / "image").iterdir()) == [] and list((pod / "vm").iterdir()) == []
+
+
+def test_status_without_qemu_and_a_missing_qemu_are_one_line(pod: Path) -> None:
+    status = subprocess.run([*VMRUNNER, "status"], env=runner_env(pod), capture_output=True, text=True, check=False)
+    assert status.returncode == 1
+    assert status.stderr.strip().splitlines() == [status.stderr.strip()]
+    assert f"{pod}/run/qmp.sock: no qemu answers" in status.stderr
+    done = subprocess.run(
+        [*VMRUNNER, "run"],
+        env=runner_env(pod, IMG_SOURCE=str(pod / "base.qcow2"), QEMU="/nonexistent/qemu"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith("QEMU=/nonexistent/qemu: no such program")
