@@ -60,6 +60,10 @@ def cmd_run(cfg: Config) -> int:
     _check_vnc_password(cfg)
     drive = configdrive.plan_from_config(cfg)
     hs = handshake.wait(cfg.run_dir, cfg.handshake_timeout)
+    if hs.tap_owner is not None and os.getuid() not in (0, hs.tap_owner):
+        log.warning(
+            "tap %s belongs to uid %d but the runner is uid %d: qemu cannot open it", hs.tap, hs.tap_owner, os.getuid()
+        )
     verdict = ensure_base(cfg)
     ensure_pet(cfg, verdict.virtual_size)
     iso = None
