@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ def netns() -> Iterator[str]:
     try:
         subprocess.run(["ip", "-n", name, "tuntap", "add", "dev", "tap0", "mode", "tap", "user", str(UID)], check=True)
         subprocess.run(["ip", "-n", name, "link", "set", "tap0", "up"], check=True)
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         yield name
     finally:
         pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=False).stdout
@@ -40,7 +42,7 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def publish_handshake(root: Path) -> None:
+def publish_handshake(root: Path, vnc_in_pod: bool = False) -> None:
     Handshake(
         tap="tap0",
         bridge="br0",
@@ -53,7 +55,7 @@ def publish_handshake(root: Path) -> None:
         dns=(),
         search=(),
         hostname="vm-0",
-        vnc_in_pod=False,
+        vnc_in_pod=vnc_in_pod,
         tap_owner=UID,
     ).write(root / "run")
 
@@ -181,3 +183,34 @@ def test_status_without_qemu_and_a_missing_qemu_are_one_line(pod: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].endswith("QEMU=/nonexistent/qemu: no such program")
+
+
+RFB_SECURITY_TYPES = """
+import socket, sys
+s = socket.create_connection(("127.0.0.1", 5900), timeout=10)
+version = s.recv(12)
+s.sendall(b"RFB 003.008\\n")
+count = s.recv(1)[0]
+print(version.decode().strip(), list(s.recv(count)))
+"""
+
+
+def test_vnc_asks_for_the_password_from_the_secret_file(netns: str, pod: Path) -> None:
+    publish_handshake(pod, vnc_in_pod=True)
+    secret = pod / "vnc-password"
+    secret.write_text("s3cret")
+    os.chown(secret, UID, UID)
+    secret.chmod(0o400)
+    proc = start(netns, pod, VNC_PASSWORD_FILE=str(secret))
+    try:
+        wait_for(pod / "run" / "qmp.sock", proc)
+        seen = subprocess.run(
+            ["ip", "netns", "exec", netns, sys.executable, "-c", RFB_SECURITY_TYPES],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=20,
+        )
+    finally:
+        stop(proc)
+    assert seen.stdout.strip() == "RFB 003.008 [2]", seen.stderr  # 2: VNC authentication, nothing weaker offered
