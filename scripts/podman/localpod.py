@@ -36,6 +36,7 @@ class LocalSettings:
     tag: str = "latest"
     accel: str = "tcg"
     env: dict[str, str] = field(default_factory=dict)  # more variables for the runner
+    net_env: dict[str, str] = field(default_factory=dict)  # more variables for the network sidecar
     config: dict[str, str] = field(default_factory=dict)  # ConfigMap data replacing deploy/configmap.yaml's
     guest_port: int = 80  # what the readiness probe connects to
 
@@ -92,6 +93,8 @@ def plan(pod: dict[str, Any], configmap: dict[str, Any], settings: LocalSettings
             variables |= {"METADATA": "/config/metadata", "USERDATA": "/config/userdata"} | settings.env
             _set_env(container, variables)
             container["readinessProbe"]["tcpSocket"]["port"] = settings.guest_port
+        elif settings.net_env:
+            _set_env(container, settings.net_env)
         container["volumeMounts"] = mounts
     return LocalPod(
         directories=(state, *runner_dirs.values(), tun.parent),

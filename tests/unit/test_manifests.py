@@ -137,7 +137,9 @@ def _localpod() -> Any:
 
 def test_local_pod_is_the_cluster_pod_with_local_storage_and_no_kvm(tmp_path: Path) -> None:
     localpod = _localpod()
-    settings = localpod.LocalSettings("podvm-t1", tmp_path, "http://10.88.0.1:8780/guest.qcow2", env={"VM_CPUS": "1"})
+    settings = localpod.LocalSettings(
+        "podvm-t1", tmp_path, "http://10.88.0.1:8780/guest.qcow2", env={"VM_CPUS": "1"}, net_env={"NO_VNC": "true"}
+    )
     local = localpod.plan(*localpod.cluster_manifests(), settings)
     for doc in (local.manifest, local.configmap):
         kubernetes_validate.validate(doc, VERSIONS[0], strict=True)
@@ -147,6 +149,7 @@ def test_local_pod_is_the_cluster_pod_with_local_storage_and_no_kvm(tmp_path: Pa
     assert env["IMG_SOURCE"] == settings.image_source
     assert env["ACCEL"] == "tcg"
     assert env["VM_CPUS"] == "1"
+    assert _env(_container(spec, "net"))["NO_VNC"] == "true"
     assert env["SHUTDOWN_TIMEOUT"] == _env(_container(_kind("Pod")["spec"], "vm"))["SHUTDOWN_TIMEOUT"]
     assert vm["securityContext"] == _container(_kind("Pod")["spec"], "vm")["securityContext"]
     paths = [v.get("hostPath", {}).get("path", "") for v in spec["volumes"]]
