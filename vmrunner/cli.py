@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import select
+import signal
 import socket
 import sys
 import termios
@@ -196,7 +197,13 @@ def run_dir_from_env() -> Path:
     return Env(dict(os.environ)).path("RUN_DIR", "/run/podvm")
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    """SIGTERM before qemu runs (e.g. mid-download): unwind so temporary files are removed."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Entry point of the `vmrunner` console script."""
+    signal.signal(signal.SIGTERM, _terminated)
     logger = configure("vmrunner")
     run_main(logger, lambda: dispatch(sys.argv[1:]))

@@ -50,8 +50,12 @@ async def qmp_execute(socket: Path, command: str, timeout: float = 5.0) -> objec
             await asyncio.sleep(0.1)
     try:
         return await client.execute(command)
+    except (QMPError, OSError, EOFError) as err:
+        raise PodvmError(f"{socket}: QMP {command} failed: {err!r}") from None
     finally:
-        await client.disconnect()
+        # After ``quit`` qemu closes the socket first; the library reports that as an error on disconnect.
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await client.disconnect()
 
 
 class Supervisor:
@@ -108,11 +112,10 @@ class Supervisor:
             await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if stopping.done() and not exited.done():
                 status = await self._shutdown(proc, exited)
-            else:
-                stopping.cancel()
-                status = self._exited(exited.result(), await self._drain(reader))
-            await reader
-            return status
+                await self._drain(reader)
+                return status
+            stopping.cancel()
+            return self._exited(exited.result(), await self._drain(reader))
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -134,8 +137,9 @@ class Supervisor:
             raise ConfigError(f"QEMU={self.plan.argv[0]}: no such program") from None
 
     async def _drain(self, reader: "asyncio.Task[None]") -> str:
+        """qemu's last error lines, once its stderr is read to the end (or 2 s passed)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(reader), 2.0)
+            await asyncio.wait_for(reader, 2.0)
         return " | ".join(self.stderr_tail) or "(no error output)"
 
     def _exited(self, code: int, tail: str) -> int:

@@ -1,8 +1,10 @@
 """Fetching into the shared cache against a real HTTP server on loopback, and vetting crafted images."""
 
 import hashlib
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,20 @@ def test_fetch_command_exit_status_for_a_refused_image(tmp_path: Path, shared_di
     )
     assert done.returncode == 3
     assert done.stderr.strip().count("\n") == 1 and "has a backing file" in done.stderr
+
+
+def test_sigterm_during_a_download_leaves_nothing(served: Server, qcow2_bytes: bytes, shared_dir: Path) -> None:
+    served.served.files["/base.qcow2"] = qcow2_bytes
+    served.served.delay = 3.0
+    env = runner_env(shared_dir, IMG_SOURCE=served.url("/base.qcow2"))
+    proc = subprocess.Popen([*VMRUNNER, "fetch"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not (shared_dir / "image" / ".base.qcow2.part").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, log = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, log
+    assert cache_names(shared_dir) == []

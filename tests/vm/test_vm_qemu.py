@@ -186,8 +186,16 @@ def test_status_without_qemu_and_a_missing_qemu_are_one_line(pod: Path) -> None:
 
 
 RFB_SECURITY_TYPES = """
-import socket, sys
-s = socket.create_connection(("127.0.0.1", 5900), timeout=10)
+import socket, time
+deadline = time.monotonic() + 15
+while True:  # qemu opens its QMP socket before its VNC server
+    try:
+        s = socket.create_connection(("127.0.0.1", 5900), timeout=10)
+        break
+    except ConnectionRefusedError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
 version = s.recv(12)
 s.sendall(b"RFB 003.008\\n")
 count = s.recv(1)[0]
