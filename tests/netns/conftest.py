@@ -1,3 +1,0 @@
-"""Namespace tier: the bed fixtures come from tests.netbed."""
-
-pytest_plugins = ["tests.netbed"]
