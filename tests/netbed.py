@@ -22,8 +22,8 @@ API (all in this module):
 - ``VmStandIn(bed, mac)``: a namespace whose veth is plugged into the sidecar's bridge with ``mac``; ``.dhcp()``
   runs busybox udhcpc (``-O search -O mtu``) and returns what it received (dict of the script's environment);
   ``.serve_tcp(port, reply)`` / ``.serve_udp(port, reply)`` start small servers; ``.ns`` for anything else.
-- pytest fixtures (``bed``, ``bed_factory``) live in ``tests/netns/conftest.py``; other folders can use
-  ``bed_factory`` is registered for every tier by tests/conftest.py.
+- the pytest fixture ``bed_factory`` (its ``.bed()`` makes a bed) is defined here and registered for every tier by
+  ``tests/conftest.py``.
 
 A real guest can replace the stand-in: start the sidecar with ``Sidecar`` and attach qemu to the tap
 ``podvm-tap0`` inside ``bed.pod.ns`` (the tap is owned by uid 10001 unless ``TAP_OWNER`` says otherwise).
