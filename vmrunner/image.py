@@ -13,8 +13,10 @@ import hashlib
 import json
 import logging
 import os
+import queue
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -93,6 +95,55 @@ def human(size: int) -> str:
     return f"{value:.1f} TiB"
 
 
+class Sink:
+    """Writes and hashes chunks on two threads while the caller goes on reading.
+
+    File writes and hashing release the GIL, so the three run side by side: a checksummed fetch keeps up with a plain
+    ``curl -o``. Leaving the ``with`` block waits until every chunk is written and hashed.
+    """
+
+    def __init__(self, out: IO[bytes], hashers: dict[str, "hashlib._Hash"]) -> None:
+        self.errors: list[BaseException] = []
+        self.queues: list[queue.Queue[bytes | None]] = [queue.Queue(maxsize=64), queue.Queue(maxsize=64)]
+
+        def hash_chunk(chunk: bytes) -> None:
+            for h in hashers.values():
+                h.update(chunk)
+
+        self.threads = [
+            threading.Thread(target=self._consume, args=(q, work), daemon=True)
+            for q, work in zip(self.queues, (out.write, hash_chunk), strict=True)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _consume(self, chunks: "queue.Queue[bytes | None]", work: Callable[[bytes], object]) -> None:
+        while (chunk := chunks.get()) is not None:
+            if not self.errors:
+                try:
+                    work(chunk)
+                except BaseException as err:
+                    self.errors.append(err)
+
+    def put(self, chunk: bytes) -> None:
+        """Queue ``chunk`` for writing and hashing; raises a writer's error (e.g. disk full) as soon as it is seen."""
+        if self.errors:
+            raise self.errors[0]
+        for chunks in self.queues:
+            chunks.put(chunk)
+
+    def __enter__(self) -> "Sink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for chunks in self.queues:
+            chunks.put(None)
+        for thread in self.threads:
+            thread.join()
+        if self.errors and exc[0] is None:
+            raise self.errors[0]
+
+
 def _hashers(cfg: Config) -> dict[str, "hashlib._Hash"]:
     names = {"sha256"} | ({cfg.img_checksum.algorithm} if cfg.img_checksum else set())
     return {name: hashlib.new(name) for name in sorted(names)}
@@ -154,12 +205,11 @@ def _one_request(
         total = offset + int(length) if length and length.isdigit() else None
         progress.start(offset)
         # read1 hands over whatever has arrived, so a dropped connection loses no byte already received.
-        while chunk := resp.raw.read1(CHUNK, decode_content=True):
-            out.write(chunk)
-            for h in hashers.values():
-                h.update(chunk)
-            offset += len(chunk)
-            progress.tick(offset, total)
+        with Sink(out, hashers) as sink:
+            while chunk := resp.raw.read1(CHUNK, decode_content=True):
+                sink.put(chunk)
+                offset += len(chunk)
+                progress.tick(offset, total)
         if total is not None and offset < total:
             raise _Transient(f"connection closed after {offset} of {total} bytes")
     return offset, hashers
@@ -169,11 +219,9 @@ def _copy(cfg: Config, out: IO[bytes]) -> dict[str, str]:
     """Copy a local ``IMG_SOURCE`` into ``out`` and return its digests."""
     hashers = _hashers(cfg)
     try:
-        with open(cfg.img_source, "rb") as src:
+        with open(cfg.img_source, "rb") as src, Sink(out, hashers) as sink:
             while chunk := src.read(CHUNK):
-                out.write(chunk)
-                for h in hashers.values():
-                    h.update(chunk)
+                sink.put(chunk)
     except FileNotFoundError:
         raise ConfigError(f"IMG_SOURCE={cfg.img_source}: no such file") from None
     except IsADirectoryError:
