@@ -58,6 +58,10 @@ fi
 echo "podvm-guest: config drive label=$drive_label device=$drive_dev hostname=$hostname_md user_data=$user_data"
 [ -n "$hostname_md" ] && hostname "$hostname_md"
 
+# The power button works from here on, also while DHCP is still retrying.
+mkdir -p /var/log
+acpid -c /etc/acpi -l /var/log/acpid.log || echo "podvm-guest: acpid failed"
+
 ip link set lo up
 ip link set eth0 up
 udhcpc -i eth0 -s /etc/udhcpc.script -O search -O mtu -t 30 -T 1 -A 1 -n \
@@ -80,8 +84,6 @@ config_drive_label=$drive_label
 EOF
 
 httpd -h /www -p 80
-mkdir -p /var/log
-acpid -c /etc/acpi -l /var/log/acpid.log || echo "podvm-guest: acpid failed"
 
 echo "podvm-guest: ready ip=$ip"
 while true; do sleep 3600; done
