@@ -10,22 +10,9 @@ import pytest
 from shared import handshake
 from shared.env import Env, pod_hostname
 from shared.errors import ConfigError, HandshakeError
+from tests import samples
 
-SAMPLE = handshake.Handshake(
-    tap="podvm-tap0",
-    bridge="podvm0",
-    mac="0a:58:c0:a8:fe:02",
-    vm_ip="192.168.254.2",
-    gateway="192.168.254.1",
-    prefix=30,
-    mtu=1440,
-    pod_ip="10.1.2.3",
-    dns=("10.96.0.10", "10.96.0.11"),
-    search=("ns.svc.cluster.local", "svc.cluster.local"),
-    hostname="vm-0",
-    vnc_in_pod=True,
-    tap_owner=1000,
-)
+SAMPLE = samples.handshake()
 
 
 def test_flag_accepts_common_spellings_and_rejects_others() -> None:

@@ -11,7 +11,7 @@ import pycdlib
 import pytest
 
 from shared.errors import ConfigError, ImageRejected
-from shared.handshake import Handshake
+from tests import samples
 from vmrunner import configdrive
 from vmrunner.config import Checksum, Config, load, parse_checksum
 from vmrunner.image import Progress
@@ -20,21 +20,7 @@ from vmrunner.qemu import choose_accel, plan_qemu, vnc_enabled
 from vmrunner.vet import judge
 
 BASE = {"IMG_SOURCE": "https://example.org/images/debian-12.qcow2", "HOSTNAME": "vm-0"}
-HS = Handshake(
-    tap="podvm-tap0",
-    bridge="podvm0",
-    mac="0a:58:c0:a8:fe:02",
-    vm_ip="192.168.254.2",
-    gateway="192.168.254.1",
-    prefix=30,
-    mtu=1440,
-    pod_ip="10.1.2.3",
-    dns=("10.96.0.10",),
-    search=("svc.cluster.local",),
-    hostname="vm-0",
-    vnc_in_pod=True,
-    tap_owner=10001,
-)
+HS = samples.handshake(dns=("10.96.0.10",), search=("svc.cluster.local",))
 
 
 def cfg(**values: str) -> Config:
@@ -280,7 +266,7 @@ def test_vnc_follows_the_handshake(caplog: pytest.LogCaptureFixture) -> None:
     assert not caplog.records
     assert vnc_enabled(cfg(NO_VNC="true"), HS) is True
     assert "following the handshake" in caplog.text
-    off = Handshake(**{**HS.__dict__, "vnc_in_pod": False})
+    off = samples.handshake(vnc_in_pod=False)
     assert vnc_enabled(cfg(), off) is False
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.handshake import Handshake
+from tests import samples
 from tests.vm.conftest import VMRUNNER, require, runner_env
 
 UID = 10001
@@ -43,20 +43,8 @@ def netns() -> Iterator[str]:
 
 
 def publish_handshake(root: Path, vnc_in_pod: bool = False) -> None:
-    Handshake(
-        tap="tap0",
-        bridge="br0",
-        mac="0a:58:c0:a8:fe:02",
-        vm_ip="192.168.254.2",
-        gateway="192.168.254.1",
-        prefix=30,
-        mtu=1500,
-        pod_ip="10.0.0.5",
-        dns=(),
-        search=(),
-        hostname="vm-0",
-        vnc_in_pod=vnc_in_pod,
-        tap_owner=UID,
+    samples.handshake(
+        tap="tap0", bridge="br0", mtu=1500, pod_ip="10.0.0.5", dns=(), search=(), vnc_in_pod=vnc_in_pod, tap_owner=UID
     ).write(root / "run")
 
 

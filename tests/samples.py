@@ -1,0 +1,26 @@
+"""Sample data several tiers use, so each test states only what it changes."""
+
+import dataclasses
+
+from shared.handshake import Handshake
+
+_HANDSHAKE = Handshake(
+    tap="podvm-tap0",
+    bridge="podvm0",
+    mac="0a:58:c0:a8:fe:02",
+    vm_ip="192.168.254.2",
+    gateway="192.168.254.1",
+    prefix=30,
+    mtu=1440,
+    pod_ip="10.1.2.3",
+    dns=("10.96.0.10", "10.96.0.11"),
+    search=("ns.svc.cluster.local", "svc.cluster.local"),
+    hostname="vm-0",
+    vnc_in_pod=True,
+    tap_owner=10001,
+)
+
+
+def handshake(**changes: object) -> Handshake:
+    """A valid handshake with ``changes`` applied."""
+    return dataclasses.replace(_HANDSHAKE, **changes)  # type: ignore[arg-type]
