@@ -43,5 +43,9 @@ demo:
 demo-down:
 	./scripts/demo down
 
+## bench: as root, every benchmark on the namespace test bed: one table, JSON in bench/results/latest.json
+bench: deps
+	$(BIN)/python bench/suite.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .cache build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,91 @@
+"""``make bench``: every measurement on the namespace test bed, one table, JSON in bench/results/latest.json.
+
+Run as root from the project root: ``.venv/bin/python bench/suite.py [--quick] [--only SECTION ...]``.
+Sections: ready, packets, footprint, scale, fetch, coldstart. Each figure is compared with a reference measured
+in the same run (ratio = median / reference median). A section that fails is reported and the rest still run.
+"""
+
+import argparse
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import netbench, vmbench
+from bench.table import Results
+
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+SECTIONS = ("ready", "packets", "footprint", "scale", "fetch", "coldstart")
+
+
+def facts() -> dict[str, object]:
+    """The machine the figures come from."""
+    return {
+        "nproc": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def main() -> int:
+    """Run the chosen sections, print the table, save the JSON; exit 1 if a section failed."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("make bench needs root (network namespaces)", file=sys.stderr)
+        return 2
+    quick = args.quick
+    res = Results()
+    res.facts = facts()
+    begin = time.monotonic()
+    pod: netbench.Pod | None = None
+    steps = {
+        "ready": lambda: netbench.bench_ready(res, 3 if quick else 10),
+        "scale": lambda: netbench.bench_scale(res, (1, 4) if quick else (1, 4, 16)),
+        "fetch": lambda: vmbench.bench_fetch(res, (256 << 20) if quick else (1 << 30), 1 if quick else 3),
+        "coldstart": lambda: vmbench.bench_coldstart(res),
+    }
+    try:
+        for name in SECTIONS:
+            if name not in args.only:
+                continue
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            try:
+                if name == "packets":
+                    pod = netbench.bench_packets(res, 1 if quick else 3, 2 if quick else 3)
+                elif name == "footprint":
+                    if pod is None:
+                        pod = netbench.Pod()
+                        pod.up()
+                    netbench.bench_footprint(res, pod)
+                else:
+                    if pod is not None:
+                        pod.close()
+                        pod = None
+                    steps[name]()
+            except Exception as err:
+                traceback.print_exc()
+                res.errors.append(f"{name}: {type(err).__name__}: {err}".splitlines()[0])
+    finally:
+        if pod is not None:
+            pod.close()
+    res.facts["wall_seconds"] = round(time.monotonic() - begin, 1)
+    res.save(args.out)
+    f = res.facts
+    print(f"podvm bench: nproc {f['nproc']}, kernel {f['kernel']}, python {f['python']}, {f['date']}, "
+          f"{f['wall_seconds']} s")  # fmt: skip
+    print(res.table())
+    print(f"(saved {args.out})")
+    return 1 if res.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Runner figures: image fetch against curl, eight fetchers on one cache, cold start of the tiny guest."""
+
+import hashlib
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO, ClassVar
+
+from bench.netbench import first, fresh_id, log_times, rss_mib
+from bench.runner import QuietHandler, make_image
+from bench.table import Figure, Results
+from tests.e2e import harness
+from tests.e2e.harness import PodNet, Proc
+from tests.guest.build import ensure_guest
+from tests.netbed import Bed, Sidecar
+
+REPO = Path(__file__).resolve().parents[1]
+VMRUNNER = [sys.executable, "-c", "from vmrunner.cli import main; main()"]
+
+
+class CountingHandler(QuietHandler):
+    """Serves files quietly and counts the body bytes it sends (shared by all requests of one server)."""
+
+    served: ClassVar[list[int]] = [0]
+    lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def copyfile(self, source: BinaryIO, outputfile: BinaryIO) -> None:  # type: ignore[override]
+        """Copy like the base class, counting."""
+        sent = 0
+        while chunk := source.read(1 << 20):
+            outputfile.write(chunk)
+            sent += len(chunk)
+        with self.lock:
+            self.served[0] += sent
+
+
+def bench_fetch(res: Results, size: int, runs: int) -> None:
+    """vmrunner fetch (sha256 + vet) against curl -o, alternated; then 8 fetchers at once on one cache."""
+    sec = "5. image fetch"
+    root = Path(tempfile.mkdtemp(prefix="podvm-bench-fetch-"))
+    src = root / "srv"
+    src.mkdir()
+    image = src / "disk.img"
+    make_image(image, size)
+    with open(image, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(CountingHandler, directory=str(src)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/disk.img"
+    mib = size / (1 << 20)
+
+    def env(cache: Path) -> dict[str, str]:
+        return {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "IMG_SOURCE": url,
+            "IMG_FORMAT": "raw",
+            "IMG_CHECKSUM": f"sha256:{digest}",
+            "IMAGE_DIR": str(cache),
+            "HOSTNAME": "vm-0",
+            "LOG_LEVEL": "WARNING",
+        }
+
+    curl: list[float] = []
+    runner: list[float] = []
+    try:
+        for i in range(runs):
+            out = root / f"curl-{i}"
+            begin = time.monotonic()
+            subprocess.run(["curl", "-sf", "-o", str(out), url], check=True)
+            curl.append(mib / (time.monotonic() - begin))
+            out.unlink()
+            cache = root / f"cache-{i}"
+            cache.mkdir()
+            begin = time.monotonic()
+            subprocess.run([*VMRUNNER, "fetch"], env=env(cache), check=True)
+            runner.append(mib / (time.monotonic() - begin))
+            shutil.rmtree(cache)
+        cache = root / "shared-cache"
+        cache.mkdir()
+        CountingHandler.served[0] = 0
+        begin = time.monotonic()
+        procs = [subprocess.Popen([*VMRUNNER, "fetch"], env=env(cache)) for _ in range(8)]
+        codes = [p.wait(600) for p in procs]
+        eight = time.monotonic() - begin
+        served = CountingHandler.served[0]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        shutil.rmtree(root, ignore_errors=True)
+    res.add(Figure(sec, f"curl -o, {mib:.0f} MiB from loopback HTTP", "MiB/s", curl))
+    res.add(Figure(sec, "vmrunner fetch (sha256 + vet)", "MiB/s", runner, f"curl -o, {mib:.0f} MiB from loopback HTTP",
+                   "target >= 0.9"))  # fmt: skip
+    single = mib / min(runner) if runner else float("nan")
+    res.add(Figure(sec, "one vmrunner fetch (slowest of above)", "s", [single]))
+    res.add(Figure(sec, "8 vmrunner fetch at once, one cache", "s", [eight], "one vmrunner fetch (slowest of above)",
+                   f"exits {sorted(set(codes))}; served {served / size:.2f} x image"))  # fmt: skip
+    res.add(Figure(sec, "  bytes served for 8 fetchers / image size", "x", [served / size], note="must be 1.00"))
+
+
+# ------------------------------------------------------------------------------------------------ 6. cold start
+
+PORT = 8639
+STEPS = (
+    ("network ready (sidecar)", "sidecar", "network ready"),
+    ("fetch + vet image (cached: check)", "runner", ("cached ", "vetting cached")),
+    ("overlay (pet disk)", "runner", "created pet disk"),
+    ("config drive", "runner", "config drive "),
+    ("qemu spawned", "runner", "qemu started"),
+    ("qemu + guest boot to its ready line", "runner", "podvm-guest: ready"),
+)
+
+
+def _dirs(base: Path, image: Path) -> dict[str, Path]:
+    dirs = {name: base / name for name in ("image", "vm", "run", "srv", "config")}
+    for path in dirs.values():
+        path.mkdir(exist_ok=True)
+        os.chown(path, harness.RUNNER_UID, harness.RUNNER_UID)
+    (dirs["config"] / "metadata").write_text("hostname: bench\n")
+    (dirs["config"] / "userdata").write_text("#cloud-config\n")
+    if not (dirs["srv"] / "guest.qcow2").exists():
+        shutil.copyfile(image, dirs["srv"] / "guest.qcow2")
+    return dirs
+
+
+def _first_http(pod: PodNet, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = harness.in_ns(pod.client_ns, ["curl", "-sf", "--max-time", "1", f"http://{pod.pod_ip}/"])
+        if done.returncode == 0:
+            return time.time()
+        time.sleep(0.05)
+    raise TimeoutError(f"no HTTP answer on {pod.pod_ip} within {timeout:.0f} s")
+
+
+def cold_start(base: Path, image: Path, cached: bool) -> tuple[float, dict[str, float], float]:
+    """Pod start (runner and sidecar at once) to the first HTTP answer; steps; the runner's RSS meanwhile."""
+    dirs = _dirs(base, image)
+    if not cached:
+        shutil.rmtree(dirs["image"])
+    shutil.rmtree(dirs["vm"], ignore_errors=True)
+    dirs = _dirs(base, image)
+    bed = Bed(fresh_id())
+    procs: list[Proc] = []
+    sidecar: Sidecar | None = None
+    try:
+        bed.setup()
+        pod = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
+        procs.append(harness.serve_directory(pod.pod_ns, dirs["srv"], PORT, base / "http.log"))
+        env = harness.base_env(
+            IMG_SOURCE=f"http://127.0.0.1:{PORT}/guest.qcow2",
+            IMAGE_DIR=str(dirs["image"]),
+            VM_DIR=str(dirs["vm"]),
+            RUN_DIR=str(dirs["run"]),
+            METADATA=str(dirs["config"] / "metadata"),
+            USERDATA=str(dirs["config"] / "userdata"),
+            HOSTNAME="bench",
+            ACCEL="tcg",
+            VM_MEMORY="256M",
+            SHUTDOWN_TIMEOUT="1s",
+        )
+        log = base / f"runner-{'cached' if cached else 'cold'}.log"
+        log.unlink(missing_ok=True)
+        t0 = time.time()
+        runner = harness.start_runner(
+            pod, [str(harness.BIN / "vmrunner"), "run"], env, harness.make_tun_node(base), log
+        )
+        procs.append(runner)
+        sidecar = Sidecar(bed, {"HOSTNAME": "bench", "TAP_OWNER": str(harness.RUNNER_UID)}, dirs["run"])
+        sidecar.start(timeout=30)
+        answered = _first_http(pod, 120)
+        runner_rss = rss_mib(runner.popen.pid)
+        logs = {"sidecar": log_times(sidecar.log()), "runner": log_times(runner.text())}
+        steps: dict[str, float] = {}
+        prev, missing = t0, []
+        for name, source, prefix in STEPS:
+            prefixes = prefix if isinstance(prefix, tuple) else (prefix,)
+            found = [t for p in prefixes if (t := first(logs[source], p)) is not None]
+            if not found:
+                missing.append(name.split(" (")[0])  # its time goes to the next step that is logged
+                continue
+            at = min(found)
+            steps[" + ".join([*missing, name])] = (at - prev) * 1000
+            prev, missing = at, []
+        steps["guest ready line -> first HTTP answer on pod IP"] = (answered - prev) * 1000
+        return (answered - t0) * 1000, steps, runner_rss
+    finally:
+        for proc in reversed(procs):
+            if proc.popen.poll() is None:
+                proc.kill()
+        if sidecar is not None:
+            sidecar.cleanup()
+        bed.cleanup()
+
+
+def bench_coldstart(res: Results) -> None:
+    """Cold start to reachable, image not cached then cached (fresh pet disk each time), with its steps."""
+    sec = "6. cold start to reachable (tiny guest, TCG)"
+    image = ensure_guest()
+    base = Path(tempfile.mkdtemp(prefix="podvm-bench-cold-"))
+    base.chmod(0o755)
+    rss: list[float] = []
+    try:
+        for cached in (False, True):
+            label = "image cached" if cached else "image not cached"
+            total, steps, runner_rss = cold_start(base, image, cached)
+            rss.append(runner_rss)
+            ref = "pod start -> first HTTP answer, image not cached" if cached else None
+            res.add(Figure(sec, f"pod start -> first HTTP answer, {label}", "ms", [total], ref))
+            for name, ms in steps.items():
+                res.add(Figure(sec, f"  {name}", "ms", [ms], note="from the logs' timestamps"))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    res.add(Figure("3. footprint", "runner RSS (python only, qemu running)", "MiB", rss, note="target < 60 MiB"))
