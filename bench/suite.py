@@ -49,9 +49,9 @@ def main() -> int:
     pod: netbench.Pod | None = None
     steps = {
         "ready": lambda: netbench.bench_ready(res, 3 if quick else 10),
-        "scale": lambda: netbench.bench_scale(res, (1, 4) if quick else (1, 4, 16)),
+        "scale": lambda: netbench.bench_scale(res, (1, 4) if quick else (1, 4, 16), 1 if quick else 2),
         "fetch": lambda: vmbench.bench_fetch(res, (256 << 20) if quick else (1 << 30), 1 if quick else 3),
-        "coldstart": lambda: vmbench.bench_coldstart(res),
+        "coldstart": lambda: vmbench.bench_coldstart(res, 1 if quick else 2),
     }
     try:
         for name in SECTIONS:

@@ -37,6 +37,13 @@ class Results:
         self.figures.append(figure)
         return figure
 
+    def sample(self, section: str, name: str, value: float, *, unit: str = "ms", ref: str | None = None,
+               note: str = "") -> Figure:  # fmt: skip
+        """Append one sample to figure ``name`` of ``section``, made on first use."""
+        fig = self.find(section, name) or self.add(Figure(section, name, unit, [], ref, note))
+        fig.values.append(value)
+        return fig
+
     def find(self, section: str, name: str) -> Figure | None:
         """The figure called ``name`` in ``section``."""
         return next((f for f in self.figures if f.section == section and f.name == name), None)
@@ -56,7 +63,7 @@ class Results:
 
     def table(self) -> str:
         """The one table: per figure median, min, max, samples and the ratio against its reference."""
-        head = f"{'figure':<56} {'unit':<8} {'median':>9} {'min':>9} {'max':>9} {'n':>3} {'ratio':>7}  reference / note"
+        head = f"{'figure':<60} {'unit':<8} {'median':>9} {'min':>9} {'max':>9} {'n':>3} {'ratio':>7}  reference / note"
         lines = [head, "-" * len(head)]
         section = None
         for fig in self.ordered():
@@ -70,7 +77,7 @@ class Results:
             ratio = self.ratio(fig)
             ratio_text = f"{ratio:7.2f}" if ratio is not None else f"{'':7}"
             note = " / ".join(t for t in (f"vs {fig.ref}" if fig.ref else "", fig.note) if t)
-            lines.append(f"  {fig.name:<54} {fig.unit:<8} {nums} {len(fig.values):>3} {ratio_text}  {note}")
+            lines.append(f"  {fig.name:<58} {fig.unit:<8} {nums} {len(fig.values):>3} {ratio_text}  {note}")
         for err in self.errors:
             lines.append(f"! {err}")
         return "\n".join(lines)
