@@ -8,6 +8,7 @@ in the same run (ratio = median / reference median). A section that fails is rep
 import argparse
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -42,6 +43,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("make bench needs root (network namespaces)", file=sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C, so every namespace and process made so far is removed on the way out.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     quick = args.quick
     res = Results()
     res.facts = facts()
