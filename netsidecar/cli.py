@@ -84,6 +84,7 @@ def run_command(settings: Settings) -> int:
     log.info("rules: %d in table ip %s", rule_count(plan.ruleset), config.TABLE)
     server = dhcp.Dnsmasq(plan.dnsmasq, settings.run_dir)
     server.start()
+    server.wait_listening()
     path = plan.handshake.write(settings.run_dir)
     log.info("network ready: handshake %s", path)
     while not stop:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from netsidecar.config import BRIDGE
 from netsidecar.plan import pid_file
+from shared.errors import ChildFailed
 
 log = logging.getLogger("netsidecar")
 _BACKOFF_MAX = 10.0
@@ -45,6 +46,15 @@ def stop_stale(run_dir: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+def _dhcp_port_bound() -> bool:
+    """Whether a UDP socket of this network namespace is bound to port 67 (the DHCP server port)."""
+    try:
+        lines = Path("/proc/self/net/udp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    return any(line.split()[1].endswith(":0043") for line in lines if line.strip())
+
+
 def _relay(proc: subprocess.Popen[bytes]) -> None:
     assert proc.stderr is not None
     for raw in proc.stderr:
@@ -73,6 +83,20 @@ class Dnsmasq:
         pid_file(self.run_dir).write_text(f"{self.proc.pid}\n")
         threading.Thread(target=_relay, args=(self.proc,), daemon=True).start()
         log.info("dnsmasq started (pid %d)", self.proc.pid)
+
+    def wait_listening(self, timeout: float = 5.0) -> None:
+        """Wait until dnsmasq holds the DHCP port, so the handshake never promises a server that drops requests.
+
+        :raise ChildFailed: when dnsmasq exits or does not listen within ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        while not _dhcp_port_bound():
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise ChildFailed(f"dnsmasq exited with status {code} before serving DHCP (see its lines above)")
+            if time.monotonic() >= deadline:
+                raise ChildFailed(f"dnsmasq does not listen on UDP port 67 after {timeout:g}s")
+            time.sleep(0.005)
 
     def poll(self) -> None:
         """Restart dnsmasq if it died, waiting longer after each quick death."""
