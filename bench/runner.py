@@ -1,36 +1,24 @@
-"""vmrunner's two performance goals, measured side by side in one run.
-
-1. Overhead: from starting ``vmrunner run`` (cached, vetted image; existing pet disk) to qemu answering QMP with
-   ``running``, against qemu started alone with the same argv. Goal: runner overhead under 500 ms (median).
-2. Fetch: ``vmrunner fetch`` with IMG_CHECKSUM (stream, hash, vet, rename) against ``curl -o`` of the same ~1 GiB
-   file from the same loopback HTTP server. Goal: at least 0.9 of curl's throughput.
-
-Run as root (it makes a throwaway network namespace with a tap): ``.venv/bin/python bench/runner.py [-n 7]``.
+"""vmrunner's start-up overhead: from ``vmrunner run`` (cached, vetted image; existing pet disk) to qemu answering
+QMP with ``running``, against qemu started alone with the same argv, in one run. ``make bench`` reports it as its
+"runner overhead" section; the helpers here (a throwaway namespace with a tap, a sparse test image) serve it.
 """
 
-import argparse
 import asyncio
 import contextlib
-import hashlib
 import http.server
 import json
 import os
-import shutil
 import signal
-import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 from qemu.qmp import QMPClient
 
-from shared.handshake import Handshake
+from tests import samples
 
 REPO = Path(__file__).resolve().parents[1]
 VMRUNNER = [sys.executable, "-c", "from vmrunner.cli import main; main()"]
@@ -83,13 +71,15 @@ def netns_with_tap() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def bench_overhead(root: Path, runs: int) -> None:
+def overhead_samples(root: Path, runs: int) -> tuple[list[float], list[float]]:
+    """Seconds to ``running`` for ``vmrunner run`` and for qemu alone, ``runs`` of each, alternated."""
     base = root / "base.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1G"], check=True)
     for name in ("image", "vm", "run"):
         (root / name).mkdir()
-    Handshake("tap0", "br0", "0a:58:c0:a8:fe:02", "192.168.254.2", "192.168.254.1", 30, 1500, "10.0.0.5", (), (),
-              "vm-0", True, None).write(root / "run")  # fmt: skip
+    samples.handshake(tap="tap0", bridge="br0", mtu=1500, pod_ip="10.0.0.5", dns=(), search=(), tap_owner=None).write(
+        root / "run"
+    )
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -116,11 +106,7 @@ def bench_overhead(root: Path, runs: int) -> None:
         for _ in range(runs):
             runner.append(time_to_running([*prefix, *VMRUNNER, "run"], env, sock))
             qemu.append(time_to_running([*prefix, *plan["qemu"]], env, sock))
-    r, q = statistics.median(runner), statistics.median(qemu)
-    print(f"start to qemu running, cached image, median of {runs}:")
-    print(f"  vmrunner run      {r * 1000:7.0f} ms")
-    print(f"  qemu alone        {q * 1000:7.0f} ms")
-    print(f"  runner overhead   {(r - q) * 1000:7.0f} ms   (goal < 500 ms)")
+    return runner, qemu
 
 
 def make_image(path: Path, size: int) -> None:
@@ -137,73 +123,3 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         """Say nothing."""
-
-
-def bench_fetch(root: Path, size: int, runs: int) -> None:
-    src = root / "srv"
-    src.mkdir()
-    image = src / "disk.img"
-    make_image(image, size)
-    with open(image, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    handler = partial(QuietHandler, directory=str(src))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/disk.img"
-    curl_times, synced_times, runner_times = [], [], []
-    try:
-        for i in range(runs):
-            out = root / f"curl-{i}"
-            started = time.monotonic()
-            subprocess.run(["curl", "-sf", "-o", str(out), url], check=True)
-            curl_times.append(time.monotonic() - started)
-            with open(out, "rb") as written:  # the runner fsyncs before its rename; this is curl's equivalent
-                os.fsync(written.fileno())
-            synced_times.append(time.monotonic() - started)
-            out.unlink()
-            cache = root / f"cache-{i}"
-            cache.mkdir()
-            env = {
-                **os.environ,
-                "PYTHONPATH": str(REPO),
-                "IMG_SOURCE": url,
-                "IMG_FORMAT": "raw",
-                "IMG_CHECKSUM": f"sha256:{digest}",
-                "IMAGE_DIR": str(cache),
-                "HOSTNAME": "vm-0",
-                "LOG_LEVEL": "WARNING",
-            }
-            started = time.monotonic()
-            subprocess.run([*VMRUNNER, "fetch"], env=env, check=True)
-            runner_times.append(time.monotonic() - started)
-            shutil.rmtree(cache)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-    c, cs, r = (statistics.median(t) for t in (curl_times, synced_times, runner_times))
-    mib = size / (1 << 20)
-    print(f"fetch of {mib:.0f} MiB from a loopback HTTP server, median of {runs}:")
-    print(f"  curl -o                          {mib / c:7.0f} MiB/s")
-    print(f"  curl -o, then fsync              {mib / cs:7.0f} MiB/s")
-    print(f"  vmrunner fetch (sha256, fsync, vet) {mib / r:4.0f} MiB/s")
-    print(f"  ratio runner/curl                {c / r:7.2f}   (goal >= 0.9)")
-    print(f"  ratio runner/(curl + fsync)      {cs / r:7.2f}")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("-n", "--runs", type=int, default=7, help="repetitions of the overhead measurement")
-    parser.add_argument("--fetch-runs", type=int, default=3)
-    parser.add_argument("--size", default=str(1 << 30), help="bytes of the fetched image")
-    args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="podvm-bench-"))
-    try:
-        (root / "overhead").mkdir()
-        bench_overhead(root / "overhead", args.runs)
-        bench_fetch(root, int(args.size), args.fetch_runs)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -20,7 +20,7 @@ from bench import netbench, vmbench
 from bench.table import Results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-SECTIONS = ("ready", "packets", "footprint", "scale", "fetch", "coldstart")
+SECTIONS = ("ready", "packets", "footprint", "scale", "overhead", "fetch", "coldstart")
 
 
 def facts() -> dict[str, object]:
@@ -53,6 +53,7 @@ def main() -> int:
     steps = {
         "ready": lambda: netbench.bench_ready(res, 3 if quick else 10),
         "scale": lambda: netbench.bench_scale(res, (1, 4) if quick else (1, 4, 16), 1 if quick else 2),
+        "overhead": lambda: vmbench.bench_overhead(res, 3 if quick else 7),
         "fetch": lambda: vmbench.bench_fetch(res, (256 << 20) if quick else (1 << 30), 1 if quick else 3),
         "coldstart": lambda: vmbench.bench_coldstart(res, 1 if quick else 2),
     }

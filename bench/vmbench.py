@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import BinaryIO, ClassVar
 
 from bench.netbench import first, fresh_id, log_times, rss_mib
-from bench.runner import QuietHandler, make_image
+from bench.runner import QuietHandler, make_image, overhead_samples
 from bench.table import Figure, Results
 from tests.e2e import harness
 from tests.e2e.harness import PodNet, Proc
@@ -40,6 +40,21 @@ class CountingHandler(QuietHandler):
             sent += len(chunk)
         with self.lock:
             self.served[0] += sent
+
+
+def bench_overhead(res: Results, runs: int) -> None:
+    """Start to qemu running with a cached image: ``vmrunner run`` against qemu alone with the same argv."""
+    sec = "5a. runner overhead"
+    root = Path(tempfile.mkdtemp(prefix="podvm-bench-overhead-"))
+    try:
+        runner, qemu = overhead_samples(root, runs)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    alone = "qemu alone: start -> running"
+    res.add(Figure(sec, alone, "ms", [t * 1000 for t in qemu]))
+    res.add(Figure(sec, "vmrunner run: start -> qemu running (cached image)", "ms", [t * 1000 for t in runner], alone))
+    overhead = [(r - q) * 1000 for r, q in zip(runner, qemu, strict=True)]
+    res.add(Figure(sec, "runner overhead (paired difference)", "ms", overhead, note="target < 500 ms"))
 
 
 def bench_fetch(res: Results, size: int, runs: int) -> None:
