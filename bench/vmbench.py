@@ -185,16 +185,13 @@ def cold_start(base: Path, image: Path, cached: bool) -> tuple[float, dict[str, 
         bed.setup()
         pod = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
         procs.append(harness.serve_directory(pod.pod_ns, dirs["srv"], PORT, base / "http.log"))
-        env = harness.base_env(
-            IMG_SOURCE=f"http://127.0.0.1:{PORT}/guest.qcow2",
-            IMAGE_DIR=str(dirs["image"]),
-            VM_DIR=str(dirs["vm"]),
-            RUN_DIR=str(dirs["run"]),
-            METADATA=str(dirs["config"] / "metadata"),
-            USERDATA=str(dirs["config"] / "userdata"),
-            HOSTNAME="bench",
-            ACCEL="tcg",
-            VM_MEMORY="256M",
+        env = harness.runner_env(
+            PORT,
+            image_dir=dirs["image"],
+            vm_dir=dirs["vm"],
+            run_dir=dirs["run"],
+            config_dir=dirs["config"],
+            hostname="bench",
             SHUTDOWN_TIMEOUT="1s",
         )
         log = base / f"runner-{'cached' if cached else 'cold'}.log"

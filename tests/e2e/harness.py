@@ -104,6 +104,26 @@ def base_env(**extra: str) -> dict[str, str]:
     return {"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", **extra}
 
 
+def runner_env(
+    image_port: int, *, image_dir: Path, vm_dir: Path, run_dir: Path, config_dir: Path, hostname: str, **extra: str
+) -> dict[str, str]:
+    """What every runner under test is given: the guest image served on ``image_port`` of the pod, its volumes,
+    ``config_dir``'s metadata/userdata (absent files: no config drive), TCG and a small guest; ``extra`` adds or
+    overrides."""
+    return base_env(
+        IMG_SOURCE=f"http://127.0.0.1:{image_port}/guest.qcow2",
+        IMAGE_DIR=str(image_dir),
+        VM_DIR=str(vm_dir),
+        RUN_DIR=str(run_dir),
+        METADATA=str(config_dir / "metadata"),
+        USERDATA=str(config_dir / "userdata"),
+        HOSTNAME=hostname,
+        ACCEL="tcg",
+        VM_MEMORY="256M",
+        **extra,
+    )
+
+
 def make_tun_node(directory: Path) -> Path:
     """A private 0666 tun node (char 10:200) the runner sees as /dev/net/tun; the host's node is not changed."""
     node = directory / "tun"

@@ -89,16 +89,13 @@ def _env(pod: Pod, name: str, run_dir: Path) -> dict[str, str]:
         volumes.mkdir()
         _owned_dir(volumes / "image")
         _owned_dir(volumes / "vm")
-    return harness.base_env(
-        IMG_SOURCE=f"http://127.0.0.1:{IMAGE_PORT}/guest.qcow2",
-        IMAGE_DIR=str(volumes / "image"),
-        VM_DIR=str(volumes / "vm"),
-        RUN_DIR=str(run_dir),
-        METADATA=str(volumes / "no-metadata"),
-        USERDATA=str(volumes / "no-userdata"),
-        HOSTNAME=HOSTNAME,
-        ACCEL="tcg",
-        VM_MEMORY="256M",
+    return harness.runner_env(
+        IMAGE_PORT,
+        image_dir=volumes / "image",
+        vm_dir=volumes / "vm",
+        run_dir=run_dir,
+        config_dir=volumes,
+        hostname=HOSTNAME,
         SHUTDOWN_TIMEOUT="30",
         HANDSHAKE_TIMEOUT="5",
     )

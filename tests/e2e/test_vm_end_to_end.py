@@ -100,16 +100,13 @@ def world() -> Iterator[World]:
         sidecar.write_resolv(f"nameserver {DNS[0]}\nnameserver {DNS[1]}\nsearch {' '.join(SEARCH)}\n")
         handshake = sidecar.start(timeout=20)
         procs.append(harness.serve_directory(pod.pod_ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
-        env = harness.base_env(
-            IMG_SOURCE=f"http://127.0.0.1:{IMAGE_PORT}/guest.qcow2",
-            IMAGE_DIR=str(dirs["image"]),
-            VM_DIR=str(dirs["vm"]),
-            RUN_DIR=str(dirs["run"]),
-            METADATA=str(dirs["config"] / "metadata"),
-            USERDATA=str(dirs["config"] / "userdata"),
-            HOSTNAME=HOSTNAME,
-            ACCEL="tcg",
-            VM_MEMORY="256M",
+        env = harness.runner_env(
+            IMAGE_PORT,
+            image_dir=dirs["image"],
+            vm_dir=dirs["vm"],
+            run_dir=dirs["run"],
+            config_dir=dirs["config"],
+            hostname=HOSTNAME,
             SHUTDOWN_TIMEOUT="30s",
         )
         tun = harness.make_tun_node(base)
