@@ -19,8 +19,8 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 
 from tests import samples
+from tests.vm.conftest import runner_env
 
-REPO = Path(__file__).resolve().parents[1]
 VMRUNNER = [sys.executable, "-c", "from vmrunner.cli import main; main()"]
 
 
@@ -82,17 +82,7 @@ def overhead_samples(root: Path, runs: int) -> tuple[list[float], list[float]]:
     )
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO),
-        "IMG_SOURCE": str(base),
-        "IMAGE_DIR": str(root / "image"),
-        "VM_DIR": str(root / "vm"),
-        "RUN_DIR": str(root / "run"),
-        "HOSTNAME": "vm-0",
-        "ACCEL": "tcg",
-        "VM_MEMORY": "128M",
-        "SHUTDOWN_TIMEOUT": "100ms",
-        "METADATA": str(root / "metadata"),
-        "USERDATA": str(root / "userdata"),
+        **runner_env(root, IMG_SOURCE=str(base), VM_MEMORY="128M", SHUTDOWN_TIMEOUT="100ms"),
     }
     (root / "metadata").write_text("name: bench\n")
     sock = root / "run" / "qmp.sock"
