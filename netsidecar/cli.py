@@ -1,5 +1,7 @@
-"""Command line of netsidecar: run | plan | status | down | probe.
+"""Command line of netsidecar: prepare | run | plan | status | down | probe.
 
+``prepare`` is the one-shot privileged step (an init container): it turns on forwarding in the pod's namespace and
+makes NET_STATE_DIR the sidecar's own. ``run`` then needs only a few network capabilities (deploy/README.md).
 ``plan`` needs no root and changes nothing: it reads the pod interface from the kernel when it can; ``POD_IFACE``,
 ``POD_IP`` and ``POD_MTU`` override those facts (so it also works away from a pod).
 """
@@ -14,17 +16,17 @@ import sys
 import time
 from types import FrameType
 
-from netsidecar import config
+from netsidecar import config, paths
 from netsidecar.config import PodFacts, Settings
-from netsidecar.plan import Plan, build, rule_count
+from netsidecar.plan import LEASE_FILE, Plan, build, rule_count
 from shared.cli import run_main
 from shared.env import Env
-from shared.errors import ConfigError
+from shared.errors import ConfigError, PodvmError
 from shared.handshake import FILE_NAME
 from shared.log import configure
 
 log = logging.getLogger("netsidecar")
-USAGE = "usage: netsidecar run | plan | status | down | probe ..."
+USAGE = "usage: netsidecar prepare | run | plan | status | down | probe ..."
 
 
 def _facts(settings: Settings) -> PodFacts:
@@ -54,12 +56,24 @@ def teardown(settings: Settings) -> None:
     """Remove everything the sidecar makes: handshake, dnsmasq, table, tap, bridge."""
     from netsidecar import dhcp, kernel  # noqa: PLC0415 - keeps `plan` free of pyroute2 and nftables
 
+    # unlink removes a symbolic link the runner may have put there, never what it points to.
     (settings.run_dir / FILE_NAME).unlink(missing_ok=True)
-    dhcp.stop_stale(settings.run_dir)
-    (settings.run_dir / "dnsmasq.leases").unlink(missing_ok=True)
+    if paths.state_dir(settings.state_dir, create=False):
+        dhcp.stop_stale(settings.state_dir)
+        (settings.state_dir / LEASE_FILE).unlink(missing_ok=True)
     kernel.remove_ruleset()
     kernel.remove_links()
     log.info("network removed")
+
+
+def prepare_command(settings: Settings) -> int:
+    """The privileged one-shot step: forwarding on in the pod's namespace, NET_STATE_DIR made the sidecar's own."""
+    from netsidecar import kernel  # noqa: PLC0415 - keeps `plan` free of pyroute2 and nftables
+
+    kernel.enable_forwarding()
+    paths.claim_state_dir(settings.state_dir)
+    log.info("prepared: forwarding on, %s private", settings.state_dir)
+    return 0
 
 
 def run_command(settings: Settings) -> int:
@@ -73,19 +87,24 @@ def run_command(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    kernel.check_capabilities()
     kernel.check_tap_device()
+    kernel.check_forwarding()
     plan = _plan(settings)
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    paths.check_run_dir(settings.run_dir)
+    paths.state_dir(settings.state_dir, create=True)
     # A handshake left by a killed sidecar is withdrawn until this one has checked everything again.
     (settings.run_dir / FILE_NAME).unlink(missing_ok=True)
-    kernel.enable_forwarding()
     kernel.ensure_links(plan.links)
     kernel.apply_ruleset(plan.ruleset)
     log.info("rules: %d in table ip %s", rule_count(plan.ruleset), config.TABLE)
-    server = dhcp.Dnsmasq(plan.dnsmasq, settings.run_dir)
+    server = dhcp.Dnsmasq(plan.dnsmasq, settings.state_dir)
     server.start()
     server.wait_listening()
-    path = plan.handshake.write(settings.run_dir)
+    try:
+        path = plan.handshake.write(settings.run_dir)
+    except OSError as err:
+        raise PodvmError(f"RUN_DIR={settings.run_dir}: cannot publish the handshake: {err.strerror}") from err
     log.info("network ready: handshake %s", path)
     while not stop:
         server.poll()
@@ -105,12 +124,13 @@ def status_command(settings: Settings) -> int:
     """Print what is in place: links, rules with counters, dnsmasq, the lease."""
     from netsidecar import dhcp, kernel  # noqa: PLC0415 - keeps `plan` free of pyroute2 and nftables
 
-    lease = settings.run_dir / "dnsmasq.leases"
+    lease = settings.state_dir / LEASE_FILE
+    have_state = paths.state_dir(settings.state_dir, create=False)
     report = {
         "links": kernel.link_status(),
         "rules": kernel.ruleset_status(),
-        "dnsmasq_pid": dhcp.is_running(settings.run_dir),
-        "leases": lease.read_text().splitlines() if lease.exists() else [],
+        "dnsmasq_pid": dhcp.is_running(settings.state_dir) if have_state else None,
+        "leases": lease.read_text().splitlines() if have_state and lease.exists() else [],
         "handshake": (settings.run_dir / FILE_NAME).exists(),
     }
     print(json.dumps(report, indent=2))
@@ -132,7 +152,13 @@ def command(args: list[str]) -> int:
         probe = importlib.import_module("netsidecar.probe")
         status: int = probe.command(args[1:])
         return status
-    commands = {"run": run_command, "plan": plan_command, "status": status_command, "down": down_command}
+    commands = {
+        "prepare": prepare_command,
+        "run": run_command,
+        "plan": plan_command,
+        "status": status_command,
+        "down": down_command,
+    }
     if args[0] not in commands or len(args) > 1:
         raise ConfigError(f"netsidecar {' '.join(args)}: unknown command; {USAGE}")
     return commands[args[0]](config.read_settings(Env(os.environ)))

@@ -3,6 +3,7 @@
 import hashlib
 import ipaddress
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ class Settings:
     hostname: str
     tap_owner: int | None
     run_dir: Path
+    state_dir: Path
     resolv_conf: Path
     pod_wait_timeout: float
     drain_timeout: float
@@ -95,6 +97,12 @@ def _iface(env: Env, name: str) -> str | None:
     return raw
 
 
+def _overlap(a: Path, b: Path) -> bool:
+    """Whether one directory is the other or lies inside it (compared as written, ``..`` folded)."""
+    a, b = Path(os.path.normpath(a)), Path(os.path.normpath(b))
+    return a == b or a in b.parents or b in a.parents
+
+
 def read_settings(env: Env) -> Settings:
     """Validate the environment; every bad value is a ConfigError naming the variable."""
     vm_ip = env.ipv4("VM_IP", "192.168.254.2")
@@ -110,6 +118,10 @@ def read_settings(env: Env) -> Settings:
     pod_ip = env.ipv4("POD_IP", "") if env.optional("POD_IP") is not None else None
     pod_mtu = env.integer("POD_MTU", 0, 576, 65535) if env.optional("POD_MTU") is not None else None
     hostname = pod_hostname(env)
+    run_dir = env.path("RUN_DIR", "/run/podvm")
+    state_dir = env.path("NET_STATE_DIR", "/run/netsidecar")
+    if _overlap(run_dir, state_dir):
+        raise ConfigError(f"NET_STATE_DIR={state_dir}: must lie outside RUN_DIR={run_dir}, which the runner can write")
     return Settings(
         vm_ip=vm_ip,
         gateway=gateway,
@@ -120,7 +132,8 @@ def read_settings(env: Env) -> Settings:
         mac=_mac(env, hostname),
         hostname=hostname,
         tap_owner=_tap_owner(env),
-        run_dir=env.path("RUN_DIR", "/run/podvm"),
+        run_dir=run_dir,
+        state_dir=state_dir,
         resolv_conf=env.path("RESOLV_CONF", "/etc/resolv.conf"),
         pod_wait_timeout=env.duration("POD_WAIT_TIMEOUT", 30.0),
         drain_timeout=env.duration("NET_DRAIN_TIMEOUT", 30.0),

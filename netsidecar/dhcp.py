@@ -1,8 +1,8 @@
 """dnsmasq under supervision: exactly one instance, restarted with back-off, its lines relayed into our log.
 
 dnsmasq drops to an unprivileged user, which clears any parent-death signal, so a dnsmasq outlives a sidecar
-killed with SIGKILL (and keeps answering DHCP meanwhile); the pid file in RUN_DIR, checked against
-/proc/PID/cmdline, lets the next sidecar replace it so exactly one runs.
+killed with SIGKILL (and keeps answering DHCP meanwhile); the pid file in NET_STATE_DIR (which only the sidecar
+can write), checked against /proc/PID/cmdline, lets the next sidecar replace it so exactly one runs.
 """
 
 import logging
@@ -16,6 +16,7 @@ from pathlib import Path
 from netsidecar.config import BRIDGE
 from netsidecar.plan import pid_file
 from shared.errors import ChildFailed
+from shared.files import write_atomic
 
 log = logging.getLogger("netsidecar")
 _BACKOFF_MAX = 10.0
@@ -28,9 +29,9 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
-def stop_stale(run_dir: Path) -> None:
+def stop_stale(state_dir: Path) -> None:
     """Kill the dnsmasq a previous sidecar left behind, if the pid file still names one serving our bridge."""
-    path = pid_file(run_dir)
+    path = pid_file(state_dir)
     try:
         pid = int(path.read_text().strip())
     except (OSError, ValueError):
@@ -64,23 +65,23 @@ def _relay(proc: subprocess.Popen[bytes]) -> None:
 class Dnsmasq:
     """One supervised dnsmasq; `poll` restarts it with back-off when it has died."""
 
-    def __init__(self, argv: list[str], run_dir: Path) -> None:
+    def __init__(self, argv: list[str], state_dir: Path) -> None:
         self.argv = argv
-        self.run_dir = run_dir
+        self.state_dir = state_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self.backoff = 0.5
         self.next_start = 0.0
 
     def start(self) -> None:
         """Start dnsmasq and record its pid."""
-        stop_stale(self.run_dir)
+        stop_stale(self.state_dir)
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        pid_file(self.run_dir).write_text(f"{self.proc.pid}\n")
+        write_atomic(pid_file(self.state_dir), f"{self.proc.pid}\n".encode())
         threading.Thread(target=_relay, args=(self.proc,), daemon=True).start()
         log.info("dnsmasq started (pid %d)", self.proc.pid)
 
@@ -120,13 +121,13 @@ class Dnsmasq:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        pid_file(self.run_dir).unlink(missing_ok=True)
+        pid_file(self.state_dir).unlink(missing_ok=True)
 
 
-def is_running(run_dir: Path) -> int | None:
+def is_running(state_dir: Path) -> int | None:
     """The pid of the dnsmasq the pid file names, if it runs."""
     try:
-        pid = int(pid_file(run_dir).read_text().strip())
+        pid = int(pid_file(state_dir).read_text().strip())
     except (OSError, ValueError):
         return None
     argv = _cmdline(pid)

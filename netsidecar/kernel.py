@@ -78,9 +78,64 @@ def _try_pod_facts(ipr: Any, settings: Settings) -> PodFacts | None:
     )
 
 
+_FORWARDING = Path("/proc/sys/net/ipv4/ip_forward")
+
+
+def forwarding_enabled() -> bool:
+    """Whether the pod's namespace routes between interfaces (the VM's traffic crosses the bridge and the pod's)."""
+    return _FORWARDING.read_text().strip() == "1"
+
+
 def enable_forwarding() -> None:
-    """Routing between the pod interface and the bridge needs it; Calico turns it off in pods."""
-    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    """Turn on net.ipv4.ip_forward in the pod's namespace (Calico leaves it off in pods).
+
+    /proc/sys is read-only in a container without privileges, so this is `netsidecar prepare`'s job, run once by a
+    privileged init container; the long-running sidecar only checks it.
+
+    :raise ConfigError: when /proc/sys cannot be written.
+    """
+    if forwarding_enabled():
+        log.info("net.ipv4.ip_forward is already 1")
+        return
+    try:
+        _FORWARDING.write_text("1\n")
+    except OSError as err:
+        raise ConfigError(
+            f"{_FORWARDING}: cannot turn on forwarding ({err.strerror}): `netsidecar prepare` needs a privileged "
+            "container, or set net.ipv4.ip_forward=1 in the pod's securityContext.sysctls"
+        ) from err
+    log.info("net.ipv4.ip_forward set to 1")
+
+
+def check_forwarding() -> None:
+    """:raise ConfigError: when forwarding is off, naming the two ways to turn it on."""
+    if not forwarding_enabled():
+        raise ConfigError(
+            "net.ipv4.ip_forward is 0 in the pod: run `netsidecar prepare` in a privileged init container before "
+            "`netsidecar run`, or set it in the pod's securityContext.sysctls (see deploy/README.md)"
+        )
+
+
+# What `run` needs, found by taking each away from the real sidecar (docs/security-privileges.md), with its bit in
+# linux/capability.h. NET_ADMIN: links, tap owner, nftables, dnsmasq's ARP entries; NET_BIND_SERVICE: dnsmasq binds
+# port 67 before it drops root; SETUID, SETGID: that drop to nobody; KILL: stopping dnsmasq once it runs as nobody.
+RUN_CAPABILITIES = {"KILL": 5, "SETGID": 6, "SETUID": 7, "NET_BIND_SERVICE": 10, "NET_ADMIN": 12}
+
+
+def missing_capabilities(status: str) -> list[str]:
+    """The capabilities of RUN_CAPABILITIES absent from the effective set in a /proc/PID/status text."""
+    effective = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("CapEff:"))
+    return [name for name, bit in RUN_CAPABILITIES.items() if not effective >> bit & 1]
+
+
+def check_capabilities() -> None:
+    """:raise ConfigError: naming every capability `run` lacks, before anything is changed."""
+    missing = missing_capabilities(Path("/proc/self/status").read_text())
+    if missing:
+        raise ConfigError(
+            f"the net container lacks the capabilities {', '.join(missing)}: add them to its "
+            "securityContext.capabilities (deploy/pod.yaml lists what `netsidecar run` needs)"
+        )
 
 
 def _create_tap(name: str, owner: int | None) -> None:

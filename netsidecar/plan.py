@@ -129,9 +129,16 @@ def dnsmasq_argv(settings: Settings, pod: PodFacts, resolv: Resolv) -> list[str]
         f"--interface={BRIDGE}",
         "--bind-interfaces",
         "--dhcp-authoritative",
+        # The /30 holds only the VM: no ping before offering its address, so dnsmasq keeps no raw-socket capability.
+        "--no-ping",
         f"--dhcp-range={network},static,{netmask}",
-        f"--dhcp-host={settings.mac},{settings.vm_ip},{settings.hostname.split('.')[0]},infinite",
-        f"--dhcp-leasefile={settings.run_dir / LEASE_FILE}",
+        # The name goes in option 12, not in --dhcp-host: there dnsmasq reads a name such as `ignore` as "never
+        # answer this MAC" and `12345` or `5m` as a lease time, and the VM would get no lease or no name.
+        f"--dhcp-host={settings.mac},{settings.vm_ip},infinite",
+        f"--dhcp-option=12,{settings.hostname.split('.')[0]}",
+        f"--dhcp-leasefile={settings.state_dir / LEASE_FILE}",
+        # No pid file of dnsmasq's own (its default is /run/dnsmasq.pid): the supervisor records the pid.
+        "--pid-file",
         f"--dhcp-option=option:router,{settings.gateway}",
         f"--dhcp-option=option:mtu,{pod.mtu}",
     ]
@@ -163,6 +170,6 @@ def build(settings: Settings, pod: PodFacts, resolv: Resolv) -> Plan:
     return Plan(links, ruleset(settings, pod), dnsmasq_argv(settings, pod, resolv), handshake)
 
 
-def pid_file(run_dir: Path) -> Path:
+def pid_file(state_dir: Path) -> Path:
     """Where the supervisor records dnsmasq's pid, so a restarted sidecar finds a stale one."""
-    return run_dir / PID_FILE
+    return state_dir / PID_FILE

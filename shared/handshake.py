@@ -7,7 +7,9 @@ this module) and refuses a major version it does not know. ``docs/runner-contrac
 
 import ipaddress
 import json
+import os
 import re
+import stat
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -20,6 +22,7 @@ from shared.files import write_atomic
 VERSION = "1.0"
 MAJOR = 1
 FILE_NAME = "network.json"
+MAX_SIZE = 64 * 1024
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "object": dict,
@@ -130,13 +133,26 @@ class Handshake:
         return path
 
 
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, never through a symbolic link, a FIFO or a device: RUN_DIR is writable by the runner and
+    ``netsidecar probe`` reads the handshake as root."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise HandshakeError(f"{path}: not a regular file")
+        data = handle.read(MAX_SIZE + 1)
+    if len(data) > MAX_SIZE:
+        raise HandshakeError(f"{path}: larger than {MAX_SIZE} bytes, not a handshake")
+    return data
+
+
 def read(path: Path) -> Handshake:
     """Read and validate a handshake file.
 
     :raise HandshakeError: when it cannot be read or parsed, or does not follow the schema.
     """
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(_read_bytes(path))
     except OSError as err:
         raise HandshakeError(f"{path}: cannot read the handshake: {err.strerror}") from err
     except json.JSONDecodeError as err:

@@ -16,9 +16,11 @@ API (all in this module):
   returns the CompletedProcess; ``ns_popen(ns, argv, **kw)`` starts one.
 - ``Bed(ident, style="calico"|"bridge", mtu=1440)``: ``.setup()`` builds node, client and pod; ``.pod_ip``,
   ``.client_ip``, ``.pod.ns``, ``.client.ns``, ``.node.ns``; ``.cleanup()`` removes all (reverse order).
-- ``Sidecar(bed, env={}, run_dir=...)``: ``.start(timeout=10)`` runs ``netsidecar run`` in the pod namespace and
+- ``Sidecar(bed, env={}, run_dir=..., prefix=())``: ``.start(timeout=10)`` runs ``netsidecar prepare`` (once,
+  as the pod's init container) then ``netsidecar run`` (under ``prefix``, e.g. setpriv) in the pod namespace and
   waits for the handshake (returns it); ``.term()`` (SIGTERM, waits), ``.kill()`` (SIGKILL); ``.log()`` its output;
-  ``.cli('status')`` runs another subcommand with the same environment; ``.write_resolv(text)`` before ``start``.
+  ``.cli('status')`` runs another subcommand with the same environment; ``.write_resolv(text)`` before ``start``;
+  ``NET_STATE_DIR`` is a private temporary directory (``.state_dir``) unless ``env`` names one.
 - ``VmStandIn(bed, mac)``: a namespace whose veth is plugged into the sidecar's bridge with ``mac``; ``.dhcp()``
   runs busybox udhcpc (``-O search -O mtu``) and returns what it received (dict of the script's environment);
   ``.serve_tcp(port, reply)`` / ``.serve_udp(port, reply)`` start small servers; ``.ns`` for anything else.
@@ -38,7 +40,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -176,18 +178,25 @@ class Bed:
 class Sidecar:
     """The real `netsidecar run` as a process in the pod namespace."""
 
-    def __init__(self, bed: Bed, env: dict[str, str] | None = None, run_dir: Path | None = None) -> None:
+    def __init__(
+        self, bed: Bed, env: dict[str, str] | None = None, run_dir: Path | None = None, prefix: Sequence[str] = ()
+    ) -> None:
         self.bed = bed
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix=f"pv{bed.ident}-run-"))
         self.resolv = self.run_dir.parent / f"pv{bed.ident}-resolv.conf"
+        state = (env or {}).get("NET_STATE_DIR") or tempfile.mkdtemp(prefix=f"pv{bed.ident}-state-")
         self.env = {
             "HOSTNAME": f"vm-{bed.ident}",
             "RUN_DIR": str(self.run_dir),
+            "NET_STATE_DIR": state,
             "RESOLV_CONF": str(self.resolv),
             "NET_DRAIN_TIMEOUT": "2s",
             "POD_WAIT_TIMEOUT": "5s",
             **(env or {}),
         }
+        self.state_dir = Path(self.env["NET_STATE_DIR"])
+        self.prefix = list(prefix)  # e.g. setpriv with a capability set: what `run` runs under
+        self.prepared = False
         self.proc: subprocess.Popen[bytes] | None = None
         self._out = self.run_dir.parent / f"pv{bed.ident}-sidecar.log"
 
@@ -195,14 +204,24 @@ class Sidecar:
         """The resolv.conf the sidecar reads."""
         self.resolv.write_text(textwrap.dedent(text))
 
+    def prepare(self) -> None:
+        """`netsidecar prepare` with full privileges, as the pod's init container runs it before `run`."""
+        done = self.cli("prepare")
+        if done.returncode != 0:
+            raise RuntimeError(f"netsidecar prepare -> {done.returncode}: {done.stderr.strip()}")
+        self.prepared = True
+
     def start(self, timeout: float = 10) -> Handshake:
-        """Start `netsidecar run` and wait for its handshake."""
+        """Start `netsidecar run` (after `prepare`, once) and wait for its handshake."""
+        if not self.prepared:
+            self.prepare()
         if not self.resolv.exists():
             self.write_resolv("nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local\n")
         handshake = self.run_dir / "network.json"
         started = time.time_ns()
         with self._out.open("ab") as out:
-            self.proc = ns_popen(self.bed.pod.ns, [*NETSIDECAR, "run"], env=self._env(), stdout=out, stderr=out)
+            argv = [*self.prefix, *NETSIDECAR, "run"]
+            self.proc = ns_popen(self.bed.pod.ns, argv, env=self._env(), stdout=out, stderr=out)
         deadline = time.monotonic() + timeout
         while not (handshake.exists() and handshake.stat().st_mtime_ns >= started):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -240,7 +259,7 @@ class Sidecar:
             self.proc.wait()
         for path in (self.resolv, self._out):
             path.unlink(missing_ok=True)
-        subprocess.run(["rm", "-rf", str(self.run_dir)], check=False)
+        subprocess.run(["rm", "-rf", str(self.run_dir), str(self.state_dir)], check=False)
 
 
 class VmStandIn:

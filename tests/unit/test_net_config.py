@@ -19,6 +19,7 @@ def test_defaults() -> None:
     s = settings()
     assert (str(s.vm_ip), str(s.gateway), s.no_vnc, s.tap_owner) == ("192.168.254.2", "192.168.254.1", False, 10001)
     assert str(s.run_dir) == "/run/podvm" and s.pod_wait_timeout == 30 and s.drain_timeout == 30
+    assert str(s.state_dir) == "/run/netsidecar"
 
 
 @pytest.mark.parametrize(
@@ -43,6 +44,11 @@ def test_defaults() -> None:
         ({"POD_IP": "10.0.0"}, "POD_IP"),
         ({"POD_MTU": "100"}, "POD_MTU"),
         ({"HOSTNAME": "Not_A_Name"}, "HOSTNAME"),
+        ({"NET_STATE_DIR": "state"}, "NET_STATE_DIR"),
+        ({"NET_STATE_DIR": "/run/podvm"}, "NET_STATE_DIR"),  # the runner can write RUN_DIR
+        ({"NET_STATE_DIR": "/run/podvm/net"}, "NET_STATE_DIR"),
+        ({"NET_STATE_DIR": "/run/podvm/x/../net"}, "NET_STATE_DIR"),
+        ({"NET_STATE_DIR": "/run", "RUN_DIR": "/run/podvm"}, "NET_STATE_DIR"),
     ],
 )
 def test_every_bad_value_names_its_variable(env: dict[str, str], named: str) -> None:

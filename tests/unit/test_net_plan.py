@@ -4,6 +4,8 @@ import ipaddress
 import json
 from typing import Any
 
+import pytest
+
 from netsidecar.config import PodFacts, Resolv, read_settings
 from netsidecar.plan import build, rule_count, ruleset
 from shared.env import Env
@@ -41,17 +43,30 @@ def test_no_vnc_sends_5900_to_the_vm() -> None:
 
 
 def test_dnsmasq_is_dhcp_only_with_one_static_lease() -> None:
-    s = read_settings(Env({"HOSTNAME": "vm-a.example", "RUN_DIR": "/r"}))
+    s = read_settings(Env({"HOSTNAME": "vm-a.example", "RUN_DIR": "/r", "NET_STATE_DIR": "/s"}))
     argv = build(s, POD, RESOLV).dnsmasq
     assert argv[0] == "dnsmasq" and "--port=0" in argv and "--interface=podvm0" in argv
     assert "--conf-file=/dev/null" in argv and "--log-facility=-" in argv
-    assert f"--dhcp-host={s.mac},192.168.254.2,vm-a,infinite" in argv
+    assert f"--dhcp-host={s.mac},192.168.254.2,infinite" in argv
+    assert "--dhcp-option=12,vm-a" in argv
     assert "--dhcp-range=192.168.254.0,static,255.255.255.252" in argv
     assert "--dhcp-option=option:router,192.168.254.1" in argv
     assert "--dhcp-option=option:mtu,1440" in argv
     assert "--dhcp-option=option:dns-server,10.96.0.10,10.96.0.11" in argv
     assert "--dhcp-option=option:domain-search,ns.svc.cluster.local,cluster.local" in argv
-    assert "--dhcp-leasefile=/r/dnsmasq.leases" in argv
+    assert "--dhcp-leasefile=/s/dnsmasq.leases" in argv, "dnsmasq's files live where only the sidecar writes"
+    assert "--pid-file" in argv, "no pid file of dnsmasq's own (by default /run/dnsmasq.pid)"
+    assert not [a for a in argv if "/r/" in a or a.endswith("/r")], "nothing of dnsmasq's in RUN_DIR"
+
+
+@pytest.mark.parametrize("name", ["ignore", "12345", "5m", "2d", "infinite", "id", "set", "tag", "vm-a"])
+def test_hostname_never_reaches_dhcp_hosts_keyword_parser(name: str) -> None:
+    """In --dhcp-host dnsmasq reads `ignore` as "never answer", digits (with an optional unit) as a lease time."""
+    s = read_settings(Env({"HOSTNAME": f"{name}.example"}))
+    argv = build(s, POD, RESOLV).dnsmasq
+    hosts = [a for a in argv if a.startswith("--dhcp-host=")]
+    assert hosts == [f"--dhcp-host={s.mac},192.168.254.2,infinite"]
+    assert f"--dhcp-option=12,{name}" in argv
 
 
 def test_no_dns_options_without_nameservers_or_search() -> None:

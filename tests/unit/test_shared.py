@@ -1,6 +1,7 @@
 """The shared contract: validated environment readers and the handshake schema."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -115,3 +116,18 @@ def test_unreadable_json_names_the_line(tmp_path: Path) -> None:
     with pytest.raises(HandshakeError, match="not valid JSON at line 3"):
         handshake.read(tmp_path / "network.json")
     assert json.loads(json.dumps(SAMPLE.to_dict()))["dns"] == ["10.96.0.10", "10.96.0.11"]
+
+
+def test_a_handshake_is_read_only_from_a_regular_file_of_its_own(tmp_path: Path) -> None:
+    """RUN_DIR is the runner's: a link, a FIFO (which would block a reader) or a huge file is refused in one line."""
+    secret = tmp_path / "secret"
+    secret.write_text(json.dumps(SAMPLE.to_dict()))
+    (tmp_path / "link.json").symlink_to(secret)
+    with pytest.raises(HandshakeError, match=r"link\.json: cannot read the handshake: Too many levels of symbolic"):
+        handshake.read(tmp_path / "link.json")
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(HandshakeError, match=r"fifo\.json: not a regular file"):
+        handshake.read(tmp_path / "fifo.json")
+    (tmp_path / "big.json").write_bytes(b" " * (handshake.MAX_SIZE + 1))
+    with pytest.raises(HandshakeError, match=r"big\.json: larger than 65536 bytes"):
+        handshake.read(tmp_path / "big.json")
