@@ -1,7 +1,9 @@
 """Generates the local variant of deploy/pod.yaml that `podman kube play` runs on a single machine.
 
 The local pod is deploy/pod.yaml with only what a single machine needs changed, so the two never drift apart:
-claims and emptyDirs become host directories owned by the runner (podman names emptyDirs globally), /dev/net/tun
+claims and emptyDirs become host directories (podman names emptyDirs globally): the runner's owned by the runner,
+the sidecar's state directory by root with mode 0700; the privileges and the init container stay as they are;
+/dev/net/tun
 becomes a device node the runner may open (a host's own node is often root-only), /dev/kvm is dropped and the
 accelerator set explicitly, the image comes from a local URL, and the ConfigMap (podman ignores subPath) is mounted
 as a directory named by METADATA and USERDATA. ``plan`` computes it all as data; ``apply`` makes it.
@@ -46,6 +48,7 @@ class LocalPod:
     """The plan: directories to create for the runner, the tun node, and the manifest to play."""
 
     directories: tuple[Path, ...]  # the first is the state directory, the others belong to the runner
+    private: Path  # the network sidecar's NET_STATE_DIR volume: root's, mode 0700
     tun: Path
     manifest: dict[str, Any]
     path: Path
@@ -69,8 +72,10 @@ def plan(pod: dict[str, Any], configmap: dict[str, Any], settings: LocalSettings
     config["data"] = settings.config or config["data"]
     state = settings.state
     runner_dirs = {name: state / name for name in ("images", "vm", "run", "tmp")}
+    private = state / "net-state"
     tun = state / "dev" / "tun"
     sources: dict[str, dict[str, Any]] = {
+        "net-state": {"hostPath": {"path": str(private), "type": "Directory"}},
         "images": {"hostPath": {"path": str(runner_dirs["images"]), "type": "Directory"}},
         "disk": {"hostPath": {"path": str(runner_dirs["vm"]), "type": "Directory"}},
         "run": {"hostPath": {"path": str(runner_dirs["run"]), "type": "Directory"}},
@@ -83,21 +88,22 @@ def plan(pod: dict[str, Any], configmap: dict[str, Any], settings: LocalSettings
         for v in spec["volumes"]
         if v["name"] != "kvm"
     ]
-    for container in spec["containers"]:
-        part = container["name"]
-        container["image"] = f"localhost/podvm-{part}:{settings.tag}"
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        image = container["image"].rsplit(":", 1)[0]
+        container["image"] = f"{image}:{settings.tag}"
         mounts = [m for m in container.get("volumeMounts", []) if m["name"] not in ("kvm", "config")]
-        if part == "vm":
+        if container["name"] == "vm":
             mounts.append({"name": "config", "mountPath": "/config", "readOnly": True})
             variables = {"IMG_SOURCE": settings.image_source, "ACCEL": settings.accel}
             variables |= {"METADATA": "/config/metadata", "USERDATA": "/config/userdata"} | settings.env
             _set_env(container, variables)
             container["readinessProbe"]["tcpSocket"]["port"] = settings.guest_port
-        elif settings.net_env:
+        elif settings.net_env and image == "localhost/podvm-net":
             _set_env(container, settings.net_env)
         container["volumeMounts"] = mounts
     return LocalPod(
         directories=(state, *runner_dirs.values(), tun.parent),
+        private=private,
         tun=tun,
         manifest=manifest,
         path=state / f"{settings.name}.yaml",
@@ -112,6 +118,7 @@ def apply(local: LocalPod) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
     for directory in local.directories[1:-1]:
         os.chown(directory, RUNNER_UID, RUNNER_UID)
+    local.private.mkdir(mode=0o700, exist_ok=True)
     if not local.tun.exists():
         os.mknod(local.tun, stat.S_IFCHR | 0o666, os.makedev(TUN_MAJOR, TUN_MINOR))
     os.chmod(local.tun, 0o666)  # noqa: S103 - a tun node only lets its opener make its own interfaces

@@ -33,8 +33,8 @@ PLANTED = (
 
 def only(capabilities: list[str]) -> list[str]:
     """setpriv prefix: root with exactly ``capabilities`` (as a container runtime sets them), no privilege gain."""
-    caps = ",".join(f"+{name.lower()}" for name in capabilities)
-    return ["setpriv", "--no-new-privs", "--inh-caps=-all", f"--bounding-set=-all,{caps}", "--"]
+    caps = ",".join(["-all", *(f"+{name.lower()}" for name in capabilities)])
+    return ["setpriv", "--no-new-privs", "--inh-caps=-all", f"--bounding-set={caps}", "--"]
 
 
 def cap_names(status: str, field: str) -> set[str]:
@@ -126,6 +126,16 @@ def test_forwarding_is_prepared_by_the_init_step_and_only_checked_by_run(bed_fac
     side.prepare()
     assert ns_run(bed.pod.ns, *forwarding).stdout.strip() == "1"
     assert (side.state_dir.stat().st_mode & 0o777) == 0o700
+    # Forwarding on (e.g. by the pod's sysctls), prepare needs no capability to claim a fresh emptyDir-like volume.
+    fresh = Path(tempfile.mkdtemp(prefix=f"pv{bed.ident}-fresh-"))
+    try:
+        fresh.chmod(0o2777)
+        env = {**side._env(), "NET_STATE_DIR": str(fresh)}
+        done = ns_run(bed.pod.ns, *only([]), *NETSIDECAR, "prepare", env=env, check=False)
+        assert done.returncode == 0, done.stderr
+        assert (fresh.stat().st_mode & 0o7777) == 0o700
+    finally:
+        fresh.rmdir()
 
 
 RACER = """\

@@ -9,6 +9,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from netsidecar.config import read_settings
+from netsidecar.kernel import RUN_CAPABILITIES
+from shared.env import Env
+
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 # The oldest release the native sidecar needs, and the newest the validator knows.
 VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
@@ -66,6 +70,42 @@ def test_runner_is_unprivileged(spec: dict[str, Any]) -> None:
     assert ctx["capabilities"] == {"drop": ["ALL"]}
     assert ctx["readOnlyRootFilesystem"] is True
     assert "privileged" not in ctx
+
+
+@pytest.mark.parametrize("spec", _pod_specs(), ids=["pod", "statefulset"])
+def test_long_running_sidecar_holds_only_the_capabilities_it_needs(spec: dict[str, Any]) -> None:
+    """What `netsidecar run` checks for at start, plus NET_RAW for `netsidecar probe`; nothing privileged."""
+    ctx = _container(spec, "net")["securityContext"]
+    assert "privileged" not in ctx
+    assert ctx["capabilities"]["drop"] == ["ALL"]
+    assert sorted(ctx["capabilities"]["add"]) == sorted([*RUN_CAPABILITIES, "NET_RAW"])
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["readOnlyRootFilesystem"] is True
+
+
+@pytest.mark.parametrize("spec", _pod_specs(), ids=["pod", "statefulset"])
+def test_only_the_one_shot_prepare_step_is_privileged(spec: dict[str, Any]) -> None:
+    """`netsidecar prepare` runs to completion before the sidecar: forwarding on, the state volume made private."""
+    inits = spec["initContainers"]
+    prepare = _container(spec, "net-prepare")
+    assert inits[0] is prepare, "first, before the native sidecar starts"
+    assert prepare["args"] == ["prepare"] and prepare["image"] == _container(spec, "net")["image"]
+    assert prepare["securityContext"] == {"privileged": True}
+    assert "restartPolicy" not in prepare, "runs once and exits"
+    privileged = [c["name"] for c in spec["containers"] + inits if c.get("securityContext", {}).get("privileged")]
+    assert privileged == ["net-prepare"]
+
+
+@pytest.mark.parametrize("spec", _pod_specs(), ids=["pod", "statefulset"])
+def test_sidecar_state_is_out_of_the_runners_reach(spec: dict[str, Any]) -> None:
+    state_dir = str(read_settings(Env({"HOSTNAME": "x"})).state_dir)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    net = {m["mountPath"]: m["name"] for m in _container(spec, "net")["volumeMounts"]}
+    prepare = {m["mountPath"]: m["name"] for m in _container(spec, "net-prepare")["volumeMounts"]}
+    assert net[state_dir] == prepare[state_dir] != net["/run/podvm"]
+    assert "emptyDir" in volumes[net[state_dir]]
+    assert net[state_dir] not in {m["name"] for m in _container(spec, "vm")["volumeMounts"]}
+    assert net["/dev/net/tun"] == "tun", "without privileges the tap device must be mounted"
 
 
 @pytest.mark.parametrize("spec", _pod_specs(), ids=["pod", "statefulset"])
@@ -158,6 +198,22 @@ def test_local_pod_is_the_cluster_pod_with_local_storage_and_no_kvm(tmp_path: Pa
     assert {"name": "config", "configMap": {"name": "podvm-t1-config"}} in spec["volumes"]
     assert local.configmap["metadata"]["name"] == "podvm-t1-config"
     assert Path(env["METADATA"]).parent.as_posix() in {m["mountPath"] for m in vm["volumeMounts"]}
+    cluster = _kind("Pod")["spec"]
+    for name in ("net", "net-prepare"):
+        assert _container(spec, name)["securityContext"] == _container(cluster, name)["securityContext"]
+        assert _container(spec, name)["image"] == "localhost/podvm-net:latest"
+    assert [c["name"] for c in spec["initContainers"]] == ["net-prepare"]
+    assert {"name": "net-state", "hostPath": {"path": str(local.private), "type": "Directory"}} in spec["volumes"]
+    assert local.private not in local.directories[1:], "not chowned to the runner"
+
+
+def test_local_pod_apply_makes_the_sidecars_state_directory_private(tmp_path: Path) -> None:
+    localpod = _localpod()
+    local = localpod.plan(*localpod.cluster_manifests(), localpod.LocalSettings("p", tmp_path / "s", "http://x/y"))
+    localpod.apply(local)
+    st = local.private.stat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o700)
+    assert (local.directories[1].stat().st_uid, local.tun.stat().st_mode & 0o777) == (10001, 0o666)
 
 
 def test_local_pod_plan_changes_nothing(tmp_path: Path) -> None:
