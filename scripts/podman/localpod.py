@@ -1,12 +1,12 @@
 """Generates the local variant of deploy/pod.yaml that `podman kube play` runs on a single machine.
 
-The local pod is deploy/pod.yaml with only what a single machine needs changed, so the two never drift apart:
-claims and emptyDirs become host directories (podman names emptyDirs globally): the runner's owned by the runner,
-the sidecar's state directory by root with mode 0700; the privileges and the init container stay as they are;
-/dev/net/tun
-becomes a device node the runner may open (a host's own node is often root-only), /dev/kvm is dropped and the
-accelerator set explicitly, the image comes from a local URL, and the ConfigMap (podman ignores subPath) is mounted
-as a directory named by METADATA and USERDATA. ``plan`` computes it all as data; ``apply`` makes it.
+The local pod is deploy/pod.yaml with only what a single machine needs changed, so the two never drift apart: claims
+and emptyDirs become host directories (podman names emptyDirs globally): the runner's owned by the runner, the
+sidecar's state directory by root with mode 0700; the privileges and the init container stay as they are (run at
+every start of the pod); /dev/net/tun becomes a device node the runner may open (a host's own node is often
+root-only), /dev/kvm is dropped and the accelerator set explicitly, the image comes from a local URL, and the ConfigMap
+(podman ignores subPath) is mounted as a directory named by METADATA and USERDATA. ``plan`` computes it all as data;
+``apply`` makes it.
 
     localpod.py --state DIR --image-source URL [--name NAME] [--tag TAG] [--env K=V ...] [--print]
     # prints: POD_YAML CONFIGMAP_YAML, for podman kube play --configmap CONFIGMAP_YAML POD_YAML
@@ -26,6 +26,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 RUNNER_UID = 10001
 TUN_MAJOR, TUN_MINOR = 10, 200
+INIT_TYPE = "io.podman.annotations.init.container.type"
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class LocalPod:
     """The plan: directories to create for the runner, the tun node, and the manifest to play."""
 
     directories: tuple[Path, ...]  # the first is the state directory, the others belong to the runner
+    shared: Path  # RUN_DIR, both containers': root's, group-writable by the runner's group (emptyDir + fsGroup)
     private: Path  # the network sidecar's NET_STATE_DIR volume: root's, mode 0700
     tun: Path
     manifest: dict[str, Any]
@@ -65,20 +67,27 @@ def plan(pod: dict[str, Any], configmap: dict[str, Any], settings: LocalSettings
     """The local pod for ``settings``, computed from the cluster manifests without touching anything."""
     manifest = copy.deepcopy(pod)
     manifest["metadata"]["name"] = settings.name
+    # Like Kubernetes for a new pod sandbox, run the init containers at every start of the pod (a restarted podman
+    # pod has a new network namespace).
+    manifest["metadata"].setdefault("annotations", {})[INIT_TYPE] = "always"
     spec = manifest["spec"]
+    # podman 4.3 applies the pod's restart policy to init containers as well: under Always a finished init container
+    # is started again and again. Containers that fail are still restarted.
+    spec["restartPolicy"] = "OnFailure"
     spec["hostname"] = settings.name
     config = copy.deepcopy(configmap)
     config["metadata"]["name"] = f"{settings.name}-config"
     config["data"] = settings.config or config["data"]
     state = settings.state
-    runner_dirs = {name: state / name for name in ("images", "vm", "run", "tmp")}
+    runner_dirs = {name: state / name for name in ("images", "vm", "tmp")}
+    shared = state / "run"
     private = state / "net-state"
     tun = state / "dev" / "tun"
     sources: dict[str, dict[str, Any]] = {
         "net-state": {"hostPath": {"path": str(private), "type": "Directory"}},
         "images": {"hostPath": {"path": str(runner_dirs["images"]), "type": "Directory"}},
         "disk": {"hostPath": {"path": str(runner_dirs["vm"]), "type": "Directory"}},
-        "run": {"hostPath": {"path": str(runner_dirs["run"]), "type": "Directory"}},
+        "run": {"hostPath": {"path": str(shared), "type": "Directory"}},
         "tmp": {"hostPath": {"path": str(runner_dirs["tmp"]), "type": "Directory"}},
         "tun": {"hostPath": {"path": str(tun), "type": "CharDevice"}},
         "config": {"configMap": {"name": config["metadata"]["name"]}},
@@ -103,6 +112,7 @@ def plan(pod: dict[str, Any], configmap: dict[str, Any], settings: LocalSettings
         container["volumeMounts"] = mounts
     return LocalPod(
         directories=(state, *runner_dirs.values(), tun.parent),
+        shared=shared,
         private=private,
         tun=tun,
         manifest=manifest,
@@ -118,6 +128,10 @@ def apply(local: LocalPod) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
     for directory in local.directories[1:-1]:
         os.chown(directory, RUNNER_UID, RUNNER_UID)
+    # The sidecar holds no DAC_OVERRIDE: like Kubernetes' emptyDir with fsGroup, RUN_DIR is root's and the group's.
+    local.shared.mkdir(exist_ok=True)
+    os.chown(local.shared, 0, RUNNER_UID)
+    os.chmod(local.shared, 0o2770)
     local.private.mkdir(mode=0o700, exist_ok=True)
     if not local.tun.exists():
         os.mknod(local.tun, stat.S_IFCHR | 0o666, os.makedev(TUN_MAJOR, TUN_MINOR))

@@ -203,6 +203,8 @@ def test_local_pod_is_the_cluster_pod_with_local_storage_and_no_kvm(tmp_path: Pa
         assert _container(spec, name)["securityContext"] == _container(cluster, name)["securityContext"]
         assert _container(spec, name)["image"] == "localhost/podvm-net:latest"
     assert [c["name"] for c in spec["initContainers"]] == ["net-prepare"]
+    assert local.manifest["metadata"]["annotations"] == {"io.podman.annotations.init.container.type": "always"}
+    assert spec["restartPolicy"] == "OnFailure" and "restartPolicy" not in cluster
     assert {"name": "net-state", "hostPath": {"path": str(local.private), "type": "Directory"}} in spec["volumes"]
     assert local.private not in local.directories[1:], "not chowned to the runner"
 
@@ -213,6 +215,8 @@ def test_local_pod_apply_makes_the_sidecars_state_directory_private(tmp_path: Pa
     localpod.apply(local)
     st = local.private.stat()
     assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o700)
+    st = local.shared.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 10001, 0o2770), "like an emptyDir with fsGroup"
     assert (local.directories[1].stat().st_uid, local.tun.stat().st_mode & 0o777) == (10001, 0o666)
 
 
