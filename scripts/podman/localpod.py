@@ -131,7 +131,7 @@ def apply(local: LocalPod) -> Path:
     # The sidecar holds no DAC_OVERRIDE: like Kubernetes' emptyDir with fsGroup, RUN_DIR is root's and the group's.
     local.shared.mkdir(exist_ok=True)
     os.chown(local.shared, 0, RUNNER_UID)
-    os.chmod(local.shared, 0o2770)
+    os.chmod(local.shared, 0o2770)  # noqa: S103 - the runner's group must write it, and no one else
     local.private.mkdir(mode=0o700, exist_ok=True)
     if not local.tun.exists():
         os.mknod(local.tun, stat.S_IFCHR | 0o666, os.makedev(TUN_MAJOR, TUN_MINOR))
