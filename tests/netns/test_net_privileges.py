@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ def dnsmasq_pids(pod_ns: str) -> list[int]:
     return [int(p) for p in pids if Path(f"/proc/{p}/comm").read_text().strip() == "dnsmasq"]
 
 
-def wait_for(what: str, check, timeout: float = 10) -> None:  # type: ignore[no-untyped-def]
+def wait_for(what: str, check: Callable[[], object], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, f"{what}: not within {timeout:g}s"
