@@ -6,6 +6,7 @@ makes NET_STATE_DIR the sidecar's own. ``run`` then needs only a few network cap
 ``POD_IP`` and ``POD_MTU`` override those facts (so it also works away from a pod).
 """
 
+import contextlib
 import importlib
 import ipaddress
 import json
@@ -16,12 +17,14 @@ import sys
 import time
 from types import FrameType
 
-from netsidecar import config, paths
+from netsidecar import config, figures, paths
 from netsidecar.config import PodFacts, Settings
+from netsidecar.figures import DHCP_FILE, DhcpFigures
 from netsidecar.plan import LEASE_FILE, Plan, build, rule_count
 from shared.cli import run_main
 from shared.env import Env
 from shared.errors import ConfigError, PodvmError
+from shared.figures import NETWORK_FILE
 from shared.handshake import FILE_NAME
 from shared.log import configure
 
@@ -58,9 +61,11 @@ def teardown(settings: Settings) -> None:
 
     # unlink removes a symbolic link the runner may have put there, never what it points to.
     (settings.run_dir / FILE_NAME).unlink(missing_ok=True)
+    (settings.run_dir / NETWORK_FILE).unlink(missing_ok=True)
     if paths.state_dir(settings.state_dir, create=False):
         dhcp.stop_stale(settings.state_dir)
         (settings.state_dir / LEASE_FILE).unlink(missing_ok=True)
+        (settings.state_dir / DHCP_FILE).unlink(missing_ok=True)
     kernel.remove_ruleset()
     kernel.remove_links()
     log.info("network removed")
@@ -106,8 +111,12 @@ def run_command(settings: Settings) -> int:
     except OSError as err:
         raise PodvmError(f"RUN_DIR={settings.run_dir}: cannot publish the handshake: {err.strerror}") from err
     log.info("network ready: handshake %s", path)
+    publish_at = 0.0
     while not stop:
         server.poll()
+        if settings.metrics_port is not None and time.monotonic() >= publish_at:
+            publish_at = time.monotonic() + settings.metrics_interval
+            _publish_figures(settings, server.figures)
         time.sleep(0.2)
     log.info("signal %d: keeping the network while the VM holds its tap (up to %gs)", stop[0], settings.drain_timeout)
     (settings.run_dir / FILE_NAME).unlink(missing_ok=True)
@@ -120,18 +129,28 @@ def run_command(settings: Settings) -> int:
     return 0
 
 
+def _publish_figures(settings: Settings, dhcp: DhcpFigures) -> None:
+    """Hand the network figures to the runner, keeping the DHCP ones in NET_STATE_DIR for `status`."""
+    with contextlib.suppress(OSError):
+        dhcp.save(settings.state_dir)
+    figures.publish(settings.run_dir, figures.gather(dhcp))
+
+
 def status_command(settings: Settings) -> int:
     """Print what is in place: links, rules with counters, dnsmasq, the lease."""
     from netsidecar import dhcp, kernel  # noqa: PLC0415 - keeps `plan` free of pyroute2 and nftables
 
     lease = settings.state_dir / LEASE_FILE
     have_state = paths.state_dir(settings.state_dir, create=False)
+    saved = DhcpFigures.load(settings.state_dir) if have_state else DhcpFigures()
     report = {
         "links": kernel.link_status(),
         "rules": kernel.ruleset_status(),
         "dnsmasq_pid": dhcp.is_running(settings.state_dir) if have_state else None,
         "leases": lease.read_text().splitlines() if have_state and lease.exists() else [],
         "handshake": (settings.run_dir / FILE_NAME).exists(),
+        # The same figures the runner's metrics endpoint serves for the network (shared.figures).
+        "figures": figures.gather(saved)["figures"],
     }
     print(json.dumps(report, indent=2))
     return 0

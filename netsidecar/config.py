@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.env import Env, pod_hostname
+from shared.env import Env, metrics_port, pod_hostname
 from shared.errors import ConfigError
 
 log = logging.getLogger("netsidecar")
@@ -43,6 +43,8 @@ class Settings:
     resolv_conf: Path
     pod_wait_timeout: float
     drain_timeout: float
+    metrics_port: int | None
+    metrics_interval: float
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,14 @@ def _iface(env: Env, name: str) -> str | None:
     return raw
 
 
+def _metrics_interval(env: Env) -> float:
+    """METRICS_INTERVAL: how often the sidecar hands its figures to the runner (at least every half second)."""
+    interval = env.duration("METRICS_INTERVAL", 10.0)
+    if interval < 0.5:
+        raise ConfigError(f"METRICS_INTERVAL={env.values['METRICS_INTERVAL']!r}: expected at least 500ms")
+    return interval
+
+
 def _overlap(a: Path, b: Path) -> bool:
     """Whether one directory is the other or lies inside it (compared as written, ``..`` folded)."""
     a, b = Path(os.path.normpath(a)), Path(os.path.normpath(b))
@@ -137,6 +147,8 @@ def read_settings(env: Env) -> Settings:
         resolv_conf=env.path("RESOLV_CONF", "/etc/resolv.conf"),
         pod_wait_timeout=env.duration("POD_WAIT_TIMEOUT", 30.0),
         drain_timeout=env.duration("NET_DRAIN_TIMEOUT", 30.0),
+        metrics_port=metrics_port(env, no_vnc=env.flag("NO_VNC")),
+        metrics_interval=_metrics_interval(env),
     )
 
 

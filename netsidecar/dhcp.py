@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from netsidecar.config import BRIDGE
+from netsidecar.figures import DhcpFigures
 from netsidecar.plan import pid_file
 from shared.errors import ChildFailed
 from shared.files import write_atomic
@@ -56,9 +57,10 @@ def _dhcp_port_bound() -> bool:
     return any(line.split()[1].endswith(":0043") for line in lines if line.strip())
 
 
-def _relay(proc: subprocess.Popen[bytes]) -> None:
+def _relay(proc: subprocess.Popen[bytes], figures: DhcpFigures) -> None:
     assert proc.stderr is not None
     for raw in proc.stderr:
+        figures.line(raw)
         log.info("dnsmasq: %s", raw.decode(errors="replace").rstrip())
 
 
@@ -71,6 +73,7 @@ class Dnsmasq:
         self.proc: subprocess.Popen[bytes] | None = None
         self.backoff = 0.5
         self.next_start = 0.0
+        self.figures = DhcpFigures()
 
     def start(self) -> None:
         """Start dnsmasq and record its pid."""
@@ -82,7 +85,7 @@ class Dnsmasq:
             stderr=subprocess.PIPE,
         )
         write_atomic(pid_file(self.state_dir), f"{self.proc.pid}\n".encode())
-        threading.Thread(target=_relay, args=(self.proc,), daemon=True).start()
+        threading.Thread(target=_relay, args=(self.proc, self.figures), daemon=True).start()
         log.info("dnsmasq started (pid %d)", self.proc.pid)
 
     def wait_listening(self, timeout: float = 5.0) -> None:
@@ -110,6 +113,7 @@ class Dnsmasq:
             self.backoff = min(self.backoff * 2, _BACKOFF_MAX)
         if now >= self.next_start:
             self.next_start = 0.0
+            self.figures.restarts += 1
             self.start()
 
     def stop(self) -> None:

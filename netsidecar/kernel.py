@@ -257,3 +257,11 @@ def check_tap_device() -> None:
     """A clear message when /dev/net/tun is missing, instead of an errno from deep inside."""
     if not Path("/dev/net/tun").exists():
         raise ConfigError("/dev/net/tun is missing: mount it into the netsidecar container")
+
+
+def tap_stats() -> dict[str, int] | None:
+    """The tap's interface counters (IFLA_STATS64, as the host sees them), or None when there is no tap."""
+    with _ipr() as ipr:
+        link = _link(ipr, TAP)
+        stats = None if link is None else link.get_attr("IFLA_STATS64")
+        return None if stats is None else {key: int(value) for key, value in stats.items()}

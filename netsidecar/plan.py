@@ -44,8 +44,8 @@ class Plan:
         }
 
 
-def _match(left: Json, right: object) -> Json:
-    return {"match": {"op": "==", "left": left, "right": right}}
+def _match(left: Json, right: object, op: str = "==") -> Json:
+    return {"match": {"op": op, "left": left, "right": right}}
 
 
 def _meta(key: str) -> Json:
@@ -64,7 +64,6 @@ def ruleset(settings: Settings, pod: PodFacts) -> Json:
     """
     table = {"family": "ip", "name": TABLE}
     pod_ip, vm_ip = str(pod.ip), str(settings.vm_ip)
-    vnc_stays: list[Json] = [_match(_field("tcp", "dport"), VNC_PORT), {"counter": None}, {"return": None}]
     to_pod_ip = _match(_field("ip", "daddr"), pod_ip)
     dnat: list[Json] = [{"counter": None}, {"dnat": {"addr": vm_ip}}]
 
@@ -90,11 +89,11 @@ def ruleset(settings: Settings, pod: PodFacts) -> Json:
         chain("output", "output", -100),
         chain("postrouting", "postrouting", 100),
     ]
-    if not settings.no_vnc:
-        commands.append(rule("prerouting", [from_pod_iface, to_pod_ip, *vnc_stays]))
+    stays = [] if settings.no_vnc else [_stays_in_pod(VNC_PORT)]
+    stays += [_stays_in_pod(port) for port in metrics_ports(settings)]
+    commands += [rule("prerouting", [from_pod_iface, to_pod_ip, *keep]) for keep in stays]
     commands.append(rule("prerouting", [from_pod_iface, to_pod_ip, *dnat]))
-    if not settings.no_vnc:
-        commands.append(rule("output", [to_pod_ip, *vnc_stays]))
+    commands += [rule("output", [to_pod_ip, *keep]) for keep in stays]
     commands.append(rule("output", [to_pod_ip, *dnat]))
     commands.append(
         rule(
@@ -107,7 +106,46 @@ def ruleset(settings: Settings, pod: PodFacts) -> Json:
             ],
         )
     )
+    commands += accounting(settings, pod)
     return {"nftables": [{"metainfo": {"json_schema_version": 1}}, *commands]}
+
+
+ACCOUNTING_CHAIN = "accounting"
+NAT_IN = "podvm: nat in"
+NAT_OUT = "podvm: nat out"
+
+
+def metrics_ports(settings: Settings) -> list[int]:
+    """The metrics port, which stays in the pod like VNC's (the runner serves it), when one is configured."""
+    return [] if settings.metrics_port is None else [settings.metrics_port]
+
+
+def _stays_in_pod(port: int) -> list[Json]:
+    return [_match(_field("tcp", "dport"), port), {"counter": None}, {"return": None}]
+
+
+def accounting(settings: Settings, pod: PodFacts) -> list[Json]:
+    """Counters of every packet the NAT translates, in both directions (the nat chains see only the first packet
+    of a connection): a chain after both NATs (postrouting, after SNAT's priority 100) that only counts, its rules
+    named by comment for the metrics."""
+    table = {"family": "ip", "table": TABLE}
+    where = {**table, "chain": ACCOUNTING_CHAIN}
+    translated = _match({"ct": {"key": "status"}}, ["snat", "dnat"], "in")
+    to_vm = [_match(_meta("oifname"), BRIDGE), _match(_field("ip", "daddr"), str(settings.vm_ip)), translated]
+    from_vm = [_match(_meta("iifname"), BRIDGE), _match(_meta("oifname"), pod.iface), translated]
+    chain = {
+        **table,
+        "name": ACCOUNTING_CHAIN,
+        "type": "filter",
+        "hook": "postrouting",
+        "prio": 200,
+        "policy": "accept",
+    }
+    return [
+        {"add": {"chain": {**chain, "policy": "accept"}}},
+        {"add": {"rule": {**where, "expr": [*to_vm, {"counter": None}], "comment": NAT_IN}}},
+        {"add": {"rule": {**where, "expr": [*from_vm, {"counter": None}], "comment": NAT_OUT}}},
+    ]
 
 
 def rule_count(document: Json) -> int:
@@ -166,6 +204,7 @@ def build(settings: Settings, pod: PodFacts, resolv: Resolv) -> Plan:
         hostname=settings.hostname,
         vnc_in_pod=not settings.no_vnc,
         tap_owner=settings.tap_owner,
+        metrics_port=settings.metrics_port,
     )
     return Plan(links, ruleset(settings, pod), dnsmasq_argv(settings, pod, resolv), handshake)
 

@@ -137,3 +137,13 @@ def pod_hostname(env: Env) -> str:
     if len(name) > 253 or not _HOSTNAME.match(name):
         raise ConfigError(f"HOSTNAME={name!r}: expected a DNS name (letters, digits, '-' and '.')")
     return name
+
+
+def metrics_port(env: Env, no_vnc: bool) -> int | None:
+    """METRICS_PORT: the TCP port of the metrics endpoint, which stays in the pod; unset means no metrics."""
+    if env.optional("METRICS_PORT") is None:
+        return None
+    port = env.integer("METRICS_PORT", 0, 1, 65535)
+    if port == 5900 and not no_vnc:
+        raise ConfigError("METRICS_PORT=5900: VNC has that port; choose another (e.g. 9100)")
+    return port

@@ -19,7 +19,7 @@ from typing import Any
 from shared.errors import HandshakeError
 from shared.files import write_atomic
 
-VERSION = "1.0"
+VERSION = "1.1"
 MAJOR = 1
 FILE_NAME = "network.json"
 MAX_SIZE = 64 * 1024
@@ -98,6 +98,7 @@ class Handshake:
     hostname: str
     vnc_in_pod: bool
     tap_owner: int | None
+    metrics_port: int | None = None  # since 1.1; absent in 1.0 handshakes
     version: str = VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,7 +122,8 @@ class Handshake:
         if int(version.split(".")[0]) != MAJOR:
             raise HandshakeError(f"{source}: handshake version {version} is not supported (this side speaks {MAJOR}.x)")
         _check(data, schema(), source)
-        fields = {name: data[name] for name in cls.__dataclass_fields__}
+        # Fields a minor version added are absent from older handshakes: the dataclass's default stands for them.
+        fields = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
         fields["dns"] = tuple(fields["dns"])
         fields["search"] = tuple(fields["search"])
         return cls(**fields)

@@ -3,6 +3,7 @@
 Arguments after ``run`` are handed to qemu unchanged (the container's ``args:``), so they are not parsed here.
 """
 
+import atexit
 import json
 import logging
 import os
@@ -16,10 +17,10 @@ from pathlib import Path
 
 from shared import handshake
 from shared.cli import run_main
-from shared.env import Env
+from shared.env import Env, pod_hostname
 from shared.errors import ConfigError, PodvmError
 from shared.log import configure
-from vmrunner import configdrive
+from vmrunner import configdrive, metrics
 from vmrunner.config import Config, load
 from vmrunner.qemu import RunPaths, choose_accel, kvm_works, plan_qemu, vnc_enabled
 
@@ -30,7 +31,7 @@ USAGE = """usage: vmrunner COMMAND
   fetch               fetch and vet the base image into IMAGE_DIR only
   configdrive OUT     write the config drive ISO to OUT only
   console             attach to the guest's serial console (Ctrl-] leaves)
-  status              print the VM's run state from QMP
+  status              print the VM's state and the figures of the metrics endpoint (JSON)
 Configuration comes from environment variables (see the README)."""
 ESCAPE = b"\x1d"
 
@@ -65,7 +66,10 @@ def cmd_run(cfg: Config) -> int:
         log.warning(
             "tap %s belongs to uid %d but the runner is uid %d: qemu cannot open it", hs.tap, hs.tap_owner, os.getuid()
         )
-    verdict = ensure_base(cfg)
+    tracker = _start_metrics(cfg, hs)
+    with metrics.fetching(tracker, cfg.img_target, cfg.base_path):
+        verdict = ensure_base(cfg)
+    tracker.state.image.virtual_size = verdict.virtual_size
     ensure_pet(cfg, verdict.virtual_size)
     iso = None
     if drive is not None:
@@ -76,7 +80,28 @@ def cmd_run(cfg: Config) -> int:
         drive_path(cfg).unlink(missing_ok=True)
     plan = plan_qemu(cfg, hs, choose_accel(cfg.accel, kvm_works()), vnc_enabled(cfg, hs), iso)
     log.info("qemu: %s", " ".join(plan.argv))
-    return asyncio.run(Supervisor(plan, cfg.shutdown_timeout).run())
+    tracker.set(phase="starting", accel=plan.accel)
+    with metrics.outcome(tracker):
+        return asyncio.run(Supervisor(plan, cfg.shutdown_timeout, tracker).run())
+
+
+def _start_metrics(cfg: Config, hs: handshake.Handshake) -> metrics.Tracker:
+    """The run's tracker, and the endpoint where the handshake keeps a port in the pod (a mismatch is warned about,
+    as for NO_VNC: a port the sidecar sends to the VM would be the guest's, not ours)."""
+    if cfg.metrics_port != hs.metrics_port:
+        log.warning(
+            "METRICS_PORT=%s but the sidecar's handshake says metrics_port=%s; following the handshake",
+            cfg.metrics_port or "unset",
+            hs.metrics_port or "unset",
+        )
+    paths = RunPaths.of(cfg.run_dir)
+    sources = metrics.Sources(cfg.run_dir, cfg.image_dir, metrics.runs_file(cfg.vm_dir, cfg.hostname), paths.monitor)
+    tracker = metrics.Tracker(sources, hs.hostname)
+    tracker.set(phase="fetching")
+    atexit.register(tracker.forget)
+    if hs.metrics_port is not None:
+        metrics.serve(hs.metrics_port, tracker)
+    return tracker
 
 
 def cmd_plan(cfg: Config) -> int:
@@ -124,17 +149,25 @@ def cmd_configdrive(cfg: Config, out: str) -> int:
     return 0
 
 
-def cmd_status(run_dir: Path) -> int:
-    """Print qemu's run state (``running``, ``paused``, ...) from QMP."""
-    import asyncio
+def cmd_status(env: Env) -> int:
+    """Print the VM's state and every figure the metrics endpoint serves, as JSON (exit 0 while it runs).
 
-    from vmrunner.supervise import qmp_execute
-
-    qmp = RunPaths.of(run_dir).qmp
-    result = asyncio.run(qmp_execute(qmp, "query-status", timeout=1.0))
-    status = result.get("status") if isinstance(result, dict) else None
-    print(status)
-    return 0 if status == "running" else 1
+    Without a runner's saved state (another runner, or none) only qemu's own monitor is asked.
+    """
+    run_dir = env.path("RUN_DIR", "/run/podvm")
+    paths = RunPaths.of(run_dir)
+    state = metrics.load_state(run_dir)
+    monitor = paths.monitor
+    if state is None:
+        state, monitor = metrics.RunState(phase="running"), paths.qmp
+        if metrics.query_qemu(monitor) is None:
+            raise PodvmError(f"{monitor}: no qemu answers")
+    vm_dir, image_dir = env.path("VM_DIR", "/vm"), env.path("IMAGE_DIR", "/image")
+    sources = metrics.Sources(run_dir, image_dir, metrics.runs_file(vm_dir, pod_hostname(env)), monitor)
+    items = metrics.gather(state, sources, metrics.directory_size(image_dir))
+    current = next(f.labels[0][1] for f in items if f.name == "podvm_vm_state" and f.value == 1)
+    print(json.dumps({"state": current, "figures": [f.to_dict() for f in items]}, indent=2))
+    return 0 if current == "running" else 1
 
 
 def cmd_console(run_dir: Path) -> int:
@@ -178,7 +211,7 @@ def dispatch(args: list[str]) -> int:
     if command == "console":
         return cmd_console(run_dir_from_env())
     if command == "status":
-        return cmd_status(run_dir_from_env())
+        return cmd_status(Env(dict(os.environ)))
     extra = tuple(rest[1:] if rest[:1] == ["--"] else rest)
     if command == "run":
         return cmd_run(load(dict(os.environ), extra))

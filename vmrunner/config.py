@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from shared.env import Env, pod_hostname
+from shared.env import Env, metrics_port, pod_hostname
 from shared.errors import ConfigError
 
 _HEX = re.compile(r"^[0-9a-f]+$")
@@ -74,6 +74,7 @@ class Config:
     hostname: str  # HOSTNAME: names the pet disk, handed to the guest
     qemu: str  # QEMU: the qemu system emulator binary
     extra_args: tuple[str, ...]  # container arguments after ``run``: appended to qemu's argv
+    metrics_port: int | None = None  # METRICS_PORT: the metrics endpoint's TCP port (the handshake decides)
 
     @property
     def is_url(self) -> bool:
@@ -148,4 +149,5 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = ()) -> Config:
         hostname=pod_hostname(env),
         qemu=env.text("QEMU", "qemu-system-x86_64"),
         extra_args=extra_args,
+        metrics_port=metrics_port(env, no_vnc=env.flag("NO_VNC")),
     )

@@ -24,6 +24,7 @@ from typing import IO, TYPE_CHECKING
 from shared.errors import ConfigError, ImageRejected, PodvmError
 from shared.files import write_atomic
 from vmrunner.config import Config
+from vmrunner.metrics import FETCH
 from vmrunner.vet import Verdict, vet
 
 if TYPE_CHECKING:
@@ -172,6 +173,7 @@ def _download(cfg: Config, out: IO[bytes]) -> dict[str, str]:
             attempt = 1 if offset > started_at else attempt + 1
             if attempt > cfg.fetch_retries:
                 raise PodvmError(f"IMG_SOURCE={url}: download failed after {attempt} attempts: {reason}")
+            FETCH.retries += 1
             delay = min(30.0, 0.5 * 2 ** (attempt - 1))
             log.warning(
                 "fetching %s: %s; retry %d in %.1fs from byte %d", cfg.img_target, reason, attempt, delay, offset
@@ -201,6 +203,8 @@ def _one_request(
             out.truncate()
             offset = 0
             hashers = {name: hashlib.new(name) for name in hashers}
+        if offset:
+            FETCH.resumes += 1  # the server went on where the broken transfer stopped
         length = resp.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
         progress.start(offset)
@@ -209,6 +213,7 @@ def _one_request(
             while chunk := resp.raw.read1(CHUNK, decode_content=True):
                 sink.put(chunk)
                 offset += len(chunk)
+                FETCH.received += len(chunk)
                 progress.tick(offset, total)
         if total is not None and offset < total:
             raise _Transient(f"connection closed after {offset} of {total} bytes")
@@ -222,6 +227,7 @@ def _copy(cfg: Config, out: IO[bytes]) -> dict[str, str]:
         with open(cfg.img_source, "rb") as src, Sink(out, hashers) as sink:
             while chunk := src.read(CHUNK):
                 sink.put(chunk)
+                FETCH.received += len(chunk)
     except FileNotFoundError:
         raise ConfigError(f"IMG_SOURCE={cfg.img_source}: no such file") from None
     except IsADirectoryError:

@@ -23,11 +23,16 @@ class RunPaths:
     qmp: Path
     console: Path
     console_log: Path
+    monitor: Path  # a second QMP monitor for status queries and metrics, so they never hold up the shutdown
 
     @classmethod
     def of(cls, run_dir: Path) -> "RunPaths":
         """The fixed names inside ``run_dir``; ``vmrunner console`` and ``status`` find them there."""
-        return cls(run_dir / "qmp.sock", run_dir / "console.sock", run_dir / "console.fifo")
+        return cls(run_dir / "qmp.sock", run_dir / "console.sock", run_dir / "console.fifo", run_dir / "status.sock")
+
+    def made(self) -> tuple[Path, ...]:
+        """Everything qemu and the runner create here, removed before a start and after qemu exits."""
+        return (self.qmp, self.console, self.console_log, self.monitor)
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,10 @@ def plan_qemu(cfg: Config, hs: Handshake, accel: str, vnc: bool, drive: Path | N
         f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
         "-mon",
         "chardev=qmp,mode=control",
+        "-chardev",
+        f"socket,id=monitor,path={paths.monitor},server=on,wait=off",
+        "-mon",
+        "chardev=monitor,mode=control",
         "-chardev",
         f"socket,id=console,path={paths.console},server=on,wait=off,logfile={paths.console_log}",
         "-serial",

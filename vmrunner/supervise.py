@@ -14,6 +14,7 @@ import signal
 from pathlib import Path
 
 from shared.errors import ChildFailed, ConfigError, PodvmError, StoppedHard
+from vmrunner.metrics import Tracker
 from vmrunner.qemu import QemuPlan
 
 log = logging.getLogger("vmrunner")
@@ -24,7 +25,7 @@ QUIT_GRACE = 5.0
 
 def prepare_run_dir(plan: QemuPlan) -> None:
     """Remove stale sockets of an earlier qemu and make a fresh console FIFO."""
-    for path in (plan.paths.qmp, plan.paths.console, plan.paths.console_log):
+    for path in plan.paths.made():
         path.unlink(missing_ok=True)
     os.mkfifo(plan.paths.console_log, 0o600)
 
@@ -61,9 +62,10 @@ async def qmp_execute(socket: Path, command: str, timeout: float = 5.0) -> objec
 class Supervisor:
     """One qemu process from start to exit."""
 
-    def __init__(self, plan: QemuPlan, shutdown_timeout: float) -> None:
+    def __init__(self, plan: QemuPlan, shutdown_timeout: float, tracker: Tracker | None = None) -> None:
         self.plan = plan
         self.shutdown_timeout = shutdown_timeout
+        self.tracker = tracker
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self.partial = b""
 
@@ -107,6 +109,8 @@ class Supervisor:
             assert proc.stderr is not None
             reader = asyncio.create_task(self._read_stderr(proc.stderr))
             log.info("qemu started (pid %d, %s)", proc.pid, self.plan.accel)
+            if self.tracker is not None:
+                self.tracker.qemu_started(proc.pid)
             exited = asyncio.create_task(proc.wait())
             stopping = asyncio.create_task(stop.wait())
             await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -122,7 +126,7 @@ class Supervisor:
             self._console_readable(fifo)
             loop.remove_reader(fifo)
             os.close(fifo)
-            for path in (self.plan.paths.qmp, self.plan.paths.console, self.plan.paths.console_log):
+            for path in self.plan.paths.made():
                 path.unlink(missing_ok=True)
 
     async def _spawn(self) -> asyncio.subprocess.Process:
@@ -150,6 +154,8 @@ class Supervisor:
 
     async def _shutdown(self, proc: asyncio.subprocess.Process, exited: "asyncio.Task[int]") -> int:
         log.info("stopping: ACPI power-down requested; waiting up to %gs for the guest", self.shutdown_timeout)
+        if self.tracker is not None:
+            self.tracker.set(phase="shutting_down")
         try:
             await qmp_execute(self.plan.paths.qmp, "system_powerdown")
         except PodvmError as err:

@@ -9,6 +9,7 @@ import pytest
 from netsidecar.config import PodFacts, Resolv, read_settings
 from netsidecar.plan import build, rule_count, ruleset
 from shared.env import Env
+from shared.errors import ConfigError
 from shared.handshake import Handshake
 
 POD = PodFacts("eth0", ipaddress.IPv4Address("10.1.2.3"), ipaddress.IPv4Network("10.1.2.3/32"), 1440)
@@ -27,7 +28,7 @@ def test_ruleset_replaces_the_table_in_one_document() -> None:
     doc = ruleset(read_settings(Env({"HOSTNAME": "vm"})), POD)
     table = {"table": {"family": "ip", "name": "podvm"}}
     assert doc["nftables"][1:4] == [{"add": table}, {"delete": table}, {"add": table}]
-    assert rule_count(doc) == 5
+    assert rule_count(doc) == 7, "2 VNC exceptions, 2 DNAT, 1 SNAT, 2 accounting"
     pre, out, post = rules(doc, "prerouting"), rules(doc, "output"), rules(doc, "postrouting")
     assert has_vnc_exception(pre[0]) and has_vnc_exception(out[0])
     assert {"dnat": {"addr": "192.168.254.2"}} in pre[1] and {"dnat": {"addr": "192.168.254.2"}} in out[1]
@@ -38,8 +39,55 @@ def test_ruleset_replaces_the_table_in_one_document() -> None:
 
 def test_no_vnc_sends_5900_to_the_vm() -> None:
     doc = ruleset(read_settings(Env({"HOSTNAME": "vm", "NO_VNC": "true"})), POD)
-    assert rule_count(doc) == 3
+    assert rule_count(doc) == 5
     assert not any(has_vnc_exception(e) for chain in ("prerouting", "output") for e in rules(doc, chain))
+
+
+def test_metrics_port_stays_in_the_pod_like_vnc() -> None:
+    doc = ruleset(read_settings(Env({"HOSTNAME": "vm", "METRICS_PORT": "9100"})), POD)
+    for chain in ("prerouting", "output"):
+        exprs = rules(doc, chain)
+        kept = [e for e in exprs if {"return": None} in e]
+        ports = [m["match"]["right"] for e in kept for m in e if m.get("match", {}).get("left", {}).get("payload")]
+        assert 9100 in ports and 5900 in ports, chain
+        assert {"dnat": {"addr": "192.168.254.2"}} in exprs[-1], "the exceptions come before the DNAT"
+    handshake = build(read_settings(Env({"HOSTNAME": "vm", "METRICS_PORT": "9100"})), POD, RESOLV).handshake
+    assert handshake.metrics_port == 9100 and handshake.version == "1.1"
+    assert build(read_settings(Env({"HOSTNAME": "vm"})), POD, RESOLV).handshake.metrics_port is None
+
+
+def test_accounting_counts_translated_packets_after_both_nats() -> None:
+    doc = ruleset(read_settings(Env({"HOSTNAME": "vm"})), POD)
+    chain = next(
+        c["add"]["chain"] for c in doc["nftables"] if c.get("add", {}).get("chain", {}).get("name") == "accounting"
+    )
+    assert (chain["type"], chain["hook"], chain["policy"]) == ("filter", "postrouting", "accept")
+    assert chain["prio"] > 100, "after SNAT (100), so a connection's first packet already has its snat status"
+    accounted = [
+        c["add"]["rule"] for c in doc["nftables"] if c.get("add", {}).get("rule", {}).get("chain") == "accounting"
+    ]
+    assert [r["comment"] for r in accounted] == ["podvm: nat in", "podvm: nat out"]
+    for rule in accounted:
+        assert {"counter": None} in rule["expr"] and not {"drop": None} in rule["expr"], "it only counts"
+        assert {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": ["snat", "dnat"]}} in rule["expr"]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"METRICS_PORT": "5900"}, "METRICS_PORT=5900: VNC has that port"),
+        ({"METRICS_PORT": "0"}, "METRICS_PORT=0"),
+        ({"METRICS_PORT": "http"}, "METRICS_PORT='http'"),
+        ({"METRICS_INTERVAL": "100ms"}, "METRICS_INTERVAL='100ms'"),
+    ],
+)
+def test_bad_metrics_settings_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        read_settings(Env({"HOSTNAME": "vm", **env}))
+
+
+def test_metrics_port_5900_is_free_without_vnc() -> None:
+    assert read_settings(Env({"HOSTNAME": "vm", "NO_VNC": "1", "METRICS_PORT": "5900"})).metrics_port == 5900
 
 
 def test_dnsmasq_is_dhcp_only_with_one_static_lease() -> None:

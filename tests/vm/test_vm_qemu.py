@@ -4,6 +4,7 @@ No guest OS is needed: an empty disk leaves the VM in its BIOS, which answers QM
 hard-stop path needs. The runner reaches /dev/net/tun through a 0666 node bind-mounted in a private mount namespace.
 """
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,6 +94,13 @@ def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
     return proc.returncode, err
 
 
+def figure_value(report: dict[str, Any], name: str, **labels: str) -> float:
+    """The value of one figure in a `vmrunner status` report."""
+    found = [f["value"] for f in report["figures"] if f["name"] == name and f["labels"] == labels]
+    assert len(found) == 1, (name, labels, found)
+    return float(found[0])
+
+
 def qemu_uids(runner_pid: int) -> list[int]:
     children = Path(f"/proc/{runner_pid}/task/{runner_pid}/children").read_text().split()
     return [Path(f"/proc/{pid}").stat().st_uid for pid in children]
@@ -105,7 +114,12 @@ def test_unprivileged_runner_runs_qemu_answers_qmp_and_stops_hard(netns: str, po
         status = subprocess.run(
             [*VMRUNNER, "status"], env=runner_env(pod), capture_output=True, text=True, check=False, timeout=20
         )
-        assert (status.returncode, status.stdout.strip()) == (0, "running"), status.stderr
+        assert status.returncode == 0, status.stderr
+        report = json.loads(status.stdout)
+        assert report["state"] == "running"
+        assert figure_value(report, "podvm_vm_boots_total") == 1
+        assert figure_value(report, "podvm_vm_memory_resident_bytes") > 1 << 20, "qemu's RSS from /proc"
+        assert figure_value(report, "podvm_vm_storage_iops_read_total", drive="disk0") >= 0, "QMP query-blockstats"
         with socket.socket(socket.AF_UNIX) as console:
             console.connect(str(pod / "run" / "console.sock"))
             console.sendall(b"\r\n")
@@ -125,6 +139,11 @@ def test_unprivileged_runner_runs_qemu_answers_qmp_and_stops_hard(netns: str, po
     try:
         wait_for(pod / "run" / "qmp.sock", again)
         assert (pod / "run" / "config-drive.iso").stat().st_uid == UID
+        status = subprocess.run([*VMRUNNER, "status"], env=runner_env(pod), capture_output=True, text=True, check=True)
+        report = json.loads(status.stdout)
+        assert figure_value(report, "podvm_vm_boots_total") == 2, "the pet's record counts both starts"
+        assert figure_value(report, "podvm_vm_shutdowns_total", outcome="hard") == 1, "the first run's outcome"
+        assert figure_value(report, "podvm_vm_shutdowns_total", outcome="clean") == 0
     finally:
         code, log = stop(again)
     assert code == 6, log
