@@ -1,17 +1,23 @@
 """End to end: the real sidecar and the real runner (uid 10001, no capabilities, TCG) boot the tiny guest in a pod.
 
-The guest is booted twice in the whole module: the first boot answers the network and VNC checks and is stopped
-with SIGTERM (ACPI); the second start must find the same pet disk (the guest's counter grew).
+The guest is booted twice in the whole module: the first boot answers the network, VNC and metrics checks (known
+traffic and disk writes against the counters, a pause) and is stopped with SIGTERM (ACPI); the second start must
+find the same pet disk (the guest's counter grew) and the metrics must count both boots.
 """
 
+import asyncio
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+from qemu.qmp import QMPClient
 
 from shared.handshake import Handshake
 from tests.e2e import harness
@@ -28,6 +34,93 @@ SEARCH = ["default.svc.cluster.local", "svc.cluster.local", "cluster.local"]
 IMAGE_PORT = 8639
 BOOT_TIMEOUT = 120.0
 STOP_TIMEOUT = 40.0
+METRICS_PORT = 9100
+PINGS = 20
+KIB = 1024
+SECRET = "s3cret-pass-e2e"  # noqa: S105 - planted to be looked for
+TOKEN = "t0ken-e2e-signature"  # noqa: S105 - planted to be looked for
+
+
+@dataclass
+class Scrape:
+    """One scrape of the endpoint: its text and its samples as Prometheus' own parser reads them."""
+
+    text: str
+    samples: list[Sample]
+    types: dict[str, str]
+
+    def value(self, name: str, **labels: str) -> float:
+        """The value of exactly one series."""
+        found = [s.value for s in self.samples if s.name == name and s.labels == labels]
+        assert len(found) == 1, (name, labels, found)
+        return float(found[0])
+
+
+def scrape(pod: PodNet) -> Scrape:
+    """GET the metrics from the client namespace through the pod IP, parsed by prometheus_client's parser."""
+    done = harness.in_ns(pod.client_ns, ["curl", "-sf", "--max-time", "5", f"http://{pod.pod_ip}:{METRICS_PORT}/"])
+    assert done.returncode == 0, f"curl exit {done.returncode}"
+    text = done.stdout.decode()
+    families = list(text_string_to_metric_families(text))
+    samples = [sample for family in families for sample in family.samples]
+    return Scrape(text, samples, {family.name: family.type for family in families})
+
+
+@dataclass
+class Exercise:
+    """Scrapes around known traffic and disk writes, and one while qemu was paused."""
+
+    before: Scrape
+    after: Scrape
+    paused: Scrape
+    resumed: Scrape
+    transfers: list[str]
+
+
+async def _qmp(socket: Path, command: str) -> None:
+    client = QMPClient("e2e")
+    await client.connect(str(socket))
+    try:
+        await client.execute(command)
+    finally:
+        await client.disconnect()
+
+
+def _fresh_scrape(pod: PodNet, since: float) -> Scrape:
+    """A scrape whose network figures the sidecar gathered after ``since`` (it hands them over every second)."""
+    deadline = time.monotonic() + 15
+    while True:
+        got = scrape(pod)
+        if got.value("podvm_network_figures_timestamp_seconds") > since:
+            return got
+        assert time.monotonic() < deadline, "the sidecar's figures did not refresh"
+        time.sleep(0.3)
+
+
+def _client(pod: PodNet, *argv: str) -> str:
+    """What a command run in the client namespace printed."""
+    return harness.in_ns(pod.client_ns, argv, timeout=60).stdout.decode()
+
+
+def _exercise(pod: PodNet, base: Path, run_dir: Path) -> Exercise:
+    """Pings, a TCP upload and download of known size and a disk write in the guest, with scrapes around them;
+    then qemu paused and resumed through its QMP monitor."""
+    before = _fresh_scrape(pod, time.time())
+    upload = base / "upload.bin"
+    upload.write_bytes(os.urandom(KIB * 1024))
+    url = f"http://{pod.pod_ip}/cgi-bin"
+    pings = _client(pod, "busybox", "ping", "-c", str(PINGS), "-A", "-W", "5", pod.pod_ip)
+    transfers = [
+        pings.strip().splitlines()[-2],
+        _client(pod, "curl", "-sf", "--data-binary", f"@{upload}", f"{url}/sink"),
+        _client(pod, "curl", "-sf", "-o", "/dev/null", "-w", "%{size_download}", f"{url}/bytes?{KIB}"),
+        _client(pod, "curl", "-sf", f"{url}/write?{KIB}"),
+    ]
+    after = _fresh_scrape(pod, time.time())
+    asyncio.run(_qmp(run_dir / "qmp.sock", "stop"))
+    paused = scrape(pod)
+    asyncio.run(_qmp(run_dir / "qmp.sock", "cont"))
+    return Exercise(before, after, paused, scrape(pod), transfers)
 
 
 @dataclass
@@ -40,6 +133,8 @@ class Boot:
     vnc: str
     exit_status: int
     log_after_sigterm: str
+    metrics: Scrape
+    exercise: Exercise | None
 
 
 @dataclass
@@ -68,7 +163,7 @@ def _dirs(base: Path) -> dict[str, Path]:
     return dirs
 
 
-def _boot(pod: PodNet, env: dict[str, str], tun: Path, log: Path, procs: list[Proc]) -> Boot:
+def _boot(pod: PodNet, env: dict[str, str], tun: Path, log: Path, procs: list[Proc], *, exercise: bool = False) -> Boot:
     """Start the runner, wait for the guest, look at it from the client, then stop it with SIGTERM."""
     runner = harness.start_runner(pod, [str(harness.BIN / "vmrunner"), "run"], env, tun, log)
     procs.append(runner)
@@ -77,9 +172,11 @@ def _boot(pod: PodNet, env: dict[str, str], tun: Path, log: Path, procs: list[Pr
     identities = [harness.identity(pid) for pid in pids]
     page = harness.guest_page(pod)
     vnc = harness.vnc_banner(pod)
+    metrics = scrape(pod)
+    exercised = _exercise(pod, log.parent, Path(env["RUN_DIR"])) if exercise else None
     offset = len(runner.text())
     status = harness.graceful_stop(runner, STOP_TIMEOUT)
-    return Boot(runner, identities, page, vnc, status, runner.text()[offset:])
+    return Boot(runner, identities, page, vnc, status, runner.text()[offset:], metrics, exercised)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +193,8 @@ def world() -> Iterator[World]:
         shutil.copyfile(image, dirs["srv"] / "guest.qcow2")
         bed.setup()
         pod = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
-        sidecar = Sidecar(bed, {"HOSTNAME": HOSTNAME, "TAP_OWNER": str(harness.RUNNER_UID)}, dirs["run"])
+        sidecar_env = {"HOSTNAME": HOSTNAME, "TAP_OWNER": str(harness.RUNNER_UID), "METRICS_PORT": str(METRICS_PORT)}
+        sidecar = Sidecar(bed, {**sidecar_env, "METRICS_INTERVAL": "1s"}, dirs["run"])
         sidecar.write_resolv(f"nameserver {DNS[0]}\nnameserver {DNS[1]}\nsearch {' '.join(SEARCH)}\n")
         handshake = sidecar.start(timeout=20)
         procs.append(harness.serve_directory(pod.pod_ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
@@ -108,9 +206,12 @@ def world() -> Iterator[World]:
             config_dir=dirs["config"],
             hostname=HOSTNAME,
             SHUTDOWN_TIMEOUT="30s",
+            METRICS_PORT=str(METRICS_PORT),
         )
+        # Credentials and a presigned token in the URL: the metrics must show neither.
+        env["IMG_SOURCE"] = f"http://podvm:{SECRET}@127.0.0.1:{IMAGE_PORT}/guest.qcow2?X-Amz-Signature={TOKEN}"
         tun = harness.make_tun_node(base)
-        first = _boot(pod, env, tun, base / "runner1.log", procs)
+        first = _boot(pod, env, tun, base / "runner1.log", procs, exercise=True)
         second = _boot(pod, env, tun, base / "runner2.log", procs)
         yield World(pod, handshake, first, second, sidecar)
     except BaseException:
@@ -165,3 +266,77 @@ def test_a_second_start_reuses_the_pet_disk(world: World) -> None:
     assert harness.counter(world.second.page) == harness.counter(world.first.page) + 1, world.logs()
     assert world.second.page["uuid"] == world.first.page["uuid"]
     assert world.second.exit_status == harness.GRACEFUL_EXIT
+
+
+def test_the_endpoint_is_valid_prometheus_text_without_duplicates_or_secrets(world: World) -> None:
+    for got in (world.first.metrics, world.second.metrics):
+        series = [(s.name, tuple(sorted(s.labels.items()))) for s in got.samples]
+        assert len(series) == len(set(series)), "no duplicate series"
+        assert all(kind != "unknown" for kind in got.types.values()), got.types
+        lines = got.text.splitlines()
+        declared = {line.split()[2] for line in lines if line.startswith("# TYPE ")}
+        described = {line.split()[2] for line in lines if line.startswith("# HELP ")}
+        assert {s.name for s in got.samples} <= declared & described, "every sample's type and help are declared"
+        assert SECRET not in got.text and TOKEN not in got.text and "X-Amz" not in got.text
+        assert got.value("podvm_build_info", version="0.1.0", accel="tcg", runner="vmrunner", vm=HOSTNAME) == 1
+        base = [s.labels for s in got.samples if s.name == "podvm_image_base_info"]
+        assert len(base) == 1 and base[0]["name"] == "guest.qcow2" and base[0]["path"].endswith("/image/guest.qcow2")
+
+
+def test_the_metrics_port_stays_in_the_pod(world: World) -> None:
+    """The scrape went to the pod IP from the client and reached the runner, not the guest (which has no such
+    listener); the sidecar's exception rule counted it."""
+    got = world.first.exercise.after if world.first.exercise else None
+    assert got is not None
+    assert got.value("podvm_nat_connections_total", rule=f"in_pod_tcp_{METRICS_PORT}") >= 2
+    assert world.handshake.metrics_port == METRICS_PORT
+
+
+def test_known_traffic_and_disk_writes_show_in_the_counters(world: World) -> None:
+    ex = world.first.exercise
+    assert ex is not None
+    assert f"{PINGS} packets received" in ex.transfers[0], ex.transfers
+    assert ex.transfers[1:] == [f"received={KIB * 1024}\n", str(KIB * 1024), f"wrote={KIB * 1024}\n"], ex.transfers
+
+    def grew(name: str, **labels: str) -> float:
+        return ex.after.value(name, **labels) - ex.before.value(name, **labels)
+
+    tap = {"interface": "podvm-tap0"}
+    assert grew("podvm_network_receive_packets_total", **tap) >= PINGS
+    assert grew("podvm_network_transmit_packets_total", **tap) >= PINGS, "echo replies"
+    assert grew("podvm_network_receive_bytes_total", **tap) >= KIB * 1024, "the upload reached the guest"
+    assert grew("podvm_network_transmit_bytes_total", **tap) >= KIB * 1024, "the download left the guest"
+    assert grew("podvm_nat_packets_total", direction="in") >= PINGS
+    assert grew("podvm_nat_bytes_total", direction="in") >= KIB * 1024
+    assert grew("podvm_nat_bytes_total", direction="out") >= KIB * 1024
+    assert grew("podvm_nat_connections_total", rule="dnat") >= 4, "one ping flow and three TCP connections"
+    disk = {"drive": "disk0"}
+    assert grew("podvm_vm_storage_write_traffic_bytes_total", **disk) >= KIB * 1024
+    assert grew("podvm_vm_storage_iops_write_total", **disk) >= 1
+    assert grew("podvm_vm_storage_flush_requests_total", **disk) >= 1
+    assert grew("podvm_vm_cpu_usage_seconds_total") > 0
+    assert ex.after.value("podvm_vm_memory_resident_bytes") > 64 << 20
+    assert ex.after.value("podvm_dhcp_leases_total") >= 1
+    assert ex.after.value("podvm_dhcp_last_lease_timestamp_seconds") > 0
+    assert ex.after.value("podvm_dnsmasq_restarts_total") == 0
+
+
+def test_the_state_follows_the_vm(world: World) -> None:
+    ex = world.first.exercise
+    assert ex is not None
+    assert ex.before.value("podvm_vm_state", state="running") == 1
+    assert ex.paused.value("podvm_vm_state", state="paused") == 1
+    assert ex.paused.value("podvm_vm_state", state="running") == 0
+    assert ex.resumed.value("podvm_vm_state", state="running") == 1
+    assert ex.after.value("podvm_vm_uptime_seconds") > 0
+
+
+def test_boots_and_shutdowns_of_the_pet_are_counted(world: World) -> None:
+    first, second = world.first.metrics, world.second.metrics
+    assert first.value("podvm_vm_boots_total") == 1 and second.value("podvm_vm_boots_total") == 2
+    assert first.value("podvm_vm_shutdowns_total", outcome="clean") == 0
+    assert second.value("podvm_vm_shutdowns_total", outcome="clean") == 1, "the first run's ACPI power-off"
+    assert first.value("podvm_image_fetched_bytes_total") > 0, "the first start downloaded the image"
+    assert second.value("podvm_image_fetched_bytes_total") == 0, "the second found it in the cache"
+    assert second.value("podvm_image_vetting", result="accepted") == 1
+    assert second.value("podvm_image_cache_size_bytes") >= first.value("podvm_image_fetched_bytes_total")

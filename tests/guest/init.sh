@@ -83,6 +83,34 @@ user_data=$user_data
 config_drive_label=$drive_label
 EOF
 
+# Known amounts of traffic and disk writes on request, for the metrics tests: /cgi-bin/bytes?KIB sends KIB KiB,
+# /cgi-bin/sink reads the request body and says how many bytes arrived, /cgi-bin/write?KIB writes KIB KiB to the
+# boot disk and flushes them. KIB is digits only, at most 8192.
+mkdir -p /www/cgi-bin
+cat > /www/cgi-bin/kib <<'EOF'
+kib=${QUERY_STRING:-0}
+case $kib in ''|*[!0-9]*) kib=0 ;; esac
+[ "$kib" -gt 8192 ] && kib=8192
+EOF
+cat > /www/cgi-bin/bytes <<'EOF'
+#!/bin/sh
+. /www/cgi-bin/kib
+printf 'Content-Type: application/octet-stream\r\n\r\n'
+dd if=/dev/zero bs=1024 count="$kib" 2>/dev/null
+EOF
+cat > /www/cgi-bin/sink <<'EOF'
+#!/bin/sh
+n=$(head -c "${CONTENT_LENGTH:-0}" | wc -c)
+printf 'Content-Type: text/plain\r\n\r\nreceived=%s\n' "$n"
+EOF
+cat > /www/cgi-bin/write <<'EOF'
+#!/bin/sh
+. /www/cgi-bin/kib
+dd if=/dev/zero of=/mnt/boot/scratch bs=1024 count="$kib" conv=fsync 2>/dev/null && sync
+printf 'Content-Type: text/plain\r\n\r\nwrote=%s\n' "$(wc -c < /mnt/boot/scratch)"
+EOF
+chmod +x /www/cgi-bin/bytes /www/cgi-bin/sink /www/cgi-bin/write
+
 httpd -h /www -p 80
 
 echo "podvm-guest: ready ip=$ip"
