@@ -108,7 +108,7 @@ def _matches(match: dict[str, Any], packet: dict[str, Any]) -> bool:
     if match["op"] == "in":
         return bool(set(got) & set(right))
     wanted = right["set"] if isinstance(right, dict) else [right]
-    return (got in wanted) == (match["op"] == "==")
+    return bool(got in wanted) == (match["op"] == "==")
 
 
 def verdict(table: dict[str, Any], chain: str, packet: dict[str, Any]) -> tuple[str, str | None]:
@@ -140,7 +140,7 @@ def to_pod(packet: dict[str, Any], env: dict[str, str] | None = None) -> tuple[s
     return verdict(chains(doc, "inet"), plan.INPUT_CHAIN, packet)
 
 
-def ipv4(src: str = VM_IP, **fields: object) -> dict[str, Any]:
+def ipv4(src: str = VM_IP, /, **fields: object) -> dict[str, Any]:
     return {"ether saddr": VM_MAC, "ether type": "ip", "ip saddr": src, "ip daddr": "10.9.9.9", **fields}
 
 
