@@ -108,7 +108,7 @@ def _matches(match: dict[str, Any], packet: dict[str, Any]) -> bool:
     if match["op"] == "in":
         return bool(set(got) & set(right))
     wanted = right["set"] if isinstance(right, dict) else [right]
-    return bool(got in wanted) == (match["op"] == "==")
+    return bool((got in wanted) == (match["op"] == "=="))
 
 
 def verdict(table: dict[str, Any], chain: str, packet: dict[str, Any]) -> tuple[str, str | None]:
