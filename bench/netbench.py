@@ -45,25 +45,6 @@ def first(times: list[tuple[float, str]], prefix: str) -> float | None:
 
 # ----------------------------------------------------------------------------------------------- 1. network ready
 
-RULES = """\
-table ip podvm {{
-  chain prerouting {{
-    type nat hook prerouting priority -100; policy accept;
-    iifname "eth0" ip daddr {pod} tcp dport 5900 counter return
-    iifname "eth0" ip daddr {pod} counter dnat to {vm}
-  }}
-  chain output {{
-    type nat hook output priority -100; policy accept;
-    ip daddr {pod} tcp dport 5900 counter return
-    ip daddr {pod} counter dnat to {vm}
-  }}
-  chain postrouting {{
-    type nat hook postrouting priority 100; policy accept;
-    oifname "eth0" ip saddr {vm} counter snat to {pod}
-  }}
-}}
-"""
-
 FLOOR = """\
 set -e
 echo 1 > /proc/sys/net/ipv4/ip_forward
@@ -72,7 +53,7 @@ ip addr add {address} dev {bridge}
 ip tuntap add dev {tap} mode tap user 10001
 ip link set {tap} mtu {mtu} master {bridge} up
 ip link set {bridge} up
-nft -f {rules}
+nft -j -f {rules}
 {dnsmasq} >/dev/null 2>&1 &
 echo $! > {dir}/dnsmasq.pid
 echo '{{}}' > {dir}/{handshake}
@@ -85,8 +66,8 @@ def floor_script(side: Sidecar, bed: Bed, work: Path) -> Path:
     plan = json.loads(side.cli("plan").stdout)
     links, argv = plan["links"], plan["dnsmasq"]
     argv = [a if not a.startswith("--dhcp-leasefile=") else f"--dhcp-leasefile={work}/leases" for a in argv]
-    rules = work / "rules.nft"
-    rules.write_text(RULES.format(pod=bed.pod_ip, vm=plan["handshake"]["vm_ip"]))
+    rules = work / "rules.json"
+    rules.write_text(json.dumps(plan["nftables"]))
     script = work / "floor.sh"
     script.write_text(
         FLOOR.format(
@@ -111,7 +92,8 @@ def floor_teardown(bed: Bed, work: Path) -> None:
         pid.unlink()
     for link in ("podvm-tap0", "podvm0"):
         ns_run(bed.pod.ns, "ip", "link", "del", link, check=False)
-    ns_run(bed.pod.ns, "nft", "delete", "table", "ip", "podvm", check=False)
+    for family in ("ip", "netdev", "inet"):
+        ns_run(bed.pod.ns, "nft", "delete", "table", family, "podvm", check=False)
     (work / FILE_NAME).unlink(missing_ok=True)
 
 
@@ -203,16 +185,21 @@ def bench_imports(res: Results, sec: str) -> None:
 
 # --------------------------------------------------------------------------------------------- 2. packet path
 
-# A bounded number of connects: each leaves a TIME_WAIT socket in the client, and a crowded port range slows
-# connect() itself down, which would measure the client instead of the path.
-CPS = """\
-import socket, time
-begin = time.monotonic()
-for _ in range({count}):
-    s = socket.create_connection(({host!r}, {port}), timeout=2)
-    s.recv(64)
-    s.close()
-print({count} / (time.monotonic() - begin))
+# Both paths in one process, in blocks of connects taken in turn, so a neighbour's load on this shared machine hits
+# both alike; each block is one sample. The number of connects stays bounded: each leaves a TIME_WAIT socket in the
+# client, and a crowded port range slows connect() itself down, which would measure the client instead of the path.
+CPS_PAIR = """\
+import json, socket, time
+rates = {{host: [] for host in {hosts!r}}}
+for block in range({blocks}):
+    for host in {hosts!r}[:: 1 if block % 2 else -1]:  # A-B then B-A: no path always goes first
+        begin = time.monotonic()
+        for _ in range({count}):
+            s = socket.create_connection((host, {port}), timeout=2)
+            s.recv(64)
+            s.close()
+        rates[host].append({count} / (time.monotonic() - begin))
+print(json.dumps(list(rates.values())))
 """
 
 # The client closes first (as HTTP clients do), so TIME_WAIT stays on its side, where port choice avoids it.
@@ -335,9 +322,13 @@ def bench_packets(res: Results, rounds: int, seconds: int) -> Pod:
         cps: dict[str, list[float]] = {k: [] for k in paths}
         rr: dict[str, list[float]] = {k: [] for k in paths}
         for _ in range(rounds):
-            for name, host in paths.items():
-                tput[name].append(iperf(bed.client.ns, host, seconds))
-                cps[name].append(py_in(bed.client.ns, CPS.format(host=host, port=8080, count=1000)))
+            # A-B-B-A: a load that rises or falls during the round on this shared machine hits both paths alike.
+            for name in [*paths, *reversed(paths)]:
+                tput[name].append(iperf(bed.client.ns, paths[name], seconds))
+            code = CPS_PAIR.format(hosts=list(paths.values()), port=8080, blocks=20, count=50)
+            blocks = json.loads(ns_run(bed.client.ns, sys.executable, "-c", code, timeout=120).stdout)
+            for name, values in zip(paths, blocks, strict=True):
+                cps[name].extend(values)
             code = UDP_RR_PAIR.format(hosts=list(paths.values()), port=8081, count=2000)
             for name, value in zip(
                 paths, ns_run(bed.client.ns, sys.executable, "-c", code).stdout.split(), strict=True
@@ -365,7 +356,7 @@ def bench_flowtable(res: Results, pod: Pod, rounds: int, seconds: int) -> None:
     sec = "2b. flowtable (software fast path)"
     bed = pod.bed
     rules = Path(tempfile.mkstemp(prefix="podvm-ft-", suffix=".nft")[1])
-    devices = f"eth0, podvm0, pv{bed.ident}vm"
+    devices = "eth0, podvm0, podvm-tap0"
     rules.write_text(FLOWTABLE.format(devices=devices))
     without: list[float] = []
     with_ft: list[float] = []
