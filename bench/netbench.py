@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.table import Figure, Results
 from shared.handshake import FILE_NAME
-from tests.netbed import Bed, Sidecar, VmStandIn, ns_popen, ns_run
+from tests.netbed import Bed, Sidecar, VmStandIn, ns_popen, ns_prefix, ns_run
 
 READY = "network ready"
 VM_NET = "192.168.254.0/30"
@@ -322,8 +322,8 @@ def bench_packets(res: Results, rounds: int, seconds: int) -> Pod:
         cps: dict[str, list[float]] = {k: [] for k in paths}
         rr: dict[str, list[float]] = {k: [] for k in paths}
         for _ in range(rounds):
-            # A-B-B-A: a load that rises or falls during the round on this shared machine hits both paths alike.
-            for name in [*paths, *reversed(paths)]:
+            # A-B-B-A twice: a load that rises or falls during the round on this shared machine hits both alike.
+            for name in [*paths, *reversed(paths)] * 2:
                 tput[name].append(iperf(bed.client.ns, paths[name], seconds))
             code = CPS_PAIR.format(hosts=list(paths.values()), port=8080, blocks=20, count=50)
             blocks = json.loads(ns_run(bed.client.ns, sys.executable, "-c", code, timeout=120).stdout)
@@ -345,6 +345,7 @@ def bench_packets(res: Results, rounds: int, seconds: int) -> Pod:
             note = "target >= 0.9" if unit != "us" else "target <= 1.11"
             res.add(Figure(sec, f"{label}, {nat}", unit, data[nat], f"{label}, {routed}", note))
         bench_flowtable(res, pod, rounds, seconds)
+        bench_guards(res, pod, rounds, seconds)
     except BaseException:
         pod.close()
         raise
@@ -397,6 +398,63 @@ def bench_flowtable(res: Results, pod: Pod, rounds: int, seconds: int) -> None:
     rbase = "UDP RTT via pod IP, no flowtable"
     res.add(Figure(sec, rbase, "us", rr_without))
     res.add(Figure(sec, "UDP RTT via pod IP, flowtable", "us", rr_with, rbase))
+
+
+GUARD_FAMILIES = ("netdev", "inet")
+
+# One block of connects per line read, so the bench can change the ruleset between blocks of one client process.
+CPS_STEP = """\
+import socket, sys, time
+for _ in sys.stdin:
+    begin = time.monotonic()
+    for _ in range({count}):
+        s = socket.create_connection(({host!r}, {port}), timeout=2)
+        s.recv(64)
+        s.close()
+    print({count} / (time.monotonic() - begin), flush=True)
+"""
+
+
+def bench_guards(res: Results, pod: Pod, rounds: int, seconds: int) -> None:
+    """The cost of the guest-isolation tables: the pod IP path with them loaded against the same with them removed,
+    switched on-off-off-on between iperf runs and between blocks of connects; the tables are put back after."""
+    sec = "2c. guest isolation (what its rules cost)"
+    bed, pod_ns = pod.bed, pod.bed.pod.ns
+    saved = "".join(ns_run(pod_ns, "nft", "list", "table", f, "podvm").stdout for f in GUARD_FAMILIES)
+    loaded = True
+    on, off = "via pod IP, isolation rules loaded", "via pod IP, isolation tables removed"
+    tput: dict[str, list[float]] = {on: [], off: []}
+    cps: dict[str, list[float]] = {on: [], off: []}
+
+    def guards(wanted: bool) -> None:
+        nonlocal loaded
+        if wanted and not loaded:
+            subprocess.run([*ns_prefix(pod_ns), "nft", "-f", "-"], input=saved, text=True, check=True)
+        elif loaded and not wanted:
+            for family in GUARD_FAMILIES:
+                ns_run(pod_ns, "nft", "delete", "table", family, "podvm")
+        loaded = wanted
+
+    code = CPS_STEP.format(host=bed.pod_ip, port=8080, count=50)
+    client = ns_popen(bed.client.ns, [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        for _ in range(rounds):
+            for state in (on, off, off, on) * 2:
+                guards(state == on)
+                tput[state].append(iperf(bed.client.ns, bed.pod_ip, seconds))
+            for state in (on, off, off, on) * 5:
+                guards(state == on)
+                client.stdin.write(b"\n")
+                client.stdin.flush()
+                cps[state].append(float(client.stdout.readline()))
+    finally:
+        client.kill()
+        client.wait()
+        guards(True)
+    for label, data, unit in (("TCP throughput", tput, "Gbit/s"), ("TCP connects/s", cps, "conn/s")):
+        res.add(Figure(sec, f"{label}, {off}", unit, data[off]))
+        res.add(Figure(sec, f"{label}, {on}", unit, data[on], f"{label}, {off}", "target >= 0.9"))
 
 
 # ----------------------------------------------------------------------------------------------- 3. footprint
