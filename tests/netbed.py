@@ -24,6 +24,7 @@ API (all in this module):
   sees the stand-in's frames; ``.relay`` is that process (it holds the tap, so the tap has carrier); ``.dhcp()``
   runs busybox udhcpc (``-O search -O mtu``) and returns what it received (dict of the script's environment);
   ``.serve_tcp(port, reply)`` / ``.serve_udp(port, reply)`` start small servers; ``.ns`` for anything else.
+- ``fresh_id()``: a bed id unlikely to collide with another pytest process or another bed of this one.
 - the pytest fixture ``bed_factory`` (its ``.bed()`` makes a bed) is defined here and registered for every tier by
   ``tests/conftest.py``.
 
@@ -383,7 +384,7 @@ def udp_request(ns: str, host: str, port: int) -> str:
 _next_id = [0]
 
 
-def _fresh_id() -> int:
+def fresh_id() -> int:
     """A bed id unlikely to collide with another pytest process (pid-based) or another bed in this one."""
     _next_id[0] += 1
     return 1 + (os.getpid() * 7 + _next_id[0]) % 200
@@ -412,7 +413,7 @@ class BedFactory:
 
     def bed(self, style: str = "calico", mtu: int = 1440) -> Bed:
         """A Bed, set up now and cleaned up by the fixture."""
-        bed = Bed(_fresh_id(), style, mtu)
+        bed = Bed(fresh_id(), style, mtu)
         self.made.append(bed)
         bed.setup()
         return bed
