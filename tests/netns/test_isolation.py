@@ -80,6 +80,16 @@ threads = [threading.Thread(target=one, args=t) for t in json.loads(sys.argv[1])
 print(json.dumps(out))
 """
 
+# The guest's NIC, scapy imported once: each stdin line is a JSON list of scapy expressions to send from eth0.
+SEND = """\
+import json, sys
+from scapy.all import *
+print("ready", flush=True)
+for line in sys.stdin:
+    sendp([eval(frame) for frame in json.loads(line)], iface="eth0", verbose=0)
+    print("sent", flush=True)
+"""
+
 SNIFF = """\
 import json, sys
 from scapy.all import ARP, IP, UDP, AsyncSniffer, Ether, ICMPv6ND_RA, IPv6, Raw
@@ -109,11 +119,14 @@ class Isolated:
     handshake: Handshake
     listener_log: Path
     bridge_mac: str
+    sender: "subprocess.Popen[bytes]"
 
     def send(self, *frames: str) -> None:
         """sendp the scapy expressions ``frames`` from the stand-in's interface (the guest's NIC)."""
-        code = "from scapy.all import *\nsendp([" + ", ".join(frames) + "], iface='eth0', verbose=0)\n"
-        ns_run(self.vm.ns, sys.executable, "-c", code, timeout=60)
+        assert self.sender.stdin is not None and self.sender.stdout is not None
+        self.sender.stdin.write(json.dumps(frames).encode() + b"\n")
+        self.sender.stdin.flush()
+        assert self.sender.stdout.readline().strip() == b"sent", "the guest's sender died"
 
     def counters(self) -> dict[str, int]:
         """Packets counted by each guard rule, by its comment."""
@@ -174,7 +187,10 @@ def bed() -> Iterator[Isolated]:
         listen = ns_popen(made.pod.ns, [sys.executable, "-c", LISTEN, str(log), *specs], stdout=subprocess.PIPE)
         assert listen.stdout is not None and listen.stdout.readline().strip() == b"ready"
         bridge_mac = ns_run(made.pod.ns, "cat", "/sys/class/net/podvm0/address").stdout.strip()
-        yield Isolated(made, sidecar, vm, handshake, log, bridge_mac)
+        sender = ns_popen(vm.ns, [sys.executable, "-c", SEND], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        vm.procs.append(sender)
+        assert sender.stdout is not None and sender.stdout.readline().strip() == b"ready"
+        yield Isolated(made, sidecar, vm, handshake, log, bridge_mac, sender)
     finally:
         vm.cleanup()
         sidecar.cleanup()
