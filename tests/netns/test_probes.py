@@ -130,7 +130,8 @@ def test_path_healthy(bed: Probed) -> None:
     code, report = probe(bed, "path")
     assert code == 0, report
     assert statuses(report) == {
-        "ip_forward": "ok", "tap": "ok", "nft dnat": "ok", "nft snat": "ok", "conntrack": "info", "dnat path": "ok",
+        "ip_forward": "ok", "tap": "ok", "nft dnat": "ok", "nft snat": "ok", "isolation": "ok", "conntrack": "info",
+        "dnat path": "ok",
     }  # fmt: skip
 
 
@@ -147,6 +148,20 @@ def test_path_with_a_rule_missing_fails(bed: Probed) -> None:
     assert code == 1
     assert statuses(report)["nft dnat"] == "fail"
     assert statuses(report)["dnat path"] == "fail"
+
+
+def test_path_with_an_isolation_table_missing_fails(bed: Probed) -> None:
+    pod = bed.bed.pod.ns
+    saved = ns_run(pod, "nft", "list", "table", "inet", "podvm").stdout
+    ns_run(pod, "nft", "delete", "table", "inet", "podvm")
+    try:
+        code, report = probe(bed, "path")
+    finally:
+        subprocess.run(["ip", "netns", "exec", pod, "nft", "-f", "-"], input=saved, text=True, check=True)
+    isolation = next(check for check in report["checks"] if check["check"] == "isolation")
+    assert (code, isolation["status"]) == (1, "fail"), report
+    assert "guest to pod: local services" in isolation["data"]["missing"]
+    assert statuses(report)["dnat path"] == "ok", "the NAT itself still works"
 
 
 def test_path_with_forwarding_off_fails(bed: Probed) -> None:
