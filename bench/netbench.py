@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.table import Figure, Results
 from shared.handshake import FILE_NAME
-from tests.netbed import Bed, Sidecar, VmStandIn, ns_popen, ns_run
+from tests.netbed import Bed, Sidecar, VmStandIn, ns_popen, ns_prefix, ns_run
 
 READY = "network ready"
 VM_NET = "192.168.254.0/30"
@@ -45,25 +45,6 @@ def first(times: list[tuple[float, str]], prefix: str) -> float | None:
 
 # ----------------------------------------------------------------------------------------------- 1. network ready
 
-RULES = """\
-table ip podvm {{
-  chain prerouting {{
-    type nat hook prerouting priority -100; policy accept;
-    iifname "eth0" ip daddr {pod} tcp dport 5900 counter return
-    iifname "eth0" ip daddr {pod} counter dnat to {vm}
-  }}
-  chain output {{
-    type nat hook output priority -100; policy accept;
-    ip daddr {pod} tcp dport 5900 counter return
-    ip daddr {pod} counter dnat to {vm}
-  }}
-  chain postrouting {{
-    type nat hook postrouting priority 100; policy accept;
-    oifname "eth0" ip saddr {vm} counter snat to {pod}
-  }}
-}}
-"""
-
 FLOOR = """\
 set -e
 echo 1 > /proc/sys/net/ipv4/ip_forward
@@ -72,7 +53,7 @@ ip addr add {address} dev {bridge}
 ip tuntap add dev {tap} mode tap user 10001
 ip link set {tap} mtu {mtu} master {bridge} up
 ip link set {bridge} up
-nft -f {rules}
+nft -j -f {rules}
 {dnsmasq} >/dev/null 2>&1 &
 echo $! > {dir}/dnsmasq.pid
 echo '{{}}' > {dir}/{handshake}
@@ -85,8 +66,8 @@ def floor_script(side: Sidecar, bed: Bed, work: Path) -> Path:
     plan = json.loads(side.cli("plan").stdout)
     links, argv = plan["links"], plan["dnsmasq"]
     argv = [a if not a.startswith("--dhcp-leasefile=") else f"--dhcp-leasefile={work}/leases" for a in argv]
-    rules = work / "rules.nft"
-    rules.write_text(RULES.format(pod=bed.pod_ip, vm=plan["handshake"]["vm_ip"]))
+    rules = work / "rules.json"
+    rules.write_text(json.dumps(plan["nftables"]))
     script = work / "floor.sh"
     script.write_text(
         FLOOR.format(
@@ -111,7 +92,8 @@ def floor_teardown(bed: Bed, work: Path) -> None:
         pid.unlink()
     for link in ("podvm-tap0", "podvm0"):
         ns_run(bed.pod.ns, "ip", "link", "del", link, check=False)
-    ns_run(bed.pod.ns, "nft", "delete", "table", "ip", "podvm", check=False)
+    for family in ("ip", "netdev", "inet"):
+        ns_run(bed.pod.ns, "nft", "delete", "table", family, "podvm", check=False)
     (work / FILE_NAME).unlink(missing_ok=True)
 
 
@@ -204,16 +186,21 @@ def bench_imports(res: Results, sec: str) -> None:
 
 # --------------------------------------------------------------------------------------------- 2. packet path
 
-# A bounded number of connects: each leaves a TIME_WAIT socket in the client, and a crowded port range slows
-# connect() itself down, which would measure the client instead of the path.
-CPS = """\
-import socket, time
-begin = time.monotonic()
-for _ in range({count}):
-    s = socket.create_connection(({host!r}, {port}), timeout=2)
-    s.recv(64)
-    s.close()
-print({count} / (time.monotonic() - begin))
+# Both paths in one process, in blocks of connects taken in turn, so a neighbour's load on this shared machine hits
+# both alike; each block is one sample. The number of connects stays bounded: each leaves a TIME_WAIT socket in the
+# client, and a crowded port range slows connect() itself down, which would measure the client instead of the path.
+CPS_PAIR = """\
+import json, socket, time
+rates = {{host: [] for host in {hosts!r}}}
+for block in range({blocks}):
+    for host in {hosts!r}[:: 1 if block % 2 else -1]:  # A-B then B-A: no path always goes first
+        begin = time.monotonic()
+        for _ in range({count}):
+            s = socket.create_connection((host, {port}), timeout=2)
+            s.recv(64)
+            s.close()
+        rates[host].append({count} / (time.monotonic() - begin))
+print(json.dumps(list(rates.values())))
 """
 
 # The client closes first (as HTTP clients do), so TIME_WAIT stays on its side, where port choice avoids it.
@@ -336,9 +323,13 @@ def bench_packets(res: Results, rounds: int, seconds: int) -> Pod:
         cps: dict[str, list[float]] = {k: [] for k in paths}
         rr: dict[str, list[float]] = {k: [] for k in paths}
         for _ in range(rounds):
-            for name, host in paths.items():
-                tput[name].append(iperf(bed.client.ns, host, seconds))
-                cps[name].append(py_in(bed.client.ns, CPS.format(host=host, port=8080, count=1000)))
+            # A-B-B-A twice: a load that rises or falls during the round on this shared machine hits both alike.
+            for name in [*paths, *reversed(paths)] * 2:
+                tput[name].append(iperf(bed.client.ns, paths[name], seconds))
+            code = CPS_PAIR.format(hosts=list(paths.values()), port=8080, blocks=20, count=50)
+            blocks = json.loads(ns_run(bed.client.ns, sys.executable, "-c", code, timeout=120).stdout)
+            for name, values in zip(paths, blocks, strict=True):
+                cps[name].extend(values)
             code = UDP_RR_PAIR.format(hosts=list(paths.values()), port=8081, count=2000)
             for name, value in zip(
                 paths, ns_run(bed.client.ns, sys.executable, "-c", code).stdout.split(), strict=True
@@ -355,6 +346,7 @@ def bench_packets(res: Results, rounds: int, seconds: int) -> Pod:
             note = "target >= 0.9" if unit != "us" else "target <= 1.11"
             res.add(Figure(sec, f"{label}, {nat}", unit, data[nat], f"{label}, {routed}", note))
         bench_flowtable(res, pod, rounds, seconds)
+        bench_guards(res, pod, rounds, seconds)
     except BaseException:
         pod.close()
         raise
@@ -366,7 +358,7 @@ def bench_flowtable(res: Results, pod: Pod, rounds: int, seconds: int) -> None:
     sec = "2b. flowtable (software fast path)"
     bed = pod.bed
     rules = Path(tempfile.mkstemp(prefix="podvm-ft-", suffix=".nft")[1])
-    devices = f"eth0, podvm0, pv{bed.ident}vm"
+    devices = "eth0, podvm0, podvm-tap0"
     rules.write_text(FLOWTABLE.format(devices=devices))
     without: list[float] = []
     with_ft: list[float] = []
@@ -407,6 +399,63 @@ def bench_flowtable(res: Results, pod: Pod, rounds: int, seconds: int) -> None:
     rbase = "UDP RTT via pod IP, no flowtable"
     res.add(Figure(sec, rbase, "us", rr_without))
     res.add(Figure(sec, "UDP RTT via pod IP, flowtable", "us", rr_with, rbase))
+
+
+GUARD_FAMILIES = ("netdev", "inet")
+
+# One block of connects per line read, so the bench can change the ruleset between blocks of one client process.
+CPS_STEP = """\
+import socket, sys, time
+for _ in sys.stdin:
+    begin = time.monotonic()
+    for _ in range({count}):
+        s = socket.create_connection(({host!r}, {port}), timeout=2)
+        s.recv(64)
+        s.close()
+    print({count} / (time.monotonic() - begin), flush=True)
+"""
+
+
+def bench_guards(res: Results, pod: Pod, rounds: int, seconds: int) -> None:
+    """The cost of the guest-isolation tables: the pod IP path with them loaded against the same with them removed,
+    switched on-off-off-on between iperf runs and between blocks of connects; the tables are put back after."""
+    sec = "2c. guest isolation (what its rules cost)"
+    bed, pod_ns = pod.bed, pod.bed.pod.ns
+    saved = "".join(ns_run(pod_ns, "nft", "list", "table", f, "podvm").stdout for f in GUARD_FAMILIES)
+    loaded = True
+    on, off = "via pod IP, isolation rules loaded", "via pod IP, isolation tables removed"
+    tput: dict[str, list[float]] = {on: [], off: []}
+    cps: dict[str, list[float]] = {on: [], off: []}
+
+    def guards(wanted: bool) -> None:
+        nonlocal loaded
+        if wanted and not loaded:
+            subprocess.run([*ns_prefix(pod_ns), "nft", "-f", "-"], input=saved, text=True, check=True)
+        elif loaded and not wanted:
+            for family in GUARD_FAMILIES:
+                ns_run(pod_ns, "nft", "delete", "table", family, "podvm")
+        loaded = wanted
+
+    code = CPS_STEP.format(host=bed.pod_ip, port=8080, count=50)
+    client = ns_popen(bed.client.ns, [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        for _ in range(rounds):
+            for state in (on, off, off, on) * 2:
+                guards(state == on)
+                tput[state].append(iperf(bed.client.ns, bed.pod_ip, seconds))
+            for state in (on, off, off, on) * 5:
+                guards(state == on)
+                client.stdin.write(b"\n")
+                client.stdin.flush()
+                cps[state].append(float(client.stdout.readline()))
+    finally:
+        client.kill()
+        client.wait()
+        guards(True)
+    for label, data, unit in (("TCP throughput", tput, "Gbit/s"), ("TCP connects/s", cps, "conn/s")):
+        res.add(Figure(sec, f"{label}, {off}", unit, data[off]))
+        res.add(Figure(sec, f"{label}, {on}", unit, data[on], f"{label}, {off}", "target >= 0.9"))
 
 
 # ----------------------------------------------------------------------------------------------- 3. footprint

@@ -64,7 +64,7 @@ def main() -> int:
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             try:
                 if name == "packets":
-                    pod = netbench.bench_packets(res, 1 if quick else 3, 2 if quick else 3)
+                    pod = netbench.bench_packets(res, 1 if quick else 3, 1 if quick else 2)
                 elif name == "footprint":
                     if pod is None:
                         pod = netbench.Pod()

@@ -102,7 +102,7 @@ def run_command(settings: Settings) -> int:
     (settings.run_dir / FILE_NAME).unlink(missing_ok=True)
     kernel.ensure_links(plan.links)
     kernel.apply_ruleset(plan.ruleset)
-    log.info("rules: %d in table ip %s", rule_count(plan.ruleset), config.TABLE)
+    log.info("rules: %d in tables %s %s", rule_count(plan.ruleset), "/".join(config.TABLE_FAMILIES), config.TABLE)
     server = dhcp.Dnsmasq(plan.dnsmasq, settings.state_dir)
     server.start()
     server.wait_listening()

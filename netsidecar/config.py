@@ -16,11 +16,14 @@ log = logging.getLogger("netsidecar")
 BRIDGE = "podvm0"
 TAP = "podvm-tap0"
 TABLE = "podvm"
+# One table of that name per family: ip (NAT), netdev (what the tap may send), inet (what the pod accepts from it).
+TABLE_FAMILIES = ("ip", "netdev", "inet")
 PREFIX = 30
 VNC_PORT = 5900
 DEFAULT_TAP_OWNER = 10001
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
+_OPEN_PORT = re.compile(r"^(\d{1,5})(?:/(tcp|udp))?$")
 _LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 SEARCH_LIMIT = 255
 
@@ -38,6 +41,7 @@ class Settings:
     mac: str
     hostname: str
     tap_owner: int | None
+    open_ports: tuple[tuple[int, str], ...]
     run_dir: Path
     state_dir: Path
     resolv_conf: Path
@@ -92,6 +96,23 @@ def _tap_owner(env: Env) -> int | None:
     return env.integer("TAP_OWNER", DEFAULT_TAP_OWNER, 0, 2**32 - 2) or None
 
 
+def _open_ports(env: Env) -> tuple[tuple[int, str], ...]:
+    """VM_OPEN_PORTS: pod-namespace ports the guest may reach, e.g. ``8080,53/udp`` (TCP unless /udp)."""
+    raw = env.optional("VM_OPEN_PORTS")
+    if raw is None:
+        return ()
+    ports: dict[tuple[int, str], None] = {}
+    for item in raw.split(","):
+        match = _OPEN_PORT.match(item.strip())
+        if not match or not 1 <= int(match.group(1)) <= 65535:
+            raise ConfigError(
+                f"VM_OPEN_PORTS={raw!r}: {item.strip()!r} is not a port; expected a comma-separated list such as"
+                " 8080,53/udp (1-65535, /tcp by default)"
+            )
+        ports[(int(match.group(1)), match.group(2) or "tcp")] = None
+    return tuple(ports)
+
+
 def _iface(env: Env, name: str) -> str | None:
     raw = env.optional(name)
     if raw is not None and not _IFNAME.match(raw):
@@ -142,6 +163,7 @@ def read_settings(env: Env) -> Settings:
         mac=_mac(env, hostname),
         hostname=hostname,
         tap_owner=_tap_owner(env),
+        open_ports=_open_ports(env),
         run_dir=run_dir,
         state_dir=state_dir,
         resolv_conf=env.path("RESOLV_CONF", "/etc/resolv.conf"),

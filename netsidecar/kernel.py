@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from netsidecar.config import BRIDGE, TABLE, TAP, PodFacts, Settings
+from netsidecar.config import BRIDGE, TABLE, TABLE_FAMILIES, TAP, PodFacts, Settings
 from netsidecar.plan import Json, LinkPlan
 from shared.errors import ConfigError, PodvmError
 
@@ -150,6 +150,30 @@ def _create_tap(name: str, owner: int | None) -> None:
         os.close(fd)
 
 
+_ADDR_GEN_MODE_NONE = 1
+_IPV6_SYSCTLS = (("disable_ipv6", "1"), ("accept_ra", "0"), ("autoconf", "0"))
+
+
+def _ipv6_off(ipr: Any, index: int, name: str) -> None:
+    """No IPv6 on a link: no link-local address (netlink works even where /proc/sys is read-only), then
+    disable_ipv6, accept_ra and autoconf where /proc/sys is writable. The nftables drops are the main defence;
+    this keeps the pod from configuring itself from a router advertisement if those rules were ever gone."""
+    from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415 - pyroute2 only where netlink is used
+
+    spec = {"attrs": [("AF_INET6", {"attrs": [("IFLA_INET6_ADDR_GEN_MODE", _ADDR_GEN_MODE_NONE)]})]}
+    try:
+        ipr.link("set", index=index, IFLA_AF_SPEC=spec)
+    except NetlinkError as err:
+        log.info("%s: IPv6 address generation left as it is (%s)", name, os.strerror(err.code))
+    conf = Path("/proc/sys/net/ipv6/conf") / name
+    for key, value in _IPV6_SYSCTLS:
+        try:
+            (conf / key).write_text(f"{value}\n")
+        except OSError as err:
+            log.info("%s: IPv6 %s not set (%s); the nftables rules still drop IPv6 from the guest", name, key, err)
+            return
+
+
 def ensure_links(plan: LinkPlan) -> None:
     """Create the bridge and tap if missing, else keep them (a VM may hold the tap open) and fix their settings."""
     with _ipr() as ipr:
@@ -157,6 +181,7 @@ def ensure_links(plan: LinkPlan) -> None:
             ipr.link("add", ifname=plan.bridge, kind="bridge")
             log.info("bridge %s created", plan.bridge)
         bridge = ipr.link_lookup(ifname=plan.bridge)[0]
+        _ipv6_off(ipr, bridge, plan.bridge)
         ipr.link("set", index=bridge, mtu=plan.mtu)
         address, prefix = plan.bridge_address.split("/")
         have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=bridge, family=2)}
@@ -170,6 +195,7 @@ def ensure_links(plan: LinkPlan) -> None:
         else:
             log.info("tap %s kept as it is (a VM may hold it open)", plan.tap)
         tap = ipr.link_lookup(ifname=plan.tap)[0]
+        _ipv6_off(ipr, tap, plan.tap)
         ipr.link("set", index=tap, mtu=plan.mtu, master=bridge, state="up")
         ipr.link("set", index=bridge, state="up")
     log.info("bridge %s %s mtu %d, tap %s", plan.bridge, plan.bridge_address, plan.mtu, plan.tap)
@@ -229,7 +255,7 @@ def _nft() -> Any:
 
 
 def apply_ruleset(document: Json) -> None:
-    """Replace table ip podvm in one transaction; on error the kernel keeps what it had."""
+    """Replace the podvm tables (NAT and guest isolation) in one transaction; on error the kernel keeps what it had."""
     nft = _nft()
     rc, _out, err = nft.json_cmd(document)
     if rc != 0:
@@ -237,20 +263,22 @@ def apply_ruleset(document: Json) -> None:
 
 
 def remove_ruleset() -> None:
-    """Delete table ip podvm if it exists."""
+    """Delete the podvm tables that exist, all in one transaction."""
     nft = _nft()
-    table = {"family": "ip", "name": TABLE}
-    nft.json_cmd({"nftables": [{"add": {"table": table}}, {"delete": {"table": table}}]})
+    tables = [{"table": {"family": family, "name": TABLE}} for family in TABLE_FAMILIES]
+    commands = [command for table in tables for command in ({"add": table}, {"delete": table})]
+    nft.json_cmd({"nftables": commands})
 
 
 def ruleset_status() -> list[Json]:
-    """The table's rules with their counters, as nftables lists them."""
+    """The podvm tables' rules with their counters (guest-isolation drops carry their name as comment)."""
     nft = _nft()
-    rc, out, _err = nft.cmd(f"list table ip {TABLE}")
-    if rc != 0:
-        return []
-    items: list[Json] = json.loads(out)["nftables"]
-    return [item["rule"] for item in items if "rule" in item]
+    rules: list[Json] = []
+    for family in TABLE_FAMILIES:
+        rc, out, _err = nft.cmd(f"list table {family} {TABLE}")
+        if rc == 0:
+            rules += [item["rule"] for item in json.loads(out)["nftables"] if "rule" in item]
+    return rules
 
 
 def check_tap_device() -> None:

@@ -8,7 +8,7 @@ Topology (addresses from the id ``n``, 1..200)::
 
     client 10.<n>.9.2/24 --- 10.<n>.9.1 node 10.<n>.0.1 --- pod (calico: 10.<n>.0.5/32 via 169.254.1.1;
                                                               bridge: 10.<n>.0.5/24 via 10.<n>.0.1), MTU 1440
-    pod: podvm0 (the sidecar's bridge) <- veth -> vm stand-in (udhcpc with the VM's MAC)
+    pod: podvm0 (the sidecar's bridge) - podvm-tap0 <- relay -> tap eth0 of the vm stand-in (udhcpc, VM's MAC)
 
 API (all in this module):
 
@@ -21,9 +21,12 @@ API (all in this module):
   waits for the handshake (returns it); ``.term()`` (SIGTERM, waits), ``.kill()`` (SIGKILL); ``.log()`` its output;
   ``.cli('status')`` runs another subcommand with the same environment; ``.write_resolv(text)`` before ``start``;
   ``NET_STATE_DIR`` is a private temporary directory (``.state_dir``) unless ``env`` names one.
-- ``VmStandIn(bed, mac)``: a namespace whose veth is plugged into the sidecar's bridge with ``mac``; ``.dhcp()``
+- ``VmStandIn(bed, mac)``: a namespace behind the sidecar's tap, as qemu's guest is: ``tests/taprelay.py`` copies
+  frames between ``podvm-tap0`` and the stand-in's own tap ``eth0`` (with ``mac``), so every rule keyed on the tap
+  sees the stand-in's frames; ``.relay`` is that process (it holds the tap, so the tap has carrier); ``.dhcp()``
   runs busybox udhcpc (``-O search -O mtu``) and returns what it received (dict of the script's environment);
   ``.serve_tcp(port, reply)`` / ``.serve_udp(port, reply)`` start small servers; ``.ns`` for anything else.
+- ``fresh_id()``: a bed id unlikely to collide with another pytest process or another bed of this one.
 - the pytest fixture ``bed_factory`` (its ``.bed()`` makes a bed) is defined here and registered for every tier by
   ``tests/conftest.py``.
 
@@ -34,6 +37,7 @@ A real guest can replace the stand-in: start the sidecar with ``Sidecar`` and at
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -263,23 +267,31 @@ class Sidecar:
 
 
 class VmStandIn:
-    """A namespace standing in for the VM: its veth end sits in the sidecar's bridge with the VM's MAC."""
+    """A namespace standing in for the VM behind the sidecar's tap, with the VM's MAC (see tests/taprelay.py)."""
 
     def __init__(self, bed: Bed, mac: str) -> None:
         self.bed, self.mac = bed, mac
         self.netns = Netns(f"pv{bed.ident}-vm")
         self.ns = self.netns.ns
-        self.veth = Veth(self.ns, "eth0", bed.pod.ns, f"pv{bed.ident}vm", bed.mtu)
         self.script = Path(tempfile.gettempdir()) / f"pv{bed.ident}-udhcpc.sh"
         self.record = Path(tempfile.gettempdir()) / f"pv{bed.ident}-udhcpc.json"
+        self.resolv = Path("/etc/netns") / self.ns / "resolv.conf"
+        self.relay: subprocess.Popen[bytes] | None = None
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def setup(self) -> None:
-        """Create the namespace and plug its veth into podvm0 (the sidecar must be up)."""
+    def setup(self, timeout: float = 10) -> None:
+        """Create the namespace and attach the relay to the sidecar's tap (the sidecar must be up)."""
         self.netns.setup()
-        self.veth.setup()
-        ns_run(self.ns, "ip", "link", "set", "eth0", "address", self.mac)
-        ns_run(self.bed.pod.ns, "ip", "link", "set", f"pv{self.bed.ident}vm", "master", "podvm0")
+        # ip netns exec bind-mounts this over /etc/resolv.conf, so no DHCP client here can rewrite the host's.
+        self.resolv.parent.mkdir(parents=True, exist_ok=True)
+        self.resolv.write_text("")
+        relay = [sys.executable, str(ROOT / "tests" / "taprelay.py"), "podvm-tap0", self.ns, "eth0"]
+        self.relay = ns_popen(self.bed.pod.ns, relay, stdout=subprocess.PIPE)
+        assert self.relay.stdout is not None
+        ready, _, _ = select.select([self.relay.stdout], [], [], timeout)
+        if not ready or self.relay.stdout.readline().strip() != b"ready":
+            raise RuntimeError(f"tap relay for {self.ns} did not start (rc={self.relay.poll()})")
+        ns_run(self.ns, "ip", "link", "set", "eth0", "address", self.mac, "mtu", str(self.bed.mtu), "up")
 
     def dhcp(self) -> dict[str, str]:
         """Run busybox udhcpc once; apply the lease (address, default route, MTU) and return what it received."""
@@ -346,14 +358,17 @@ class VmStandIn:
         time.sleep(0.3)
 
     def cleanup(self) -> None:
-        """Stop servers, remove the namespace and temp files."""
-        for proc in self.procs:
+        """Stop servers and the relay (the sidecar's tap loses its carrier), remove the namespace and temp files."""
+        for proc in [*self.procs, *([self.relay] if self.relay else [])]:
             proc.kill()
             proc.wait()
         self.procs.clear()
+        self.relay = None
         self.netns.cleanup()
-        self.script.unlink(missing_ok=True)
-        self.record.unlink(missing_ok=True)
+        for path in (self.script, self.record, self.resolv):
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.resolv.parent.rmdir()
 
 
 def tcp_request(ns: str, host: str, port: int, data: str = "") -> str:
@@ -388,7 +403,7 @@ def udp_request(ns: str, host: str, port: int) -> str:
 _next_id = [0]
 
 
-def _fresh_id() -> int:
+def fresh_id() -> int:
     """A bed id unlikely to collide with another pytest process (pid-based) or another bed in this one."""
     _next_id[0] += 1
     return 1 + (os.getpid() * 7 + _next_id[0]) % 200
@@ -417,7 +432,7 @@ class BedFactory:
 
     def bed(self, style: str = "calico", mtu: int = 1440) -> Bed:
         """A Bed, set up now and cleaned up by the fixture."""
-        bed = Bed(_fresh_id(), style, mtu)
+        bed = Bed(fresh_id(), style, mtu)
         self.made.append(bed)
         bed.setup()
         return bed

@@ -22,6 +22,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 from scapy.sendrecv import AsyncSniffer, srp
 
+from netsidecar.plan import GUARDS
 from netsidecar.probe.report import (
     Check,
     Expected,
@@ -30,6 +31,7 @@ from netsidecar.probe.report import (
     Status,
     decode_domain_search,
     judge_arp,
+    judge_isolation,
     judge_offer,
     judge_port,
     judge_rules,
@@ -176,7 +178,8 @@ def _nft_rules(hs: Handshake) -> list[Check]:
     rc, output, error = nft.cmd("list ruleset")
     if rc != 0:
         return [Check("path", "nft dnat", Status.FAIL, f"cannot list the nftables ruleset: {error.strip()}")]
-    return judge_rules(rules_from_ruleset(json.loads(output or '{"nftables": []}')), hs.vm_ip)
+    rules = rules_from_ruleset(json.loads(output or '{"nftables": []}'))
+    return [*judge_rules(rules, hs.vm_ip), judge_isolation(rules, GUARDS)]
 
 
 def _conntrack(hs: Handshake) -> Check:
@@ -221,7 +224,8 @@ def _synthetic(hs: Handshake) -> Check:
 
 
 def path(hs: Handshake) -> list[Check]:
-    """Forwarding, the tap, the rules with their counters, conntrack, and a connection through the DNAT."""
+    """Forwarding, the tap, the NAT and guest-isolation rules with their counters, conntrack, a connection through
+    the DNAT."""
     return [_forwarding(), _tap(hs), *_nft_rules(hs), _conntrack(hs), _synthetic(hs)]
 
 

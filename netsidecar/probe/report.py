@@ -240,6 +240,7 @@ class Rule:
     dnat_to: str | None
     nat_out: bool
     packets: int | None
+    comment: str | None = None
 
 
 def rules_from_ruleset(document: Mapping[str, Any]) -> list[Rule]:
@@ -262,8 +263,12 @@ def rules_from_ruleset(document: Mapping[str, Any]) -> list[Rule]:
                 nat_out = True
             if isinstance(expr.get("counter"), dict):
                 packets = int(expr["counter"].get("packets", 0))
+        comment = rule.get("comment")
+        table = f"{rule.get('family')} {rule.get('table')}"
         rules.append(
-            Rule(f"{rule.get('family')} {rule.get('table')}", str(rule.get("chain")), dnat_to, nat_out, packets)
+            Rule(
+                table, str(rule.get("chain")), dnat_to, nat_out, packets, comment if isinstance(comment, str) else None
+            )
         )
     return rules
 
@@ -292,3 +297,15 @@ def judge_rules(rules: Sequence[Rule], vm_ip: str) -> list[Check]:
     else:
         checks.append(Check("path", "nft snat", Status.FAIL, f"table {table} has no SNAT/masquerade rule"))
     return checks
+
+
+def judge_isolation(rules: Sequence[Rule], guards: Sequence[str]) -> Check:
+    """Every guest-isolation drop rule (named by its comment) must be loaded; their drop counters are reported."""
+    drops = {rule.comment: rule.packets or 0 for rule in rules if rule.comment in guards}
+    missing = [guard for guard in guards if guard not in drops]
+    data = {"drops": drops, "missing": missing}
+    if missing:
+        return Check("path", "isolation", Status.FAIL, f"guest isolation rule(s) missing: {'; '.join(missing)}", data)
+    dropped = ", ".join(f"{name}: {count}" for name, count in drops.items() if count)
+    detail = f"{len(guards)} guest-isolation drop rules loaded; dropped so far: {dropped or 'nothing'}"
+    return Check("path", "isolation", Status.OK, detail, data)

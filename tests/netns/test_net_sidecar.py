@@ -88,7 +88,7 @@ def test_calico_pod_traffic_and_dhcp(bed_factory: BedFactory) -> None:
     status = json.loads(side.cli("status").stdout)
     assert status["dnsmasq_pid"] and status["handshake"] and len(status["leases"]) == 1
     assert sum(e["counter"]["packets"] for r in status["rules"] for e in r["expr"] if "counter" in e) > 0
-    for line in ("pod interface eth0", "rules: 7 in table ip podvm", "dnsmasq started", "network ready"):
+    for line in ("pod interface eth0", "rules: 24 in tables ip/netdev/inet podvm", "dnsmasq started", "network ready"):
         assert line in side.log()
 
 
@@ -137,7 +137,7 @@ def test_restart_after_kill_keeps_links_and_flows_then_sigterm_cleans(bed_factor
     try:
         assert talk.echo("before") == "before"
         before = kernel_view(bed.pod.ns)
-        assert len(before["dnsmasq"]) == 1 and len(before["tables"]) == 1  # type: ignore[arg-type]
+        assert len(before["dnsmasq"]) == 1 and len(before["tables"]) == 3  # type: ignore[arg-type]
         side.kill()
         time.sleep(0.3)
         assert talk.echo("while down") == "while down", "the kernel keeps forwarding without the sidecar"
@@ -146,7 +146,7 @@ def test_restart_after_kill_keeps_links_and_flows_then_sigterm_cleans(bed_factor
         hs2 = again.start()
         after = kernel_view(bed.pod.ns)
         assert hs2 == hs and after["links"] == before["links"], "same MAC, same bridge and tap"
-        assert len(after["tables"]) == 1 and len(after["dnsmasq"]) == 1  # type: ignore[arg-type]
+        assert len(after["tables"]) == 3 and len(after["dnsmasq"]) == 1  # type: ignore[arg-type]
         assert after["dnsmasq"] != before["dnsmasq"], "the stale dnsmasq was replaced"
         rules = ns_run(bed.pod.ns, "nft", "-a", "list", "table", "ip", "podvm").stdout
         assert rules.count("dnat to") == 2

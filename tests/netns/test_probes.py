@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from shared.handshake import Handshake
-from tests.netbed import Bed, Sidecar, VmStandIn, ns_run
+from tests.netbed import Bed, Sidecar, VmStandIn, ns_run, tcp_request
 
 pytestmark = pytest.mark.netns
 
@@ -130,7 +130,8 @@ def test_path_healthy(bed: Probed) -> None:
     code, report = probe(bed, "path")
     assert code == 0, report
     assert statuses(report) == {
-        "ip_forward": "ok", "tap": "ok", "nft dnat": "ok", "nft snat": "ok", "conntrack": "info", "dnat path": "ok",
+        "ip_forward": "ok", "tap": "ok", "nft dnat": "ok", "nft snat": "ok", "isolation": "ok", "conntrack": "info",
+        "dnat path": "ok",
     }  # fmt: skip
 
 
@@ -149,6 +150,20 @@ def test_path_with_a_rule_missing_fails(bed: Probed) -> None:
     assert statuses(report)["dnat path"] == "fail"
 
 
+def test_path_with_an_isolation_table_missing_fails(bed: Probed) -> None:
+    pod = bed.bed.pod.ns
+    saved = ns_run(pod, "nft", "list", "table", "inet", "podvm").stdout
+    ns_run(pod, "nft", "delete", "table", "inet", "podvm")
+    try:
+        code, report = probe(bed, "path")
+    finally:
+        subprocess.run(["ip", "netns", "exec", pod, "nft", "-f", "-"], input=saved, text=True, check=True)
+    isolation = next(check for check in report["checks"] if check["check"] == "isolation")
+    assert (code, isolation["status"]) == (1, "fail"), report
+    assert "guest to pod: local services" in isolation["data"]["missing"]
+    assert statuses(report)["dnat path"] == "ok", "the NAT itself still works"
+
+
 def test_path_with_forwarding_off_fails(bed: Probed) -> None:
     ns_run(bed.bed.pod.ns, "sysctl", "-qw", "net.ipv4.ip_forward=0")
     try:
@@ -159,10 +174,11 @@ def test_path_with_forwarding_off_fails(bed: Probed) -> None:
 
 
 def test_all_in_one_table(bed: Probed) -> None:
+    # a connection through the DNAT just before, so conntrack holds one of the VM's (TCP CLOSE lasts 10 s)
+    assert tcp_request(bed.bed.client.ns, bed.bed.pod_ip, 8080).startswith("hello")
     code, report = probe(bed, "all")
     assert code == 0, report
     assert {check["probe"] for check in report["checks"]} == {"dhcp", "arp", "path"}
-    # the previous tests' synthetic connections through the DNAT are still tracked (TCP CLOSE lasts 10 s)
     conntrack = next(check for check in report["checks"] if check["check"] == "conntrack")
     assert conntrack["data"]["count"] >= 1, conntrack
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from netsidecar import plan
 from netsidecar.config import PodFacts, Resolv, read_settings
 from netsidecar.plan import build, rule_count, ruleset
 from shared.env import Env
@@ -28,7 +29,7 @@ def test_ruleset_replaces_the_table_in_one_document() -> None:
     doc = ruleset(read_settings(Env({"HOSTNAME": "vm"})), POD)
     table = {"table": {"family": "ip", "name": "podvm"}}
     assert doc["nftables"][1:4] == [{"add": table}, {"delete": table}, {"add": table}]
-    assert rule_count(doc) == 7, "2 VNC exceptions, 2 DNAT, 1 SNAT, 2 accounting"
+    assert rule_count(doc) == 7 + GUARD_RULES, "2 VNC exceptions, 2 DNAT, 1 SNAT, 2 accounting, the guards"
     pre, out, post = rules(doc, "prerouting"), rules(doc, "output"), rules(doc, "postrouting")
     assert has_vnc_exception(pre[0]) and has_vnc_exception(out[0])
     assert {"dnat": {"addr": "192.168.254.2"}} in pre[1] and {"dnat": {"addr": "192.168.254.2"}} in out[1]
@@ -39,7 +40,7 @@ def test_ruleset_replaces_the_table_in_one_document() -> None:
 
 def test_no_vnc_sends_5900_to_the_vm() -> None:
     doc = ruleset(read_settings(Env({"HOSTNAME": "vm", "NO_VNC": "true"})), POD)
-    assert rule_count(doc) == 5
+    assert rule_count(doc) == 5 + GUARD_RULES
     assert not any(has_vnc_exception(e) for chain in ("prerouting", "output") for e in rules(doc, chain))
 
 
@@ -68,7 +69,7 @@ def test_accounting_counts_translated_packets_after_both_nats() -> None:
     ]
     assert [r["comment"] for r in accounted] == ["podvm: nat in", "podvm: nat out"]
     for rule in accounted:
-        assert {"counter": None} in rule["expr"] and not {"drop": None} in rule["expr"], "it only counts"
+        assert {"counter": None} in rule["expr"] and {"drop": None} not in rule["expr"], "it only counts"
         assert {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": ["snat", "dnat"]}} in rule["expr"]
 
 
@@ -128,3 +129,190 @@ def test_links_and_handshake_carry_the_pod_mtu_and_validate() -> None:
     data = json.loads(json.dumps(plan.to_dict()))
     back = Handshake.from_dict(data["handshake"])
     assert back == plan.handshake and back.mtu == 1440 and back.vnc_in_pod and back.pod_ip == "10.1.2.3"
+
+
+# ------------------------------------------------------------------------------------------- guest isolation
+# The rules are judged by what they do: a small evaluator of the nftables JSON subset the plan uses runs packets
+# (dicts of "protocol field" -> value) through the chains, as the kernel would, and reports the verdict and the
+# comment of the rule that decided (the guard's name for a drop).
+
+GUARD_RULES = 17  # netdev: 10, inet: 7 (no VM_OPEN_PORTS)
+VM_MAC, VM_IP, GW = "02:00:00:00:00:aa", "192.168.254.2", "192.168.254.1"
+ENV = {"HOSTNAME": "vm", "VM_MAC": VM_MAC}
+
+
+def chains(doc: dict[str, Any], family: str) -> dict[str, Any]:
+    """name -> {"base": chain attributes, "rules": [rule, ...]} of one family's table."""
+    out: dict[str, Any] = {}
+    for command in doc["nftables"]:
+        added = command.get("add", {})
+        if added.get("chain", {}).get("family") == family:
+            out[added["chain"]["name"]] = {"base": added["chain"], "rules": []}
+        if added.get("rule", {}).get("family") == family:
+            out[added["rule"]["chain"]]["rules"].append(added["rule"])
+    return out
+
+
+def _value(left: dict[str, Any], packet: dict[str, Any]) -> Any:
+    if "payload" in left:
+        return packet.get(f"{left['payload']['protocol']} {left['payload']['field']}")
+    if "meta" in left:
+        return packet.get(left["meta"]["key"])
+    return packet.get(f"ct {left['ct']['key']}")
+
+
+def _matches(match: dict[str, Any], packet: dict[str, Any]) -> bool:
+    got, right = _value(match["left"], packet), match["right"]
+    if got is None:
+        return False  # nftables: a header the packet does not have never matches
+    if match["op"] == "in":
+        return bool(set(got) & set(right))
+    wanted = right["set"] if isinstance(right, dict) else [right]
+    return bool((got in wanted) == (match["op"] == "=="))
+
+
+def verdict(table: dict[str, Any], chain: str, packet: dict[str, Any]) -> tuple[str, str | None]:
+    """(accept|drop|continue, comment of the deciding rule) for ``packet`` in ``chain``."""
+    for rule in table[chain]["rules"]:
+        exprs = rule["expr"]
+        if not all(_matches(e["match"], packet) for e in exprs if "match" in e):
+            continue
+        if {"counter": None} in exprs:
+            assert {"drop": None} in exprs, "only drops are counted"
+        for e in exprs:
+            if "jump" in e:
+                result = verdict(table, e["jump"]["target"], packet)
+                if result[0] != "continue":
+                    return result
+            elif "accept" in e or "drop" in e:
+                assert ("drop" not in e) or {"counter": None} in exprs, f"uncounted drop: {rule}"
+                return ("accept" if "accept" in e else "drop"), rule.get("comment")
+    return table[chain]["base"].get("policy", "continue"), None
+
+
+def from_tap(packet: dict[str, Any], env: dict[str, str] | None = None) -> tuple[str, str | None]:
+    doc = ruleset(read_settings(Env({**ENV, **(env or {})})), POD)
+    return verdict(chains(doc, "netdev"), plan.TAP_CHAIN, packet)
+
+
+def to_pod(packet: dict[str, Any], env: dict[str, str] | None = None) -> tuple[str, str | None]:
+    doc = ruleset(read_settings(Env({**ENV, **(env or {})})), POD)
+    return verdict(chains(doc, "inet"), plan.INPUT_CHAIN, packet)
+
+
+def ipv4(src: str = VM_IP, /, **fields: object) -> dict[str, Any]:
+    return {"ether saddr": VM_MAC, "ether type": "ip", "ip saddr": src, "ip daddr": "10.9.9.9", **fields}
+
+
+def arp(sender_ip: str, sender_mac: str = VM_MAC, **fields: object) -> dict[str, Any]:
+    header = {"arp htype": 1, "arp ptype": "ip", "arp hlen": 6, "arp plen": 4}
+    return {
+        "ether saddr": VM_MAC,
+        "ether type": "arp",
+        **header,
+        "arp saddr ether": sender_mac,
+        "arp saddr ip": sender_ip,
+        **fields,
+    }
+
+
+def test_isolation_tables_ride_in_the_nat_transaction_and_are_replaced_whole() -> None:
+    doc = ruleset(read_settings(Env(ENV)), POD)
+    tables = [c[v]["table"] for c in doc["nftables"] for v in ("add", "delete") if "table" in c.get(v, {})]
+    assert [(t["family"], t["name"]) for t in tables] == [(f, "podvm") for f in ("ip", "netdev", "inet") for _ in "ada"]
+    tap = chains(doc, "netdev")[plan.TAP_CHAIN]["base"]
+    assert (tap["type"], tap["hook"], tap["dev"], tap["policy"]) == ("filter", "ingress", "podvm-tap0", "drop")
+    entry = chains(doc, "inet")[plan.INPUT_CHAIN]["base"]
+    assert (entry["type"], entry["hook"], entry["policy"]) == ("filter", "input", "accept")
+    comments = [c["add"]["rule"].get("comment") for c in doc["nftables"] if "rule" in c.get("add", {})]
+    named = sorted([*plan.GUARDS, plan.NAT_IN, plan.NAT_OUT])
+    assert sorted(c for c in comments if c) == named, "each guard once, the NAT's counters, nothing else named"
+
+
+def test_every_drop_is_counted_and_named() -> None:
+    doc = ruleset(read_settings(Env({**ENV, "VM_OPEN_PORTS": "80,53/udp"})), POD)
+    for command in doc["nftables"]:
+        rule = command.get("add", {}).get("rule")
+        if rule and {"drop": None} in rule["expr"]:
+            assert {"counter": None} in rule["expr"] and rule.get("comment") in plan.GUARDS, rule
+
+
+@pytest.mark.parametrize(
+    ("packet", "expected"),
+    [
+        (ipv4(), ("accept", None)),
+        (ipv4(**{"udp sport": 68, "udp dport": 67}), ("accept", None)),
+        (ipv4("0.0.0.0", **{"udp sport": 68, "udp dport": 67}), ("accept", None)),
+        (arp(VM_IP), ("accept", None)),
+        (arp("0.0.0.0"), ("accept", None)),
+        ({**ipv4(), "ether saddr": "02:00:00:00:00:bb"}, ("drop", plan.GUARD_MAC)),
+        ({**arp(VM_IP), "ether saddr": "02:00:00:00:00:bb"}, ("drop", plan.GUARD_MAC)),
+        (ipv4("192.168.254.3"), ("drop", plan.GUARD_IPV4)),
+        (ipv4(GW), ("drop", plan.GUARD_IPV4)),
+        (ipv4("10.1.2.3"), ("drop", plan.GUARD_IPV4)),
+        (ipv4("0.0.0.0", **{"tcp sport": 68, "tcp dport": 67}), ("drop", plan.GUARD_IPV4)),
+        (ipv4("0.0.0.0", **{"udp sport": 68, "udp dport": 53}), ("drop", plan.GUARD_IPV4)),
+        (ipv4("0.0.0.0"), ("drop", plan.GUARD_IPV4)),
+        (ipv4(**{"udp sport": 67, "udp dport": 68}), ("drop", plan.GUARD_DHCP_SERVER)),
+        (ipv4(GW, **{"udp sport": 67, "udp dport": 68}), ("drop", plan.GUARD_DHCP_SERVER)),
+        (arp(GW), ("drop", plan.GUARD_ARP)),
+        (arp(VM_IP, "02:00:00:00:00:bb"), ("drop", plan.GUARD_ARP)),
+        ({**arp(VM_IP), "arp hlen": 8}, ("drop", plan.GUARD_ARP)),
+        ({**arp(VM_IP), "arp ptype": "ip6"}, ("drop", plan.GUARD_ARP)),
+        ({"ether saddr": VM_MAC, "ether type": "ip6", "icmpv6 type": "nd-router-advert"}, ("drop", plan.GUARD_RA)),
+        ({"ether saddr": VM_MAC, "ether type": "ip6", "tcp dport": 22}, ("drop", plan.GUARD_IPV6)),
+        ({"ether saddr": VM_MAC, "ether type": "vlan"}, ("drop", plan.GUARD_OTHER)),
+        ({"ether saddr": VM_MAC, "ether type": 0x88CC}, ("drop", plan.GUARD_OTHER)),
+    ],
+)
+def test_what_the_tap_lets_in(packet: dict[str, Any], expected: tuple[str, str | None]) -> None:
+    assert from_tap(packet) == expected
+
+
+def pod_bound(**fields: object) -> dict[str, Any]:
+    return {"iifname": "podvm0", "nfproto": "ipv4", "ct state": ["new"], "ip daddr": GW, **fields}
+
+
+@pytest.mark.parametrize(
+    ("packet", "env", "expected"),
+    [
+        (pod_bound(**{"udp sport": 68, "udp dport": 67}), {}, ("accept", None)),
+        (pod_bound(**{"icmp type": "echo-request"}), {}, ("accept", None)),
+        (pod_bound(**{"ct state": ["established"], "tcp sport": 9}), {}, ("accept", None)),
+        (pod_bound(**{"ct state": ["related"], "icmp type": "destination-unreachable"}), {}, ("accept", None)),
+        (pod_bound(**{"tcp dport": 8080}), {"VM_OPEN_PORTS": "8080,53/udp"}, ("accept", None)),
+        (pod_bound(**{"udp dport": 53}), {"VM_OPEN_PORTS": "8080,53/udp"}, ("accept", None)),
+        (pod_bound(**{"tcp dport": 53}), {"VM_OPEN_PORTS": "8080,53/udp"}, ("drop", plan.GUARD_POD_SERVICES)),
+        (pod_bound(**{"tcp dport": 8080}), {}, ("drop", plan.GUARD_POD_SERVICES)),
+        (pod_bound(**{"tcp dport": 5900}), {}, ("drop", plan.GUARD_POD_SERVICES)),
+        (pod_bound(**{"ip daddr": "10.1.2.3", "tcp dport": 22}), {}, ("drop", plan.GUARD_POD_SERVICES)),
+        (pod_bound(**{"ip daddr": "10.1.2.3", "icmp type": "echo-request"}), {}, ("drop", plan.GUARD_POD_SERVICES)),
+        (pod_bound(**{"udp sport": 53, "udp dport": 67}), {}, ("drop", plan.GUARD_POD_SERVICES)),
+        (pod_bound(**{"ct state": ["invalid"], "tcp dport": 80}), {}, ("drop", plan.GUARD_POD_SERVICES)),
+        (pod_bound(nfproto="ipv6", **{"icmpv6 type": "nd-router-advert"}), {}, ("drop", plan.GUARD_POD_RA)),
+        (
+            pod_bound(nfproto="ipv6", **{"tcp dport": 22, "ct state": ["established"]}),
+            {},
+            ("drop", plan.GUARD_POD_IPV6),
+        ),
+        ({**pod_bound(**{"tcp dport": 22}), "iifname": "eth0"}, {}, ("accept", None)),
+    ],
+)
+def test_what_the_pod_accepts_from_the_bridge(
+    packet: dict[str, Any], env: dict[str, str], expected: tuple[str, str | None]
+) -> None:
+    assert to_pod(packet, env) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "ports"),
+    [("", ()), ("8080", ((8080, "tcp"),)), (" 8080 , 53/udp,53/tcp,8080", ((8080, "tcp"), (53, "udp"), (53, "tcp")))],
+)
+def test_vm_open_ports(raw: str, ports: tuple[tuple[int, str], ...]) -> None:
+    assert read_settings(Env({**ENV, "VM_OPEN_PORTS": raw})).open_ports == ports
+
+
+@pytest.mark.parametrize("raw", ["0", "65536", "http", "80/icmp", "80,", "80;53", "-1", "80/UDP/x"])
+def test_vm_open_ports_refuses_bad_values(raw: str) -> None:
+    with pytest.raises(ConfigError, match=r"^VM_OPEN_PORTS=.*expected a comma-separated list such as 8080,53/udp"):
+        read_settings(Env({**ENV, "VM_OPEN_PORTS": raw}))

@@ -16,6 +16,7 @@ from netsidecar.probe.report import (
     decode_domain_search,
     exit_status,
     judge_arp,
+    judge_isolation,
     judge_offer,
     judge_port,
     judge_rules,
@@ -135,6 +136,27 @@ def test_missing_rules_fail() -> None:
     rules = rules_from_ruleset(RULESET)
     assert judge_rules(rules[1:], "192.168.254.2")[0].status is Status.FAIL
     assert judge_rules(rules[:1], "192.168.254.2")[1].status is Status.FAIL
+
+
+def test_isolation_rules_present_with_counters_or_missing() -> None:
+    guards = ("guest: a", "guest: b")
+    loaded = [
+        Rule("netdev podvm", "from-tap", None, False, 4, "guest: a"),
+        Rule("inet podvm", "guest-to-pod", None, False, 0, "guest: b"),
+        Rule("ip podvm", "pre", "192.168.254.2", False, 7),
+    ]
+    ok = judge_isolation(loaded, guards)
+    assert (ok.status, ok.data["drops"], ok.data["missing"]) == (Status.OK, {"guest: a": 4, "guest: b": 0}, [])
+    assert "guest: a: 4" in ok.detail and "guest: b" not in ok.detail
+    gone = judge_isolation(loaded[1:], guards)
+    assert (gone.status, gone.data["missing"]) == (Status.FAIL, ["guest: a"])
+    assert "guest: a" in gone.detail
+
+
+def test_rule_comments_are_read() -> None:
+    listed = {"nftables": [{"rule": {"family": "netdev", "table": "podvm", "chain": "c", "comment": "guest: a",
+                                     "expr": [{"counter": {"packets": 2, "bytes": 9}}, {"drop": None}]}}]}  # fmt: skip
+    assert rules_from_ruleset(listed) == [Rule("netdev podvm", "c", None, False, 2, "guest: a")]
 
 
 def test_render_and_json() -> None:
