@@ -29,7 +29,10 @@ PLANTED = (
     ".network.json.tmp",
     "network.json.tmp",
     ".dnsmasq.pid.tmp",
+    "network-figures.json",  # the sidecar's figures for the metrics (it replaces this name)
+    "dhcp-figures.json",  # its DHCP counters live in NET_STATE_DIR under this name
 )
+REPLACED = ("network.json", "network-figures.json")
 
 
 def only(capabilities: list[str]) -> list[str]:
@@ -192,7 +195,7 @@ def test_a_runner_planting_symlinks_in_run_dir_redirects_no_write(bed_factory: B
     os.chown(run_dir, 0, RUNNER)
     run_dir.chmod(0o2777)  # what an emptyDir with fsGroup 10001 looks like
     targets = Targets(f"pv{bed.ident}-targets-")
-    side = Sidecar(bed, run_dir=run_dir)
+    side = Sidecar(bed, {"METRICS_PORT": "9100", "METRICS_INTERVAL": "500ms"}, run_dir=run_dir)
     bed_factory.made.append(side)
     racer = subprocess.Popen(
         [*AS_RUNNER, sys.executable, "-c", RACER, str(run_dir), str(side.state_dir), str(targets.dir), *PLANTED],
@@ -218,13 +221,27 @@ def test_a_runner_planting_symlinks_in_run_dir_redirects_no_write(bed_factory: B
         assert vm.dhcp()["ip"] == "192.168.254.2"
         assert targets.changed() == [], "after dnsmasq's restart and a new lease"
         assert len(json.loads(again.cli("status").stdout)["leases"]) == 1, "status reads the lease where it is"
-        assert sorted(p.name for p in side.state_dir.iterdir()) == ["dnsmasq.leases", "dnsmasq.pid"]
+        wait_for("figures published", (run_dir / "network-figures.json").is_file)
+
+        def dhcp_figures() -> dict[str, float]:
+            report = json.loads(again.cli("status").stdout)
+            return {
+                f["name"]: f["value"] for f in report["figures"] if f["name"].startswith(("podvm_dhcp", "podvm_dns"))
+            }
+
+        wait_for("restart and lease counted", lambda: dhcp_figures()["podvm_dnsmasq_restarts_total"] == 1)
+        assert dhcp_figures()["podvm_dhcp_leases_total"] >= 1, "the lease after dnsmasq's restart"
+        assert sorted(p.name for p in side.state_dir.iterdir()) == [
+            "dhcp-figures.json",
+            "dnsmasq.leases",
+            "dnsmasq.pid",
+        ]
         assert sorted(p.name for p in run_dir.iterdir()) == sorted(PLANTED), "nothing else in RUN_DIR"
-        assert not (run_dir / "network.json").is_symlink(), "the handshake replaced the planted link"
+        assert not any((run_dir / n).is_symlink() for n in REPLACED), "the handshake and figures replaced the links"
         vm.cleanup()
         assert again.term() == 0
         assert targets.changed() == [], "after SIGTERM's teardown"
-        assert all((run_dir / n).is_symlink() for n in PLANTED if n != "network.json"), "left alone"
+        assert all((run_dir / n).is_symlink() for n in PLANTED if n not in REPLACED), "left alone"
         assert list(side.state_dir.iterdir()) == [], "teardown removed dnsmasq's files; nothing was planted there"
     finally:
         racer.kill()
