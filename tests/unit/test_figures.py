@@ -41,8 +41,10 @@ def test_names_follow_prometheus_conventions() -> None:
         assert spec.help and spec.kind in ("counter", "gauge", "info")
         assert (spec.kind == "counter") == spec.name.endswith("_total"), spec.name
         assert not spec.name.endswith("_info"), "the client library appends _info"
-        if (spec.kind == "gauge" and "time" in spec.name) or "duration" in spec.name or "uptime" in spec.name:
-            assert spec.name.endswith("_seconds"), spec.name
+        if any(word in spec.name for word in ("time", "duration", "uptime")):
+            assert "_seconds" in spec.name, f"{spec.name}: a time is in seconds, named so"
+        if any(word in spec.name for word in ("size", "memory", "traffic")):
+            assert "_bytes" in spec.name, f"{spec.name}: a size is in bytes, named so"
         assert all(re.fullmatch(r"[a-z_]+", label) for label in spec.labels)
 
 
