@@ -18,7 +18,9 @@ from netsidecar.figures import DhcpFigures, rule_figures, tap_figures
 from shared import figures
 from shared.env import Env
 from shared.figures import CATALOG, FiguresError, figure, parse_document, read_document
-from vmrunner import metrics
+from tests import samples
+from vmrunner import cli, metrics
+from vmrunner.config import load
 
 NETWORK = figures.NETWORK_NAMES
 
@@ -310,3 +312,19 @@ def test_the_run_state_is_saved_for_status_and_removed_at_the_end(tmp_path: Path
     assert metrics.load_state(tmp_path / "run") is None
     (tmp_path / "run" / metrics.STATE_FILE).write_text('{"phase": 1, "image": []}')
     assert metrics.load_state(tmp_path / "run") is None
+
+
+def test_the_runner_follows_the_handshake_on_the_metrics_port(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As for NO_VNC: a port the sidecar does not keep in the pod would belong to the guest, so the runner serves
+    only where the handshake says, and warns when its own METRICS_PORT disagrees."""
+    env = {"IMG_SOURCE": "/base.qcow2", "RUN_DIR": str(tmp_path), "VM_DIR": str(tmp_path), "HOSTNAME": "vm-0"}
+    cfg = load({**env, "METRICS_PORT": "9100"})
+    tracker = cli._start_metrics(cfg, samples.handshake(metrics_port=None))
+    assert "METRICS_PORT=9100 but the sidecar's handshake says metrics_port=unset; following the handshake" in (
+        caplog.text
+    )
+    assert tracker.state.phase == "fetching" and metrics.load_state(tmp_path) is not None
+    tracker.forget()
+    caplog.clear()
+    cli._start_metrics(load(env), samples.handshake(metrics_port=None))
+    assert "METRICS_PORT" not in caplog.text

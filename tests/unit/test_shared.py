@@ -84,6 +84,8 @@ def test_handshake_follows_its_published_json_schema() -> None:
         ({"dns": ["10.0.0.1", 5]}, "h.dns[1]: expected string"),
         ({"vnc_in_pod": 1}, "h.vnc_in_pod: expected boolean"),
         ({"tap_owner": True}, "h.tap_owner: expected ['integer', 'null']"),
+        ({"metrics_port": 0}, "h.metrics_port: 0 is out of range"),
+        ({"metrics_port": "9100"}, "h.metrics_port: expected ['integer', 'null']"),
     ],
 )
 def test_handshake_rejects_what_the_schema_rejects(change: dict[str, object], message: str) -> None:
@@ -104,6 +106,15 @@ def test_handshake_missing_field_is_named() -> None:
 def test_handshake_minor_versions_are_compatible() -> None:
     data = {**SAMPLE.to_dict(), "version": "1.7", "future_field": "ignored"}
     assert handshake.Handshake.from_dict(data).tap == "podvm-tap0"
+
+
+def test_a_1_0_handshake_has_no_metrics_port_and_1_1_carries_one() -> None:
+    """1.1 added metrics_port; a 1.0 sidecar's handshake (without it) still reads, as "no metrics endpoint"."""
+    old = {**SAMPLE.to_dict(), "version": "1.0"}
+    del old["metrics_port"]
+    assert handshake.Handshake.from_dict(old).metrics_port is None
+    new = handshake.Handshake.from_dict({**SAMPLE.to_dict(), "metrics_port": 9100})
+    assert (new.metrics_port, new.version) == (9100, "1.1")
 
 
 def test_waiting_for_a_missing_handshake_names_the_file(tmp_path: Path) -> None:
