@@ -1,6 +1,9 @@
 """Sample data several tiers use, so each test states only what it changes."""
 
 import dataclasses
+import json
+import re
+from pathlib import Path
 
 from shared.handshake import Handshake
 
@@ -24,3 +27,11 @@ _HANDSHAKE = Handshake(
 def handshake(**changes: object) -> Handshake:
     """A valid handshake with ``changes`` applied."""
     return dataclasses.replace(_HANDSHAKE, **changes)  # type: ignore[arg-type]
+
+
+def dashboard_metrics() -> set[str]:
+    """Every podvm metric name the Grafana dashboard in deploy/ queries."""
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    exprs += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    return {name for expr in exprs for name in re.findall(r"\bpodvm_[a-z0-9_]+", expr)}

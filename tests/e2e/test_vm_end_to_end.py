@@ -20,6 +20,7 @@ from prometheus_client.samples import Sample
 from qemu.qmp import QMPClient
 
 from shared.handshake import Handshake
+from tests import samples
 from tests.e2e import harness
 from tests.e2e.harness import PodNet, Proc
 from tests.guest.build import ensure_guest
@@ -340,3 +341,9 @@ def test_boots_and_shutdowns_of_the_pet_are_counted(world: World) -> None:
     assert second.value("podvm_image_fetched_bytes_total") == 0, "the second found it in the cache"
     assert second.value("podvm_image_vetting", result="accepted") == 1
     assert second.value("podvm_image_cache_size_bytes") >= first.value("podvm_image_fetched_bytes_total")
+
+
+def test_every_name_the_dashboard_queries_is_in_a_real_scrape(world: World) -> None:
+    assert world.first.exercise is not None
+    served = {sample.name for sample in world.first.exercise.after.samples}
+    assert samples.dashboard_metrics() - served == set()

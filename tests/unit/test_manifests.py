@@ -1,6 +1,7 @@
 """The Kubernetes manifests in deploy/ are valid API objects and keep the promises the README makes about them."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,9 @@ import yaml
 from netsidecar.config import read_settings
 from netsidecar.kernel import RUN_CAPABILITIES
 from shared.env import Env
+from shared.figures import CATALOG, sample_name
+from tests import samples
+from vmrunner.config import load
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 # The oldest release the native sidecar needs, and the newest the validator knows.
@@ -203,7 +207,8 @@ def test_local_pod_is_the_cluster_pod_with_local_storage_and_no_kvm(tmp_path: Pa
         assert _container(spec, name)["securityContext"] == _container(cluster, name)["securityContext"]
         assert _container(spec, name)["image"] == "localhost/podvm-net:latest"
     assert [c["name"] for c in spec["initContainers"]] == ["net-prepare"]
-    assert local.manifest["metadata"]["annotations"] == {"io.podman.annotations.init.container.type": "always"}
+    podman_annotation = {"io.podman.annotations.init.container.type": "always"}
+    assert local.manifest["metadata"]["annotations"] == {**_kind("Pod")["metadata"]["annotations"], **podman_annotation}
     assert spec["restartPolicy"] == "OnFailure" and "restartPolicy" not in cluster
     assert {"name": "net-state", "hostPath": {"path": str(local.private), "type": "Directory"}} in spec["volumes"]
     assert local.private not in local.directories[1:], "not chowned to the runner"
@@ -224,3 +229,33 @@ def test_local_pod_plan_changes_nothing(tmp_path: Path) -> None:
     localpod = _localpod()
     localpod.plan(*localpod.cluster_manifests(), localpod.LocalSettings("p", tmp_path / "state", "http://x/y"))
     assert not (tmp_path / "state").exists()
+
+
+def test_the_dashboard_queries_only_names_of_the_catalog() -> None:
+    """Offline; tests/e2e checks the same names against a real scrape of the endpoint."""
+    served = {sample_name(spec) for spec in CATALOG.values()}
+    assert samples.dashboard_metrics() and samples.dashboard_metrics() <= served, samples.dashboard_metrics() - served
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) and all(panel["title"] for panel in dashboard["panels"])
+    for area in (
+        "podvm_vm_state",
+        "podvm_network_receive_bytes_total",
+        "podvm_vm_storage_write_traffic_bytes_total",
+        "podvm_vm_cpu_usage_seconds_total",
+    ):
+        assert area in samples.dashboard_metrics(), f"the issue asks for traffic, disk, CPU and state: {area}"
+
+
+@pytest.mark.parametrize("spec", [_kind("Pod"), _kind("StatefulSet")["spec"]["template"]], ids=["pod", "statefulset"])
+def test_the_metrics_port_is_scraped_kept_in_the_pod_and_the_same_in_both_containers(spec: dict[str, Any]) -> None:
+    annotations = spec["metadata"]["annotations"]
+    port = int(annotations["prometheus.io/port"])
+    assert annotations["prometheus.io/scrape"] == "true"
+    pod = spec["spec"]
+    net, vm = _container(pod, "net"), _container(pod, "vm")
+    settings = read_settings(Env({**_env(net), "HOSTNAME": "vm"}))
+    assert settings.metrics_port == port, "the sidecar keeps the scraped port in the pod"
+    assert load({**_env(vm), "HOSTNAME": "vm"}).metrics_port == port, "and the runner serves it"
+    assert {"name": "metrics", "containerPort": port, "protocol": "TCP"} in vm["ports"]
+    assert port != vm["readinessProbe"]["tcpSocket"]["port"], "the readiness port must reach the guest"
