@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,7 @@ log = logging.getLogger("vmrunner")
 STATE_FILE = "vmrunner-state.json"
 QMP_TIMEOUT = 1.0
 CACHE_SCAN_EVERY = 60.0
+GATHER_EVERY = 1.0
 CACHE_SCAN_LIMIT = 10_000
 # QMP run states as podvm reports them; any other is a state the VM cannot go on from by itself.
 _QMP_STATES = {
@@ -362,16 +364,30 @@ def _values(spec: figures.Spec, sample: Figure) -> list[str]:
 
 
 class Collector:
-    """prometheus_client's view of :func:`gather`: one metric family per catalog entry that has samples."""
+    """prometheus_client's view of :func:`gather`: one metric family per catalog entry that has samples.
+
+    The endpoint answers anyone who reaches the pod IP, so scrapes are served one at a time and the figures are
+    gathered at most once per GATHER_EVERY: a flood of requests costs neither qemu's monitor nor the runner more.
+    """
 
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker
+        self._lock = threading.Lock()
+        self._last: tuple[float, list[Figure]] = (0.0, [])
+
+    def _figures(self) -> list[Figure]:
+        with self._lock:
+            when, items = self._last
+            if not items or time.monotonic() - when >= GATHER_EVERY:
+                items = gather(self.tracker.state, self.tracker.sources, self.tracker.cache_size())
+                self._last = (time.monotonic(), items)
+            return items
 
     def collect(self) -> Iterator[Any]:
         """Families with their help, type and samples, in catalog order."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-        items = gather(self.tracker.state, self.tracker.sources, self.tracker.cache_size())
+        items = self._figures()
         by_name: dict[str, list[Figure]] = {}
         for item in items:
             by_name.setdefault(item.name, []).append(item)

@@ -119,9 +119,19 @@ def _exercise(pod: PodNet, base: Path, run_dir: Path) -> Exercise:
     ]
     after = _fresh_scrape(pod, time.time())
     asyncio.run(_qmp(run_dir / "qmp.sock", "stop"))
-    paused = scrape(pod)
+    paused = _scrape_until(pod, "paused")
     asyncio.run(_qmp(run_dir / "qmp.sock", "cont"))
-    return Exercise(before, after, paused, scrape(pod), transfers)
+    return Exercise(before, after, paused, _scrape_until(pod, "running"), transfers)
+
+
+def _scrape_until(pod: PodNet, state: str) -> Scrape:
+    """The first scrape that shows ``state`` (the endpoint gathers at most once a second), or the last one."""
+    deadline = time.monotonic() + 10
+    while True:
+        got = scrape(pod)
+        if got.value("podvm_vm_state", state=state) == 1 or time.monotonic() > deadline:
+            return got
+        time.sleep(0.3)
 
 
 @dataclass

@@ -328,3 +328,25 @@ def test_the_runner_follows_the_handshake_on_the_metrics_port(tmp_path: Path, ca
     caplog.clear()
     cli._start_metrics(load(env), samples.handshake(metrics_port=None))
     assert "METRICS_PORT" not in caplog.text
+
+
+def test_a_flood_of_scrapes_gathers_once_a_second(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anyone who reaches the pod IP can scrape: the figures (a QMP query among them) are gathered at most once per
+    GATHER_EVERY however many requests arrive."""
+    calls: list[float] = []
+    real = metrics.gather
+
+    def counting(*args: Any) -> list[figures.Figure]:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(metrics, "gather", counting)
+    tracker = _tracker(tmp_path)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics.Collector(tracker))
+    for _ in range(20):
+        generate_latest(registry)
+    assert len(calls) == 1
+    monkeypatch.setattr(metrics, "GATHER_EVERY", 0.0)
+    generate_latest(registry)
+    assert len(calls) == 2
