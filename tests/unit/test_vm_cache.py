@@ -86,9 +86,9 @@ def test_a_volume_without_locks_is_one_line(tmp_path: Path, monkeypatch: pytest.
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    with pytest.raises(ConfigError, match=r"^IMAGE_DIR: .*x\.lock: the volume does not support file locks \(ENOLCK\)"):
-        with locked(tmp_path / "x.lock"):
-            pass
+    message = r"^IMAGE_DIR: .*x\.lock: the volume does not support file locks \(ENOLCK\)"
+    with pytest.raises(ConfigError, match=message), locked(tmp_path / "x.lock"):
+        pass
 
 
 def facts(**change: object) -> DigestFacts:

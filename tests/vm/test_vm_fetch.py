@@ -121,7 +121,7 @@ def test_a_new_checksum_fetches_again_and_never_touches_the_cached_base(
     env = runner_env(shared_dir, IMG_SOURCE=served.url("/base.qcow2"))
     old = ensure_base(load(env))
     before = (shared_dir / "image" / "sha256" / old).stat()
-    with pytest.raises(ImageRejected, match="^IMG_CHECKSUM: .* expected sha512:a+; nothing was cached$"):
+    with pytest.raises(ImageRejected, match=r"^IMG_CHECKSUM: .* expected sha512:a+; nothing was cached$"):
         ensure_base(load({**env, "IMG_CHECKSUM": "sha512:" + "a" * 128}))
     served.served.files["/base.qcow2"] = other_qcow2_bytes
     sha = hashlib.sha256(other_qcow2_bytes).hexdigest()
