@@ -487,26 +487,39 @@ def _remove(layout: Layout, decision: Decision, names: tuple[str, ...]) -> None:
     layout.lock(decision.hex).unlink(missing_ok=True)
 
 
-def collect(root: Path, grace: float, dry_run: bool) -> dict[str, object]:
+@dataclass
+class GcReport:
+    """What one gc run did (or would do, with ``dry_run``); printed as JSON."""
+
+    dry_run: bool
+    removed: list[dict[str, object]] = field(default_factory=list)  # digest, names, why
+    kept: list[dict[str, object]] = field(default_factory=list)
+    dropped_refs: list[str] = field(default_factory=list)
+    tmp_removed: list[str] = field(default_factory=list)
+
+    def removed_digests(self) -> list[str]:
+        """``sha256:<hex>`` of each removed base."""
+        return [str(entry["digest"]) for entry in self.removed]
+
+
+def collect(root: Path, grace: float, dry_run: bool) -> GcReport:
     """Remove bases no reference has claimed for ``grace`` seconds, and stale downloads; return what was done.
 
     Each base is judged again while its lock is held; a base whose lock is busy is being claimed and is skipped.
     """
     layout = Layout(root)
+    report = GcReport(dry_run)
     if not (root / "sha256").is_dir():
-        return {"removed": [], "kept": [], "dropped_refs": [], "tmp_removed": [], "dry_run": dry_run}
+        return report
     check_locks(root)
     now = time.time()
-    removed: list[dict[str, object]] = []
-    kept: list[dict[str, object]] = []
-    dropped: list[str] = []
     for entry in sorted((root / "sha256").iterdir()):
         if not HEX64.match(entry.name):
             continue
         guard = contextlib.nullcontext(True) if dry_run else locked(layout.lock(entry.name), blocking=False)
         with guard as held:
             if not held:
-                kept.append({"digest": f"sha256:{entry.name}", "why": "being claimed (its lock is busy)"})
+                report.kept.append({"digest": f"sha256:{entry.name}", "why": "being claimed (its lock is busy)"})
                 continue
             facts = observe(layout, entry.name)
             if facts is None:
@@ -514,26 +527,25 @@ def collect(root: Path, grace: float, dry_run: bool) -> dict[str, object]:
             decision = judge_digest(facts, now, grace)
             if not dry_run:
                 _remove(layout, decision, facts.names)
-        dropped += [f"sha256:{decision.hex}/{ref}" for ref in decision.drop_refs]
+        report.dropped_refs += [f"sha256:{decision.hex}/{ref}" for ref in decision.drop_refs]
         summary: dict[str, object] = {
             "digest": f"sha256:{decision.hex}",
             "names": list(facts.names),
             "why": decision.why,
         }
-        (removed if decision.remove else kept).append(summary)
+        (report.removed if decision.remove else report.kept).append(summary)
         for ref in decision.drop_refs:
             log.info("%s reference %s to sha256:%s: its pet is gone", _verb(dry_run, "dropped"), ref, decision.hex)
         if decision.remove:
             log.info("%s sha256:%s (%s)", _verb(dry_run, "removed"), decision.hex, decision.why)
-    tmp_removed = []
     with contextlib.suppress(FileNotFoundError):
         for entry in sorted(layout.tmp.iterdir()):
             with contextlib.suppress(FileNotFoundError):
                 if now - entry.stat().st_mtime >= max(grace, TMP_MIN_AGE):
                     if not dry_run:
                         entry.unlink()
-                    tmp_removed.append(entry.name)
-    return {"removed": removed, "kept": kept, "dropped_refs": dropped, "tmp_removed": tmp_removed, "dry_run": dry_run}
+                    report.tmp_removed.append(entry.name)
+    return report
 
 
 def _verb(dry_run: bool, done: str) -> str:

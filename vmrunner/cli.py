@@ -13,6 +13,7 @@ import socket
 import sys
 import termios
 import tty
+from dataclasses import asdict
 from pathlib import Path
 
 from shared import handshake
@@ -157,7 +158,7 @@ def cmd_gc(cfg: Config, args: list[str]) -> int:
             grace = Env({"--grace": rest.pop(0)}).duration("--grace", grace)
         else:
             raise ConfigError(f"gc: unknown argument {arg!r} (expected --dry-run or --grace DURATION)")
-    print(json.dumps(collect(cfg.image_dir, grace, dry_run), indent=2))
+    print(json.dumps(asdict(collect(cfg.image_dir, grace, dry_run)), indent=2))
     return 0
 
 

@@ -286,9 +286,9 @@ def test_gc_removes_only_unreferenced_bases_and_two_at_once_do_no_harm(
     v1, v2 = sha(images["v1"]), sha(images["v2"])
     ensure_image(cfg_of(env, IMG_SOURCE=str(images["v2"]), IMG_TARGET="v2"))
     dry = collect(image_dir, 0, dry_run=True)
-    assert [r["digest"] for r in dry["removed"]] == [f"sha256:{v2}"]  # type: ignore[index]
+    assert dry.removed_digests() == [f"sha256:{v2}"]
     assert (image_dir / "sha256" / v2).exists() and (image_dir / "names" / "v2").exists()
-    assert [r["digest"] for r in collect(image_dir, 3600, dry_run=False)["removed"]] == []  # type: ignore[index]
+    assert collect(image_dir, 3600, dry_run=False).removed_digests() == []
     gc = [*VMRUNNER, "gc", "--grace", "0s"]
     procs = [subprocess.Popen(gc, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
     outs = [p.communicate(timeout=60) for p in procs]
@@ -308,10 +308,11 @@ def test_gc_never_takes_a_base_being_claimed_and_drops_references_of_deleted_pet
     made.unlink()
     with locked(Layout(image_dir).lock(v1)):  # a runner taking a reference right now
         busy = collect(image_dir, 0, dry_run=False)
-    assert busy["removed"] == [] and (image_dir / "sha256" / v1).exists()
+    assert busy.removed == [] and (image_dir / "sha256" / v1).exists()
+    assert busy.kept == [{"digest": f"sha256:{v1}", "why": "being claimed (its lock is busy)"}]
     done = collect(image_dir, 0, dry_run=False)
-    assert len(done["dropped_refs"]) == 1  # type: ignore[arg-type]
-    assert [r["digest"] for r in done["removed"]] == [f"sha256:{v1}"]  # type: ignore[index]
+    assert len(done.dropped_refs) == 1
+    assert done.removed_digests() == [f"sha256:{v1}"]
 
 
 def test_a_full_vm_volume_is_one_line_naming_it(env: dict[str, str], shared_dir: Path) -> None:
