@@ -104,7 +104,7 @@ def bench_fetch(res: Results, size: int, runs: int) -> None:
             cache = root / f"cache-{i}"
             cache.mkdir()
             begin = time.monotonic()
-            subprocess.run([*VMRUNNER, "fetch"], env=env(cache), check=True)
+            subprocess.run([*VMRUNNER, "fetch"], env=env(cache), check=True, stdout=subprocess.DEVNULL)
             runner.append(mib / (time.monotonic() - begin))
             shutil.rmtree(cache)
         eight, codes, served = _eight_at_once(env(root / "shared-cache"), root / "shared-cache")
@@ -163,7 +163,7 @@ def _eight_at_once(env: dict[str, str], cache: Path) -> tuple[float, list[int], 
     cache.mkdir()
     CountingHandler.served[0] = 0
     begin = time.monotonic()
-    procs = [subprocess.Popen([*VMRUNNER, "fetch"], env=env) for _ in range(8)]
+    procs = [subprocess.Popen([*VMRUNNER, "fetch"], env=env, stdout=subprocess.DEVNULL) for _ in range(8)]
     try:
         codes = [p.wait(600) for p in procs]
     finally:

@@ -147,6 +147,7 @@ def locked(path: Path, waiting: str = "", *, blocking: bool = True) -> Iterator[
 
     :raise ConfigError: when the volume does not support locks (ENOLCK).
     """
+    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         with open(path, "a") as lock:
             try:

@@ -4,6 +4,8 @@
 Arguments after ``run`` are handed to qemu unchanged (the container's ``args:``), so they are not parsed here.
 """
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -13,6 +15,7 @@ import socket
 import sys
 import termios
 import tty
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -70,7 +73,8 @@ def cmd_run(cfg: Config) -> int:
         log.warning(
             "tap %s belongs to uid %d but the runner is uid %d: qemu cannot open it", hs.tap, hs.tap_owner, os.getuid()
         )
-    prepare(cfg)
+    with volume_errors(cfg):
+        prepare(cfg)
     iso = None
     if drive is not None:
         iso = drive_path(cfg)
@@ -221,6 +225,23 @@ def cmd_console(run_dir: Path) -> int:
         conn.close()
 
 
+@contextlib.contextmanager
+def volume_errors(cfg: Config) -> Iterator[None]:
+    """A file system error on the image cache or the VM's volume (read-only, full, wrong owner) is one line naming
+    the volume's variable, never a traceback."""
+    try:
+        yield
+    except OSError as err:
+        where = Path(err.filename) if isinstance(err.filename, str) else None
+        volume = next(
+            (f"{name}={root}" for name, root in (("IMAGE_DIR", cfg.image_dir), ("VM_DIR", cfg.vm_dir))
+             if where is not None and where.is_relative_to(root)),
+            "a volume",
+        )  # fmt: skip
+        error = ConfigError if isinstance(err, PermissionError) or err.errno == errno.EROFS else PodvmError
+        raise error(f"{volume}: {err.strerror}: {err.filename}") from None
+
+
 def dispatch(args: list[str]) -> int:
     """Run the subcommand named by ``args[0]``; each reads only the settings it uses."""
     command, rest = (args[0], args[1:]) if args else ("", [])
@@ -238,13 +259,21 @@ def dispatch(args: list[str]) -> int:
     if command == "plan":
         return cmd_plan(load(env, extra))
     if command == "prepare" and not rest:
-        return cmd_prepare(load(env))
+        cfg = load(env)
+        with volume_errors(cfg):
+            return cmd_prepare(cfg)
     if command == "fetch" and not rest:
-        return cmd_fetch(load(env))
+        cfg = load(env)
+        with volume_errors(cfg):
+            return cmd_fetch(cfg)
     if command == "rebase" and len(rest) == 1:
-        return cmd_rebase(load(env, image=False), rest[0])
+        cfg = load(env, image=False)
+        with volume_errors(cfg):
+            return cmd_rebase(cfg, rest[0])
     if command == "gc":
-        return cmd_gc(load(env, image=False), rest)
+        cfg = load(env, image=False)
+        with volume_errors(cfg):
+            return cmd_gc(cfg, rest)
     if command == "configdrive" and len(rest) == 1:
         return cmd_configdrive(load(env, image=False), rest[0])
     print(USAGE, file=sys.stderr)

@@ -354,3 +354,14 @@ def test_commands_without_an_image_do_not_ask_for_one(shared_dir: Path) -> None:
     assert out.exists()
     done = subprocess.run([*VMRUNNER, "rebase", "x"], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "no pet disk to rebase" in done.stderr
+
+
+def test_a_cache_the_runner_cannot_write_is_one_line_naming_it(env: dict[str, str], shared_dir: Path) -> None:
+    image_dir = shared_dir / "image"
+    for sub in ("sha256", "names", "refs", "locks", "tmp"):
+        (image_dir / sub).mkdir()
+    os.chown(image_dir, 0, 0)
+    drop = ["setpriv", "--reuid=10001", "--regid=10001", "--clear-groups", "--"]
+    done = subprocess.run([*drop, *VMRUNNER, "prepare"], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert f"IMAGE_DIR={image_dir}: Permission denied: {image_dir}/locks/" in one_line_error(done)

@@ -134,7 +134,7 @@ def test_unprivileged_runner_runs_qemu_answers_qmp_and_stops_hard(netns: str, po
     finally:
         code, log = stop(again)
     assert code == 6, log
-    assert "using pet disk" in log and "fetching" not in log and "vetting" not in log
+    assert "is on its base sha256:" in log and "fetching" not in log and "hashing" not in log
     assert (pod / "vm" / "vm-0.qcow2").stat().st_ino == pet.st_ino
 
 
