@@ -258,10 +258,25 @@ def ensure_image(cfg: Config) -> Cached:
         return Cached(found, None)
     waiting = f"another runner is fetching {cfg.img_target}; waiting for it"
     with locked(layout.name_lock(cfg.img_name), waiting):
-        found = resolve(cfg, layout)
+        found = resolve(cfg, layout) or _known_digest(cfg, layout)
         if found is not None:
             return Cached(found, None)
         return _fetch(cfg, layout)
+
+
+def _known_digest(cfg: Config, layout: Layout) -> str | None:
+    """With ``IMG_CHECKSUM=sha256:<hex>`` and that base already cached (under another name), no download is needed:
+    the base is hashed to be sure and the name is pointed at it."""
+    if cfg.img_checksum is None or cfg.img_checksum.algorithm != "sha256":
+        return None
+    hexdigest = cfg.img_checksum.hexdigest
+    base = layout.base(hexdigest)
+    if not base.exists() or hash_file(base) != hexdigest:
+        return None
+    record = NameRecord(f"sha256:{hexdigest}", redact(cfg.img_source), utc_now())
+    write_atomic(layout.name(cfg.img_name), json.dumps(asdict(record)).encode(), mode=0o644)
+    log.info("%s is sha256:%s, already cached: not fetched", cfg.img_name, hexdigest)
+    return hexdigest
 
 
 class _Writeback(io.FileIO):

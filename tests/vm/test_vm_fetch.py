@@ -68,6 +68,20 @@ def test_two_urls_with_one_file_name_never_share_a_name_and_same_bytes_share_a_b
     assert len(list((shared_dir / "image" / "names").iterdir())) == 3
 
 
+def test_a_known_sha256_already_cached_under_another_name_is_not_downloaded(
+    served: Server, qcow2_bytes: bytes, shared_dir: Path
+) -> None:
+    served.served.files["/a/disk.qcow2"] = qcow2_bytes
+    served.served.files["/b/disk.qcow2"] = qcow2_bytes
+    sha = hashlib.sha256(qcow2_bytes).hexdigest()
+    ensure_base(load(runner_env(shared_dir, IMG_SOURCE=served.url("/a/disk.qcow2"))))
+    cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/b/disk.qcow2"), IMG_CHECKSUM=f"sha256:{sha}"))
+    assert ensure_base(cfg) == sha
+    assert [path for path, _ in served.served.requests] == ["/a/disk.qcow2"]
+    record = read_name(Layout(cfg.image_dir), cfg.img_name)
+    assert record is not None and record.hex == sha
+
+
 def test_credentials_and_query_never_reach_the_shared_cache(
     served: Server, qcow2_bytes: bytes, shared_dir: Path
 ) -> None:
