@@ -149,7 +149,13 @@ def locked(path: Path, waiting: str = "", *, blocking: bool = True) -> Iterator[
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        with open(path, "a") as lock:
+        try:  # never follow a symlink planted in the shared cache (it could point into this pod's own volumes)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise PodvmError(f"IMAGE_DIR: {path} is a symbolic link; refused") from None
+            raise
+        with open(fd, "r+b") as lock:
             try:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -82,6 +82,24 @@ def test_a_known_sha256_already_cached_under_another_name_is_not_downloaded(
     assert record is not None and record.hex == sha
 
 
+def test_a_forged_name_is_not_followed_when_a_checksum_is_set(
+    served: Server, qcow2_bytes: bytes, other_qcow2_bytes: bytes, shared_dir: Path
+) -> None:
+    """A pod with the cache's uid points the name at an image it planted; IMG_CHECKSUM makes the runner fetch."""
+    served.served.files["/evil.qcow2"] = other_qcow2_bytes
+    served.served.files["/disk.qcow2"] = qcow2_bytes
+    evil = ensure_base(load(runner_env(shared_dir, IMG_SOURCE=served.url("/evil.qcow2"), IMG_TARGET="debian")))
+    sha = hashlib.sha256(qcow2_bytes).hexdigest()
+    env = runner_env(shared_dir, IMG_SOURCE=served.url("/disk.qcow2"), IMG_TARGET="debian")
+    assert ensure_base(load(env)) == evil, "without a checksum the shared cache's name is trusted (see the README)"
+    assert ensure_base(load({**env, "IMG_CHECKSUM": f"sha256:{sha}"})) == sha
+    lock = shared_dir / "image" / "locks" / "name.planted.lock"
+    lock.symlink_to(shared_dir / "vm" / "planted")
+    with pytest.raises(PodvmError, match=r"^IMAGE_DIR: .*name\.planted\.lock is a symbolic link; refused$"):
+        ensure_base(load(runner_env(shared_dir, IMG_SOURCE=served.url("/disk.qcow2"), IMG_TARGET="planted")))
+    assert not (shared_dir / "vm" / "planted").exists()
+
+
 def test_credentials_and_query_never_reach_the_shared_cache(
     served: Server, qcow2_bytes: bytes, shared_dir: Path
 ) -> None:
