@@ -114,6 +114,11 @@ def test_a_new_pet_is_bound_to_its_bases_digest_and_referenced(
     assert list(refs) == [f"vm-0.{volume}"]
     trust = read_trust(cfg_of(env))
     assert trust is not None and trust.digest == digest
+    plan = json.loads(subprocess.run([*VMRUNNER, "plan"], env=env, capture_output=True, check=True).stdout)
+    assert plan["image"]["digest"] == f"sha256:{digest}" and plan["image"]["cached"] is True
+    assert plan["pet"]["binding"]["digest"] == f"sha256:{digest}"
+    assert plan["pet"]["binding"]["next_start"] == "cheap check"
+    assert plan["pet"]["references"] == [f"vm-0.{volume}"]
     caplog.clear()
     prepare(cfg_of(env))
     assert "hashing" not in caplog.text, "an unchanged base costs no re-hash"
@@ -153,6 +158,8 @@ def test_a_base_changed_in_place_is_refused_even_with_its_mtime_restored(
         f.write(b"\xff" * 16)
     os.utime(base, ns=(st.st_atime_ns, st.st_mtime_ns))
     base.chmod(0o444)
+    plan = json.loads(subprocess.run([*VMRUNNER, "plan"], env=env, capture_output=True, check=True).stdout)
+    assert plan["pet"]["binding"]["next_start"] == "full re-hash", "plan shows the doubt before any start"
     done = run_prepare(env)
     assert done.returncode == 7
     line = one_line_error(done)
@@ -354,6 +361,8 @@ def test_commands_without_an_image_do_not_ask_for_one(shared_dir: Path) -> None:
     assert out.exists()
     done = subprocess.run([*VMRUNNER, "rebase", "x"], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "no pet disk to rebase" in done.stderr
+    done = subprocess.run([*VMRUNNER, "gc", "--grace", "soon"], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "--grace='soon': expected a duration" in done.stderr
 
 
 def test_a_cache_the_runner_cannot_write_is_one_line_naming_it(env: dict[str, str], shared_dir: Path) -> None:
