@@ -11,7 +11,7 @@ from shared.errors import ConfigError
 
 _HEX = re.compile(r"^[0-9a-f]+$")
 _DIGEST_LENGTH = {"sha256": 64, "sha512": 128}
-_TARGET = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,254}$")
+_TARGET = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,199}$")  # room for "name." and ".lock"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 ACCELS = ("auto", "kvm", "tcg")
 DISK_BUSES = ("virtio", "ide", "scsi")
@@ -137,7 +137,7 @@ def _source_and_target(env: Env) -> tuple[str, str, str]:
     target = env.optional("IMG_TARGET")
     if target is not None and not _TARGET.match(target):
         raise ConfigError(
-            f"IMG_TARGET={target!r}: expected a plain name (letters, digits, '.', '_', '+', '-', not starting with '.')"
+            f"IMG_TARGET={target!r}: expected a plain name of up to 200 letters, digits, '.', '_', '+', '-' (no leading '.')"
         )
     return source, target or file_name or "image", name_key(source, target)
 

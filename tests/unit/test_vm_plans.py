@@ -64,6 +64,7 @@ def test_local_source_names_the_target_after_the_file() -> None:
         ({"IMG_TARGET": "../etc/passwd"}, "IMG_TARGET='../etc/passwd': expected a plain name"),
         ({"IMG_TARGET": ".hidden"}, "IMG_TARGET='.hidden'"),
         ({"IMG_TARGET": "a@b"}, "IMG_TARGET='a@b'"),
+        ({"IMG_TARGET": "a" * 201}, "IMG_TARGET='aaaa"),
         ({"VM_DISK_MODE": "thin"}, "VM_DISK_MODE='thin': expected one of overlay, standalone"),
         ({"VERIFY_BASE": "never"}, "VERIFY_BASE='never': expected one of changed, always"),
         ({"IMG_CHECKSUM": "md5:abc"}, "IMG_CHECKSUM='md5:abc': expected sha256:<64 hex digits>"),
