@@ -137,7 +137,8 @@ def _source_and_target(env: Env) -> tuple[str, str, str]:
     target = env.optional("IMG_TARGET")
     if target is not None and not _TARGET.match(target):
         raise ConfigError(
-            f"IMG_TARGET={target!r}: expected a plain name of up to 200 letters, digits, '.', '_', '+', '-' (no leading '.')"
+            f"IMG_TARGET={target!r}: expected a plain name: up to 200 letters, digits, '.', '_', '+' or '-', "
+            "not starting with '.'"
         )
     return source, target or file_name or "image", name_key(source, target)
 
