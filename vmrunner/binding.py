@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,6 +97,19 @@ def doubt(trust: Trust | None, hexdigest: str, backing: str, st: os.stat_result,
     return None
 
 
+def _fresh_stat(path: Path) -> os.stat_result:
+    """The file's attributes as its server has them now: an ``open`` revalidates NFS's cached attributes, which a
+    plain ``stat`` may serve for up to a minute (close-to-open consistency)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a planted FIFO must not hang the start
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise BaseMismatch(f"{path}: the pet's base is not a regular file any more; not starting the VM")
+    return st
+
+
 def verify_base(cfg: Config, hexdigest: str, fmt: str, *, max_size: int = NO_LIMIT) -> Verdict:
     """Check ``sha256/<hex>`` against the pet's trust record; re-hash and fully re-vet it when in doubt.
 
@@ -105,7 +119,7 @@ def verify_base(cfg: Config, hexdigest: str, fmt: str, *, max_size: int = NO_LIM
     path = Layout(cfg.image_dir).base(hexdigest)
     trust = read_trust(cfg)
     try:
-        before = path.stat()
+        before = _fresh_stat(path)
     except FileNotFoundError:
         raise BaseMismatch(_missing(cfg, hexdigest)) from None
     reason = doubt(trust, hexdigest, str(path), before, cfg.verify_base)
@@ -122,7 +136,7 @@ def verify_base(cfg: Config, hexdigest: str, fmt: str, *, max_size: int = NO_LIM
             )
         verdict = vet(path, fmt, max_size, str(path))
         hashed_at = utc_now()
-    after = path.stat()
+    after = _fresh_stat(path)
     if (after.st_size, after.st_ino, after.st_ctime_ns) != (before.st_size, before.st_ino, before.st_ctime_ns):
         raise BaseMismatch(f"{path}: the pet's base changed while it was being checked; not starting the VM")
     new = Trust(
@@ -177,6 +191,8 @@ def _migrate(cfg: Config, old: Path, fmt: str) -> str:
         raise BaseMismatch(f"{cfg.pet_path}: its base {old} (the old cache layout) is missing; not starting the VM")
     log.info("pet %s is on %s, the old cache layout: binding it to the base's digest", cfg.pet_path, old)
     hexdigest = hash_file(old)
+    if hexdigest is None:
+        raise BaseMismatch(f"{old}: the pet's base (the old cache layout) is not a regular file; not starting the VM")
     legacy = old.parent / f".{old.name}.vetted"
     try:
         recorded = json.loads(legacy.read_text()).get("digests", {}).get("sha256")

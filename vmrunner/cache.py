@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -351,9 +352,13 @@ def _fetch(cfg: Config, layout: Layout) -> Cached:
     return Cached(hexdigest, verdict)
 
 
-def hash_file(path: Path) -> str:
-    """The sha256 of a whole file."""
-    with open(path, "rb") as src:
+def hash_file(path: Path) -> str | None:
+    """The sha256 of a whole file; None when it is not a regular file (a FIFO or a device planted in the shared cache
+    would hang or never end the read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    with open(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         return hashlib.file_digest(src, "sha256").hexdigest()
 
 

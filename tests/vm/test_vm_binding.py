@@ -184,6 +184,24 @@ def test_a_base_replaced_by_one_with_a_backing_file_is_refused(
     assert "the pet's base was changed" in one_line_error(done)
 
 
+def test_a_base_replaced_by_a_fifo_or_a_device_is_refused_without_hanging(
+    made: Path, env: dict[str, str], images: dict[str, Path], shared_dir: Path
+) -> None:
+    base = shared_dir / "image" / "sha256" / sha(images["v1"])
+    original = base.read_bytes()
+    base.unlink()
+    os.mkfifo(base)
+    done = run_prepare(env)
+    assert done.returncode == 7 and "is not a regular file any more" in one_line_error(done)
+    base.unlink()
+    base.symlink_to("/dev/zero")
+    done = run_prepare(env)
+    assert done.returncode == 7 and "is not a regular file any more" in one_line_error(done)
+    base.unlink()
+    base.write_bytes(original)
+    assert run_prepare(env).returncode == 0
+
+
 def test_a_lost_cache_is_fetched_again_only_when_it_gives_the_same_bytes(
     made: Path, env: dict[str, str], images: dict[str, Path], shared_dir: Path, served: Server
 ) -> None:
