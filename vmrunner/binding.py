@@ -19,6 +19,7 @@ from shared.errors import BaseMismatch, ConfigError, PodvmError
 from shared.files import write_atomic
 from vmrunner import pet
 from vmrunner.cache import (
+    HEX64,
     Layout,
     claim,
     ensure_image,
@@ -233,6 +234,10 @@ def _bound_digest(cfg: Config, info: pet.PetInfo) -> str:
     if hexdigest is not None:
         return hexdigest
     old = Path(info.backing)
+    if old.parent.name == "sha256" and HEX64.match(old.name):
+        log.info("pet %s names its base at %s; IMAGE_DIR is now %s: same digest, re-pointed once checked",
+                 cfg.pet_path, old, cfg.image_dir)  # fmt: skip
+        return old.name
     if old.parent == cfg.image_dir and not old.name.startswith("."):
         return _migrate(cfg, old, info.backing_format)
     raise BaseMismatch(
@@ -250,7 +255,11 @@ def check_bound(cfg: Config, info: pet.PetInfo, *, restore: bool) -> tuple[str, 
         _restore_missing(cfg, hexdigest)
         if not claim(cfg, hexdigest):
             raise BaseMismatch(_missing(cfg, hexdigest))
-    return hexdigest, verify_base(cfg, hexdigest, info.backing_format)
+    verdict = verify_base(cfg, hexdigest, info.backing_format)
+    base = Layout(cfg.image_dir).base(hexdigest)
+    if info.backing != str(base):  # a cache mounted elsewhere than when the pet was made: same bytes, checked above
+        pet.run(pet.plan_repoint(cfg.pet_path, base, info.backing_format), cfg, "pointing the pet at IMAGE_DIR")
+    return hexdigest, verdict
 
 
 def _create(cfg: Config) -> Started:

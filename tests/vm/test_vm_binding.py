@@ -259,6 +259,19 @@ def test_an_old_layout_base_changed_since_it_was_cached_is_refused(
     assert "not sha256:" in one_line_error(done)
 
 
+def test_a_cache_mounted_elsewhere_is_followed_by_digest(
+    made: Path, env: dict[str, str], images: dict[str, Path], shared_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    view = guest_view(made)
+    moved = shared_dir / "image-moved"
+    (shared_dir / "image").rename(moved)
+    assert prepare(cfg_of(env, IMAGE_DIR=str(moved))).digest == sha(images["v1"])
+    assert backing(made) == f"{moved}/sha256/{sha(images['v1'])}"
+    assert "hashing the pet's base" in caplog.text, "bytes at a new place are hashed before the pet points there"
+    assert guest_view(made) == view
+
+
 def test_a_backing_file_outside_the_cache_is_refused(env: dict[str, str], shared_dir: Path) -> None:
     pet = shared_dir / "vm" / "vm-0.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/hostname", str(pet))
