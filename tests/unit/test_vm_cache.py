@@ -3,6 +3,7 @@
 import errno
 import fcntl
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,22 @@ def test_a_base_is_hashed_again_whenever_its_identity_is_in_doubt(
 ) -> None:
     found = doubt(trust, HEX, f"/image/sha256/{HEX}", st, verify)  # type: ignore[arg-type]
     assert (found is None) if reason is None else (found is not None and reason in found), found
+
+
+def test_a_lock_file_removed_while_waited_on_is_never_shared(tmp_path: Path) -> None:
+    """gc removes a digest's lock file while holding it; a runner that was waiting on the old file must not think it
+    holds the lock while a newcomer locks the new file."""
+    path = tmp_path / "locks" / "x.lock"
+    seen: list[tuple[bool, bool]] = []  # (the waiter holds the lock, someone else could take it meanwhile)
+
+    def waiter() -> None:
+        with locked(path) as held, locked(path, blocking=False) as other:
+            seen.append((held, other))
+
+    with locked(path):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        threading.Event().wait(0.3)  # the waiter opens the file and blocks in flock
+        path.unlink()
+    thread.join(5)
+    assert seen == [(True, False)]
