@@ -159,7 +159,7 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: boo
         img_target=target,
         img_name=name,
         img_checksum=parse_checksum("IMG_CHECKSUM", checksum_raw) if checksum_raw else None,
-        img_format=env.choice("IMG_FORMAT", "qcow2", FORMATS) if image else "qcow2",
+        img_format=env.choice("IMG_FORMAT", "qcow2", FORMATS),  # also rebase: the format of a base for a standalone pet
         img_max_size=env.size("IMG_MAX_SIZE", 256 << 30, minimum=1 << 20),
         fetch_retries=env.integer("FETCH_RETRIES", 5, 0, 100),
         image_dir=env.path("IMAGE_DIR", "/image"),
