@@ -144,8 +144,9 @@ def _source_and_target(env: Env) -> tuple[str, str, str]:
 
 
 def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: bool = True) -> Config:
-    """Validate the environment ``values`` into a Config; ``image=False`` reads no ``IMG_*`` variable at all, for
-    the commands that never touch the configured image (``configdrive``, ``status``, ``gc``, ``rebase``).
+    """Validate the environment ``values`` into a Config; ``image=False`` reads neither ``IMG_SOURCE``,
+    ``IMG_TARGET`` nor ``IMG_CHECKSUM``, for the commands that never fetch the configured image (``configdrive``,
+    ``status``, ``gc``, ``rebase``).
 
     :raise ConfigError: naming the first variable whose value is wrong.
     """
