@@ -8,6 +8,7 @@ The tree, and what the caller (a person or Kubernetes) should do next::
      +-- HandshakeError  exit 4  the sidecar's handshake is missing, malformed or of an unknown major version
      +-- ChildFailed     exit 5  a process podvm supervises (qemu, dnsmasq) died
      +-- StoppedHard     exit 6  the guest ignored the ACPI power-down until the timeout and was stopped hard
+     +-- BaseMismatch    exit 7  a pet's own base image is missing or not the bytes it was made on; not started
 
 Every message is one line that names the input at fault.
 """
@@ -47,3 +48,14 @@ class StoppedHard(PodvmError):
     """The guest did not power off within the shutdown timeout and was stopped without its consent."""
 
     exit_code = 6
+
+
+class BaseMismatch(PodvmError):
+    """The base image a pet is bound to is missing from the cache or is no longer the bytes the pet was made on.
+
+    Booting would show the guest a disk it never wrote (its file systems would corrupt), so the VM is not started.
+    Another image does not help: restore the pet's own base (or let the runner fetch it again), or move the pet
+    explicitly with ``vmrunner rebase``.
+    """
+
+    exit_code = 7

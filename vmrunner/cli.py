@@ -1,8 +1,11 @@
-"""Command line of vmrunner: ``run``, ``plan``, ``fetch``, ``configdrive OUT``, ``console`` and ``status``.
+"""Command line of vmrunner: ``run``, ``plan``, ``prepare``, ``fetch``, ``rebase``, ``gc``, ``configdrive OUT``,
+``console`` and ``status``.
 
 Arguments after ``run`` are handed to qemu unchanged (the container's ``args:``), so they are not parsed here.
 """
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -12,6 +15,8 @@ import socket
 import sys
 import termios
 import tty
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 from shared import handshake
@@ -20,17 +25,21 @@ from shared.env import Env
 from shared.errors import ConfigError, PodvmError
 from shared.log import configure
 from vmrunner import configdrive
-from vmrunner.config import Config, load
+from vmrunner.config import Config, load, redact
 from vmrunner.qemu import RunPaths, choose_accel, kvm_works, plan_qemu, vnc_enabled
 
 log = logging.getLogger("vmrunner")
 USAGE = """usage: vmrunner COMMAND
   run [QEMU_ARG...]   wait for the network, fetch and vet the image, make the pet disk and config drive, run qemu
   plan [QEMU_ARG...]  print what run would do (JSON), changing nothing
+  prepare             fetch and vet the image, make the pet disk or check its base; no network, no qemu
   fetch               fetch and vet the base image into IMAGE_DIR only
+  rebase DIGEST|NAME  move the stopped pet to another cached base, keeping every byte the guest sees
+  gc [--dry-run] [--grace DURATION]
+                      remove cached bases no pet has referenced for DURATION (default 24h)
   configdrive OUT     write the config drive ISO to OUT only
   console             attach to the guest's serial console (Ctrl-] leaves)
-  status              print the VM's run state from QMP
+  status              print the VM's run state from QMP, its pet disk's base and references (JSON)
 Configuration comes from environment variables (see the README)."""
 ESCAPE = b"\x1d"
 
@@ -54,8 +63,7 @@ def cmd_run(cfg: Config) -> int:
     """The container's main command."""
     import asyncio
 
-    from vmrunner.image import ensure_base
-    from vmrunner.pet import ensure_pet
+    from vmrunner.binding import prepare
     from vmrunner.supervise import Supervisor
 
     _check_vnc_password(cfg)
@@ -65,8 +73,8 @@ def cmd_run(cfg: Config) -> int:
         log.warning(
             "tap %s belongs to uid %d but the runner is uid %d: qemu cannot open it", hs.tap, hs.tap_owner, os.getuid()
         )
-    verdict = ensure_base(cfg)
-    ensure_pet(cfg, verdict.virtual_size)
+    with volume_errors(cfg):
+        prepare(cfg)
     iso = None
     if drive is not None:
         iso = drive_path(cfg)
@@ -80,19 +88,27 @@ def cmd_run(cfg: Config) -> int:
 
 
 def cmd_plan(cfg: Config) -> int:
-    """Print the actions of ``run`` as JSON; reads the handshake if it is there, writes nothing."""
+    """Print the actions of ``run`` as JSON; reads the handshake and the cache if they are there, writes nothing."""
+    from vmrunner.binding import describe
+    from vmrunner.cache import Layout, matches_checksum, read_name
+
     path = cfg.run_dir / handshake.FILE_NAME
     hs = handshake.read(path) if path.exists() else None
     drive = configdrive.plan_from_config(cfg)
+    layout = Layout(cfg.image_dir)
+    record = read_name(layout, cfg.img_name)
+    usable = record is not None and matches_checksum(cfg, record) and layout.base(record.hex).exists()
     document: dict[str, object] = {
         "image": {
-            "source": cfg.img_source,
-            "cache": str(cfg.base_path),
-            "cached": cfg.base_path.exists(),
+            "source": redact(cfg.img_source),
+            "name": cfg.img_name,
+            "digest": record.digest if usable and record else None,
+            "cache": str(layout.base(record.hex)) if usable and record else None,
+            "cached": usable,
             "format": cfg.img_format,
             "checksum": str(cfg.img_checksum) if cfg.img_checksum else None,
         },
-        "pet": {"path": str(cfg.pet_path), "exists": cfg.pet_path.exists(), "grow_to": cfg.vm_disk_size},
+        "pet": {**describe(cfg), "grow_to": cfg.vm_disk_size},
         "config_drive": None
         if drive is None
         else {"path": str(drive_path(cfg)), "label": drive.label, "files": {k: len(v) for k, v in drive.files.items()}},
@@ -107,11 +123,46 @@ def cmd_plan(cfg: Config) -> int:
     return 0
 
 
-def cmd_fetch(cfg: Config) -> int:
-    """Fetch and vet only (e.g. an init container warming the cache)."""
-    from vmrunner.image import ensure_base
+def cmd_prepare(cfg: Config) -> int:
+    """Everything ``run`` does to the disks, without the network or qemu (e.g. an init container)."""
+    from vmrunner.binding import prepare
 
-    ensure_base(cfg)
+    started = prepare(cfg)
+    print(json.dumps({"pet": str(started.path), "digest": f"sha256:{started.digest}" if started.digest else None}))
+    return 0
+
+
+def cmd_fetch(cfg: Config) -> int:
+    """Fetch and vet only (e.g. an init container warming the cache); prints the digest."""
+    from vmrunner.cache import ensure_image
+
+    print(f"sha256:{ensure_image(cfg).hex}")
+    return 0
+
+
+def cmd_rebase(cfg: Config, wanted: str) -> int:
+    """Move the stopped pet onto another cached base."""
+    from vmrunner.binding import rebase
+
+    print(f"sha256:{rebase(cfg, wanted)}")
+    return 0
+
+
+def cmd_gc(cfg: Config, args: list[str]) -> int:
+    """Remove unreferenced bases after the grace period; ``--dry-run`` only says what it would remove."""
+    from vmrunner.cache import collect
+
+    dry_run, grace = False, 24 * 3600.0
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--dry-run":
+            dry_run = True
+        elif arg == "--grace" and rest:
+            grace = Env({"--grace": rest.pop(0)}).duration("--grace", grace)
+        else:
+            raise ConfigError(f"gc: unknown argument {arg!r} (expected --dry-run or --grace DURATION)")
+    print(json.dumps(asdict(collect(cfg.image_dir, grace, dry_run)), indent=2))
     return 0
 
 
@@ -124,16 +175,21 @@ def cmd_configdrive(cfg: Config, out: str) -> int:
     return 0
 
 
-def cmd_status(run_dir: Path) -> int:
-    """Print qemu's run state (``running``, ``paused``, ...) from QMP."""
+def cmd_status(cfg: Config) -> int:
+    """Print qemu's run state (``running``, ``paused``, ...) from QMP, and the pet's binding, as JSON."""
     import asyncio
 
+    from vmrunner.binding import describe
     from vmrunner.supervise import qmp_execute
 
-    qmp = RunPaths.of(run_dir).qmp
-    result = asyncio.run(qmp_execute(qmp, "query-status", timeout=1.0))
-    status = result.get("status") if isinstance(result, dict) else None
-    print(status)
+    qmp = RunPaths.of(cfg.run_dir).qmp
+    try:
+        result = asyncio.run(qmp_execute(qmp, "query-status", timeout=1.0))
+        status = result.get("status") if isinstance(result, dict) else None
+    except PodvmError as err:
+        log.info("%s", err)
+        status = "not running"
+    print(json.dumps({"state": status, "pet": describe(cfg)}, indent=2))
     return 0 if status == "running" else 1
 
 
@@ -169,32 +225,59 @@ def cmd_console(run_dir: Path) -> int:
         conn.close()
 
 
+@contextlib.contextmanager
+def volume_errors(cfg: Config) -> Iterator[None]:
+    """A file system error on the image cache or the VM's volume (read-only, full, wrong owner) is one line naming
+    the volume's variable, never a traceback."""
+    try:
+        yield
+    except OSError as err:
+        where = Path(err.filename) if isinstance(err.filename, str) else None
+        volume = next(
+            (f"{name}={root}" for name, root in (("IMAGE_DIR", cfg.image_dir), ("VM_DIR", cfg.vm_dir))
+             if where is not None and where.is_relative_to(root)),
+            "a volume",
+        )  # fmt: skip
+        error = ConfigError if isinstance(err, PermissionError) or err.errno == errno.EROFS else PodvmError
+        raise error(f"{volume}: {err.strerror}: {err.filename}") from None
+
+
 def dispatch(args: list[str]) -> int:
-    """Run the subcommand named by ``args[0]``."""
+    """Run the subcommand named by ``args[0]``; each reads only the settings it uses."""
     command, rest = (args[0], args[1:]) if args else ("", [])
     if command in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    if command == "console":
-        return cmd_console(run_dir_from_env())
-    if command == "status":
-        return cmd_status(run_dir_from_env())
+    env = dict(os.environ)
+    if command == "console" and not rest:
+        return cmd_console(Env(env).path("RUN_DIR", "/run/podvm"))
+    if command == "status" and not rest:
+        return cmd_status(load(env, image=False))
     extra = tuple(rest[1:] if rest[:1] == ["--"] else rest)
     if command == "run":
-        return cmd_run(load(dict(os.environ), extra))
+        return cmd_run(load(env, extra))
     if command == "plan":
-        return cmd_plan(load(dict(os.environ), extra))
+        return cmd_plan(load(env, extra))
+    if command == "prepare" and not rest:
+        cfg = load(env)
+        with volume_errors(cfg):
+            return cmd_prepare(cfg)
     if command == "fetch" and not rest:
-        return cmd_fetch(load(dict(os.environ)))
+        cfg = load(env)
+        with volume_errors(cfg):
+            return cmd_fetch(cfg)
+    if command == "rebase" and len(rest) == 1:
+        cfg = load(env, image=False)
+        with volume_errors(cfg):
+            return cmd_rebase(cfg, rest[0])
+    if command == "gc":
+        cfg = load(env, image=False)
+        with volume_errors(cfg):
+            return cmd_gc(cfg, rest)
     if command == "configdrive" and len(rest) == 1:
-        return cmd_configdrive(load(dict(os.environ)), rest[0])
+        return cmd_configdrive(load(env, image=False), rest[0])
     print(USAGE, file=sys.stderr)
     return 2
-
-
-def run_dir_from_env() -> Path:
-    """RUN_DIR alone: ``console`` and ``status`` need no image settings."""
-    return Env(dict(os.environ)).path("RUN_DIR", "/run/podvm")
 
 
 def _terminated(signum: int, _frame: object) -> None:

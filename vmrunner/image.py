@@ -1,30 +1,19 @@
-"""The shared cache of base images: fetched once, checked while streaming, vetted, then immutable.
+"""Getting the bytes of a base image: an HTTP download (resumed, retried, hashed while streaming) or a local copy.
 
-Several pods may start at once on the same cache: an ``flock`` on ``.<target>.lock`` lets one of them download while
-the others wait and reuse the result. The download goes to ``.<target>.part`` and is renamed into place only after
-its checksum and vetting passed, so the cache never holds half an image or a refused one. Beside each image,
-``.<target>.vetted`` records the verdict and digests, so a restart with a cached image runs no qemu-img and reads no
-image bytes.
+Where the bytes go, and under which lock, is ``vmrunner.cache``'s business: this module only streams them into the
+file it is given and returns their digests.
 """
 
-import contextlib
-import fcntl
 import hashlib
-import json
 import logging
-import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
 
-from shared.errors import ConfigError, ImageRejected, PodvmError
-from shared.files import write_atomic
+from shared.errors import ConfigError, PodvmError
 from vmrunner.config import Config
-from vmrunner.vet import Verdict, vet
 
 if TYPE_CHECKING:
     import requests
@@ -33,18 +22,6 @@ log = logging.getLogger("vmrunner.image")
 CHUNK = 1 << 20
 PROGRESS_EVERY = 5.0
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-
-
-@dataclass(frozen=True)
-class Record:
-    """The verdict stored beside a cached image, valid while the file's identity is unchanged."""
-
-    format: str
-    virtual_size: int
-    size: int
-    mtime_ns: int
-    inode: int
-    digests: dict[str, str]
 
 
 class _Transient(Exception):
@@ -231,117 +208,6 @@ def _copy(cfg: Config, out: IO[bytes]) -> dict[str, str]:
     return {name: h.hexdigest() for name, h in hashers.items()}
 
 
-def _hash_file(path: Path, algorithm: str) -> str:
-    with open(path, "rb") as src:
-        return hashlib.file_digest(src, algorithm).hexdigest()
-
-
-def _record_path(cfg: Config) -> Path:
-    return cfg.image_dir / f".{cfg.img_target}.vetted"
-
-
-def _write_record(cfg: Config, verdict: Verdict, digests: dict[str, str]) -> None:
-    st = cfg.base_path.stat()
-    record = Record(verdict.format, verdict.virtual_size, st.st_size, st.st_mtime_ns, st.st_ino, digests)
-    write_atomic(_record_path(cfg), json.dumps(asdict(record)).encode(), mode=0o644)
-
-
-def _read_record(cfg: Config) -> Record | None:
-    """The stored verdict if it still describes the cached file, else None."""
-    try:
-        record = Record(**json.loads(_record_path(cfg).read_text()))
-        st = cfg.base_path.stat()
-    except (OSError, ValueError, TypeError):
-        return None
-    same = (record.size, record.mtime_ns, record.inode) == (st.st_size, st.st_mtime_ns, st.st_ino)
-    return record if same and record.format == cfg.img_format else None
-
-
-@contextlib.contextmanager
-def _locked(cfg: Config) -> Iterator[None]:
-    """Hold the cache lock of this image: one runner fetches, the others wait and then reuse."""
-    with open(cfg.image_dir / f".{cfg.img_target}.lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another runner is fetching %s; waiting for it", cfg.img_target)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def _reuse(cfg: Config) -> Verdict:
-    """Accept the cached base: its stored verdict when still valid, else vet it again; it is never changed."""
-    record = _read_record(cfg)
-    name = str(cfg.base_path)
-    if record is None:
-        log.info("vetting cached %s", name)
-        verdict = vet(cfg.base_path, cfg.img_format, cfg.img_max_size, name)
-        digests: dict[str, str] = {}
-    else:
-        verdict, digests = Verdict(record.format, record.virtual_size), dict(record.digests)
-        if verdict.virtual_size > cfg.img_max_size:
-            raise ImageRejected(f"{name}: virtual size {verdict.virtual_size} bytes exceeds IMG_MAX_SIZE; refused")
-    if cfg.img_checksum:
-        algorithm = cfg.img_checksum.algorithm
-        if algorithm not in digests:
-            digests[algorithm] = _hash_file(cfg.base_path, algorithm)
-        if digests[algorithm] != cfg.img_checksum.hexdigest:
-            raise ImageRejected(
-                f"{name}: the cached image does not match IMG_CHECKSUM ({algorithm}:{digests[algorithm]}); "
-                "left untouched: use another IMG_TARGET or remove it"
-            )
-    if record is None or digests != record.digests:
-        with contextlib.suppress(OSError):
-            _write_record(cfg, verdict, digests)
-    return verdict
-
-
-def ensure_base(cfg: Config) -> Verdict:
-    """Make the vetted base image available in the cache and return its verdict.
-
-    :raise ImageRejected: when the image fails its checksum or vetting (nothing is left in the cache).
-    :raise PodvmError: when it cannot be fetched.
-    """
-    try:
-        cfg.image_dir.mkdir(parents=True, exist_ok=True)
-        with _locked(cfg):
-            if cfg.base_path.exists():
-                return _reuse(cfg)
-            return _fetch_locked(cfg)
-    except PermissionError as err:
-        raise ConfigError(f"IMAGE_DIR={cfg.image_dir}: {err.strerror}: {err.filename}") from None
-
-
-def _fetch_locked(cfg: Config) -> Verdict:
-    part = cfg.image_dir / f".{cfg.img_target}.part"
-    name = cfg.img_source
-    log.info("fetching %s into %s", name, cfg.base_path)
-    started = time.monotonic()
-    try:
-        with open(part, "wb") as out:
-            digests = _download(cfg, out) if cfg.is_url else _copy(cfg, out)
-            out.flush()
-            os.fsync(out.fileno())
-        if cfg.img_checksum and digests[cfg.img_checksum.algorithm] != cfg.img_checksum.hexdigest:
-            raise ImageRejected(
-                f"IMG_CHECKSUM: {name} has {cfg.img_checksum.algorithm}:{digests[cfg.img_checksum.algorithm]}, "
-                f"expected {cfg.img_checksum}; nothing was cached"
-            )
-        verdict = vet(part, cfg.img_format, cfg.img_max_size, name)
-        os.chmod(part, 0o444)
-        os.replace(part, cfg.base_path)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    _write_record(cfg, verdict, digests)
-    size = cfg.base_path.stat().st_size
-    elapsed = time.monotonic() - started
-    log.info(
-        "cached %s (%s in %.1fs, %s/s, %s virtual)",
-        cfg.base_path,
-        human(size),
-        elapsed,
-        human(int(size / max(elapsed, 1e-6))),
-        human(verdict.virtual_size),
-    )
-    return verdict
+def fetch_into(cfg: Config, out: IO[bytes]) -> dict[str, str]:
+    """Stream the configured image into ``out`` (download or local copy) and return its digests, sha256 always."""
+    return _download(cfg, out) if cfg.is_url else _copy(cfg, out)

@@ -15,7 +15,7 @@ from tests import samples
 from vmrunner import configdrive
 from vmrunner.config import Checksum, Config, load, parse_checksum
 from vmrunner.image import Progress
-from vmrunner.pet import plan_pet
+from vmrunner.pet import plan_create, plan_flatten, plan_grow, plan_rebase, plan_repoint
 from vmrunner.qemu import choose_accel, plan_qemu, vnc_enabled
 from vmrunner.vet import judge
 
@@ -30,7 +30,8 @@ def cfg(**values: str) -> Config:
 def test_defaults() -> None:
     c = cfg()
     assert c.img_target == "debian-12.qcow2"
-    assert c.base_path == Path("/image/debian-12.qcow2")
+    assert re.fullmatch(r"debian-12\.qcow2@[0-9a-f]{16}", c.img_name)
+    assert (c.vm_disk_mode, c.verify_base) == ("overlay", "changed")
     assert c.pet_path == Path("/vm/vm-0.qcow2")
     assert (c.img_format, c.accel, c.machine, c.disk_bus, c.nic_model) == (
         "qcow2",
@@ -59,10 +60,13 @@ def test_local_source_names_the_target_after_the_file() -> None:
         ),
         ({"IMG_SOURCE": "images/x.qcow2"}, "IMG_SOURCE='images/x.qcow2': expected"),
         ({"IMG_SOURCE": "http:///x.qcow2"}, "IMG_SOURCE='http:///x.qcow2': the URL has no host"),
-        ({"IMG_SOURCE": "https://example.org/"}, "IMG_TARGET='': expected a plain file name"),
-        ({"IMG_TARGET": "../etc/passwd"}, "IMG_TARGET='../etc/passwd': expected a plain file name"),
+        ({"IMG_SOURCE": "https://u:secret@/x.qcow2"}, "IMG_SOURCE='https:///x.qcow2': the URL has no host"),
+        ({"IMG_TARGET": "../etc/passwd"}, "IMG_TARGET='../etc/passwd': expected a plain name"),
         ({"IMG_TARGET": ".hidden"}, "IMG_TARGET='.hidden'"),
-        ({"IMG_TARGET": "x.lock"}, "IMG_TARGET='x.lock'"),
+        ({"IMG_TARGET": "a@b"}, "IMG_TARGET='a@b'"),
+        ({"IMG_TARGET": "a" * 201}, "IMG_TARGET='aaaa"),
+        ({"VM_DISK_MODE": "thin"}, "VM_DISK_MODE='thin': expected one of overlay, standalone"),
+        ({"VERIFY_BASE": "never"}, "VERIFY_BASE='never': expected one of changed, always"),
         ({"IMG_CHECKSUM": "md5:abc"}, "IMG_CHECKSUM='md5:abc': expected sha256:<64 hex digits>"),
         ({"IMG_CHECKSUM": "sha256:" + "0" * 63}, "IMG_CHECKSUM='sha256:"),
         ({"IMG_CHECKSUM": "sha512:" + "g" * 128}, "IMG_CHECKSUM='sha512:"),
@@ -133,28 +137,48 @@ def test_vetting_accepts_a_plain_image() -> None:
     assert (verdict.format, verdict.virtual_size) == ("qcow2", 1 << 30)
 
 
+BASE_FILE = Path("/image/sha256/" + "ab" * 32)
+
+
 def test_pet_is_created_once_with_explicit_backing_format() -> None:
-    plan = plan_pet(cfg(IMG_FORMAT="raw"), 1 << 30, exists=False, current_size=None)
+    plan = plan_create(cfg(), BASE_FILE, "raw", 1 << 30)
     assert plan.create == (
-        "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/image/debian-12.qcow2", "/vm/.vm-0.qcow2.tmp"
-    )  # fmt: skip
+        ("qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(BASE_FILE), "/vm/.vm-0.qcow2.tmp"),
+    )
     assert plan.staging == Path("/vm/.vm-0.qcow2.tmp") and plan.resize is None
 
 
 def test_pet_created_larger_when_asked() -> None:
-    plan = plan_pet(cfg(VM_DISK_SIZE="20G"), 1 << 30, exists=False, current_size=None)
-    assert plan.create is not None and plan.create[-1] == str(20 << 30)
+    plan = plan_create(cfg(VM_DISK_SIZE="20G"), BASE_FILE, "qcow2", 1 << 30)
+    assert plan.create[0][-1] == str(20 << 30)
+    assert plan_create(cfg(VM_DISK_SIZE="512M"), BASE_FILE, "qcow2", 1 << 30).create[0][-1] == "/vm/.vm-0.qcow2.tmp"
+
+
+def test_standalone_pet_is_a_converted_copy_without_backing_file() -> None:
+    plan = plan_create(cfg(VM_DISK_MODE="standalone", VM_DISK_SIZE="2G"), BASE_FILE, "raw", 1 << 30)
+    assert plan.create == (
+        ("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(BASE_FILE), "/vm/.vm-0.qcow2.tmp"),
+        ("qemu-img", "resize", "-q", "-f", "qcow2", "/vm/.vm-0.qcow2.tmp", str(2 << 30)),
+    )
+    assert "-b" not in plan.create[0]
 
 
 def test_existing_pet_is_only_ever_grown() -> None:
-    assert plan_pet(cfg(), 1 << 30, exists=True, current_size=None) == plan_pet(
-        cfg(VM_DISK_SIZE="1G"), 1 << 30, exists=True, current_size=2 << 30
-    )
-    unchanged = plan_pet(cfg(VM_DISK_SIZE="2G"), 1 << 30, exists=True, current_size=2 << 30)
-    assert unchanged.create is None and unchanged.resize is None
-    grow = plan_pet(cfg(VM_DISK_SIZE="3G"), 1 << 30, exists=True, current_size=2 << 30)
-    assert grow.create is None
+    assert plan_grow(cfg(), 1 << 30) == plan_grow(cfg(VM_DISK_SIZE="1G"), 2 << 30)
+    unchanged = plan_grow(cfg(VM_DISK_SIZE="2G"), 2 << 30)
+    assert unchanged.create == () and unchanged.resize is None
+    grow = plan_grow(cfg(VM_DISK_SIZE="3G"), 2 << 30)
+    assert grow.create == ()
     assert grow.resize == ("qemu-img", "resize", "-q", "-f", "qcow2", "/vm/vm-0.qcow2", str(3 << 30))
+
+
+def test_rebase_plans_name_every_format_and_only_repoint_is_unsafe() -> None:
+    pet = Path("/vm/vm-0.qcow2")
+    assert plan_rebase(pet, BASE_FILE, "qcow2") == (
+        "qemu-img", "rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(BASE_FILE), str(pet)
+    )  # fmt: skip
+    assert plan_repoint(pet, BASE_FILE, "raw")[:5] == ("qemu-img", "rebase", "-q", "-u", "-f")
+    assert plan_flatten(pet) == ("qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "", str(pet))
 
 
 def test_metadata_merges_over_stable_defaults() -> None:

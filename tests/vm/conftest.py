@@ -123,6 +123,14 @@ def qcow2_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return path.read_bytes()
 
 
+@pytest.fixture(scope="session")
+def other_qcow2_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """Another valid qcow2 (48 MiB virtual): "the image behind the URL changed"."""
+    path = tmp_path_factory.mktemp("img") / "other.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "48M"], check=True)
+    return path.read_bytes()
+
+
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """A fresh directory every uid can use (the runner runs as 10001 in some tests); removed afterwards."""

@@ -11,27 +11,103 @@ import pytest
 
 from shared.errors import ConfigError, ImageRejected, PodvmError
 from tests.vm.conftest import VMRUNNER, Server, runner_env
-from vmrunner.config import load
-from vmrunner.image import ensure_base
+from vmrunner.cache import Layout, ensure_image, read_name
+from vmrunner.config import Config, load
 
 
 def cache_names(root: Path) -> list[str]:
-    return sorted(p.name for p in (root / "image").iterdir() if not p.name.endswith(".lock"))
+    """Every file in the cache but lock files: what a fetch leaves behind."""
+    image = root / "image"
+    return sorted(str(p.relative_to(image)) for p in image.rglob("*") if p.is_file() and p.parent.name != "locks")
 
 
-def test_fetch_caches_a_read_only_vetted_image_and_reuses_it(
+def cached(cfg: Config) -> bytes:
+    """The bytes the configured image's name points to."""
+    layout = Layout(cfg.image_dir)
+    record = read_name(layout, cfg.img_name)
+    assert record is not None
+    return layout.base(record.hex).read_bytes()
+
+
+def ensure_base(cfg: Config) -> str:
+    return ensure_image(cfg).hex
+
+
+def test_fetch_caches_a_read_only_vetted_image_by_digest_and_reuses_it(
     served: Server, qcow2_bytes: bytes, shared_dir: Path
 ) -> None:
     served.served.files["/img/base.qcow2"] = qcow2_bytes
     digest = hashlib.sha512(qcow2_bytes).hexdigest()
-    cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/img/base.qcow2"), IMG_CHECKSUM=f"sha512:{digest}"))
-    verdict = ensure_base(cfg)
-    assert verdict.virtual_size == 64 << 20
-    assert cache_names(shared_dir) == [".base.qcow2.vetted", "base.qcow2"]
-    assert cfg.base_path.read_bytes() == qcow2_bytes
-    assert cfg.base_path.stat().st_mode & 0o777 == 0o444
-    assert ensure_base(cfg) == verdict
+    sha = hashlib.sha256(qcow2_bytes).hexdigest()
+    url = served.url("/img/base.qcow2")
+    cfg = load(runner_env(shared_dir, IMG_SOURCE=url, IMG_CHECKSUM=f"sha512:{digest}"))
+    fresh = ensure_image(cfg)
+    assert fresh.hex == sha and fresh.fresh is not None and fresh.fresh.virtual_size == 64 << 20
+    assert cache_names(shared_dir) == [f"names/{cfg.img_name}", f"sha256/{sha}"]
+    base = shared_dir / "image" / "sha256" / sha
+    assert base.read_bytes() == qcow2_bytes
+    assert base.stat().st_mode & 0o777 == 0o444
+    record = read_name(Layout(cfg.image_dir), cfg.img_name)
+    assert record is not None and record.source == url and record.checksums == {"sha512": digest}
+    again = ensure_image(cfg)
+    assert (again.hex, again.fresh) == (sha, None)
     assert len(served.served.requests) == 1, "a cached base is never fetched again"
+
+
+def test_two_urls_with_one_file_name_never_share_a_name_and_same_bytes_share_a_base(
+    served: Server, qcow2_bytes: bytes, other_qcow2_bytes: bytes, shared_dir: Path
+) -> None:
+    served.served.files["/v1/disk.qcow2"] = qcow2_bytes
+    served.served.files["/v2/disk.qcow2"] = other_qcow2_bytes
+    served.served.files["/mirror/disk.qcow2"] = qcow2_bytes
+    v1 = ensure_base(load(runner_env(shared_dir, IMG_SOURCE=served.url("/v1/disk.qcow2"))))
+    v2 = ensure_base(load(runner_env(shared_dir, IMG_SOURCE=served.url("/v2/disk.qcow2"))))
+    mirror = ensure_base(load(runner_env(shared_dir, IMG_SOURCE=served.url("/mirror/disk.qcow2"))))
+    assert v1 != v2 and mirror == v1
+    assert len(list((shared_dir / "image" / "sha256").iterdir())) == 2
+    assert len(list((shared_dir / "image" / "names").iterdir())) == 3
+
+
+def test_a_known_sha256_already_cached_under_another_name_is_not_downloaded(
+    served: Server, qcow2_bytes: bytes, shared_dir: Path
+) -> None:
+    served.served.files["/a/disk.qcow2"] = qcow2_bytes
+    served.served.files["/b/disk.qcow2"] = qcow2_bytes
+    sha = hashlib.sha256(qcow2_bytes).hexdigest()
+    ensure_base(load(runner_env(shared_dir, IMG_SOURCE=served.url("/a/disk.qcow2"))))
+    cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/b/disk.qcow2"), IMG_CHECKSUM=f"sha256:{sha}"))
+    assert ensure_base(cfg) == sha
+    assert [path for path, _ in served.served.requests] == ["/a/disk.qcow2"]
+    record = read_name(Layout(cfg.image_dir), cfg.img_name)
+    assert record is not None and record.hex == sha
+
+
+def test_a_forged_name_is_not_followed_when_a_checksum_is_set(
+    served: Server, qcow2_bytes: bytes, other_qcow2_bytes: bytes, shared_dir: Path
+) -> None:
+    """A pod with the cache's uid points the name at an image it planted; IMG_CHECKSUM makes the runner fetch."""
+    served.served.files["/evil.qcow2"] = other_qcow2_bytes
+    served.served.files["/disk.qcow2"] = qcow2_bytes
+    evil = ensure_base(load(runner_env(shared_dir, IMG_SOURCE=served.url("/evil.qcow2"), IMG_TARGET="debian")))
+    sha = hashlib.sha256(qcow2_bytes).hexdigest()
+    env = runner_env(shared_dir, IMG_SOURCE=served.url("/disk.qcow2"), IMG_TARGET="debian")
+    assert ensure_base(load(env)) == evil, "without a checksum the shared cache's name is trusted (see the README)"
+    assert ensure_base(load({**env, "IMG_CHECKSUM": f"sha256:{sha}"})) == sha
+    lock = shared_dir / "image" / "locks" / "name.planted.lock"
+    lock.symlink_to(shared_dir / "vm" / "planted")
+    with pytest.raises(PodvmError, match=r"^IMAGE_DIR: .*name\.planted\.lock is a symbolic link; refused$"):
+        ensure_base(load(runner_env(shared_dir, IMG_SOURCE=served.url("/disk.qcow2"), IMG_TARGET="planted")))
+    assert not (shared_dir / "vm" / "planted").exists()
+
+
+def test_credentials_and_query_never_reach_the_shared_cache(
+    served: Server, qcow2_bytes: bytes, shared_dir: Path
+) -> None:
+    served.served.files["/base.qcow2?token=s3cret"] = qcow2_bytes
+    url = served.url("/base.qcow2?token=s3cret").replace("http://", "http://user:pw0rd@")
+    ensure_base(load(runner_env(shared_dir, IMG_SOURCE=url)))
+    text = "".join(p.read_text(errors="replace") for p in (shared_dir / "image" / "names").iterdir())
+    assert "s3cret" not in text and "pw0rd" not in text and "/base.qcow2" in text
 
 
 def test_dropped_connection_resumes_with_range(served: Server, qcow2_bytes: bytes, shared_dir: Path) -> None:
@@ -40,7 +116,7 @@ def test_dropped_connection_resumes_with_range(served: Server, qcow2_bytes: byte
     sha = hashlib.sha256(qcow2_bytes).hexdigest()
     cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/base.qcow2"), IMG_CHECKSUM=f"sha256:{sha}"))
     ensure_base(cfg)
-    assert cfg.base_path.read_bytes() == qcow2_bytes
+    assert cached(cfg) == qcow2_bytes
     assert served.served.requests == [("/base.qcow2", None), ("/base.qcow2", "bytes=65536-")]
 
 
@@ -51,7 +127,7 @@ def test_server_without_range_support_starts_over(served: Server, qcow2_bytes: b
     sha = hashlib.sha256(qcow2_bytes).hexdigest()
     cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/base.qcow2"), IMG_CHECKSUM=f"sha256:{sha}"))
     ensure_base(cfg)
-    assert cfg.base_path.read_bytes() == qcow2_bytes
+    assert cached(cfg) == qcow2_bytes
 
 
 def test_redirects_are_followed(served: Server, qcow2_bytes: bytes, shared_dir: Path) -> None:
@@ -59,7 +135,7 @@ def test_redirects_are_followed(served: Server, qcow2_bytes: bytes, shared_dir: 
     served.served.redirects["/latest.qcow2"] = "/real/base.qcow2"
     cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/latest.qcow2")))
     ensure_base(cfg)
-    assert (shared_dir / "image" / "latest.qcow2").read_bytes() == qcow2_bytes
+    assert cached(cfg) == qcow2_bytes
 
 
 def test_checksum_mismatch_leaves_nothing_in_the_cache(served: Server, qcow2_bytes: bytes, shared_dir: Path) -> None:
@@ -70,18 +146,22 @@ def test_checksum_mismatch_leaves_nothing_in_the_cache(served: Server, qcow2_byt
     assert cache_names(shared_dir) == []
 
 
-def test_cached_image_with_another_checksum_is_an_error_and_left_alone(
-    served: Server, qcow2_bytes: bytes, shared_dir: Path
+def test_a_new_checksum_fetches_again_and_never_touches_the_cached_base(
+    served: Server, qcow2_bytes: bytes, other_qcow2_bytes: bytes, shared_dir: Path
 ) -> None:
     served.served.files["/base.qcow2"] = qcow2_bytes
     env = runner_env(shared_dir, IMG_SOURCE=served.url("/base.qcow2"))
-    ensure_base(load(env))
-    before = (shared_dir / "image" / "base.qcow2").stat()
-    with pytest.raises(ImageRejected, match="the cached image does not match IMG_CHECKSUM"):
+    old = ensure_base(load(env))
+    before = (shared_dir / "image" / "sha256" / old).stat()
+    with pytest.raises(ImageRejected, match=r"^IMG_CHECKSUM: .* expected sha512:a+; nothing was cached$"):
         ensure_base(load({**env, "IMG_CHECKSUM": "sha512:" + "a" * 128}))
-    after = (shared_dir / "image" / "base.qcow2").stat()
-    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
-    assert len(served.served.requests) == 1
+    served.served.files["/base.qcow2"] = other_qcow2_bytes
+    sha = hashlib.sha256(other_qcow2_bytes).hexdigest()
+    assert ensure_base(load({**env, "IMG_CHECKSUM": f"sha256:{sha}"})) == sha, "the name now means the new bytes"
+    after = (shared_dir / "image" / "sha256" / old).stat()
+    assert (before.st_ino, before.st_ctime_ns) == (after.st_ino, after.st_ctime_ns)
+    assert len(served.served.requests) == 3
+    assert sorted(p.name for p in (shared_dir / "image" / "tmp").iterdir()) == []
 
 
 def test_not_found_is_a_clear_error(served: Server, shared_dir: Path) -> None:
@@ -114,7 +194,7 @@ def test_concurrent_fetchers_download_once(served: Server, qcow2_bytes: bytes, s
     assert [p.returncode for p in procs] == [0, 0, 0], logs
     assert served.served.requests == [("/base.qcow2", None)]
     assert sum("waiting for it" in log for log in logs) >= 1
-    assert (shared_dir / "image" / "base.qcow2").read_bytes() == qcow2_bytes
+    assert cached(load(env)) == qcow2_bytes
 
 
 def crafted(tmp_path: Path, *options: str) -> Path:
@@ -177,7 +257,7 @@ def test_sigterm_during_a_download_leaves_nothing(served: Server, qcow2_bytes: b
     proc = subprocess.Popen([*VMRUNNER, "fetch"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 10
-        while not (shared_dir / "image" / ".base.qcow2.part").exists() and time.monotonic() < deadline:
+        while not list((shared_dir / "image" / "tmp").glob("*.part")) and time.monotonic() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         _, log = proc.communicate(timeout=10)

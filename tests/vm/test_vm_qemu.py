@@ -4,6 +4,8 @@ No guest OS is needed: an empty disk leaves the VM in its BIOS, which answers QM
 hard-stop path needs. The runner reaches /dev/net/tun through a 0666 node bind-mounted in a private mount namespace.
 """
 
+import hashlib
+import json
 import os
 import signal
 import socket
@@ -105,7 +107,11 @@ def test_unprivileged_runner_runs_qemu_answers_qmp_and_stops_hard(netns: str, po
         status = subprocess.run(
             [*VMRUNNER, "status"], env=runner_env(pod), capture_output=True, text=True, check=False, timeout=20
         )
-        assert (status.returncode, status.stdout.strip()) == (0, "running"), status.stderr
+        shown = json.loads(status.stdout)
+        assert (status.returncode, shown["state"]) == (0, "running"), status.stderr
+        binding = shown["pet"]["binding"]
+        assert binding["digest"] == "sha256:" + hashlib.sha256((pod / "base.qcow2").read_bytes()).hexdigest()
+        assert binding["next_start"] == "cheap check" and len(shown["pet"]["references"]) == 1
         with socket.socket(socket.AF_UNIX) as console:
             console.connect(str(pod / "run" / "console.sock"))
             console.sendall(b"\r\n")
@@ -128,7 +134,7 @@ def test_unprivileged_runner_runs_qemu_answers_qmp_and_stops_hard(netns: str, po
     finally:
         code, log = stop(again)
     assert code == 6, log
-    assert "using pet disk" in log and "fetching" not in log and "vetting" not in log
+    assert "is on its base sha256:" in log and "fetching" not in log and "hashing" not in log
     assert (pod / "vm" / "vm-0.qcow2").stat().st_ino == pet.st_ino
 
 
@@ -162,6 +168,10 @@ def test_status_without_qemu_and_a_missing_qemu_are_one_line(pod: Path) -> None:
     assert status.returncode == 1
     assert status.stderr.strip().splitlines() == [status.stderr.strip()]
     assert f"{pod}/run/qmp.sock: no qemu answers" in status.stderr
+    assert json.loads(status.stdout) == {
+        "state": "not running",
+        "pet": {"path": f"{pod}/vm/vm-0.qcow2", "exists": False, "mode": "overlay"},
+    }
     done = subprocess.run(
         [*VMRUNNER, "run"],
         env=runner_env(pod, IMG_SOURCE=str(pod / "base.qcow2"), QEMU="/nonexistent/qemu"),
