@@ -14,6 +14,7 @@ import signal
 from pathlib import Path
 
 from shared.errors import ChildFailed, ConfigError, PodvmError, StoppedHard
+from vmrunner import vnc
 from vmrunner.qemu import QemuPlan
 
 log = logging.getLogger("vmrunner")
@@ -61,9 +62,10 @@ async def qmp_execute(socket: Path, command: str, timeout: float = 5.0) -> objec
 class Supervisor:
     """One qemu process from start to exit."""
 
-    def __init__(self, plan: QemuPlan, shutdown_timeout: float) -> None:
+    def __init__(self, plan: QemuPlan, shutdown_timeout: float, vnc_password: bytes | None = None) -> None:
         self.plan = plan
         self.shutdown_timeout = shutdown_timeout
+        self.vnc_password = vnc_password  # handed to qemu through a pipe on its stdin, never through argv
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self.partial = b""
 
@@ -126,15 +128,19 @@ class Supervisor:
                 path.unlink(missing_ok=True)
 
     async def _spawn(self) -> asyncio.subprocess.Process:
+        stdin = asyncio.subprocess.DEVNULL if self.vnc_password is None else vnc.password_pipe(self.vnc_password)
         try:
             return await asyncio.create_subprocess_exec(
                 *self.plan.argv,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
             )
         except FileNotFoundError:
             raise ConfigError(f"QEMU={self.plan.argv[0]}: no such program") from None
+        finally:
+            if stdin != asyncio.subprocess.DEVNULL:
+                os.close(stdin)
 
     async def _drain(self, reader: "asyncio.Task[None]") -> str:
         """qemu's last error lines, once its stderr is read to the end (or 2 s passed)."""
