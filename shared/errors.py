@@ -7,7 +7,8 @@ The tree, and what the caller (a person or Kubernetes) should do next::
      +-- ImageRejected   exit 3  the base image failed vetting; use another image
      +-- HandshakeError  exit 4  the sidecar's handshake is missing, malformed or of an unknown major version
      +-- ChildFailed     exit 5  a process podvm supervises (qemu, dnsmasq) died
-     +-- StoppedHard     exit 6  the guest ignored the ACPI power-down until the timeout and was stopped hard
+     +-- StoppedHard     exit 6  the guest ignored the ACPI power-down until the timeout, or qemu's monitor did not
+                             answer it, and qemu was stopped hard (quit, then SIGTERM, then SIGKILL)
 
 Every message is one line that names the input at fault.
 """

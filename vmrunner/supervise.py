@@ -20,7 +20,8 @@ from vmrunner.qemu import QemuPlan
 log = logging.getLogger("vmrunner")
 guest_log = logging.getLogger("guest")
 STDERR_TAIL = 20
-QUIT_GRACE = 5.0
+QUIT_GRACE = 5.0  # seconds qemu gets to exit after ``quit`` or SIGTERM before it is killed
+QMP_TIMEOUT = 5.0  # seconds one QMP call may take, connect and greeting included
 
 
 def prepare_run_dir(plan: QemuPlan) -> None:
@@ -30,24 +31,37 @@ def prepare_run_dir(plan: QemuPlan) -> None:
     os.mkfifo(plan.paths.console_log, 0o600)
 
 
-async def qmp_execute(socket: Path, command: str, timeout: float = 5.0) -> object:
-    """Run one QMP command over ``socket`` with the qemu.qmp library, retrying the connect until ``timeout``.
+async def qmp_execute(socket: Path, command: str, timeout: float = QMP_TIMEOUT) -> object:
+    """Run one QMP command over ``socket`` with the qemu.qmp library, all of it (connect, greeting, capabilities
+    negotiation, the command, the disconnect) within ``timeout`` seconds; the connect is retried while qemu starts.
 
-    :raise PodvmError: when no qemu answers there in time.
+    A qemu whose monitor accepts connections but never greets (hung, stopped, or something else on the socket)
+    would otherwise hold the caller forever, and a SIGTERM with it until the kubelet kills the pod.
+
+    :raise PodvmError: when no qemu answers there in time, or the command fails.
     """
+    refused: list[str] = []  # why the last connect failed; empty while qemu has accepted and not yet answered
+    try:
+        async with asyncio.timeout(timeout):
+            return await _qmp_execute(socket, command, refused)
+    except TimeoutError:
+        why = refused[-1] if refused else "the monitor accepted the connection but never answered"
+        raise PodvmError(f"{socket}: no qemu answers QMP {command} within {timeout:g}s: {why}") from None
+
+
+async def _qmp_execute(socket: Path, command: str, refused: list[str]) -> object:
     from qemu.qmp import QMPClient, QMPError
 
     # The library logs every failed connect at ERROR; the retry loop below is the normal way to wait for qemu.
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     client = QMPClient("vmrunner")
-    deadline = asyncio.get_running_loop().time() + timeout
     while True:
+        refused.clear()
         try:
             await client.connect(str(socket))
             break
         except (QMPError, OSError) as err:
-            if asyncio.get_running_loop().time() >= deadline:
-                raise PodvmError(f"{socket}: no qemu answers: {err}") from None
+            refused.append(str(err))
             await asyncio.sleep(0.1)
     try:
         return await client.execute(command)
@@ -155,23 +169,34 @@ class Supervisor:
         raise ChildFailed(f"qemu exited with status {code}: {tail}")
 
     async def _shutdown(self, proc: asyncio.subprocess.Process, exited: "asyncio.Task[int]") -> int:
+        """Press the ACPI power button and wait for the guest; all of it within SHUTDOWN_TIMEOUT, then stop hard.
+
+        A qemu that does not answer QMP (hung, stopped) cannot hold the shutdown longer: the power-down request
+        counts against the same deadline, and the hard stop falls back to signals when ``quit`` gets no answer.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_timeout
         log.info("stopping: ACPI power-down requested; waiting up to %gs for the guest", self.shutdown_timeout)
+        verdict = "the guest ignored the ACPI power-down"
         try:
-            await qmp_execute(self.plan.paths.qmp, "system_powerdown")
+            await qmp_execute(self.plan.paths.qmp, "system_powerdown", timeout=min(QMP_TIMEOUT, self.shutdown_timeout))
         except PodvmError as err:
             log.warning("QMP system_powerdown failed: %s", err)
+            verdict = "qemu did not take the ACPI power-down (its monitor does not answer)"
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(exited), self.shutdown_timeout)
+            await asyncio.wait_for(asyncio.shield(exited), max(0.0, deadline - loop.time()))
             log.info("guest powered off")
             return 0
         log.warning("guest did not power off within %gs; stopping qemu hard", self.shutdown_timeout)
-        with contextlib.suppress(PodvmError):
+        try:
             await qmp_execute(self.plan.paths.qmp, "quit", timeout=1.0)
+        except PodvmError as err:
+            log.warning("QMP quit failed: %s; sending qemu SIGTERM", err)
+            proc.terminate()
         try:
             await asyncio.wait_for(asyncio.shield(exited), QUIT_GRACE)
         except TimeoutError:
+            log.warning("qemu still runs %gs later; killing it", QUIT_GRACE)
             proc.kill()
             await exited
-        raise StoppedHard(
-            f"SHUTDOWN_TIMEOUT={self.shutdown_timeout:g}s: the guest ignored the ACPI power-down; stopped hard"
-        )
+        raise StoppedHard(f"SHUTDOWN_TIMEOUT={self.shutdown_timeout:g}s: {verdict}; stopped hard")

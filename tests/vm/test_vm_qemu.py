@@ -4,6 +4,7 @@ No guest OS is needed: an empty disk leaves the VM in its BIOS, which answers QM
 hard-stop path needs. The runner reaches /dev/net/tun through a 0666 node bind-mounted in a private mount namespace.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -226,3 +227,44 @@ def test_unusable_vnc_password_stops_the_runner_before_anything_is_made(pod: Pat
     assert f"VNC_PASSWORD_FILE={secret}: the VNC password is 9 characters long; VNC uses at most 8" in done.stderr
     assert "ninechars" not in done.stderr
     assert list((pod / "image").iterdir()) == [] and list((pod / "vm").iterdir()) == []
+
+
+def test_hung_qemu_holds_neither_sigterm_nor_status(netns: str, pod: Path) -> None:
+    """qemu stopped with SIGSTOP, as a hung qemu: its monitor socket still accepts (the kernel queues connections)
+    but nothing ever greets. ``status`` answers with one line in bounded time, and SIGTERM ends within
+    SHUTDOWN_TIMEOUT plus the hard stop (quit 1 s, QUIT_GRACE 5 s) with exit 6, qemu killed.
+    """
+    publish_handshake(pod, vnc_in_pod=True)
+    proc = start(netns, pod)
+    qemu = 0
+    try:
+        wait_for(pod / "run" / "qmp.sock", proc)
+        [qemu] = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        status = subprocess.run(
+            [*VMRUNNER, "status"], env=runner_env(pod), capture_output=True, text=True, check=False, timeout=20
+        )
+        assert status.stdout.strip() == "running", status.stderr  # the monitor really worked before the hang
+        os.kill(qemu, signal.SIGSTOP)
+        status = subprocess.run(
+            [*VMRUNNER, "status"], env=runner_env(pod), capture_output=True, text=True, check=False, timeout=20
+        )
+        assert status.returncode == 1
+        assert status.stderr.strip().splitlines() == [status.stderr.strip()]
+        assert "qmp.sock: no qemu answers QMP query-status within 1s: the monitor accepted" in status.stderr
+        asked = time.monotonic()
+        code, log = stop(proc)
+        took = time.monotonic() - asked
+    finally:
+        if qemu:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(qemu, signal.SIGKILL)
+    assert code == 6, log
+    # A deadline the runner promises (SHUTDOWN_TIMEOUT 1 s + quit 1 s + QUIT_GRACE 5 s), not a performance figure:
+    # before QMP calls had one, this SIGTERM waited for ever.
+    assert took < 1 + 1 + 5 + 5, log
+    assert "QMP system_powerdown failed" in log and "sending qemu SIGTERM" in log and "killing it" in log
+    assert log.strip().splitlines()[-1].endswith(
+        "SHUTDOWN_TIMEOUT=1s: qemu did not take the ACPI power-down (its monitor does not answer); stopped hard"
+    )
+    assert not Path(f"/proc/{qemu}").exists()
+    assert "VNC on TCP 5900 has no password" in log  # VNC without a Secret is said out loud
