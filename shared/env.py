@@ -134,6 +134,8 @@ _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-
 def pod_hostname(env: Env) -> str:
     """The pod's hostname (``HOSTNAME``, else the kernel's): it names the pet disk and is handed to the guest."""
     name = env.text("HOSTNAME", socket.gethostname()).lower()
-    if len(name) > 253 or not _HOSTNAME.match(name):
-        raise ConfigError(f"HOSTNAME={name!r}: expected a DNS name (letters, digits, '-' and '.')")
+    # 63: a pod's hostname never exceeds it (Linux allows 64), and "<hostname>.qcow2" and its temporary name must fit
+    # the 255 bytes of a file name on the VM's volume
+    if len(name) > 63 or not _HOSTNAME.match(name):
+        raise ConfigError(f"HOSTNAME={name!r}: expected a DNS name of at most 63 letters, digits, '-' and '.'")
     return name

@@ -15,6 +15,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.fsync(out.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:
+            err.filename = str(path)  # a failed write() names no file: the log line must say which one
         raise

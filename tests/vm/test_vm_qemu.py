@@ -263,8 +263,7 @@ def test_hung_qemu_holds_neither_sigterm_nor_status(netns: str, pod: Path) -> No
     # before QMP calls had one, this SIGTERM waited for ever.
     assert took < 1 + 1 + 5 + 5, log
     assert "QMP system_powerdown failed" in log and "sending qemu SIGTERM" in log and "killing it" in log
-    assert log.strip().splitlines()[-1].endswith(
-        "SHUTDOWN_TIMEOUT=1s: qemu did not take the ACPI power-down (its monitor does not answer); stopped hard"
-    )
+    verdict = "SHUTDOWN_TIMEOUT=1s: qemu did not take the ACPI power-down (its monitor does not answer); stopped hard"
+    assert log.strip().splitlines()[-1].endswith(verdict)
     assert not Path(f"/proc/{qemu}").exists()
     assert "VNC on TCP 5900 has no password" in log  # VNC without a Secret is said out loud
