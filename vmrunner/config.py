@@ -17,6 +17,7 @@ DISK_BUSES = ("virtio", "ide", "scsi")
 NIC_MODELS = ("virtio-net-pci", "e1000", "rtl8139")
 FORMATS = ("qcow2", "raw")
 DRIVE_KINDS = ("config-2", "nocloud")
+RUN_DIR_MAX = 107 - len("/console.sock")  # qemu's sockets live there, and a Unix socket's path holds 107 bytes
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,12 @@ class Config:
 def _source_and_target(env: Env) -> tuple[str, str]:
     source = env.required("IMG_SOURCE", "an http(s) URL or an absolute path of a qcow2 image")
     if source.startswith(("http://", "https://")):
-        parts = urlsplit(source)
-        if not parts.hostname:
+        try:
+            parts = urlsplit(source)
+            host, _ = parts.hostname, parts.port
+        except ValueError as err:  # a broken [IPv6] host or port
+            raise ConfigError(f"IMG_SOURCE={source!r}: not a valid URL: {err}") from None
+        if not host:
             raise ConfigError(f"IMG_SOURCE={source!r}: the URL has no host")
         default_target = parts.path.rstrip("/").rsplit("/", 1)[-1]
     elif source.startswith("/"):
@@ -144,7 +149,7 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = ()) -> Config:
         metadata=env.path("METADATA", "/metadata"),
         userdata=env.path("USERDATA", "/userdata"),
         config_drive=env.choice("CONFIG_DRIVE", "config-2", DRIVE_KINDS),
-        run_dir=env.path("RUN_DIR", "/run/podvm"),
+        run_dir=env.path("RUN_DIR", "/run/podvm", max_bytes=RUN_DIR_MAX),
         hostname=pod_hostname(env),
         qemu=env.text("QEMU", "qemu-system-x86_64"),
         extra_args=extra_args,

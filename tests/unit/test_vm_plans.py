@@ -88,6 +88,12 @@ def test_local_source_names_the_target_after_the_file() -> None:
         ({"USERDATA": "u"}, "USERDATA='u'"),
         ({"FETCH_RETRIES": "-1"}, "FETCH_RETRIES=-1"),
         ({"HOSTNAME": "Bad_Host"}, "HOSTNAME='bad_host'"),
+        # found by the property tier: each was a traceback
+        ({"IMG_SOURCE": "http://[::1/x.qcow2"}, "IMG_SOURCE='http://[::1/x.qcow2': not a valid URL"),
+        ({"IMG_SOURCE": "http://h:99999/x.qcow2"}, "IMG_SOURCE='http://h:99999/x.qcow2': not a valid URL"),
+        ({"IMAGE_DIR": "/" + "a" * 256}, "IMAGE_DIR='/aaa"),
+        ({"VM_DIR": "/a" * 2000}, "VM_DIR='/a/a"),
+        ({"RUN_DIR": "/run/" + "p" * 90}, "RUN_DIR='/run/ppp"),  # qemu's sockets would not fit a Unix socket path
     ],
 )
 def test_every_bad_value_is_one_line_naming_it(values: dict[str, str], message: str) -> None:
@@ -344,3 +350,4 @@ def test_progress_lines_give_percent_rate_and_time_left(caplog: pytest.LogCaptur
     quiet = Progress("x", every=3600.0)
     quiet.tick(1, 2)
     assert len(caplog.records) == 2
+
