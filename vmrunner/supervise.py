@@ -10,6 +10,7 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -21,7 +22,14 @@ log = logging.getLogger("vmrunner")
 guest_log = logging.getLogger("guest")
 STDERR_TAIL = 20
 QUIT_GRACE = 5.0  # seconds qemu gets to exit after ``quit`` or SIGTERM before it is killed
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")  # C0, C1 and line separators; not tab
 QMP_TIMEOUT = 5.0  # seconds one QMP call may take, connect and greeting included
+
+
+def escape_controls(text: str) -> str:
+    """A guest's console line with its control characters escaped (``\\x1b``): a hostile guest cannot send escape
+    sequences to the terminal of whoever reads ``kubectl logs``, nor start what looks like a line of the runner's."""
+    return _CONTROLS.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
 
 
 def prepare_run_dir(plan: QemuPlan) -> None:
@@ -96,7 +104,7 @@ class Supervisor:
         for line in lines:
             text = line.decode("utf-8", "replace").rstrip("\r")
             if text:
-                guest_log.info("%s", text)
+                guest_log.info("%s", escape_controls(text))
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
         async for raw in stream:

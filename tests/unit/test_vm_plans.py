@@ -3,6 +3,8 @@
 import hashlib
 import io
 import json
+import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from vmrunner.config import Checksum, Config, load, parse_checksum
 from vmrunner.image import Progress
 from vmrunner.pet import plan_pet
 from vmrunner.qemu import choose_accel, plan_qemu, vnc_enabled
+from vmrunner.supervise import Supervisor, escape_controls
 from vmrunner.vet import judge
 from vmrunner.vnc import read_password
 
@@ -351,3 +354,18 @@ def test_progress_lines_give_percent_rate_and_time_left(caplog: pytest.LogCaptur
     quiet.tick(1, 2)
     assert len(caplog.records) == 2
 
+
+def test_guest_console_lines_cannot_drive_a_terminal_or_split_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """A hostile guest's escape sequences and odd line breaks reach ``kubectl logs`` as visible text."""
+    assert escape_controls("\x1b]0;owned\x07\x1b[2J plain\ttab ü") == "\\x1b]0;owned\\x07\\x1b[2J plain\ttab ü"
+    assert escape_controls("a\x85b\u2028c\x7f\x00") == "a\\x85b\\u2028c\\x7f\\x00"
+    caplog.set_level(logging.INFO, logger="guest")
+    supervisor = Supervisor(plan_qemu(cfg(), HS, "tcg", False, None), 1.0)
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"login: \x1b[8mhidden\r\n2026 ERROR vmrunner: forged\rpart\n")
+        supervisor._console_readable(read_end)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert [r.getMessage() for r in caplog.records] == ["login: \\x1b[8mhidden", "2026 ERROR vmrunner: forged\\rpart"]
