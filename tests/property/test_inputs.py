@@ -57,8 +57,8 @@ POD_FACTS = ("POD_IFACE", "POD_IP", "POD_MTU")
 
 @pytest.fixture(scope="module", autouse=True)
 def sandbox() -> Iterator[Path]:
-    SANDBOX.mkdir()
-    (SANDBOX / "run").mkdir()
+    shutil.rmtree(SANDBOX, ignore_errors=True)  # left by a killed run with the same pid
+    (SANDBOX / "run").mkdir(parents=True)
     try:
         yield SANDBOX
     finally:
