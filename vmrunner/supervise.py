@@ -200,11 +200,13 @@ class Supervisor:
             await qmp_execute(self.plan.paths.qmp, "quit", timeout=1.0)
         except PodvmError as err:
             log.warning("QMP quit failed: %s; sending qemu SIGTERM", err)
-            proc.terminate()
+            with contextlib.suppress(ProcessLookupError):  # it may have quit after all, and been reaped
+                proc.terminate()
         try:
             await asyncio.wait_for(asyncio.shield(exited), QUIT_GRACE)
         except TimeoutError:
             log.warning("qemu still runs %gs later; killing it", QUIT_GRACE)
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
             await exited
         raise StoppedHard(f"SHUTDOWN_TIMEOUT={self.shutdown_timeout:g}s: {verdict}; stopped hard")
