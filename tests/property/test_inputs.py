@@ -105,11 +105,13 @@ scalars = st.one_of(
     st.dates(),
     st.datetimes(),
 )
-structures = st.recursive(
-    scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(scalars, inner, max_size=3),
-    max_leaves=10,
-)
+
+
+def _yaml_containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=3) | st.dictionaries(scalars, inner, max_size=3)
+
+
+structures = st.recursive(scalars, _yaml_containers, max_leaves=10)
 yaml_files = st.one_of(
     structures.map(lambda doc: yaml.safe_dump(doc, allow_unicode=True).encode("utf-8", "surrogateescape")),
     st.sampled_from(
