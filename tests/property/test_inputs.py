@@ -67,12 +67,15 @@ def sandbox() -> Iterator[Path]:
 
 def environments(names: tuple[str, ...], always: tuple[str, ...] = ()) -> st.SearchStrategy[dict[str, str]]:
     """Any subset of ``names`` set to values of their kind (``always`` set, non-blank), then at most two of them
-    set to anything at all: one bad value among good ones reaches the code behind the first checks."""
+    set to anything at all: one bad value among good ones reaches the code behind the first checks. (``always`` stays
+    non-blank: unset pod facts would make ``netsidecar plan`` ask the kernel.)"""
     good = st.fixed_dictionaries(
         {name: value_for(name, SANDBOX).filter(str.strip) for name in always},
         optional={name: value_for(name, SANDBOX) for name in names if name not in always},
     )
-    bad = st.dictionaries(st.sampled_from(names), any_value(SANDBOX), max_size=2)
+    bad = st.dictionaries(st.sampled_from(names), any_value(SANDBOX), max_size=2).map(
+        lambda values: {k: v for k, v in values.items() if k not in always or v.strip()}
+    )
     return st.builds(lambda values, wrong: {**values, **wrong}, good, bad)
 
 
