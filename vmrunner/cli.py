@@ -27,6 +27,7 @@ from shared.log import configure
 from vmrunner import configdrive
 from vmrunner.config import Config, load, redact
 from vmrunner.qemu import RunPaths, choose_accel, kvm_works, plan_qemu, vnc_enabled
+from vmrunner.vnc import read_password
 
 log = logging.getLogger("vmrunner")
 USAGE = """usage: vmrunner COMMAND
@@ -49,16 +50,6 @@ def drive_path(cfg: Config) -> Path:
     return cfg.run_dir / "config-drive.iso"
 
 
-def _check_vnc_password(cfg: Config) -> None:
-    if cfg.vnc_password_file is None:
-        return
-    try:
-        if not cfg.vnc_password_file.read_bytes().strip():
-            raise ConfigError(f"VNC_PASSWORD_FILE={cfg.vnc_password_file}: the file is empty")
-    except OSError as err:
-        raise ConfigError(f"VNC_PASSWORD_FILE={cfg.vnc_password_file}: cannot read: {err.strerror}") from None
-
-
 def cmd_run(cfg: Config) -> int:
     """The container's main command."""
     import asyncio
@@ -66,7 +57,7 @@ def cmd_run(cfg: Config) -> int:
     from vmrunner.binding import prepare
     from vmrunner.supervise import Supervisor
 
-    _check_vnc_password(cfg)
+    password = read_password(cfg.vnc_password_file)
     drive = configdrive.plan_from_config(cfg)
     hs = handshake.wait(cfg.run_dir, cfg.handshake_timeout)
     if hs.tap_owner is not None and os.getuid() not in (0, hs.tap_owner):
@@ -84,7 +75,7 @@ def cmd_run(cfg: Config) -> int:
         drive_path(cfg).unlink(missing_ok=True)
     plan = plan_qemu(cfg, hs, choose_accel(cfg.accel, kvm_works()), vnc_enabled(cfg, hs), iso)
     log.info("qemu: %s", " ".join(plan.argv))
-    return asyncio.run(Supervisor(plan, cfg.shutdown_timeout).run())
+    return asyncio.run(Supervisor(plan, cfg.shutdown_timeout, password if plan.vnc else None).run())
 
 
 def cmd_plan(cfg: Config) -> int:
@@ -94,6 +85,7 @@ def cmd_plan(cfg: Config) -> int:
 
     path = cfg.run_dir / handshake.FILE_NAME
     hs = handshake.read(path) if path.exists() else None
+    read_password(cfg.vnc_password_file)  # an unusable Secret is refused here as it would be by run
     drive = configdrive.plan_from_config(cfg)
     layout = Layout(cfg.image_dir)
     record = read_name(layout, cfg.img_name)

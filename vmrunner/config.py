@@ -20,6 +20,7 @@ FORMATS = ("qcow2", "raw")
 DRIVE_KINDS = ("config-2", "nocloud")
 DISK_MODES = ("overlay", "standalone")
 VERIFY_MODES = ("changed", "always")
+RUN_DIR_MAX = 107 - len("/console.sock")  # qemu's sockets live there, and a Unix socket's path holds 107 bytes
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,12 @@ def name_key(source: str, target: str | None) -> str:
 def _source_and_target(env: Env) -> tuple[str, str, str]:
     source = env.required("IMG_SOURCE", "an http(s) URL or an absolute path of a qcow2 image")
     if source.startswith(("http://", "https://")):
-        parts = urlsplit(source)
-        if not parts.hostname:
+        try:
+            parts = urlsplit(source)
+            host, _ = parts.hostname, parts.port
+        except ValueError as err:  # a broken [IPv6] host or port
+            raise ConfigError(f"IMG_SOURCE={redact(source)!r}: not a valid URL: {err}") from None
+        if not host:
             raise ConfigError(f"IMG_SOURCE={redact(source)!r}: the URL has no host")
         file_name = parts.path.rstrip("/").rsplit("/", 1)[-1]
     elif source.startswith("/"):
@@ -181,7 +186,7 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: boo
         metadata=env.path("METADATA", "/metadata"),
         userdata=env.path("USERDATA", "/userdata"),
         config_drive=env.choice("CONFIG_DRIVE", "config-2", DRIVE_KINDS),
-        run_dir=env.path("RUN_DIR", "/run/podvm"),
+        run_dir=env.path("RUN_DIR", "/run/podvm", max_bytes=RUN_DIR_MAX),
         hostname=pod_hostname(env),
         qemu=env.text("QEMU", "qemu-system-x86_64"),
         extra_args=extra_args,

@@ -3,6 +3,8 @@
 import hashlib
 import io
 import json
+import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,9 @@ from vmrunner.config import Checksum, Config, load, parse_checksum
 from vmrunner.image import Progress
 from vmrunner.pet import plan_create, plan_flatten, plan_grow, plan_rebase, plan_repoint
 from vmrunner.qemu import choose_accel, plan_qemu, vnc_enabled
+from vmrunner.supervise import Supervisor, escape_controls
 from vmrunner.vet import judge
+from vmrunner.vnc import read_password
 
 BASE = {"IMG_SOURCE": "https://example.org/images/debian-12.qcow2", "HOSTNAME": "vm-0"}
 HS = samples.handshake(dns=("10.96.0.10",), search=("svc.cluster.local",))
@@ -91,6 +95,12 @@ def test_local_source_names_the_target_after_the_file() -> None:
         ({"USERDATA": "u"}, "USERDATA='u'"),
         ({"FETCH_RETRIES": "-1"}, "FETCH_RETRIES=-1"),
         ({"HOSTNAME": "Bad_Host"}, "HOSTNAME='bad_host'"),
+        # found by the property tier: each was a traceback
+        ({"IMG_SOURCE": "http://[::1/x.qcow2"}, "IMG_SOURCE='http://[::1/x.qcow2': not a valid URL"),
+        ({"IMG_SOURCE": "http://h:99999/x.qcow2"}, "IMG_SOURCE='http://h:99999/x.qcow2': not a valid URL"),
+        ({"IMAGE_DIR": "/" + "a" * 256}, "IMAGE_DIR='/aaa"),
+        ({"VM_DIR": "/a" * 2000}, "VM_DIR='/a/a"),
+        ({"RUN_DIR": "/run/" + "p" * 90}, "RUN_DIR='/run/ppp"),  # qemu's sockets would not fit a Unix socket path
     ],
 )
 def test_every_bad_value_is_one_line_naming_it(values: dict[str, str], message: str) -> None:
@@ -271,7 +281,8 @@ def test_qemu_plan_kvm_legacy_buses_password_and_no_vnc() -> None:
     assert "-accel kvm -cpu host" in line
     assert "-device ide-hd,drive=disk0,bus=ide.0,unit=0,bootindex=1" in line
     assert "-device e1000,netdev=net0,mac=0a:58:c0:a8:fe:02" in line
-    assert "-object secret,id=vncpass,file=/secret/vnc,format=raw -vnc :0,password-secret=vncpass" in line
+    assert "-object secret,id=vncpass,file=/dev/stdin,format=raw -vnc :0,password-secret=vncpass" in line
+    assert "/secret/vnc" not in line  # qemu gets the cleaned password on its stdin, not the raw Secret
     assert "cd0" not in line
     scsi = " ".join(plan_qemu(cfg(VM_DISK_BUS="scsi"), HS, "tcg", False, None).argv)
     assert "-device virtio-scsi-pci,id=scsi0 -device scsi-hd,drive=disk0,bus=scsi0.0" in scsi
@@ -286,12 +297,72 @@ def test_accel_choice() -> None:
 
 
 def test_vnc_follows_the_handshake(caplog: pytest.LogCaptureFixture) -> None:
-    assert vnc_enabled(cfg(), HS) is True
+    assert vnc_enabled(cfg(VNC_PASSWORD_FILE="/secret/vnc"), HS) is True  # noqa: S106 a path, not a password
     assert not caplog.records
-    assert vnc_enabled(cfg(NO_VNC="true"), HS) is True
+    assert vnc_enabled(cfg(NO_VNC="true", VNC_PASSWORD_FILE="/secret/vnc"), HS) is True  # noqa: S106
     assert "following the handshake" in caplog.text
     off = samples.handshake(vnc_in_pod=False)
-    assert vnc_enabled(cfg(), off) is False
+    caplog.clear()
+    assert vnc_enabled(cfg(NO_VNC="true"), off) is False
+    assert not caplog.records  # no VNC server: nothing to warn about
+
+
+def test_vnc_without_a_password_is_warned_about_with_the_way_out(caplog: pytest.LogCaptureFixture) -> None:
+    assert vnc_enabled(cfg(), HS) is True
+    [record] = caplog.records
+    assert record.levelname == "WARNING"
+    message = record.getMessage()
+    assert "VNC on TCP 5900 has no password" in message
+    assert "VNC_PASSWORD_FILE" in message and "NO_VNC=true" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("written", "password"),
+    [
+        (b"s3cret\n", b"s3cret"),  # kubectl create secret --from-file of a file saved by an editor
+        (b"s3cret\r\n", b"s3cret"),
+        (b"s3cret\n\n", b"s3cret"),
+        (b"s3cret", b"s3cret"),
+        (b"exactly8", b"exactly8"),
+        (b" pa ss ", b" pa ss "),  # spaces are part of a VNC password; only line ends are dropped
+    ],
+)
+def test_vnc_password_is_read_as_written(tmp_path: Path, written: bytes, password: bytes) -> None:
+    secret = tmp_path / "vnc"
+    secret.write_bytes(written)
+    assert read_password(secret) == password
+    assert read_password(None) is None
+
+
+@pytest.mark.parametrize(
+    ("written", "error"),
+    [
+        (b"", "the VNC password is empty"),
+        (b"\n", "the VNC password is empty"),
+        (b"ninechars", "is 9 characters long; VNC uses at most 8 and would silently ignore the rest"),
+        (b"a-much-longer-password\n", "is 22 characters long"),
+        (b"p\xc3\xa4ss", "control or non-ASCII characters"),
+        (b"pa\tss", "control or non-ASCII characters"),
+        (b"pa\nss", "control or non-ASCII characters"),
+        (b"x" * 5000, "larger than 4096 bytes"),
+    ],
+)
+def test_unusable_vnc_password_is_one_line_that_never_shows_it(tmp_path: Path, written: bytes, error: str) -> None:
+    secret = tmp_path / "vnc"
+    secret.write_bytes(written)
+    with pytest.raises(ConfigError) as caught:
+        read_password(secret)
+    message = str(caught.value)
+    assert message.startswith(f"VNC_PASSWORD_FILE={secret}: ") and error in message
+    assert "\n" not in message
+    if len(written.strip()) > 2:
+        assert written.strip().decode(errors="replace") not in message
+
+
+def test_unreadable_vnc_password_file_is_named(tmp_path: Path) -> None:
+    for path, reason in ((tmp_path / "absent", "No such file or directory"), (tmp_path, "Is a directory")):
+        with pytest.raises(ConfigError, match=f"VNC_PASSWORD_FILE={path}: cannot read: {reason}$"):
+            read_password(path)
 
 
 def test_progress_lines_give_percent_rate_and_time_left(caplog: pytest.LogCaptureFixture) -> None:
@@ -306,3 +377,19 @@ def test_progress_lines_give_percent_rate_and_time_left(caplog: pytest.LogCaptur
     quiet = Progress("x", every=3600.0)
     quiet.tick(1, 2)
     assert len(caplog.records) == 2
+
+
+def test_guest_console_lines_cannot_drive_a_terminal_or_split_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """A hostile guest's escape sequences and odd line breaks reach ``kubectl logs`` as visible text."""
+    assert escape_controls("\x1b]0;owned\x07\x1b[2J plain\ttab ü") == "\\x1b]0;owned\\x07\\x1b[2J plain\ttab ü"
+    assert escape_controls("a\x85b\u2028c\x7f\x00") == "a\\x85b\\u2028c\\x7f\\x00"
+    caplog.set_level(logging.INFO, logger="guest")
+    supervisor = Supervisor(plan_qemu(cfg(), HS, "tcg", False, None), 1.0)
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"login: \x1b[8mhidden\r\n2026 ERROR vmrunner: forged\rpart\n")
+        supervisor._console_readable(read_end)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert [r.getMessage() for r in caplog.records] == ["login: \\x1b[8mhidden", "2026 ERROR vmrunner: forged\\rpart"]

@@ -4,6 +4,7 @@ No guest OS is needed: an empty disk leaves the VM in its BIOS, which answers QM
 hard-stop path needs. The runner reaches /dev/net/tun through a 0666 node bind-mounted in a private mount namespace.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests import samples
-from tests.vm.conftest import VMRUNNER, require, runner_env
+from tests.vm.conftest import REPO, VMRUNNER, require, runner_env
 
 UID = 10001
 pytestmark = pytest.mark.netns
@@ -183,40 +184,96 @@ def test_status_without_qemu_and_a_missing_qemu_are_one_line(pod: Path) -> None:
     assert done.stderr.strip().splitlines()[-1].endswith("QEMU=/nonexistent/qemu: no such program")
 
 
-RFB_SECURITY_TYPES = """
-import socket, time
-deadline = time.monotonic() + 15
-while True:  # qemu opens its QMP socket before its VNC server
-    try:
-        s = socket.create_connection(("127.0.0.1", 5900), timeout=10)
-        break
-    except ConnectionRefusedError:
-        if time.monotonic() > deadline:
-            raise
-        time.sleep(0.05)
-version = s.recv(12)
-s.sendall(b"RFB 003.008\\n")
-count = s.recv(1)[0]
-print(version.decode().strip(), list(s.recv(count)))
-"""
+def vnc_login(ns: str, password: bytes) -> str:
+    """Log in to VNC on 127.0.0.1:5900 inside ``ns`` as a viewer would (tests/vm/rfb.py); ``OK`` or the refusal."""
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.vm.rfb", "5900"],
+        input=password,
+        capture_output=True,
+        cwd=REPO,
+        check=False,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout.decode().strip()
 
 
-def test_vnc_asks_for_the_password_from_the_secret_file(netns: str, pod: Path) -> None:
+def test_vnc_logs_in_with_the_secret_as_written_and_refuses_a_wrong_password(netns: str, pod: Path) -> None:
+    """A Secret made from a file that ends in a newline: a viewer typing the password gets in, nobody else does."""
     publish_handshake(pod, vnc_in_pod=True)
     secret = pod / "vnc-password"
-    secret.write_text("s3cret")
+    secret.write_bytes(b"s3cret\n")
     os.chown(secret, UID, UID)
     secret.chmod(0o400)
     proc = start(netns, pod, VNC_PASSWORD_FILE=str(secret))
     try:
         wait_for(pod / "run" / "qmp.sock", proc)
-        seen = subprocess.run(
-            ["ip", "netns", "exec", netns, sys.executable, "-c", RFB_SECURITY_TYPES],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=20,
-        )
+        [qemu] = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        cmdline = Path(f"/proc/{qemu}/cmdline").read_bytes()
+        assert b"file=/dev/stdin" in cmdline and b"s3cret" not in cmdline
+        assert vnc_login(netns, b"s3cret") == "OK"
+        assert vnc_login(netns, b"wrong").startswith("refused: ")
+        assert vnc_login(netns, b"s3cret\n").startswith("refused: ")  # the newline is not part of the password
+        assert vnc_login(netns, b"s3cret").startswith("OK")  # a refusal does not lock the right password out
+        assert not any(b"s3cret" in p.read_bytes() for p in (pod / "run").iterdir() if p.is_file())
     finally:
-        stop(proc)
-    assert seen.stdout.strip() == "RFB 003.008 [2]", seen.stderr  # 2: VNC authentication, nothing weaker offered
+        code, log = stop(proc)
+    assert code == 6, log
+    assert "s3cret" not in log and "has no password" not in log
+
+
+def test_unusable_vnc_password_stops_the_runner_before_anything_is_made(pod: Path) -> None:
+    secret = pod / "vnc-password"
+    secret.write_bytes(b"ninechars\n")
+    done = subprocess.run(
+        [*VMRUNNER, "run"],
+        env=runner_env(pod, IMG_SOURCE=str(pod / "base.qcow2"), VNC_PASSWORD_FILE=str(secret)),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert f"VNC_PASSWORD_FILE={secret}: the VNC password is 9 characters long; VNC uses at most 8" in done.stderr
+    assert "ninechars" not in done.stderr
+    assert list((pod / "image").iterdir()) == [] and list((pod / "vm").iterdir()) == []
+
+
+def test_hung_qemu_holds_neither_sigterm_nor_status(netns: str, pod: Path) -> None:
+    """qemu stopped with SIGSTOP, as a hung qemu: its monitor socket still accepts (the kernel queues connections)
+    but nothing ever greets. ``status`` answers with one line in bounded time, and SIGTERM ends within
+    SHUTDOWN_TIMEOUT plus the hard stop (quit 1 s, QUIT_GRACE 5 s) with exit 6, qemu killed.
+    """
+    publish_handshake(pod, vnc_in_pod=True)
+    proc = start(netns, pod)
+    qemu = 0
+    try:
+        wait_for(pod / "run" / "qmp.sock", proc)
+        [qemu] = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        status = subprocess.run(
+            [*VMRUNNER, "status"], env=runner_env(pod), capture_output=True, text=True, check=False, timeout=20
+        )
+        assert status.stdout.strip() == "running", status.stderr  # the monitor really worked before the hang
+        os.kill(qemu, signal.SIGSTOP)
+        status = subprocess.run(
+            [*VMRUNNER, "status"], env=runner_env(pod), capture_output=True, text=True, check=False, timeout=20
+        )
+        assert status.returncode == 1
+        assert status.stderr.strip().splitlines() == [status.stderr.strip()]
+        assert "qmp.sock: no qemu answers QMP query-status within 1s: the monitor accepted" in status.stderr
+        asked = time.monotonic()
+        code, log = stop(proc)
+        took = time.monotonic() - asked
+    finally:
+        if qemu:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(qemu, signal.SIGKILL)
+    assert code == 6, log
+    # A deadline the runner promises (SHUTDOWN_TIMEOUT 1 s + quit 1 s + QUIT_GRACE 5 s), not a performance figure:
+    # before QMP calls had one, this SIGTERM waited for ever.
+    assert took < 1 + 1 + 5 + 5, log
+    assert "QMP system_powerdown failed" in log and "sending qemu SIGTERM" in log and "killing it" in log
+    verdict = "SHUTDOWN_TIMEOUT=1s: qemu did not take the ACPI power-down (its monitor does not answer); stopped hard"
+    assert log.strip().splitlines()[-1].endswith(verdict)
+    assert not Path(f"/proc/{qemu}").exists()
+    assert "VNC on TCP 5900 has no password" in log  # VNC without a Secret is said out loud
