@@ -4,7 +4,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from shared.env import Env, pod_hostname
 from shared.errors import ConfigError
@@ -93,20 +93,23 @@ class Config:
         return self.vm_dir / f"{self.hostname}.qcow2"
 
 
-def _host_and_port(source: str) -> str:
-    """The URL's ``host[:port]`` without any ``user:password@``."""
-    parts = urlsplit(source)
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    return host if parts.port is None else f"{host}:{parts.port}"
+def _url_parts(source: str) -> tuple[str, str, str, str]:
+    """``(scheme, host[:port], path, query)`` of an http(s) URL, without any ``user:password@``.
+
+    Plain string splitting, so even a URL that ``urlsplit`` refuses (a broken ``[IPv6]`` host) is redacted.
+    """
+    scheme, _, rest = source.partition("://")
+    rest, _, query = rest.split("#", 1)[0].partition("?")
+    netloc, slash, path = rest.partition("/")
+    return scheme, netloc.rpartition("@")[2].lower(), slash + path, query
 
 
 def redact(source: str) -> str:
     """``source`` fit to be stored in the shared cache or logged: no ``user:password@``, no query or fragment."""
     if not source.startswith(("http://", "https://")):
         return source
-    parts = urlsplit(source)
-    return urlunsplit((parts.scheme, _host_and_port(source), parts.path, "", ""))
+    scheme, host, path, _query = _url_parts(source)
+    return f"{scheme}://{host}{path}"
 
 
 def name_key(source: str, target: str | None) -> str:
@@ -114,9 +117,9 @@ def name_key(source: str, target: str | None) -> str:
     if target is not None:
         return target
     if source.startswith(("http://", "https://")):
-        parts = urlsplit(source)
-        keyed = urlunsplit((parts.scheme, _host_and_port(source), parts.path, parts.query, ""))
-        file_name = parts.path.rstrip("/").rsplit("/", 1)[-1]
+        scheme, host, path, query = _url_parts(source)
+        keyed = f"{scheme}://{host}{path}" + (f"?{query}" if query else "")
+        file_name = path.rstrip("/").rsplit("/", 1)[-1]
     else:
         keyed = source
         file_name = source.rstrip("/").rsplit("/", 1)[-1]
