@@ -20,7 +20,7 @@ from shared.env import Env
 from shared.errors import ConfigError, PodvmError
 from shared.log import configure
 from vmrunner import configdrive
-from vmrunner.config import Config, load
+from vmrunner.config import Config, load, redact
 from vmrunner.qemu import RunPaths, choose_accel, kvm_works, plan_qemu, vnc_enabled
 
 log = logging.getLogger("vmrunner")
@@ -86,7 +86,7 @@ def cmd_plan(cfg: Config) -> int:
     drive = configdrive.plan_from_config(cfg)
     document: dict[str, object] = {
         "image": {
-            "source": cfg.img_source,
+            "source": redact(cfg.img_source),
             "cache": str(cfg.base_path),
             "cached": cfg.base_path.exists(),
             "format": cfg.img_format,

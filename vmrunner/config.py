@@ -17,6 +17,17 @@ DISK_BUSES = ("virtio", "ide", "scsi")
 NIC_MODELS = ("virtio-net-pci", "e1000", "rtl8139")
 FORMATS = ("qcow2", "raw")
 DRIVE_KINDS = ("config-2", "nocloud")
+# Greedy up to the last "@" of a URL: a password with an unescaped "@", "/" or "?" is still masked whole.
+_USERINFO = re.compile(r"://[^\s'\"<>]*@")
+_QUERY = re.compile(r"[?#][^\s'\"<>]+")
+
+
+def redact(text: str) -> str:
+    """``text`` with every URL's credentials (``user:password@``) and query or fragment (presigned tokens) masked.
+
+    The one way ``IMG_SOURCE``, or a library's error message that may quote it, reaches a log line or an error.
+    """
+    return _QUERY.sub("?***", _USERINFO.sub("://***@", text))
 
 
 @dataclass(frozen=True)
@@ -96,7 +107,7 @@ def _source_and_target(env: Env) -> tuple[str, str]:
     if source.startswith(("http://", "https://")):
         parts = urlsplit(source)
         if not parts.hostname:
-            raise ConfigError(f"IMG_SOURCE={source!r}: the URL has no host")
+            raise ConfigError(f"IMG_SOURCE={redact(source)!r}: the URL has no host")
         default_target = parts.path.rstrip("/").rsplit("/", 1)[-1]
     elif source.startswith("/"):
         default_target = source.rsplit("/", 1)[-1]
