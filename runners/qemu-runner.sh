@@ -11,7 +11,7 @@ say() { printf '%s qemu-runner: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2;
 die() { status=$1; shift; say "ERROR $*"; exit "$status"; }
 
 # Files this run is making: removed on any exit, SIGTERM during a download included; a started qemu is stopped.
-part='' part_err='' pet_tmp='' fetcher='' qemu='' fetched=''
+part='' part_err='' pet_tmp='' fetcher='' qemu='' verified=''
 cleanup() {
     [ -z "$fetcher" ] || kill "$fetcher" 2>/dev/null || true
     [ -z "$qemu" ] || kill -KILL "$qemu" 2>/dev/null || true
@@ -102,8 +102,8 @@ elif source.startswith("/"):
     file_name = source.rstrip("/").rsplit("/", 1)[-1]
 else:
     sys.exit(f"IMG_SOURCE={shown!r}: expected an http(s) URL or an absolute path")
-if target and not re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,254}", target):
-    sys.exit(f"IMG_TARGET={target!r}: expected a plain name (letters, digits, \x27.\x27, \x27_\x27, \x27+\x27, \x27-\x27)")
+if target and not re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,199}", target):
+    sys.exit(f"IMG_TARGET={target!r}: expected a plain name: up to 200 letters, digits, \x27.\x27, \x27_\x27, \x27+\x27 or \x27-\x27")
 stem = re.sub(r"[^A-Za-z0-9._+-]", "_", file_name)[:100] or "image"
 name = target or f"{stem}@{hashlib.sha256(keyed.encode()).hexdigest()[:16]}"
 print(" ".join(f"{k}={shlex.quote(v)}" for k, v in (("name", name), ("stored", stored), ("shown", shown))))
@@ -154,6 +154,8 @@ esac
 # it, so once locked the path must still name the file locked; otherwise start over on the new file.
 lock() {
     while :; do
+        # Never through a symbolic link planted in the shared cache (it could point into this pod's own volumes).
+        [ ! -L "$2" ] || die 1 "IMAGE_DIR: $2 is a symbolic link; refused"
         eval "exec $1>>\"\$2\"" || die 1 "$2: cannot open the lock file"
         rc=0; flock -n -E 75 "$1" || rc=$?
         if [ "$rc" -eq 75 ]; then
@@ -209,7 +211,7 @@ if size > limit:
 write_json() {
     target=$1; shift
     python3 -c '
-import json, os, sys
+import json, os, sys, tempfile
 path, pairs = sys.argv[1], sys.argv[2:]
 record = {}
 for key, value in zip(pairs[::2], pairs[1::2]):
@@ -218,9 +220,9 @@ for key, value in zip(pairs[::2], pairs[1::2]):
         record.setdefault(outer, {})[inner] = value
     else:
         record[key] = value
-tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
 try:
-    with open(tmp, "w") as out:
+    with os.fdopen(fd, "w") as out:
         json.dump(record, out)
         out.flush()
         os.fsync(out.fileno())
@@ -261,15 +263,17 @@ fetch() {
     case $IMG_SOURCE in
         /*) [ -f "$IMG_SOURCE" ] && [ -r "$IMG_SOURCE" ] || die 2 "IMG_SOURCE=$IMG_SOURCE: no such readable file" ;;
     esac
-    part=$IMAGE_DIR/tmp/$name.$$.part
+    # An unpredictable name, created exclusively (set -C): nothing planted in tmp/ is followed or overwritten.
+    part=$IMAGE_DIR/tmp/$name.$$.$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n').part
     part_err=$part.err
     say "fetching $shown (name $name)"
     blocks=$(( (max_size + 511) / 512 ))
     case $IMG_SOURCE in
         http://*|https://*)
-            (ulimit -f "$blocks"; exec curl -fsS -L --proto =http,https --proto-redir =http,https --max-filesize "$max_size" \
-                --retry "$FETCH_RETRIES" --retry-connrefused --connect-timeout 10 -o "$part" "$IMG_SOURCE") 2>"$part_err" & ;;
-        *) (ulimit -f "$blocks"; exec cat "$IMG_SOURCE") >"$part" 2>"$part_err" & ;;
+            (set -C; exec >"$part" 2>"$part_err"; ulimit -f "$blocks"
+             exec curl -fsS -L --proto =http,https --proto-redir =http,https --max-filesize "$max_size" \
+                 --retry "$FETCH_RETRIES" --retry-connrefused --connect-timeout 10 "$IMG_SOURCE") & ;;
+        *) (set -C; exec >"$part" 2>"$part_err"; ulimit -f "$blocks"; exec cat "$IMG_SOURCE") & ;;
     esac
     fetcher=$!
     rc=0; wait "$fetcher" || rc=$?
@@ -306,10 +310,21 @@ fetch() {
     part=''
     rm -f "$part_err"
     part_err=''
-    fetched=$hex
+    verified=$hex
     write_json "$IMAGE_DIR/names/$name" digest "sha256:$hex" source "$stored" fetched_at "$(now)" \
         ${sha512:+checksums.sha512} ${sha512:+"$sha512"}
     say "cached $name as sha256:$hex"
+}
+
+# adopt HEX: a base already cached under another name, with the sha256 IMG_CHECKSUM asks for, is hashed and vetted
+# instead of downloaded (one download per digest); into $hex when it is those bytes.
+adopt() {
+    [ "$(sha256_of "$IMAGE_DIR/sha256/$1")" = "$1" ] || return 0
+    vet "$IMAGE_DIR/sha256/$1" "$IMG_FORMAT" "$max_size" "$IMAGE_DIR/sha256/$1" check
+    hex=$1
+    verified=$1
+    write_json "$IMAGE_DIR/names/$name" digest "sha256:$1" source "$stored" fetched_at "$(now)"
+    say "$name is sha256:$1, already cached: not downloaded"
 }
 
 # ensure_image: the configured image as sha256/<hex>, fetched by one runner while the others wait; into $hex.
@@ -318,6 +333,9 @@ ensure_image() {
     [ -z "$hex" ] || return 0
     lock 9 "$IMAGE_DIR/locks/name.$name.lock" "another runner is fetching $name; waiting for it"
     resolve
+    if [ -z "$hex" ] && [ "${checksum%%:*}" = sha256 ] && [ -f "$IMAGE_DIR/sha256/${checksum#sha256:}" ]; then
+        adopt "${checksum#sha256:}"
+    fi
     [ -n "$hex" ] || fetch
     unlock 9
 }
@@ -329,6 +347,13 @@ claim() {
     mkdir -p "$IMAGE_DIR/refs/$1"
     [ -e "$IMAGE_DIR/refs/$1/$pet_id" ] ||
         write_json "$IMAGE_DIR/refs/$1/$pet_id" pet "$pet" volume "$volume" hostname "$NAME" since "$(now)"
+    unlock 8
+}
+
+# release HEX: remove this pet's reference to sha256/HEX.
+release() {
+    lock 8 "$IMAGE_DIR/locks/$1.lock"
+    rm -f "$IMAGE_DIR/refs/$1/$pet_id"
     unlock 8
 }
 
@@ -367,6 +392,8 @@ print(info.get("backing-filename", ""), info.get("backing-filename-format", ""),
             [ "$hex" = "$pet_hex" ] ||
                 die 7 "$pet: its base sha256:$pet_hex is missing and $shown is now sha256:$hex; not started"
         fi
+        # The reference comes first, so gc cannot remove the base while it is being checked.
+        claim "$pet_hex" || die 7 "$base: removed while $pet was starting; not started"
         resolve
         [ "$hex" = "$pet_hex" ] ||
             say "the configured image $name is ${hex:+sha256:$hex}${hex:-not cached}; $pet keeps its own base sha256:$pet_hex"
@@ -378,18 +405,21 @@ print(info.get("backing-filename", ""), info.get("backing-filename-format", ""),
         else
             vet "$base" "$base_format" 4611686018427387904 "$base"
         fi
-        claim "$pet_hex" || die 7 "$base: removed while $pet was starting; not started"
     fi
 else
     ensure_image
-    if [ "$fetched" != "$hex" ] && [ "$(sha256_of "$IMAGE_DIR/sha256/$hex")" != "$hex" ]; then
+    claim "$hex" || die 1 "$IMAGE_DIR/sha256/$hex: removed while $pet was being made; try again"
+    # Nothing in the shared cache is trusted: a base this run did not verify itself is hashed before a pet is made.
+    if [ "$verified" != "$hex" ] && [ "$(sha256_of "$IMAGE_DIR/sha256/$hex")" != "$hex" ]; then
         say "$IMAGE_DIR/sha256/$hex does not hash to its name; fetching $shown again (a repair)"
+        claimed=$hex
         lock 9 "$IMAGE_DIR/locks/name.$name.lock" "another runner is fetching $name; waiting for it"
         fetch
         unlock 9
+        [ "$hex" = "$claimed" ] || { release "$claimed"; claim "$hex"; } ||
+            die 1 "$IMAGE_DIR/sha256/$hex: removed while $pet was being made; try again"
     fi
-    [ "$fetched" = "$hex" ] || vet "$IMAGE_DIR/sha256/$hex" "$IMG_FORMAT" "$max_size" "$IMAGE_DIR/sha256/$hex" check
-    claim "$hex" || die 1 "$IMAGE_DIR/sha256/$hex: removed while $pet was being made; try again"
+    [ "$verified" = "$hex" ] || vet "$IMAGE_DIR/sha256/$hex" "$IMG_FORMAT" "$max_size" "$IMAGE_DIR/sha256/$hex" check
     pet_tmp=$VM_DIR/.$NAME.qcow2.$$.tmp
     qemu-img create -q -f qcow2 -F "$IMG_FORMAT" -b "$IMAGE_DIR/sha256/$hex" "$pet_tmp" ||
         die 1 "VM_DIR=$VM_DIR: cannot create the pet disk"

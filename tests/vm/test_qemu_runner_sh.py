@@ -257,3 +257,65 @@ def test_a_pet_on_a_base_outside_the_cache_is_refused(tmp_path: Path, shared_dir
                    check=True)  # fmt: skip
     done = run(env_for(with_handshake(shared_dir), str(outside)))
     assert done.returncode == 7 and f"its base {outside} is not in" in error_line(done)
+
+
+def test_a_base_cached_under_another_name_is_hashed_not_downloaded(
+    served: Server, qcow2_bytes: bytes, shared_dir: Path
+) -> None:
+    """With a sha256 IMG_CHECKSUM, a mirror's URL finds the bytes another name cached: one download per digest."""
+    _, base = first_start(served, qcow2_bytes, shared_dir)
+    served.served.files["/mirror/base.qcow2"] = qcow2_bytes
+    other = shared_dir / "other-pod"
+    (other / "run").mkdir(parents=True)
+    (other / "vm").mkdir()
+    with_handshake(other)
+    done = run(
+        {
+            **env_for(other, served.url("/mirror/base.qcow2"), IMG_CHECKSUM=f"sha256:{base.name}"),
+            "IMAGE_DIR": str(shared_dir / "image"),
+        }
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(served.served.requests) == 1
+    names = [json.loads((shared_dir / "image" / "names" / n).read_text()) for n in files(shared_dir, "names")]
+    assert [n["digest"] for n in names] == [f"sha256:{base.name}"] * 2
+
+
+def test_a_new_pet_is_never_made_on_a_base_that_is_not_its_digest(
+    served: Server, qcow2_bytes: bytes, shared_dir: Path
+) -> None:
+    """The name and the base in the shared cache are forgeable: a new pet's base is hashed first, and repaired."""
+    env, base = first_start(served, qcow2_bytes, shared_dir)
+    base.chmod(0o644)
+    base.write_bytes(qcow2_bytes[:-1] + b"\1")
+    base.chmod(0o444)
+    (shared_dir / "vm" / f"{HOSTNAME}.qcow2").unlink()
+    done = run(env)
+    assert done.returncode == 0, done.stderr
+    assert "does not hash to its name" in done.stderr
+    assert base.read_bytes() == qcow2_bytes and len(served.served.requests) == 2
+
+
+def test_a_symlink_planted_as_a_lock_is_refused(served: Server, qcow2_bytes: bytes, shared_dir: Path) -> None:
+    served.served.files["/base.qcow2"] = qcow2_bytes
+    url = served.url("/base.qcow2")
+    victim = shared_dir / "vm" / "victim"
+    locks = shared_dir / "image" / "locks"
+    locks.mkdir(parents=True)
+    (locks / f"name.{contract_name(url)}.lock").symlink_to(victim)
+    done = run(env_for(with_handshake(shared_dir), url))
+    assert done.returncode == 1 and "is a symbolic link; refused" in error_line(done)
+    assert not victim.exists()
+
+
+def test_a_full_image_dir_is_one_line_and_leaves_nothing(served: Server, shared_dir: Path) -> None:
+    served.served.files["/disk.qcow2"] = os.urandom(1 << 20)
+    image_dir = shared_dir / "image"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "podvm-test-full", str(image_dir)], check=True)
+    try:
+        done = run(env_for(with_handshake(shared_dir), served.url("/disk.qcow2")))
+        assert done.returncode == 1, done.stderr
+        assert f"IMAGE_DIR={image_dir}: cannot write disk.qcow2@" in error_line(done)
+        assert files(shared_dir, "tmp") == files(shared_dir, "sha256") == []
+    finally:
+        subprocess.run(["umount", "--lazy", str(image_dir)], check=True)
