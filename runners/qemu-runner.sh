@@ -77,28 +77,37 @@ case ${ACCEL:=auto} in
     *) die 2 "ACCEL='$ACCEL': expected auto, kvm or tcg" ;;
 esac
 : "${IMG_SOURCE:?IMG_SOURCE is required: an http(s) URL or an absolute path of a qcow2 image}"
-# The image's name in the cache, exactly as vmrunner derives it (section 7), what may be stored and what may be shown.
+# The image's name in the cache, exactly as vmrunner derives it (section 7), and the source as it may be shown.
 source_fields=$(python3 -c '
 import hashlib, re, shlex, sys
 from urllib.parse import urlsplit, urlunsplit
+def host_and_port(url):
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return host if parts.port is None else f"{host}:{parts.port}"
+def redact(text):  # as vmrunner.config.redact
+    masked = re.sub(r"://[^\s\x27\"<>]*@", "://***@", text)
+    try:
+        if masked.startswith(("http://", "https://")) and not any(c.isspace() for c in masked):
+            return urlunsplit((urlsplit(masked).scheme, host_and_port(masked), urlsplit(masked).path, "", ""))
+    except ValueError:
+        pass
+    return re.sub(r"[?#][^\s\x27\"<>]+", "?***", masked)
 source, target = sys.argv[1], sys.argv[2]
-shown = re.sub(r"[?#][^\s\x27\"<>]+", "?***", re.sub(r"://[^\s\x27\"<>]*@", "://***@", source))
+shown = redact(source)
 if source.startswith(("http://", "https://")):
     parts = urlsplit(source)
     try:
-        port = parts.port
+        netloc = host_and_port(source)
     except ValueError:
         sys.exit(f"IMG_SOURCE={shown!r}: the URL has an invalid port")
-    host = parts.hostname or ""
-    if not host:
+    if not parts.hostname:
         sys.exit(f"IMG_SOURCE={shown!r}: the URL has no host")
-    host = f"[{host}]" if ":" in host else host
-    netloc = host if port is None else f"{host}:{port}"
     keyed = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-    stored = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
     file_name = parts.path.rstrip("/").rsplit("/", 1)[-1]
 elif source.startswith("/"):
-    keyed = stored = source
+    keyed = source
     file_name = source.rstrip("/").rsplit("/", 1)[-1]
 else:
     sys.exit(f"IMG_SOURCE={shown!r}: expected an http(s) URL or an absolute path")
@@ -106,7 +115,7 @@ if target and not re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,199}", target):
     sys.exit(f"IMG_TARGET={target!r}: expected a plain name: up to 200 letters, digits, \x27.\x27, \x27_\x27, \x27+\x27 or \x27-\x27")
 stem = re.sub(r"[^A-Za-z0-9._+-]", "_", file_name)[:100] or "image"
 name = target or f"{stem}@{hashlib.sha256(keyed.encode()).hexdigest()[:16]}"
-print(" ".join(f"{k}={shlex.quote(v)}" for k, v in (("name", name), ("stored", stored), ("shown", shown))))
+print(" ".join(f"{k}={shlex.quote(v)}" for k, v in (("name", name), ("shown", shown))))
 ' "$IMG_SOURCE" "${IMG_TARGET:-}" 2>&1) || die 2 "$source_fields"
 eval "$source_fields"
 
@@ -311,7 +320,7 @@ fetch() {
     rm -f "$part_err"
     part_err=''
     verified=$hex
-    write_json "$IMAGE_DIR/names/$name" digest "sha256:$hex" source "$stored" fetched_at "$(now)" \
+    write_json "$IMAGE_DIR/names/$name" digest "sha256:$hex" source "$shown" fetched_at "$(now)" \
         ${sha512:+checksums.sha512} ${sha512:+"$sha512"}
     say "cached $name as sha256:$hex"
 }
@@ -323,7 +332,7 @@ adopt() {
     vet "$IMAGE_DIR/sha256/$1" "$IMG_FORMAT" "$max_size" "$IMAGE_DIR/sha256/$1" check
     hex=$1
     verified=$1
-    write_json "$IMAGE_DIR/names/$name" digest "sha256:$1" source "$stored" fetched_at "$(now)"
+    write_json "$IMAGE_DIR/names/$name" digest "sha256:$1" source "$shown" fetched_at "$(now)"
     say "$name is sha256:$1, already cached: not downloaded"
 }
 

@@ -4,7 +4,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from shared.env import Env, pod_hostname
 from shared.errors import ConfigError
@@ -23,11 +23,23 @@ _QUERY = re.compile(r"[?#][^\s'\"<>]+")
 
 
 def redact(text: str) -> str:
-    """``text`` with every URL's credentials (``user:password@``) and query or fragment (presigned tokens) masked.
+    """``text`` fit for a log line, an error or the shared cache: no URL credentials, no query (presigned tokens).
 
-    The one way ``IMG_SOURCE``, or a library's error message that may quote it, reaches a log line or an error.
+    A whole http(s) URL becomes ``scheme://host[:port]/path``; any other text, such as a library's error message
+    that quotes a URL, has ``user:password@`` and every query or fragment masked (``***``). The one way
+    ``IMG_SOURCE`` is shown anywhere.
     """
-    return _QUERY.sub("?***", _USERINFO.sub("://***@", text))
+    masked = _USERINFO.sub("://***@", text)
+    if not masked.startswith(("http://", "https://")) or any(c.isspace() for c in masked):
+        return _QUERY.sub("?***", masked)
+    parts = urlsplit(masked)
+    try:
+        port = parts.port
+    except ValueError:
+        return _QUERY.sub("?***", masked)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return urlunsplit((parts.scheme, host if port is None else f"{host}:{port}", parts.path, "", ""))
 
 
 @dataclass(frozen=True)
