@@ -376,7 +376,13 @@ if ! is_hex 16 "$volume"; then
         die 1 "VM_DIR=$VM_DIR: cannot write .podvm-volume"
 fi
 pet_id=$NAME.$volume
-identity() { stat -c '%s %i %.9Z %.9Y' "$1"; }
+# identity FILE: size, inode, ctime and mtime of FILE, read through an open (NFS revalidates attributes there); fails
+# unless FILE is a regular file (never a symbolic link, FIFO or device planted in the shared cache).
+identity() {
+    [ -f "$1" ] && [ ! -L "$1" ] || return 1
+    id=$(exec 7<"$1" && exec stat -L -c '%F|%s %i %.9Z %.9Y' /proc/self/fd/7 2>/dev/null) || return 1
+    case $id in "regular file|"*) printf '%s\n' "${id#regular file|}" ;; *) return 1 ;; esac
+}
 
 if [ -e "$pet" ]; then
     binding=$(qemu-img info -U -f qcow2 --output=json "$pet" 2>/dev/null | python3 -c '
@@ -390,8 +396,13 @@ print(info.get("backing-filename", ""), info.get("backing-filename-format", ""),
     backing=$(printf '%s\n' "$binding" | sed -n 1p)
     base_format=$(printf '%s\n' "$binding" | sed -n 2p)
     if [ -n "$backing" ]; then
-        pet_hex=${backing#"$IMAGE_DIR/sha256/"}
-        [ "$IMAGE_DIR/sha256/$pet_hex" = "$backing" ] && is_hex 64 "$pet_hex" ||
+        pet_hex=${backing##*/} repoint=''
+        case $backing in
+            "$IMAGE_DIR/sha256/$pet_hex") ;;
+            */sha256/"$pet_hex") repoint=$backing ;;  # a cache mounted elsewhere before: followed by digest
+            *) pet_hex='' ;;
+        esac
+        is_hex 64 "$pet_hex" ||
             die 7 "$pet: its base $backing is not in $IMAGE_DIR/sha256/ (an old-layout pet: start it once with vmrunner, which migrates it); not started"
         case $base_format in qcow2|raw) ;; *) die 7 "$pet: its base has no explicit format; not started" ;; esac
         base=$IMAGE_DIR/sha256/$pet_hex
@@ -403,14 +414,19 @@ print(info.get("backing-filename", ""), info.get("backing-filename-format", ""),
         fi
         # The reference comes first, so gc cannot remove the base while it is being checked.
         claim "$pet_hex" || die 7 "$base: removed while $pet was starting; not started"
+        base_id=$(identity "$base") || die 7 "$base: not a regular file; not started"
         resolve
         [ "$hex" = "$pet_hex" ] ||
             say "the configured image $name is ${hex:+sha256:$hex}${hex:-not cached}; $pet keeps its own base sha256:$pet_hex"
-        if [ "$VERIFY_BASE" = always ] || [ "$(cat "$trust" 2>/dev/null || true)" != "$pet_hex $(identity "$base")" ]; then
+        if [ "$VERIFY_BASE" = always ] || [ -n "$repoint" ] || [ "$(cat "$trust" 2>/dev/null || true)" != "$pet_hex $base_id" ]; then
             say "hashing the base sha256:$pet_hex of $pet"
             [ "$(sha256_of "$base")" = "$pet_hex" ] || die 7 "$base: not the bytes $pet was made on (sha256:$pet_hex); not started"
             vet "$base" "$base_format" 4611686018427387904 "$base" check  # a lower IMG_MAX_SIZE never strands a pet
-            printf '%s %s\n' "$pet_hex" "$(identity "$base")" > "$trust.$$" && mv "$trust.$$" "$trust"
+            if [ -n "$repoint" ]; then
+                qemu-img rebase -u -f qcow2 -F "$base_format" -b "$base" "$pet" || die 1 "$pet: cannot re-point it to $base"
+                say "re-pointed $pet from $repoint to $base (the same digest)"
+            fi
+            printf '%s %s\n' "$pet_hex" "$base_id" > "$trust.$$" && mv "$trust.$$" "$trust"
         else
             vet "$base" "$base_format" 4611686018427387904 "$base"
         fi
@@ -419,7 +435,8 @@ else
     ensure_image
     claim "$hex" || die 1 "$IMAGE_DIR/sha256/$hex: removed while $pet was being made; try again"
     # Nothing in the shared cache is trusted: a base this run did not verify itself is hashed before a pet is made.
-    if [ "$verified" != "$hex" ] && [ "$(sha256_of "$IMAGE_DIR/sha256/$hex")" != "$hex" ]; then
+    if [ "$verified" != "$hex" ] && ! { identity "$IMAGE_DIR/sha256/$hex" >/dev/null &&
+            [ "$(sha256_of "$IMAGE_DIR/sha256/$hex")" = "$hex" ]; }; then
         say "$IMAGE_DIR/sha256/$hex does not hash to its name; fetching $shown again (a repair)"
         claimed=$hex
         lock 9 "$IMAGE_DIR/locks/name.$name.lock" "another runner is fetching $name; waiting for it"
@@ -432,7 +449,7 @@ else
     pet_tmp=$VM_DIR/.$NAME.qcow2.$$.tmp
     qemu-img create -q -f qcow2 -F "$IMG_FORMAT" -b "$IMAGE_DIR/sha256/$hex" "$pet_tmp" ||
         die 1 "VM_DIR=$VM_DIR: cannot create the pet disk"
-    printf '%s %s\n' "$hex" "$(identity "$IMAGE_DIR/sha256/$hex")" > "$trust.$$" && mv "$trust.$$" "$trust"
+    printf '%s %s\n' "$hex" "$(identity "$IMAGE_DIR/sha256/$hex" || true)" > "$trust.$$" && mv "$trust.$$" "$trust"
     mv "$pet_tmp" "$pet"
     pet_tmp=''
     say "created pet disk $pet on sha256:$hex"

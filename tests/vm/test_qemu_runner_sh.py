@@ -319,3 +319,28 @@ def test_a_full_image_dir_is_one_line_and_leaves_nothing(served: Server, shared_
         assert files(shared_dir, "tmp") == files(shared_dir, "sha256") == []
     finally:
         subprocess.run(["umount", "--lazy", str(image_dir)], check=True)
+
+
+def test_a_base_that_is_not_a_regular_file_is_refused(served: Server, qcow2_bytes: bytes, shared_dir: Path) -> None:
+    """A symbolic link planted over a base (even to the same bytes) is not followed: another pod could retarget it."""
+    env, base = first_start(served, qcow2_bytes, shared_dir)
+    copy = shared_dir / "copy.qcow2"
+    copy.write_bytes(qcow2_bytes)
+    base.unlink()
+    base.symlink_to(copy)
+    done = run(env)
+    assert done.returncode == 7 and "not a regular file" in error_line(done)
+    assert "qemu started" not in done.stderr
+
+
+def test_a_pet_on_a_cache_mounted_elsewhere_is_followed_by_digest(
+    served: Server, qcow2_bytes: bytes, shared_dir: Path
+) -> None:
+    env, base = first_start(served, qcow2_bytes, shared_dir)
+    moved = shared_dir / "image-moved"
+    (shared_dir / "image").rename(moved)
+    done = run({**env, "IMAGE_DIR": str(moved)})
+    assert done.returncode == 0, done.stderr
+    assert f"re-pointed {shared_dir / 'vm' / HOSTNAME}.qcow2 from {base}" in done.stderr
+    assert backing_of(shared_dir / "vm" / f"{HOSTNAME}.qcow2") == (str(moved / "sha256" / base.name), "qcow2")
+    assert len(served.served.requests) == 1
