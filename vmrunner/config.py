@@ -22,6 +22,10 @@ DISK_MODES = ("overlay", "standalone")
 VERIFY_MODES = ("changed", "always")
 RUN_DIR_MAX = 107 - len("/console.sock")  # qemu's sockets live there, and a Unix socket's path holds 107 bytes
 
+# Greedy up to the last "@" of a URL: a password with an unescaped "@", "/" or "?" is still masked whole.
+_USERINFO = re.compile(r"://[^\s'\"<>]*@")
+_QUERY = re.compile(r"[?#][^\s'\"<>]+")
+
 
 @dataclass(frozen=True)
 class Checksum:
@@ -104,11 +108,17 @@ def _url_parts(source: str) -> tuple[str, str, str, str]:
     return scheme, netloc.rpartition("@")[2].lower(), slash + path, query
 
 
-def redact(source: str) -> str:
-    """``source`` fit to be stored in the shared cache or logged: no ``user:password@``, no query or fragment."""
-    if not source.startswith(("http://", "https://")):
-        return source
-    scheme, host, path, _query = _url_parts(source)
+def redact(text: str) -> str:
+    """``text`` fit for a log line, an error or the shared cache: no URL credentials, no query (presigned tokens).
+
+    A whole http(s) URL becomes ``scheme://host[:port]/path``; any other text, such as a library's error message
+    that quotes a URL, has ``user:password@`` and every query or fragment masked (``***``). The one way
+    ``IMG_SOURCE`` is shown anywhere.
+    """
+    masked = _USERINFO.sub("://***@", text)
+    if not masked.startswith(("http://", "https://")) or any(c.isspace() for c in masked):
+        return _QUERY.sub("?***", masked)
+    scheme, host, path, _query = _url_parts(masked)
     return f"{scheme}://{host}{path}"
 
 
