@@ -86,7 +86,7 @@ def overhead_samples(root: Path, runs: int) -> tuple[list[float], list[float]]:
     }
     (root / "metadata").write_text("name: bench\n")
     sock = root / "run" / "qmp.sock"
-    subprocess.run([*VMRUNNER, "fetch"], env=env, check=True)
+    subprocess.run([*VMRUNNER, "fetch"], env=env, check=True, stdout=subprocess.DEVNULL)
     plan = json.loads(subprocess.run([*VMRUNNER, "plan"], env=env, capture_output=True, check=True).stdout)
     with netns_with_tap() as ns:
         prefix = ["ip", "netns", "exec", ns]

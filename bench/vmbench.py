@@ -21,6 +21,10 @@ from tests.e2e import harness
 from tests.e2e.harness import PodNet, Proc
 from tests.guest.build import ensure_guest
 from tests.netbed import Bed, Sidecar
+from tests.vm.conftest import runner_env
+from vmrunner import pet
+from vmrunner.binding import check_bound, prepare
+from vmrunner.config import load
 
 REPO = Path(__file__).resolve().parents[1]
 VMRUNNER = [sys.executable, "-c", "from vmrunner.cli import main; main()"]
@@ -100,7 +104,7 @@ def bench_fetch(res: Results, size: int, runs: int) -> None:
             cache = root / f"cache-{i}"
             cache.mkdir()
             begin = time.monotonic()
-            subprocess.run([*VMRUNNER, "fetch"], env=env(cache), check=True)
+            subprocess.run([*VMRUNNER, "fetch"], env=env(cache), check=True, stdout=subprocess.DEVNULL)
             runner.append(mib / (time.monotonic() - begin))
             shutil.rmtree(cache)
         eight, codes, served = _eight_at_once(env(root / "shared-cache"), root / "shared-cache")
@@ -120,12 +124,46 @@ def bench_fetch(res: Results, size: int, runs: int) -> None:
     res.add(Figure(sec, "  bytes served for 8 fetchers / image size", "x", [served / size], note="must be 1.00"))
 
 
+def bench_check(res: Results, size: int, runs: int) -> None:
+    """The check of a pet's base at every start (cheap: identity and re-vet) and a full re-hash, for ``size``."""
+    sec = "5b. base check at start"
+    root = Path(tempfile.mkdtemp(prefix="podvm-bench-check-"))
+    try:
+        image = root / "base.raw"
+        make_image(image, size)
+        for name in ("image", "vm", "run"):
+            (root / name).mkdir()
+        env = runner_env(root, IMG_SOURCE=str(image), IMG_FORMAT="raw", LOG_LEVEL="WARNING")
+        cfg = load(env)
+        prepare(cfg)
+        info = pet.info(cfg, cfg.pet_path)
+        cheap, full, sums = [], [], []
+        for _ in range(runs):
+            begin = time.perf_counter()
+            check_bound(cfg, info, restore=False)
+            cheap.append((time.perf_counter() - begin) * 1000)
+            begin = time.perf_counter()
+            check_bound(load({**env, "VERIFY_BASE": "always"}), info, restore=False)
+            full.append(time.perf_counter() - begin)
+            begin = time.perf_counter()
+            subprocess.run(["sha256sum", str(image)], capture_output=True, check=True)
+            sums.append(time.perf_counter() - begin)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    gib = size / (1 << 30)
+    res.add(Figure(sec, f"every start: identity + re-vet + reference, {gib:.0f} GiB base", "ms", cheap,
+                   note="target < 100 ms"))  # fmt: skip
+    ref = f"sha256sum of the {gib:.0f} GiB base"
+    res.add(Figure(sec, ref, "s", sums))
+    res.add(Figure(sec, "full re-hash + vet (changed base or VERIFY_BASE=always)", "s", full, ref))
+
+
 def _eight_at_once(env: dict[str, str], cache: Path) -> tuple[float, list[int], int]:
     """Eight ``vmrunner fetch`` on one cache at once: seconds until all exit, their exit codes, bytes served."""
     cache.mkdir()
     CountingHandler.served[0] = 0
     begin = time.monotonic()
-    procs = [subprocess.Popen([*VMRUNNER, "fetch"], env=env) for _ in range(8)]
+    procs = [subprocess.Popen([*VMRUNNER, "fetch"], env=env, stdout=subprocess.DEVNULL) for _ in range(8)]
     try:
         codes = [p.wait(600) for p in procs]
     finally:
@@ -141,7 +179,7 @@ def _eight_at_once(env: dict[str, str], cache: Path) -> tuple[float, list[int], 
 PORT = 8639
 STEPS = (
     ("network ready (sidecar)", "sidecar", "network ready"),
-    ("fetch + vet image", "runner", ("cached ", "vetting cached")),
+    ("fetch + vet image (or hash the cached one)", "runner", ("cached ", "hashing the pet's base")),
     ("overlay (pet disk)", "runner", "created pet disk"),
     ("config drive", "runner", "config drive "),
     ("qemu spawned", "runner", "qemu started"),

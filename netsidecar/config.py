@@ -225,7 +225,8 @@ def parse_resolv(text: str, source: str = "resolv.conf") -> Resolv:
 def read_resolv(path: Path) -> Resolv:
     """The pod's resolv.conf; a missing file means no DNS for the VM (logged), not a failure."""
     try:
-        return parse_resolv(path.read_text(), str(path))
+        # bytes that are not UTF-8 spoil only their own name, which is then dropped like any invalid one
+        return parse_resolv(path.read_text(encoding="utf-8", errors="replace"), str(path))
     except FileNotFoundError:
         log.warning("%s does not exist; the VM gets no nameservers", path)
         return Resolv((), ())

@@ -116,7 +116,7 @@ def check_forwarding() -> None:
         )
 
 
-# What `run` needs, found by taking each away from the real sidecar (docs/security-privileges.md), with its bit in
+# What `run` needs, found by taking each away from the real sidecar (docs/security.md), with its bit in
 # linux/capability.h. NET_ADMIN: links, tap owner, nftables, dnsmasq's ARP entries; NET_BIND_SERVICE: dnsmasq binds
 # port 67 before it drops root; SETUID, SETGID: that drop to nobody; KILL: stopping dnsmasq once it runs as nobody.
 RUN_CAPABILITIES = {"KILL": 5, "SETGID": 6, "SETUID": 7, "NET_BIND_SERVICE": 10, "NET_ADMIN": 12}

@@ -5,6 +5,7 @@ variable and says what is wrong with its value, so a misconfigured pod fails bef
 """
 
 import ipaddress
+import os
 import re
 import socket
 from collections.abc import Iterable, Mapping
@@ -18,6 +19,8 @@ _FALSE = frozenset({"", "0", "false", "no", "off"})
 _SIZE = re.compile(r"^(\d+)\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
 _SIZE_FACTOR = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$")
+PATH_MAX = 4095  # bytes of a path the kernel accepts, and of one name in it
+NAME_MAX = 255
 _DURATION_FACTOR = {"ms": 0.001, "": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -112,11 +115,14 @@ class Env:
         except ValueError:
             raise ConfigError(f"{name}={raw!r}: expected an IPv4 address such as {default}") from None
 
-    def path(self, name: str, default: str) -> Path:
-        """An absolute path."""
+    def path(self, name: str, default: str, max_bytes: int = PATH_MAX - NAME_MAX - 1) -> Path:
+        """An absolute path of at most ``max_bytes`` (by default, room is left for a file name inside it)."""
         raw = self.text(name, default)
         if not raw.startswith("/"):
             raise ConfigError(f"{name}={raw!r}: expected an absolute path")
+        encoded = os.fsencode(raw)
+        if len(encoded) > max_bytes or any(len(part) > NAME_MAX for part in encoded.split(b"/")):
+            raise ConfigError(f"{name}={raw!r}: too long; at most {max_bytes} bytes, {NAME_MAX} per name")
         return Path(raw)
 
     def choice(self, name: str, default: str, choices: Iterable[str]) -> str:
@@ -134,8 +140,10 @@ _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-
 def pod_hostname(env: Env) -> str:
     """The pod's hostname (``HOSTNAME``, else the kernel's): it names the pet disk and is handed to the guest."""
     name = env.text("HOSTNAME", socket.gethostname()).lower()
-    if len(name) > 253 or not _HOSTNAME.match(name):
-        raise ConfigError(f"HOSTNAME={name!r}: expected a DNS name (letters, digits, '-' and '.')")
+    # 63: a pod's hostname never exceeds it (Linux allows 64), and "<hostname>.qcow2" and its temporary name must fit
+    # the 255 bytes of a file name on the VM's volume
+    if len(name) > 63 or not _HOSTNAME.match(name):
+        raise ConfigError(f"HOSTNAME={name!r}: expected a DNS name of at most 63 letters, digits, '-' and '.'")
     return name
 
 

@@ -7,16 +7,30 @@ The tree, and what the caller (a person or Kubernetes) should do next::
      +-- ImageRejected   exit 3  the base image failed vetting; use another image
      +-- HandshakeError  exit 4  the sidecar's handshake is missing, malformed or of an unknown major version
      +-- ChildFailed     exit 5  a process podvm supervises (qemu, dnsmasq) died
-     +-- StoppedHard     exit 6  the guest ignored the ACPI power-down until the timeout and was stopped hard
+     +-- StoppedHard     exit 6  the guest ignored the ACPI power-down until the timeout, or qemu's monitor did not
+                             answer it, and qemu was stopped hard (quit, then SIGTERM, then SIGKILL)
+     +-- BaseMismatch    exit 7  a pet's own base image is missing or not the bytes it was made on; not started
 
-Every message is one line that names the input at fault.
+Every message is one line that names the input at fault (line breaks from the input are shown escaped).
+
+What is not a PodvmError never shows a traceback either (``shared.cli.run_main``): an unexpected OSError (ENOSPC,
+EACCES, ENOLCK...) is one line with its file and reason, exit 1; any other exception is a bug, one line, exit 1,
+with its traceback logged only at ``LOG_LEVEL=DEBUG``.
 """
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks escaped, so a value that holds one cannot split or forge a log line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 class PodvmError(Exception):
     """Root of podvm's errors; carries the process exit status that reports it."""
 
     exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
 
 
 class ConfigError(PodvmError):
@@ -47,3 +61,14 @@ class StoppedHard(PodvmError):
     """The guest did not power off within the shutdown timeout and was stopped without its consent."""
 
     exit_code = 6
+
+
+class BaseMismatch(PodvmError):
+    """The base image a pet is bound to is missing from the cache or is no longer the bytes the pet was made on.
+
+    Booting would show the guest a disk it never wrote (its file systems would corrupt), so the VM is not started.
+    Another image does not help: restore the pet's own base (or let the runner fetch it again), or move the pet
+    explicitly with ``vmrunner rebase``.
+    """
+
+    exit_code = 7

@@ -154,8 +154,12 @@ RUNNER: tuple[Spec, ...] = (
         "1 for the base image's vetting result (accepted, refused, pending)",
         ("result",),
     ),
-    Spec("podvm_image_base", "info", "The base image in use: its name in the cache and its file", ("name", "path")),
-    Spec("podvm_image_virtual_size_bytes", "gauge", "Virtual size of the base image"),
+    Spec(
+        "podvm_image_base",
+        "info",
+        "The base image in use: its name in the cache and its digest (empty for a standalone pet disk)",
+        ("name", "digest"),
+    ),
     Spec("podvm_image_cache_size_bytes", "gauge", "Bytes of regular files in the shared image cache"),
 )
 

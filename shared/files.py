@@ -39,10 +39,12 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
                 os.fchmod(out.fileno(), mode)
                 os.fsync(out.fileno())
             os.rename(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
+        except BaseException as err:
             # unlink never follows a symbolic link: at worst it removes what another writer put under our name.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=dir_fd)
+            if isinstance(err, OSError) and err.filename is None:
+                err.filename = str(path)  # a failed write() names no file: the log line must say which one
             raise
         os.fsync(dir_fd)
     finally:

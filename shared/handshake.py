@@ -117,7 +117,7 @@ class Handshake:
         if not isinstance(data, dict):
             raise HandshakeError(f"{source}: expected a JSON object")
         version = data.get("version")
-        if not isinstance(version, str) or not re.fullmatch(r"\d+\.\d+", version):
+        if not isinstance(version, str) or not re.fullmatch(r"[0-9]{1,9}\.[0-9]{1,9}", version):
             raise HandshakeError(f"{source}: missing or malformed 'version' (expected MAJOR.MINOR)")
         if int(version.split(".")[0]) != MAJOR:
             raise HandshakeError(f"{source}: handshake version {version} is not supported (this side speaks {MAJOR}.x)")
@@ -159,6 +159,8 @@ def read(path: Path) -> Handshake:
         raise HandshakeError(f"{path}: cannot read the handshake: {err.strerror}") from err
     except json.JSONDecodeError as err:
         raise HandshakeError(f"{path}: not valid JSON at line {err.lineno}: {err.msg}") from err
+    except (ValueError, RecursionError) as err:  # not UTF-8, a number past int()'s limit, nesting past the stack
+        raise HandshakeError(f"{path}: not a handshake: {err}") from err
     return Handshake.from_dict(data, str(path))
 
 

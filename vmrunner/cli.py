@@ -1,9 +1,12 @@
-"""Command line of vmrunner: ``run``, ``plan``, ``fetch``, ``configdrive OUT``, ``console`` and ``status``.
+"""Command line of vmrunner: ``run``, ``plan``, ``prepare``, ``fetch``, ``rebase``, ``gc``, ``configdrive OUT``,
+``console`` and ``status``.
 
 Arguments after ``run`` are handed to qemu unchanged (the container's ``args:``), so they are not parsed here.
 """
 
 import atexit
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -13,25 +16,33 @@ import socket
 import sys
 import termios
 import tty
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 from shared import handshake
 from shared.cli import run_main
-from shared.env import Env, pod_hostname
+from shared.env import Env
 from shared.errors import ConfigError, PodvmError
 from shared.log import configure
 from vmrunner import configdrive, metrics
-from vmrunner.config import Config, load
+from vmrunner.config import Config, load, redact
 from vmrunner.qemu import RunPaths, choose_accel, kvm_works, plan_qemu, vnc_enabled
+from vmrunner.vnc import read_password
 
 log = logging.getLogger("vmrunner")
 USAGE = """usage: vmrunner COMMAND
   run [QEMU_ARG...]   wait for the network, fetch and vet the image, make the pet disk and config drive, run qemu
   plan [QEMU_ARG...]  print what run would do (JSON), changing nothing
+  prepare             fetch and vet the image, make the pet disk or check its base; no network, no qemu
   fetch               fetch and vet the base image into IMAGE_DIR only
+  rebase DIGEST|NAME  move the stopped pet to another cached base, keeping every byte the guest sees
+  gc [--dry-run] [--grace DURATION]
+                      remove cached bases no pet has referenced for DURATION (default 24h)
   configdrive OUT     write the config drive ISO to OUT only
   console             attach to the guest's serial console (Ctrl-] leaves)
-  status              print the VM's state and the figures of the metrics endpoint (JSON)
+  status              print the VM's run state from QMP, its pet disk's base and references, and the figures
+                      of the metrics endpoint (JSON)
 Configuration comes from environment variables (see the README)."""
 ESCAPE = b"\x1d"
 
@@ -41,25 +52,14 @@ def drive_path(cfg: Config) -> Path:
     return cfg.run_dir / "config-drive.iso"
 
 
-def _check_vnc_password(cfg: Config) -> None:
-    if cfg.vnc_password_file is None:
-        return
-    try:
-        if not cfg.vnc_password_file.read_bytes().strip():
-            raise ConfigError(f"VNC_PASSWORD_FILE={cfg.vnc_password_file}: the file is empty")
-    except OSError as err:
-        raise ConfigError(f"VNC_PASSWORD_FILE={cfg.vnc_password_file}: cannot read: {err.strerror}") from None
-
-
 def cmd_run(cfg: Config) -> int:
     """The container's main command."""
     import asyncio
 
-    from vmrunner.image import ensure_base
-    from vmrunner.pet import ensure_pet
+    from vmrunner.binding import prepare
     from vmrunner.supervise import Supervisor
 
-    _check_vnc_password(cfg)
+    password = read_password(cfg.vnc_password_file)
     drive = configdrive.plan_from_config(cfg)
     hs = handshake.wait(cfg.run_dir, cfg.handshake_timeout)
     if hs.tap_owner is not None and os.getuid() not in (0, hs.tap_owner):
@@ -67,10 +67,9 @@ def cmd_run(cfg: Config) -> int:
             "tap %s belongs to uid %d but the runner is uid %d: qemu cannot open it", hs.tap, hs.tap_owner, os.getuid()
         )
     tracker = _start_metrics(cfg, hs)
-    with metrics.fetching(tracker, cfg.img_target, cfg.base_path):
-        verdict = ensure_base(cfg)
-    tracker.state.image.virtual_size = verdict.virtual_size
-    ensure_pet(cfg, verdict.virtual_size)
+    with volume_errors(cfg), metrics.fetching(tracker, cfg.img_name):
+        started = prepare(cfg)
+    metrics.base_in_use(tracker, started.digest)
     iso = None
     if drive is not None:
         iso = drive_path(cfg)
@@ -82,7 +81,7 @@ def cmd_run(cfg: Config) -> int:
     log.info("qemu: %s", " ".join(plan.argv))
     tracker.set(phase="starting", accel=plan.accel)
     with metrics.outcome(tracker):
-        return asyncio.run(Supervisor(plan, cfg.shutdown_timeout, tracker).run())
+        return asyncio.run(Supervisor(plan, cfg.shutdown_timeout, password if plan.vnc else None, tracker).run())
 
 
 def _start_metrics(cfg: Config, hs: handshake.Handshake) -> metrics.Tracker:
@@ -94,9 +93,7 @@ def _start_metrics(cfg: Config, hs: handshake.Handshake) -> metrics.Tracker:
             cfg.metrics_port or "unset",
             hs.metrics_port or "unset",
         )
-    paths = RunPaths.of(cfg.run_dir)
-    sources = metrics.Sources(cfg.run_dir, cfg.image_dir, metrics.runs_file(cfg.vm_dir, cfg.hostname), paths.monitor)
-    tracker = metrics.Tracker(sources, hs.hostname)
+    tracker = metrics.Tracker(_sources(cfg, RunPaths.of(cfg.run_dir).monitor), hs.hostname)
     tracker.set(phase="fetching")
     atexit.register(tracker.forget)
     if hs.metrics_port is not None:
@@ -104,20 +101,33 @@ def _start_metrics(cfg: Config, hs: handshake.Handshake) -> metrics.Tracker:
     return tracker
 
 
+def _sources(cfg: Config, monitor: Path) -> metrics.Sources:
+    return metrics.Sources(cfg.run_dir, cfg.image_dir, metrics.runs_file(cfg.vm_dir, cfg.hostname), monitor)
+
+
 def cmd_plan(cfg: Config) -> int:
-    """Print the actions of ``run`` as JSON; reads the handshake if it is there, writes nothing."""
+    """Print the actions of ``run`` as JSON; reads the handshake and the cache if they are there, writes nothing."""
+    from vmrunner.binding import describe
+    from vmrunner.cache import Layout, matches_checksum, read_name
+
     path = cfg.run_dir / handshake.FILE_NAME
     hs = handshake.read(path) if path.exists() else None
+    read_password(cfg.vnc_password_file)  # an unusable Secret is refused here as it would be by run
     drive = configdrive.plan_from_config(cfg)
+    layout = Layout(cfg.image_dir)
+    record = read_name(layout, cfg.img_name)
+    usable = record is not None and matches_checksum(cfg, record) and layout.base(record.hex).exists()
     document: dict[str, object] = {
         "image": {
-            "source": cfg.img_source,
-            "cache": str(cfg.base_path),
-            "cached": cfg.base_path.exists(),
+            "source": redact(cfg.img_source),
+            "name": cfg.img_name,
+            "digest": record.digest if usable and record else None,
+            "cache": str(layout.base(record.hex)) if usable and record else None,
+            "cached": usable,
             "format": cfg.img_format,
             "checksum": str(cfg.img_checksum) if cfg.img_checksum else None,
         },
-        "pet": {"path": str(cfg.pet_path), "exists": cfg.pet_path.exists(), "grow_to": cfg.vm_disk_size},
+        "pet": {**describe(cfg), "grow_to": cfg.vm_disk_size},
         "config_drive": None
         if drive is None
         else {"path": str(drive_path(cfg)), "label": drive.label, "files": {k: len(v) for k, v in drive.files.items()}},
@@ -132,11 +142,46 @@ def cmd_plan(cfg: Config) -> int:
     return 0
 
 
-def cmd_fetch(cfg: Config) -> int:
-    """Fetch and vet only (e.g. an init container warming the cache)."""
-    from vmrunner.image import ensure_base
+def cmd_prepare(cfg: Config) -> int:
+    """Everything ``run`` does to the disks, without the network or qemu (e.g. an init container)."""
+    from vmrunner.binding import prepare
 
-    ensure_base(cfg)
+    started = prepare(cfg)
+    print(json.dumps({"pet": str(started.path), "digest": f"sha256:{started.digest}" if started.digest else None}))
+    return 0
+
+
+def cmd_fetch(cfg: Config) -> int:
+    """Fetch and vet only (e.g. an init container warming the cache); prints the digest."""
+    from vmrunner.cache import ensure_image
+
+    print(f"sha256:{ensure_image(cfg).hex}")
+    return 0
+
+
+def cmd_rebase(cfg: Config, wanted: str) -> int:
+    """Move the stopped pet onto another cached base."""
+    from vmrunner.binding import rebase
+
+    print(f"sha256:{rebase(cfg, wanted)}")
+    return 0
+
+
+def cmd_gc(cfg: Config, args: list[str]) -> int:
+    """Remove unreferenced bases after the grace period; ``--dry-run`` only says what it would remove."""
+    from vmrunner.cache import collect
+
+    dry_run, grace = False, 24 * 3600.0
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--dry-run":
+            dry_run = True
+        elif arg == "--grace" and rest:
+            grace = Env({"--grace": rest.pop(0)}).duration("--grace", grace)
+        else:
+            raise ConfigError(f"gc: unknown argument {arg!r} (expected --dry-run or --grace DURATION)")
+    print(json.dumps(asdict(collect(cfg.image_dir, grace, dry_run)), indent=2))
     return 0
 
 
@@ -149,25 +194,31 @@ def cmd_configdrive(cfg: Config, out: str) -> int:
     return 0
 
 
-def cmd_status(env: Env) -> int:
-    """Print the VM's state and every figure the metrics endpoint serves, as JSON (exit 0 while it runs).
+def cmd_status(cfg: Config) -> int:
+    """Print qemu's run state (``running``, ``paused``, ...) from QMP, the pet's binding and every figure of the
+    metrics endpoint, as JSON."""
+    import asyncio
 
-    Without a runner's saved state (another runner, or none) only qemu's own monitor is asked.
-    """
-    run_dir = env.path("RUN_DIR", "/run/podvm")
-    paths = RunPaths.of(run_dir)
-    state = metrics.load_state(run_dir)
-    monitor = paths.monitor
+    from vmrunner.binding import describe
+    from vmrunner.supervise import qmp_execute
+
+    qmp = RunPaths.of(cfg.run_dir).qmp
+    try:
+        result = asyncio.run(qmp_execute(qmp, "query-status", timeout=1.0))
+        status = result.get("status") if isinstance(result, dict) else None
+    except PodvmError as err:
+        log.info("%s", err)
+        status = "not running"
+    # The figures the metrics endpoint serves: the run's own state when a vmrunner runs here, else qemu's monitor.
+    state = metrics.load_state(cfg.run_dir)
+    paths = RunPaths.of(cfg.run_dir)
+    monitor = paths.qmp if state is None else paths.monitor
     if state is None:
-        state, monitor = metrics.RunState(phase="running"), paths.qmp
-        if metrics.query_qemu(monitor) is None:
-            raise PodvmError(f"{monitor}: no qemu answers")
-    vm_dir, image_dir = env.path("VM_DIR", "/vm"), env.path("IMAGE_DIR", "/image")
-    sources = metrics.Sources(run_dir, image_dir, metrics.runs_file(vm_dir, pod_hostname(env)), monitor)
-    items = metrics.gather(state, sources, metrics.directory_size(image_dir))
-    current = next(f.labels[0][1] for f in items if f.name == "podvm_vm_state" and f.value == 1)
-    print(json.dumps({"state": current, "figures": [f.to_dict() for f in items]}, indent=2))
-    return 0 if current == "running" else 1
+        state = metrics.RunState(phase="running" if status == "running" else "stopped", vm=cfg.hostname)
+    items = metrics.gather(state, _sources(cfg, monitor), metrics.directory_size(cfg.image_dir))
+    figures = [item.to_dict() for item in items]
+    print(json.dumps({"state": status, "pet": describe(cfg), "figures": figures}, indent=2))
+    return 0 if status == "running" else 1
 
 
 def cmd_console(run_dir: Path) -> int:
@@ -202,32 +253,59 @@ def cmd_console(run_dir: Path) -> int:
         conn.close()
 
 
+@contextlib.contextmanager
+def volume_errors(cfg: Config) -> Iterator[None]:
+    """A file system error on the image cache or the VM's volume (read-only, full, wrong owner) is one line naming
+    the volume's variable, never a traceback."""
+    try:
+        yield
+    except OSError as err:
+        where = Path(err.filename) if isinstance(err.filename, str) else None
+        volume = next(
+            (f"{name}={root}" for name, root in (("IMAGE_DIR", cfg.image_dir), ("VM_DIR", cfg.vm_dir))
+             if where is not None and where.is_relative_to(root)),
+            "a volume",
+        )  # fmt: skip
+        error = ConfigError if isinstance(err, PermissionError) or err.errno == errno.EROFS else PodvmError
+        raise error(f"{volume}: {err.strerror}: {err.filename}") from None
+
+
 def dispatch(args: list[str]) -> int:
-    """Run the subcommand named by ``args[0]``."""
+    """Run the subcommand named by ``args[0]``; each reads only the settings it uses."""
     command, rest = (args[0], args[1:]) if args else ("", [])
     if command in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    if command == "console":
-        return cmd_console(run_dir_from_env())
-    if command == "status":
-        return cmd_status(Env(dict(os.environ)))
+    env = dict(os.environ)
+    if command == "console" and not rest:
+        return cmd_console(Env(env).path("RUN_DIR", "/run/podvm"))
+    if command == "status" and not rest:
+        return cmd_status(load(env, image=False))
     extra = tuple(rest[1:] if rest[:1] == ["--"] else rest)
     if command == "run":
-        return cmd_run(load(dict(os.environ), extra))
+        return cmd_run(load(env, extra))
     if command == "plan":
-        return cmd_plan(load(dict(os.environ), extra))
+        return cmd_plan(load(env, extra))
+    if command == "prepare" and not rest:
+        cfg = load(env)
+        with volume_errors(cfg):
+            return cmd_prepare(cfg)
     if command == "fetch" and not rest:
-        return cmd_fetch(load(dict(os.environ)))
+        cfg = load(env)
+        with volume_errors(cfg):
+            return cmd_fetch(cfg)
+    if command == "rebase" and len(rest) == 1:
+        cfg = load(env, image=False)
+        with volume_errors(cfg):
+            return cmd_rebase(cfg, rest[0])
+    if command == "gc":
+        cfg = load(env, image=False)
+        with volume_errors(cfg):
+            return cmd_gc(cfg, rest)
     if command == "configdrive" and len(rest) == 1:
-        return cmd_configdrive(load(dict(os.environ)), rest[0])
+        return cmd_configdrive(load(env, image=False), rest[0])
     print(USAGE, file=sys.stderr)
     return 2
-
-
-def run_dir_from_env() -> Path:
-    """RUN_DIR alone: ``console`` and ``status`` need no image settings."""
-    return Env(dict(os.environ)).path("RUN_DIR", "/run/podvm")
 
 
 def _terminated(signum: int, _frame: object) -> None:

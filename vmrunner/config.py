@@ -11,12 +11,20 @@ from shared.errors import ConfigError
 
 _HEX = re.compile(r"^[0-9a-f]+$")
 _DIGEST_LENGTH = {"sha256": 64, "sha512": 128}
-_TARGET = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,254}$")
+_TARGET = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,199}$")  # room for "name." and ".lock"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 ACCELS = ("auto", "kvm", "tcg")
 DISK_BUSES = ("virtio", "ide", "scsi")
 NIC_MODELS = ("virtio-net-pci", "e1000", "rtl8139")
 FORMATS = ("qcow2", "raw")
 DRIVE_KINDS = ("config-2", "nocloud")
+DISK_MODES = ("overlay", "standalone")
+VERIFY_MODES = ("changed", "always")
+RUN_DIR_MAX = 107 - len("/console.sock")  # qemu's sockets live there, and a Unix socket's path holds 107 bytes
+
+# Greedy up to the last "@" of a URL: a password with an unescaped "@", "/" or "?" is still masked whole.
+_USERINFO = re.compile(r"://[^\s'\"<>]*@")
+_QUERY = re.compile(r"[?#][^\s'\"<>]+")
 
 
 @dataclass(frozen=True)
@@ -48,8 +56,9 @@ def parse_checksum(name: str, raw: str) -> Checksum:
 class Config:
     """Everything ``vmrunner`` needs, validated; each field is one environment variable (see the README)."""
 
-    img_source: str  # IMG_SOURCE: http(s) URL or absolute path of the base image
-    img_target: str  # IMG_TARGET: the base image's file name in the cache
+    img_source: str  # IMG_SOURCE: http(s) URL or absolute path of the base image ("" for commands without one)
+    img_target: str  # the image's short name in log lines: IMG_TARGET, else the source's file name
+    img_name: str  # the image's name in IMAGE_DIR/names: IMG_TARGET, else <file name>@<hash of the source>
     img_checksum: Checksum | None  # IMG_CHECKSUM: expected digest of the base image
     img_format: str  # IMG_FORMAT: qcow2 or raw, never probed
     img_max_size: int  # IMG_MAX_SIZE: largest virtual size accepted, bytes
@@ -57,6 +66,8 @@ class Config:
     image_dir: Path  # IMAGE_DIR: the shared cache of base images
     vm_dir: Path  # VM_DIR: the VM's own volume, holding the pet disk
     vm_disk_size: int | None  # VM_DISK_SIZE: grow the pet disk to this size (never shrinks)
+    vm_disk_mode: str  # VM_DISK_MODE: overlay (on a cached base) or standalone (no backing file)
+    verify_base: str  # VERIFY_BASE: changed (re-hash the base when its identity changed) or always
     cpus: int  # VM_CPUS
     memory: int  # VM_MEMORY, bytes
     accel: str  # ACCEL: auto, kvm or tcg
@@ -82,56 +93,100 @@ class Config:
         return self.img_source.startswith(("http://", "https://"))
 
     @property
-    def base_path(self) -> Path:
-        """Where the vetted base image lives in the shared cache."""
-        return self.image_dir / self.img_target
-
-    @property
     def pet_path(self) -> Path:
         """The VM's own overlay disk, named after the pod."""
         return self.vm_dir / f"{self.hostname}.qcow2"
 
 
-def _source_and_target(env: Env) -> tuple[str, str]:
+def _url_parts(source: str) -> tuple[str, str, str, str]:
+    """``(scheme, host[:port], path, query)`` of an http(s) URL, without any ``user:password@``.
+
+    Plain string splitting, so even a URL that ``urlsplit`` refuses (a broken ``[IPv6]`` host) is redacted.
+    """
+    scheme, _, rest = source.partition("://")
+    rest, _, query = rest.split("#", 1)[0].partition("?")
+    netloc, slash, path = rest.partition("/")
+    return scheme, netloc.rpartition("@")[2].lower(), slash + path, query
+
+
+def redact(text: str) -> str:
+    """``text`` fit for a log line, an error or the shared cache: no URL credentials, no query (presigned tokens).
+
+    A whole http(s) URL becomes ``scheme://host[:port]/path``; any other text, such as a library's error message
+    that quotes a URL, has ``user:password@`` and every query or fragment masked (``***``). The one way
+    ``IMG_SOURCE`` is shown anywhere.
+    """
+    masked = _USERINFO.sub("://***@", text)
+    if not masked.startswith(("http://", "https://")) or any(c.isspace() for c in masked):
+        return _QUERY.sub("?***", masked)
+    scheme, host, path, _query = _url_parts(masked)
+    return f"{scheme}://{host}{path}"
+
+
+def name_key(source: str, target: str | None) -> str:
+    """The image's name in ``IMAGE_DIR/names`` (see docs/runner-contract.md, "The image cache")."""
+    if target is not None:
+        return target
+    if source.startswith(("http://", "https://")):
+        scheme, host, path, query = _url_parts(source)
+        keyed = f"{scheme}://{host}{path}" + (f"?{query}" if query else "")
+        file_name = path.rstrip("/").rsplit("/", 1)[-1]
+    else:
+        keyed = source
+        file_name = source.rstrip("/").rsplit("/", 1)[-1]
+    stem = _UNSAFE.sub("_", file_name)[:100] or "image"
+    return f"{stem}@{hashlib.sha256(keyed.encode()).hexdigest()[:16]}"
+
+
+def _source_and_target(env: Env) -> tuple[str, str, str]:
     source = env.required("IMG_SOURCE", "an http(s) URL or an absolute path of a qcow2 image")
     if source.startswith(("http://", "https://")):
-        parts = urlsplit(source)
-        if not parts.hostname:
-            raise ConfigError(f"IMG_SOURCE={source!r}: the URL has no host")
-        default_target = parts.path.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            parts = urlsplit(source)
+            host, _ = parts.hostname, parts.port
+        except ValueError as err:  # a broken [IPv6] host or port
+            raise ConfigError(f"IMG_SOURCE={redact(source)!r}: not a valid URL: {err}") from None
+        if not host:
+            raise ConfigError(f"IMG_SOURCE={redact(source)!r}: the URL has no host")
+        file_name = parts.path.rstrip("/").rsplit("/", 1)[-1]
     elif source.startswith("/"):
-        default_target = source.rsplit("/", 1)[-1]
+        file_name = source.rsplit("/", 1)[-1]
     else:
         raise ConfigError(f"IMG_SOURCE={source!r}: expected an http(s) URL or an absolute path")
-    target = env.text("IMG_TARGET", default_target)
-    if not _TARGET.match(target) or target.endswith((".lock", ".vetted", ".part")):
+    target = env.optional("IMG_TARGET")
+    if target is not None and not _TARGET.match(target):
         raise ConfigError(
-            f"IMG_TARGET={target!r}: expected a plain file name (letters, digits, '.', '_', '+', '-'); "
-            "set IMG_TARGET when the URL does not end in one"
+            f"IMG_TARGET={target!r}: expected a plain name: up to 200 letters, digits, '.', '_', '+' or '-', "
+            "not starting with '.'"
         )
-    return source, target
+    return source, target or file_name or "image", name_key(source, target)
 
 
-def load(values: dict[str, str], extra_args: tuple[str, ...] = ()) -> Config:
-    """Validate the environment ``values`` into a Config.
+def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: bool = True) -> Config:
+    """Validate the environment ``values`` into a Config; ``image=False`` reads neither ``IMG_SOURCE``,
+    ``IMG_TARGET`` nor ``IMG_CHECKSUM``, for the commands that never fetch the configured image (``configdrive``,
+    ``status``, ``gc``, ``rebase``).
 
     :raise ConfigError: naming the first variable whose value is wrong.
     """
     env = Env(values)
-    source, target = _source_and_target(env)
-    checksum_raw = env.optional("IMG_CHECKSUM")
+    source, target, name = _source_and_target(env) if image else ("", "", "")
+    checksum_raw = env.optional("IMG_CHECKSUM") if image else None
     disk_size = env.size("VM_DISK_SIZE", 0, minimum=1 << 20) if env.optional("VM_DISK_SIZE") else None
     password_file = env.path("VNC_PASSWORD_FILE", "/") if env.optional("VNC_PASSWORD_FILE") else None
     return Config(
         img_source=source,
         img_target=target,
+        img_name=name,
         img_checksum=parse_checksum("IMG_CHECKSUM", checksum_raw) if checksum_raw else None,
-        img_format=env.choice("IMG_FORMAT", "qcow2", FORMATS),
+        img_format=env.choice("IMG_FORMAT", "qcow2", FORMATS),  # also rebase: the format of a base for a standalone pet
         img_max_size=env.size("IMG_MAX_SIZE", 256 << 30, minimum=1 << 20),
         fetch_retries=env.integer("FETCH_RETRIES", 5, 0, 100),
         image_dir=env.path("IMAGE_DIR", "/image"),
         vm_dir=env.path("VM_DIR", "/vm"),
         vm_disk_size=disk_size,
+        vm_disk_mode=env.choice("VM_DISK_MODE", "overlay", DISK_MODES),
+        verify_base=env.choice("VERIFY_BASE", "changed", VERIFY_MODES),
         cpus=env.integer("VM_CPUS", 1, 1, 255),
         memory=env.size("VM_MEMORY", 1 << 30, minimum=16 << 20),
         accel=env.choice("ACCEL", "auto", ACCELS),
@@ -145,7 +200,7 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = ()) -> Config:
         metadata=env.path("METADATA", "/metadata"),
         userdata=env.path("USERDATA", "/userdata"),
         config_drive=env.choice("CONFIG_DRIVE", "config-2", DRIVE_KINDS),
-        run_dir=env.path("RUN_DIR", "/run/podvm"),
+        run_dir=env.path("RUN_DIR", "/run/podvm", max_bytes=RUN_DIR_MAX),
         hostname=pod_hostname(env),
         qemu=env.text("QEMU", "qemu-system-x86_64"),
         extra_args=extra_args,

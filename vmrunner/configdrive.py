@@ -42,11 +42,13 @@ def read_yaml(path: Path, variable: str) -> dict[str, Any] | None:
     :raise ConfigError: naming the file and line when it is not valid YAML or not a mapping.
     """
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         return None
     except OSError as err:
         raise ConfigError(f"{variable}={path}: cannot read: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{variable}={path}: not UTF-8 text (byte {err.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -54,6 +56,8 @@ def read_yaml(path: Path, variable: str) -> dict[str, Any] | None:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or "invalid"
         raise ConfigError(f"{variable}={path}: invalid YAML{where}: {problem}") from None
+    except (ValueError, RecursionError) as err:  # a date such as 2021-02-30; nesting deeper than Python's stack
+        raise ConfigError(f"{variable}={path}: invalid YAML: {err}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -112,9 +116,23 @@ def plan_drive(kind: str, hostname: str, metadata: dict[str, Any] | None, userda
     return DrivePlan(LABELS[kind], files)
 
 
+def _check_keys(data: object, source: str) -> None:
+    """Meta data becomes JSON with sorted keys: every mapping key must be a string (YAML reads ``on: x`` as True)."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{source}: key {key!r} is not a string; quote it")
+            _check_keys(value, source)
+    elif isinstance(data, list):
+        for item in data:
+            _check_keys(item, source)
+
+
 def plan_from_config(cfg: Config) -> DrivePlan | None:
     """Read ``METADATA`` and ``USERDATA`` and plan the drive."""
-    return plan_drive(cfg.config_drive, cfg.hostname, read_yaml(cfg.metadata, "METADATA"), read_userdata(cfg.userdata))
+    metadata = read_yaml(cfg.metadata, "METADATA")
+    _check_keys(metadata, f"METADATA={cfg.metadata}")
+    return plan_drive(cfg.config_drive, cfg.hostname, metadata, read_userdata(cfg.userdata))
 
 
 def _iso_name(part: str, is_file: bool) -> str:

@@ -1,31 +1,24 @@
-"""The shared cache of base images: fetched once, checked while streaming, vetted, then immutable.
+"""Getting the bytes of a base image: an HTTP download (resumed, retried, hashed while streaming) or a local copy.
 
-Several pods may start at once on the same cache: an ``flock`` on ``.<target>.lock`` lets one of them download while
-the others wait and reuse the result. The download goes to ``.<target>.part`` and is renamed into place only after
-its checksum and vetting passed, so the cache never holds half an image or a refused one. Beside each image,
-``.<target>.vetted`` records the verdict and digests, so a restart with a cached image runs no qemu-img and reads no
-image bytes.
+Where the bytes go, and under which lock, is ``vmrunner.cache``'s business: this module only streams them into the
+file it is given and returns their digests.
 """
 
 import contextlib
-import fcntl
 import hashlib
-import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
 
 from shared.errors import ConfigError, ImageRejected, PodvmError
-from shared.files import write_atomic
-from vmrunner.config import Config
+from vmrunner.config import Config, redact
 from vmrunner.metrics import FETCH
-from vmrunner.vet import Verdict, vet
 
 if TYPE_CHECKING:
     import requests
@@ -34,18 +27,6 @@ log = logging.getLogger("vmrunner.image")
 CHUNK = 1 << 20
 PROGRESS_EVERY = 5.0
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-
-
-@dataclass(frozen=True)
-class Record:
-    """The verdict stored beside a cached image, valid while the file's identity is unchanged."""
-
-    format: str
-    virtual_size: int
-    size: int
-    mtime_ns: int
-    inode: int
-    digests: dict[str, str]
 
 
 class _Transient(Exception):
@@ -96,11 +77,20 @@ def human(size: int) -> str:
     return f"{value:.1f} TiB"
 
 
+class WriteFailed(Exception):
+    """Writing the download into IMAGE_DIR failed (disk full, quota, I/O error): reported, never retried."""
+
+    def __init__(self, err: OSError) -> None:
+        super().__init__(err.strerror or str(err))
+
+
 class Sink:
     """Writes and hashes chunks on two threads while the caller goes on reading.
 
     File writes and hashing release the GIL, so the three run side by side: a checksummed fetch keeps up with a plain
-    ``curl -o``. Leaving the ``with`` block waits until every chunk is written and hashed.
+    ``curl -o``. Leaving the ``with`` block waits until every queued chunk is written and hashed, so the file and the
+    hashers hold the same bytes whenever no Sink is open; a write error is raised then even when another error
+    (a dropped connection) is leaving the block, so a disk fault is never mistaken for something to retry.
     """
 
     def __init__(self, out: IO[bytes], hashers: dict[str, "hashlib._Hash"]) -> None:
@@ -126,10 +116,14 @@ class Sink:
                 except BaseException as err:
                     self.errors.append(err)
 
+    def _raise_first(self) -> None:
+        err = self.errors[0]
+        raise WriteFailed(err) if isinstance(err, OSError) else err
+
     def put(self, chunk: bytes) -> None:
         """Queue ``chunk`` for writing and hashing; raises a writer's error (e.g. disk full) as soon as it is seen."""
         if self.errors:
-            raise self.errors[0]
+            self._raise_first()
         for chunks in self.queues:
             chunks.put(chunk)
 
@@ -141,213 +135,246 @@ class Sink:
             chunks.put(None)
         for thread in self.threads:
             thread.join()
-        if self.errors and exc[0] is None:
-            raise self.errors[0]
+        if self.errors:
+            self._raise_first()
 
 
-def _hashers(cfg: Config) -> dict[str, "hashlib._Hash"]:
-    names = {"sha256"} | ({cfg.img_checksum.algorithm} if cfg.img_checksum else set())
-    return {name: hashlib.new(name) for name in sorted(names)}
+class Part:
+    """The download so far. Its file and its hashers always hold the same bytes: they only ever start over together.
+
+    ``entity`` is what the answer that started the file said about it; a resume must prove it is still that file.
+    """
+
+    def __init__(self, out: IO[bytes], algorithms: Iterable[str]) -> None:
+        self.out, self.algorithms = out, tuple(algorithms)
+        self.size = 0
+        self.entity: Entity | None = None
+        self.hashers = {name: hashlib.new(name) for name in self.algorithms}
+
+    def restart(self, entity: "Entity | None") -> None:
+        """Empty the file and the hashers together, for a new answer that starts at byte 0."""
+        try:
+            self.out.seek(0)
+            self.out.truncate()
+        except OSError as err:
+            raise WriteFailed(err) from None
+        self.hashers = {name: hashlib.new(name) for name in self.algorithms}
+        self.size, self.entity = 0, entity
+
+    @contextlib.contextmanager
+    def appending(self, limit: int, too_large: str) -> Iterator[Callable[[bytes], None]]:
+        """Yield a function that appends a chunk; one that would take the file past ``limit`` bytes is refused."""
+        with Sink(self.out, self.hashers) as sink:
+
+            def append(chunk: bytes) -> None:
+                if self.size + len(chunk) > limit:
+                    raise ImageRejected(too_large)
+                sink.put(chunk)
+                self.size += len(chunk)
+
+            yield append
+
+    def finish(self) -> dict[str, str]:
+        """Flush the file to disk and return its digests."""
+        try:
+            self.out.flush()
+            os.fsync(self.out.fileno())
+        except OSError as err:
+            raise WriteFailed(err) from None
+        return {name: h.hexdigest() for name, h in self.hashers.items()}
+
+
+@contextlib.contextmanager
+def _writing_into(cfg: Config) -> Iterator[None]:
+    """A failed write into the cache becomes one line naming IMAGE_DIR (the caller removes the partial file)."""
+    try:
+        yield
+    except WriteFailed as err:
+        message = f"IMAGE_DIR={cfg.image_dir}: cannot write {cfg.img_target}: {err}; nothing was cached"
+        raise PodvmError(message) from None
+
+
+def _algorithms(cfg: Config) -> set[str]:
+    return {"sha256"} | ({cfg.img_checksum.algorithm} if cfg.img_checksum else set())
+
+
+@dataclass(frozen=True)
+class Entity:
+    """What a whole-file (200) answer said about the file: its length and the validators that identify it."""
+
+    length: int | None  # Content-Length
+    etag: str | None  # a strong ETag only: a weak one (W/) does not promise the same bytes
+    last_modified: str | None
+
+    @property
+    def validator(self) -> str | None:
+        """What If-Range carries: the server then sends the rest of *this* file, or all of the one it has now."""
+        return self.etag or self.last_modified
+
+    @property
+    def resumable(self) -> bool:
+        """A resume can be checked only against a known length and a validator."""
+        return self.length is not None and self.validator is not None
+
+
+_DIGITS = re.compile(r"[0-9]{1,19}")
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19})")
+
+
+def entity_of(headers: Mapping[str, str]) -> Entity:
+    """The Entity a 200 answer describes."""
+    length = headers.get("Content-Length", "").strip()
+    etag = headers.get("ETag", "").strip()
+    return Entity(
+        int(length) if _DIGITS.fullmatch(length) else None,
+        etag if etag and not etag.startswith("W/") else None,
+        headers.get("Last-Modified", "").strip() or None,
+    )
+
+
+class NotTheSameFile(_Transient):
+    """A 206 answer that does not prove it continues the partial file: the download starts over from byte 0."""
+
+
+def judge_answer(part: Entity | None, offset: int, status: int, headers: Mapping[str, str]) -> Entity | None:
+    """What a 200 or 206 answer means for a partial file of ``offset`` bytes taken from the entity ``part``.
+
+    ``part`` is None when the request asked for the whole file. Pure, so every case is unit-tested.
+
+    :return: the answer's Entity when it starts the file over (200), None when it continues ``part`` (206).
+    :raise NotTheSameFile: when a 206 is not the rest of the same file: another range, size or validator.
+    """
+    if status == 200:
+        return entity_of(headers)
+    if part is None or part.length is None or not offset:
+        raise NotTheSameFile("HTTP 206 to a request for the whole file")
+    match = _CONTENT_RANGE.fullmatch(headers.get("Content-Range", "").strip())
+    if match is None:
+        raise NotTheSameFile("HTTP 206 without a Content-Range of bytes")
+    expected = (offset, part.length - 1, part.length)
+    if tuple(map(int, match.groups())) != expected:
+        raise NotTheSameFile(
+            f"HTTP 206 for bytes {match.group(1)}-{match.group(2)}/{match.group(3)}, "
+            f"asked bytes {expected[0]}-{expected[1]}/{expected[2]}: not the same file"
+        )
+    length = headers.get("Content-Length")
+    if length is not None and length.strip() != str(part.length - offset):
+        raise NotTheSameFile(f"HTTP 206 with a Content-Length other than the {part.length - offset} bytes asked")
+    if part.etag is not None and headers.get("ETag", "").strip() != part.etag:
+        raise NotTheSameFile("HTTP 206 under another ETag: the file changed on the server")
+    last_modified = headers.get("Last-Modified")
+    if part.etag is None and last_modified is not None and last_modified.strip() != part.last_modified:
+        raise NotTheSameFile("HTTP 206 with another Last-Modified: the file changed on the server")
+    return None
 
 
 def _download(cfg: Config, out: IO[bytes]) -> dict[str, str]:
-    """Stream ``IMG_SOURCE`` into ``out``, resuming with Range and retrying with back-off; return the digests."""
+    """Stream ``IMG_SOURCE`` into ``out``, resuming only the same file and retrying with back-off; return digests."""
     import requests
     import urllib3
 
-    url = cfg.img_source
-    hashers = _hashers(cfg)
+    # urllib3's debug and warning lines quote whole URLs, credentials and presigned tokens included.
+    logging.getLogger("urllib3").setLevel(logging.CRITICAL)
+    retried = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+    source = redact(cfg.img_source)
+    part = Part(out, _algorithms(cfg))
     progress = Progress(cfg.img_target)
-    offset, attempt = 0, 0
-    with requests.Session() as session:
+    attempt, furthest = 0, 0
+    with requests.Session() as session, _writing_into(cfg):
         while True:
-            started_at = offset
             try:
-                offset, hashers = _one_request(session, url, out, offset=offset, hashers=hashers, progress=progress)
-                return {name: h.hexdigest() for name, h in hashers.items()}
-            except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as err:
-                reason = f"{type(err).__name__}: {err}"
+                _one_request(session, cfg, part, progress)
+                return part.finish()
+            except (*retried, urllib3.exceptions.HTTPError) as err:
+                reason = redact(f"{type(err).__name__}: {err}")
             except _Transient as err:
                 reason = str(err)
-            offset = out.tell()
-            attempt = 1 if offset > started_at else attempt + 1
+            except requests.RequestException as err:
+                raise PodvmError(f"IMG_SOURCE={source}: {redact(f'{type(err).__name__}: {err}')}") from None
+            # Only a try that took the file further than ever before restarts the count: a server that keeps
+            # answering with a changed file or dropping early cannot keep the runner busy for ever.
+            attempt = 1 if part.size > furthest else attempt + 1
+            furthest = max(furthest, part.size)
             if attempt > cfg.fetch_retries:
-                raise PodvmError(f"IMG_SOURCE={url}: download failed after {attempt} attempts: {reason}")
+                raise PodvmError(f"IMG_SOURCE={source}: download failed after {attempt} attempts: {reason}")
             FETCH.retries += 1
             delay = min(30.0, 0.5 * 2 ** (attempt - 1))
             log.warning(
-                "fetching %s: %s; retry %d in %.1fs from byte %d", cfg.img_target, reason, attempt, delay, offset
+                "fetching %s: %s; retry %d in %.1fs from byte %d", cfg.img_target, reason, attempt, delay, part.size
             )
             time.sleep(delay)
 
 
-def _one_request(
-    session: "requests.Session",
-    url: str,
-    out: IO[bytes],
-    *,
-    offset: int,
-    hashers: dict[str, "hashlib._Hash"],
-    progress: Progress,
-) -> tuple[int, dict[str, "hashlib._Hash"]]:
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
-    with session.get(url, stream=True, timeout=(10, 60), headers=headers) as resp:
+def _one_request(session: "requests.Session", cfg: Config, part: Part, progress: Progress) -> None:
+    """One GET: continue ``part`` when the server proves it is the same file, else start it over; stream into it."""
+    # identity: Range offsets, Content-Length, the cap and the digest then all count the bytes as they are stored.
+    headers = {"Accept-Encoding": "identity"}
+    asked = part.entity if part.size and part.entity is not None and part.entity.resumable else None
+    if asked is not None:
+        headers |= {"Range": f"bytes={part.size}-", "If-Range": str(asked.validator)}
+    elif part.size:
+        log.info("fetching %s: no length and strong validator to resume safely; starting over", cfg.img_target)
+        part.restart(None)
+    source = redact(cfg.img_source)
+    with session.get(cfg.img_source, stream=True, timeout=(10, 60), headers=headers) as resp:
         if resp.status_code in TRANSIENT_STATUS:
             raise _Transient(f"HTTP {resp.status_code} {resp.reason}")
         if resp.status_code not in (200, 206):
-            raise PodvmError(f"IMG_SOURCE={url}: HTTP {resp.status_code} {resp.reason}")
-        content_range = resp.headers.get("Content-Range", "")
-        if offset and not (resp.status_code == 206 and content_range.startswith(f"bytes {offset}-")):
-            log.info("fetching %s: the server does not resume; starting over", url)
-            out.seek(0)
-            out.truncate()
-            offset = 0
-            hashers = {name: hashlib.new(name) for name in hashers}
-        if offset:
-            FETCH.resumes += 1  # the server went on where the broken transfer stopped
-        length = resp.headers.get("Content-Length")
-        total = offset + int(length) if length and length.isdigit() else None
-        progress.start(offset)
+            raise PodvmError(f"IMG_SOURCE={source}: HTTP {resp.status_code} {resp.reason}")
+        try:
+            fresh = judge_answer(asked, part.size, resp.status_code, resp.headers)
+        except NotTheSameFile:
+            part.restart(None)
+            raise
+        if fresh is not None:
+            if fresh.length is not None and fresh.length > cfg.img_max_size:
+                raise ImageRejected(
+                    f"IMG_SOURCE={source}: {fresh.length} bytes announced, more than IMG_MAX_SIZE "
+                    f"({cfg.img_max_size}); refused, nothing was cached"
+                )
+            if part.size:
+                log.info("fetching %s: the server sent the whole file; starting over from byte 0", cfg.img_target)
+            part.restart(fresh)
+        elif part.size:
+            FETCH.resumes += 1  # the server goes on where the broken transfer stopped
+        total = part.entity.length if part.entity is not None else None
+        if total is None:
+            limit, too_large = cfg.img_max_size, f"more than IMG_MAX_SIZE ({cfg.img_max_size}) bytes"
+        else:
+            limit, too_large = total, f"more than the {total} bytes announced"
+        progress.start(part.size)
         # read1 hands over whatever has arrived, so a dropped connection loses no byte already received.
-        with Sink(out, hashers) as sink:
-            while chunk := resp.raw.read1(CHUNK, decode_content=True):
-                sink.put(chunk)
-                offset += len(chunk)
+        with part.appending(limit, f"IMG_SOURCE={source}: {too_large}; refused, nothing was cached") as append:
+            while chunk := resp.raw.read1(CHUNK, decode_content=False):
+                append(chunk)
                 FETCH.received += len(chunk)
-                progress.tick(offset, total)
-        if total is not None and offset < total:
-            raise _Transient(f"connection closed after {offset} of {total} bytes")
-    return offset, hashers
+                progress.tick(part.size, total)
+        if total is not None and part.size < total:
+            raise _Transient(f"connection closed after {part.size} of {total} bytes")
 
 
 def _copy(cfg: Config, out: IO[bytes]) -> dict[str, str]:
-    """Copy a local ``IMG_SOURCE`` into ``out`` and return its digests."""
-    hashers = _hashers(cfg)
-    try:
-        with open(cfg.img_source, "rb") as src, Sink(out, hashers) as sink:
-            while chunk := src.read(CHUNK):
-                sink.put(chunk)
-                FETCH.received += len(chunk)
-    except FileNotFoundError:
-        raise ConfigError(f"IMG_SOURCE={cfg.img_source}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"IMG_SOURCE={cfg.img_source}: is a directory, expected an image file") from None
-    except PermissionError:
-        raise ConfigError(f"IMG_SOURCE={cfg.img_source}: permission denied") from None
-    return {name: h.hexdigest() for name, h in hashers.items()}
-
-
-def _hash_file(path: Path, algorithm: str) -> str:
-    with open(path, "rb") as src:
-        return hashlib.file_digest(src, algorithm).hexdigest()
-
-
-def _record_path(cfg: Config) -> Path:
-    return cfg.image_dir / f".{cfg.img_target}.vetted"
-
-
-def _write_record(cfg: Config, verdict: Verdict, digests: dict[str, str]) -> None:
-    st = cfg.base_path.stat()
-    record = Record(verdict.format, verdict.virtual_size, st.st_size, st.st_mtime_ns, st.st_ino, digests)
-    write_atomic(_record_path(cfg), json.dumps(asdict(record)).encode(), mode=0o644)
-
-
-def _read_record(cfg: Config) -> Record | None:
-    """The stored verdict if it still describes the cached file, else None."""
-    try:
-        record = Record(**json.loads(_record_path(cfg).read_text()))
-        st = cfg.base_path.stat()
-    except (OSError, ValueError, TypeError):
-        return None
-    same = (record.size, record.mtime_ns, record.inode) == (st.st_size, st.st_mtime_ns, st.st_ino)
-    return record if same and record.format == cfg.img_format else None
-
-
-@contextlib.contextmanager
-def _locked(cfg: Config) -> Iterator[None]:
-    """Hold the cache lock of this image: one runner fetches, the others wait and then reuse."""
-    with open(cfg.image_dir / f".{cfg.img_target}.lock", "a") as lock:
+    """Copy a local ``IMG_SOURCE`` into ``out``, no more than IMG_MAX_SIZE bytes, and return its digests."""
+    part = Part(out, _algorithms(cfg))
+    source = cfg.img_source
+    too_large = f"IMG_SOURCE={source}: more than IMG_MAX_SIZE ({cfg.img_max_size}) bytes; refused, nothing was cached"
+    with _writing_into(cfg):
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another runner is fetching %s; waiting for it", cfg.img_target)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+            with open(source, "rb") as src, part.appending(cfg.img_max_size, too_large) as append:
+                while chunk := src.read(CHUNK):
+                    append(chunk)
+                    FETCH.received += len(chunk)
+        except FileNotFoundError:
+            raise ConfigError(f"IMG_SOURCE={source}: no such file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"IMG_SOURCE={source}: is a directory, expected an image file") from None
+        except PermissionError:
+            raise ConfigError(f"IMG_SOURCE={source}: permission denied") from None
+        except OSError as err:
+            raise PodvmError(f"IMG_SOURCE={source}: cannot read: {err.strerror}") from None
+        return part.finish()
 
 
-def _reuse(cfg: Config) -> Verdict:
-    """Accept the cached base: its stored verdict when still valid, else vet it again; it is never changed."""
-    record = _read_record(cfg)
-    name = str(cfg.base_path)
-    if record is None:
-        log.info("vetting cached %s", name)
-        verdict = vet(cfg.base_path, cfg.img_format, cfg.img_max_size, name)
-        digests: dict[str, str] = {}
-    else:
-        verdict, digests = Verdict(record.format, record.virtual_size), dict(record.digests)
-        if verdict.virtual_size > cfg.img_max_size:
-            raise ImageRejected(f"{name}: virtual size {verdict.virtual_size} bytes exceeds IMG_MAX_SIZE; refused")
-    if cfg.img_checksum:
-        algorithm = cfg.img_checksum.algorithm
-        if algorithm not in digests:
-            digests[algorithm] = _hash_file(cfg.base_path, algorithm)
-        if digests[algorithm] != cfg.img_checksum.hexdigest:
-            raise ImageRejected(
-                f"{name}: the cached image does not match IMG_CHECKSUM ({algorithm}:{digests[algorithm]}); "
-                "left untouched: use another IMG_TARGET or remove it"
-            )
-    if record is None or digests != record.digests:
-        with contextlib.suppress(OSError):
-            _write_record(cfg, verdict, digests)
-    return verdict
-
-
-def ensure_base(cfg: Config) -> Verdict:
-    """Make the vetted base image available in the cache and return its verdict.
-
-    :raise ImageRejected: when the image fails its checksum or vetting (nothing is left in the cache).
-    :raise PodvmError: when it cannot be fetched.
-    """
-    try:
-        cfg.image_dir.mkdir(parents=True, exist_ok=True)
-        with _locked(cfg):
-            if cfg.base_path.exists():
-                return _reuse(cfg)
-            return _fetch_locked(cfg)
-    except PermissionError as err:
-        raise ConfigError(f"IMAGE_DIR={cfg.image_dir}: {err.strerror}: {err.filename}") from None
-
-
-def _fetch_locked(cfg: Config) -> Verdict:
-    part = cfg.image_dir / f".{cfg.img_target}.part"
-    name = cfg.img_source
-    log.info("fetching %s into %s", name, cfg.base_path)
-    started = time.monotonic()
-    try:
-        with open(part, "wb") as out:
-            digests = _download(cfg, out) if cfg.is_url else _copy(cfg, out)
-            out.flush()
-            os.fsync(out.fileno())
-        if cfg.img_checksum and digests[cfg.img_checksum.algorithm] != cfg.img_checksum.hexdigest:
-            raise ImageRejected(
-                f"IMG_CHECKSUM: {name} has {cfg.img_checksum.algorithm}:{digests[cfg.img_checksum.algorithm]}, "
-                f"expected {cfg.img_checksum}; nothing was cached"
-            )
-        verdict = vet(part, cfg.img_format, cfg.img_max_size, name)
-        os.chmod(part, 0o444)
-        os.replace(part, cfg.base_path)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    _write_record(cfg, verdict, digests)
-    size = cfg.base_path.stat().st_size
-    elapsed = time.monotonic() - started
-    log.info(
-        "cached %s (%s in %.1fs, %s/s, %s virtual)",
-        cfg.base_path,
-        human(size),
-        elapsed,
-        human(int(size / max(elapsed, 1e-6))),
-        human(verdict.virtual_size),
-    )
-    return verdict
+def fetch_into(cfg: Config, out: IO[bytes]) -> dict[str, str]:
+    """Stream the configured image into ``out`` (download or local copy) and return its digests, sha256 always."""
+    return _download(cfg, out) if cfg.is_url else _copy(cfg, out)

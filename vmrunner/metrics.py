@@ -8,7 +8,8 @@ hands over in ``RUN_DIR`` (read bounded and checked, see :mod:`shared.figures`).
 :func:`gather` is the one source: the endpoint calls it at every scrape and ``vmrunner status`` prints its result.
 The ``run`` process keeps its state in ``RUN_DIR/vmrunner-state.json`` so that ``status`` (another process) sees the
 same figures; queries go to qemu's second QMP monitor, ``status.sock``, so a scrape never delays the shutdown.
-Nothing secret is reported: the image by its cache name and file, never ``IMG_SOURCE`` (which may hold credentials).
+Nothing secret is reported: the image by its cache name and digest, never ``IMG_SOURCE`` (which may hold
+credentials).
 """
 
 import asyncio
@@ -55,8 +56,7 @@ class ImageFigures:
     resumes: int = 0
     vetting: str = "pending"
     name: str = ""
-    path: str = ""
-    virtual_size: int = 0
+    digest: str = ""  # sha256:<hex> of the base the pet is on; empty for a standalone pet
 
 
 @dataclass
@@ -138,10 +138,11 @@ class Tracker:
 
 
 @contextlib.contextmanager
-def fetching(tracker: Tracker, name: str, path: Path) -> Iterator[None]:
-    """Time the fetch and record the vetting result (refused: the run then ends with exit status 3)."""
+def fetching(tracker: Tracker, name: str) -> Iterator[None]:
+    """Time the fetch (with its hashing and vetting) and record the vetting result (refused: the run then ends
+    with exit status 3)."""
     image = tracker.state.image
-    image.name, image.path = name, str(path)
+    image.name = name
     started = time.monotonic()
     try:
         yield
@@ -152,6 +153,12 @@ def fetching(tracker: Tracker, name: str, path: Path) -> Iterator[None]:
     if image.received:
         image.fetch_seconds = time.monotonic() - started
     image.vetting = "accepted"
+    tracker.set()
+
+
+def base_in_use(tracker: Tracker, hexdigest: str | None) -> None:
+    """The base the pet runs on, by its digest (none for a standalone pet)."""
+    tracker.state.image.digest = f"sha256:{hexdigest}" if hexdigest else ""
     tracker.set()
 
 
@@ -334,8 +341,7 @@ def runner_figures(state: RunState, sources: Sources, cache_size: int) -> list[F
         figure("podvm_image_cache_size_bytes", cache_size),
     ]
     if image.name:
-        out.append(figure("podvm_image_base", 1, name=image.name, path=image.path))
-        out.append(figure("podvm_image_virtual_size_bytes", image.virtual_size))
+        out.append(figure("podvm_image_base", 1, name=image.name, digest=image.digest))
     if state.started and state.qemu_pid:
         out.append(figure("podvm_vm_start_time_seconds", state.started))
         out.append(figure("podvm_vm_uptime_seconds", max(0.0, time.time() - state.started)))

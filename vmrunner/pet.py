@@ -1,76 +1,120 @@
-"""The pet disk: the VM's own qcow2 overlay on the cached base, created once and then only ever grown."""
+"""The pet disk: the VM's own qcow2, created once and then only ever grown, as qemu-img commands planned as data.
+
+A pet is an overlay on a cached base (``VM_DISK_MODE=overlay``) or a standalone qcow2 without a backing file.
+Every change that touches which base it uses (create, re-point, rebase, flatten) is planned here and applied by
+``vmrunner.binding``, which checks the base first.
+"""
 
 import json
 import logging
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import PodvmError
+from shared.errors import BaseMismatch, PodvmError
 from vmrunner.config import Config
 
 log = logging.getLogger("vmrunner.pet")
+Argv = tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class PetPlan:
-    """The qemu-img commands that prepare the pet disk (none when it exists at the right size)."""
+    """The qemu-img commands that make the pet disk at ``staging`` (renamed to ``path`` after), or grow it."""
 
     path: Path
-    staging: Path | None  # where ``create`` writes before the rename
-    create: tuple[str, ...] | None
-    resize: tuple[str, ...] | None
+    staging: Path | None  # where the create commands write before the rename
+    create: tuple[Argv, ...]
+    resize: Argv | None
 
 
-def plan_pet(cfg: Config, base_virtual_size: int, exists: bool, current_size: int | None) -> PetPlan:
-    """Create the overlay when missing (at VM_DISK_SIZE if that is larger), else grow it; never shrink or rebase."""
+@dataclass(frozen=True)
+class PetInfo:
+    """What the pet's own qcow2 header says: its backing reference and format, its size."""
+
+    backing: str | None
+    backing_format: str | None
+    virtual_size: int
+
+
+def staging_path(cfg: Config) -> Path:
+    """Where a new pet is written before it is renamed into place."""
+    return cfg.vm_dir / f".{cfg.pet_path.name}.tmp"
+
+
+def plan_create(cfg: Config, base: Path, base_format: str, base_virtual_size: int) -> PetPlan:
+    """A new pet on ``base``: an overlay with an explicit backing format, or a standalone copy; larger when asked."""
+    tmp = staging_path(cfg)
     want = cfg.vm_disk_size
-    if not exists:
-        size = [str(want)] if want is not None and want > base_virtual_size else []
-        tmp = cfg.vm_dir / f".{cfg.pet_path.name}.tmp"
-        create = ("qemu-img", "create", "-q", "-f", "qcow2", "-F", cfg.img_format, "-b", str(cfg.base_path), str(tmp))
-        return PetPlan(cfg.pet_path, tmp, (*create, *size), None)
-    if want is None or current_size is None or want <= current_size:
-        if want is not None and current_size is not None and want < current_size:
+    grow = want is not None and want > base_virtual_size
+    if cfg.vm_disk_mode == "standalone":
+        convert = ("qemu-img", "convert", "-q", "-f", base_format, "-O", "qcow2", str(base), str(tmp))
+        resize = ("qemu-img", "resize", "-q", "-f", "qcow2", str(tmp), str(want))
+        return PetPlan(cfg.pet_path, tmp, (convert, resize) if grow else (convert,), None)
+    size = (str(want),) if grow else ()
+    create = ("qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(tmp), *size)
+    return PetPlan(cfg.pet_path, tmp, (create,), None)
+
+
+def plan_grow(cfg: Config, current_size: int) -> PetPlan:
+    """Grow an existing pet to VM_DISK_SIZE; never shrink, never recreate."""
+    want = cfg.vm_disk_size
+    if want is None or want <= current_size:
+        if want is not None and want < current_size:
             log.warning(
                 "VM_DISK_SIZE=%d is smaller than the pet disk (%d bytes): disks are never shrunk", want, current_size
             )
-        return PetPlan(cfg.pet_path, None, None, None)
-    return PetPlan(cfg.pet_path, None, None, ("qemu-img", "resize", "-q", "-f", "qcow2", str(cfg.pet_path), str(want)))
+        return PetPlan(cfg.pet_path, None, (), None)
+    return PetPlan(cfg.pet_path, None, (), ("qemu-img", "resize", "-q", "-f", "qcow2", str(cfg.pet_path), str(want)))
 
 
-def virtual_size(path: Path) -> int:
-    """The pet disk's virtual size as qemu-img reports it."""
-    out = _run(("qemu-img", "info", "-f", "qcow2", "-U", "--output=json", str(path)))
-    size: int = json.loads(out)["virtual-size"]
-    return size
+def plan_repoint(pet: Path, base: Path, base_format: str) -> Argv:
+    """Change only the backing pointer (the new path holds the same bytes: checked by digest before)."""
+    return ("qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-F", base_format, "-b", str(base), str(pet))
 
 
-def _run(argv: tuple[str, ...]) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+def plan_rebase(pet: Path, base: Path, base_format: str) -> Argv:
+    """Move the pet to another base, copying into it every cluster the guest would otherwise see change."""
+    return ("qemu-img", "rebase", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(pet))
+
+
+def plan_flatten(pet: Path) -> Argv:
+    """Copy everything the pet reads from its base into the pet and drop the backing file."""
+    return ("qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "", str(pet))
+
+
+def run(argv: Argv, cfg: Config, what: str) -> str:
+    """Run a qemu-img command on the VM's volume; a full disk or an image in use is one line saying so.
+
+    :raise PodvmError: naming VM_DIR (no space) or the pet (in use, other failures).
+    """
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise PodvmError("qemu-img is not installed (it is part of qemu-utils)") from None
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no error output)"])[-1]
-        raise PodvmError(f"{argv[0]} {argv[1]} {argv[-1]} failed: {last}")
+        if "No space left on device" in done.stderr:
+            raise PodvmError(f"VM_DIR={cfg.vm_dir}: no space left on device while {what}")
+        if 'Failed to get "write" lock' in done.stderr or 'Failed to get shared "write" lock' in done.stderr:
+            raise PodvmError(f"{cfg.pet_path}: in use by a running qemu; stop the VM before {what}")
+        raise PodvmError(f"{cfg.pet_path}: {what} failed: qemu-img {argv[1]}: {last}")
     return done.stdout
 
 
-def ensure_pet(cfg: Config, base_virtual_size: int) -> PetPlan:
-    """Apply the pet plan: an atomic create (temporary name, then rename) or a grow-only resize."""
-    exists = cfg.pet_path.exists()
-    current = virtual_size(cfg.pet_path) if exists and cfg.vm_disk_size is not None else None
-    plan = plan_pet(cfg, base_virtual_size, exists, current)
-    if plan.create is not None and plan.staging is not None:
-        try:
-            _run(plan.create)
-            os.replace(plan.staging, cfg.pet_path)
-        except BaseException:
-            plan.staging.unlink(missing_ok=True)
-            raise
-        log.info("created pet disk %s on %s", cfg.pet_path, cfg.base_path)
-    elif plan.resize is not None:
-        _run(plan.resize)
-        log.info("grew pet disk %s to %s bytes", cfg.pet_path, plan.resize[-1])
-    else:
-        log.info("using pet disk %s as it is", cfg.pet_path)
-    return plan
+def info(cfg: Config, path: Path) -> PetInfo:
+    """The pet's header, read without opening its base (``-U``: also while qemu runs; the base is not probed).
+
+    :raise BaseMismatch: when the header is unreadable or names a backing file without its format.
+    """
+    out = run(("qemu-img", "info", "-U", "-f", "qcow2", "--output=json", str(path)), cfg, "reading the pet disk")
+    try:
+        data = json.loads(out)
+        size = int(data["virtual-size"])
+    except (ValueError, KeyError, TypeError):
+        raise PodvmError(f"{path}: qemu-img info printed no usable JSON") from None
+    backing = data.get("full-backing-filename") or data.get("backing-filename")
+    backing_format = data.get("backing-filename-format")
+    if backing and not backing_format:
+        raise BaseMismatch(f"{path}: its backing file {backing} has no recorded format; refusing to probe it")
+    return PetInfo(backing or None, backing_format, size)

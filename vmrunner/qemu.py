@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.handshake import Handshake
+from vmrunner import vnc as vnc_password
 from vmrunner.config import Config
 
 log = logging.getLogger("vmrunner.qemu")
@@ -73,13 +74,14 @@ def choose_accel(wanted: str, kvm_usable: bool) -> str:
 
 
 def vnc_enabled(cfg: Config, hs: Handshake) -> bool:
-    """VNC follows the handshake: no server when the sidecar sends TCP 5900 to the VM."""
+    """VNC follows the handshake: no server when the sidecar sends TCP 5900 to the VM; a warning when it is open."""
     if cfg.no_vnc == hs.vnc_in_pod:
         log.warning(
             "NO_VNC=%s but the sidecar's handshake says vnc_in_pod=%s; following the handshake",
             str(cfg.no_vnc).lower(),
             str(hs.vnc_in_pod).lower(),
         )
+    vnc_password.warn_if_open(hs.vnc_in_pod, cfg.vnc_password_file)
     return hs.vnc_in_pod
 
 
@@ -93,7 +95,10 @@ def _disk_args(bus: str, pet: Path) -> list[str]:
 
 
 def plan_qemu(cfg: Config, hs: Handshake, accel: str, vnc: bool, drive: Path | None) -> QemuPlan:
-    """The complete argv: explicit formats everywhere, no defaults, the handshake's tap and MAC, extra args last."""
+    """The complete argv: explicit formats everywhere, no defaults, the handshake's tap and MAC, extra args last.
+
+    A VNC password is read by qemu from its standard input, where the runner puts it (see :mod:`vmrunner.vnc`).
+    """
     paths = RunPaths.of(cfg.run_dir)
     argv = [
         cfg.qemu,
@@ -131,8 +136,9 @@ def plan_qemu(cfg: Config, hs: Handshake, accel: str, vnc: bool, drive: Path | N
     ]
     if vnc:
         if cfg.vnc_password_file is not None:
-            argv += ["-object", f"secret,id=vncpass,file={cfg.vnc_password_file},format=raw"]
-            argv += ["-vnc", ":0,password-secret=vncpass"]
+            secret = vnc_password.SECRET_ID
+            argv += ["-object", f"secret,id={secret},file={vnc_password.SECRET_SOURCE},format=raw"]
+            argv += ["-vnc", f":0,password-secret={secret}"]
         else:
             argv += ["-vnc", ":0"]
     argv += [

@@ -10,17 +10,27 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import signal
 from pathlib import Path
 
 from shared.errors import ChildFailed, ConfigError, PodvmError, StoppedHard
+from vmrunner import vnc
 from vmrunner.metrics import Tracker
 from vmrunner.qemu import QemuPlan
 
 log = logging.getLogger("vmrunner")
 guest_log = logging.getLogger("guest")
 STDERR_TAIL = 20
-QUIT_GRACE = 5.0
+QUIT_GRACE = 5.0  # seconds qemu gets to exit after ``quit`` or SIGTERM before it is killed
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")  # C0, C1 and line separators; not tab
+QMP_TIMEOUT = 5.0  # seconds one QMP call may take, connect and greeting included
+
+
+def escape_controls(text: str) -> str:
+    """A guest's console line with its control characters escaped (``\\x1b``): a hostile guest cannot send escape
+    sequences to the terminal of whoever reads ``kubectl logs``, nor start what looks like a line of the runner's."""
+    return _CONTROLS.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
 
 
 def prepare_run_dir(plan: QemuPlan) -> None:
@@ -30,24 +40,37 @@ def prepare_run_dir(plan: QemuPlan) -> None:
     os.mkfifo(plan.paths.console_log, 0o600)
 
 
-async def qmp_execute(socket: Path, command: str, timeout: float = 5.0) -> object:
-    """Run one QMP command over ``socket`` with the qemu.qmp library, retrying the connect until ``timeout``.
+async def qmp_execute(socket: Path, command: str, timeout: float = QMP_TIMEOUT) -> object:
+    """Run one QMP command over ``socket`` with the qemu.qmp library, all of it (connect, greeting, capabilities
+    negotiation, the command, the disconnect) within ``timeout`` seconds; the connect is retried while qemu starts.
 
-    :raise PodvmError: when no qemu answers there in time.
+    A qemu whose monitor accepts connections but never greets (hung, stopped, or something else on the socket)
+    would otherwise hold the caller forever, and a SIGTERM with it until the kubelet kills the pod.
+
+    :raise PodvmError: when no qemu answers there in time, or the command fails.
     """
+    refused: list[str] = []  # why the last connect failed; empty while qemu has accepted and not yet answered
+    try:
+        async with asyncio.timeout(timeout):
+            return await _qmp_execute(socket, command, refused)
+    except TimeoutError:
+        why = refused[-1] if refused else "the monitor accepted the connection but never answered"
+        raise PodvmError(f"{socket}: no qemu answers QMP {command} within {timeout:g}s: {why}") from None
+
+
+async def _qmp_execute(socket: Path, command: str, refused: list[str]) -> object:
     from qemu.qmp import QMPClient, QMPError
 
     # The library logs every failed connect at ERROR; the retry loop below is the normal way to wait for qemu.
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     client = QMPClient("vmrunner")
-    deadline = asyncio.get_running_loop().time() + timeout
     while True:
+        refused.clear()
         try:
             await client.connect(str(socket))
             break
         except (QMPError, OSError) as err:
-            if asyncio.get_running_loop().time() >= deadline:
-                raise PodvmError(f"{socket}: no qemu answers: {err}") from None
+            refused.append(str(err))
             await asyncio.sleep(0.1)
     try:
         return await client.execute(command)
@@ -62,9 +85,12 @@ async def qmp_execute(socket: Path, command: str, timeout: float = 5.0) -> objec
 class Supervisor:
     """One qemu process from start to exit."""
 
-    def __init__(self, plan: QemuPlan, shutdown_timeout: float, tracker: Tracker | None = None) -> None:
+    def __init__(
+        self, plan: QemuPlan, shutdown_timeout: float, vnc_password: bytes | None = None, tracker: Tracker | None = None
+    ) -> None:
         self.plan = plan
         self.shutdown_timeout = shutdown_timeout
+        self.vnc_password = vnc_password  # handed to qemu through a pipe on its stdin, never through argv
         self.tracker = tracker
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self.partial = b""
@@ -82,7 +108,7 @@ class Supervisor:
         for line in lines:
             text = line.decode("utf-8", "replace").rstrip("\r")
             if text:
-                guest_log.info("%s", text)
+                guest_log.info("%s", escape_controls(text))
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
         async for raw in stream:
@@ -130,15 +156,19 @@ class Supervisor:
                 path.unlink(missing_ok=True)
 
     async def _spawn(self) -> asyncio.subprocess.Process:
+        stdin = asyncio.subprocess.DEVNULL if self.vnc_password is None else vnc.password_pipe(self.vnc_password)
         try:
             return await asyncio.create_subprocess_exec(
                 *self.plan.argv,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
             )
         except FileNotFoundError:
             raise ConfigError(f"QEMU={self.plan.argv[0]}: no such program") from None
+        finally:
+            if stdin != asyncio.subprocess.DEVNULL:
+                os.close(stdin)
 
     async def _drain(self, reader: "asyncio.Task[None]") -> str:
         """qemu's last error lines, once its stderr is read to the end (or 2 s passed)."""
@@ -153,25 +183,38 @@ class Supervisor:
         raise ChildFailed(f"qemu exited with status {code}: {tail}")
 
     async def _shutdown(self, proc: asyncio.subprocess.Process, exited: "asyncio.Task[int]") -> int:
+        """Press the ACPI power button and wait for the guest; all of it within SHUTDOWN_TIMEOUT, then stop hard.
+
+        A qemu that does not answer QMP (hung, stopped) cannot hold the shutdown longer: the power-down request
+        counts against the same deadline, and the hard stop falls back to signals when ``quit`` gets no answer.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_timeout
         log.info("stopping: ACPI power-down requested; waiting up to %gs for the guest", self.shutdown_timeout)
         if self.tracker is not None:
             self.tracker.set(phase="shutting_down")
+        verdict = "the guest ignored the ACPI power-down"
         try:
-            await qmp_execute(self.plan.paths.qmp, "system_powerdown")
+            await qmp_execute(self.plan.paths.qmp, "system_powerdown", timeout=min(QMP_TIMEOUT, self.shutdown_timeout))
         except PodvmError as err:
             log.warning("QMP system_powerdown failed: %s", err)
+            verdict = "qemu did not take the ACPI power-down (its monitor does not answer)"
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(exited), self.shutdown_timeout)
+            await asyncio.wait_for(asyncio.shield(exited), max(0.0, deadline - loop.time()))
             log.info("guest powered off")
             return 0
         log.warning("guest did not power off within %gs; stopping qemu hard", self.shutdown_timeout)
-        with contextlib.suppress(PodvmError):
+        try:
             await qmp_execute(self.plan.paths.qmp, "quit", timeout=1.0)
+        except PodvmError as err:
+            log.warning("QMP quit failed: %s; sending qemu SIGTERM", err)
+            with contextlib.suppress(ProcessLookupError):  # it may have quit after all, and been reaped
+                proc.terminate()
         try:
             await asyncio.wait_for(asyncio.shield(exited), QUIT_GRACE)
         except TimeoutError:
-            proc.kill()
+            log.warning("qemu still runs %gs later; killing it", QUIT_GRACE)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
             await exited
-        raise StoppedHard(
-            f"SHUTDOWN_TIMEOUT={self.shutdown_timeout:g}s: the guest ignored the ACPI power-down; stopped hard"
-        )
+        raise StoppedHard(f"SHUTDOWN_TIMEOUT={self.shutdown_timeout:g}s: {verdict}; stopped hard")

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ImageRejected
+from shared.errors import ImageRejected, PodvmError
 
 CPU_SECONDS = 30
 ADDRESS_SPACE = 1 << 30
+WALL_SECONDS = 120
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,16 @@ def _limits() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
 
 
-def _qemu_img(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["qemu-img", *args], capture_output=True, text=True, preexec_fn=_limits, check=False, timeout=120
-    )
+def _qemu_img(args: list[str], name: str) -> subprocess.CompletedProcess[str]:
+    """qemu-img under the limits; a hang (e.g. a stalled network volume) is a refusal naming ``name``."""
+    try:
+        return subprocess.run(
+            ["qemu-img", *args], capture_output=True, text=True, preexec_fn=_limits, check=False, timeout=WALL_SECONDS
+        )
+    except subprocess.TimeoutExpired:
+        raise ImageRejected(f"{name}: qemu-img {args[0]} took longer than {WALL_SECONDS}s; refused") from None
+    except FileNotFoundError:
+        raise PodvmError("qemu-img is not installed (it is part of qemu-utils)") from None
 
 
 def judge(info: dict[str, Any], fmt: str, max_size: int, name: str) -> Verdict:
@@ -59,23 +66,24 @@ def judge(info: dict[str, Any], fmt: str, max_size: int, name: str) -> Verdict:
     return Verdict(fmt, size)
 
 
-def vet(path: Path, fmt: str, max_size: int, name: str) -> Verdict:
-    """Inspect ``path`` as ``fmt`` with ``qemu-img info`` (and ``check`` for qcow2) and judge it.
+def vet(path: Path, fmt: str, max_size: int, name: str, *, check: bool = True) -> Verdict:
+    """Inspect ``path`` as ``fmt`` with ``qemu-img info`` (and ``check`` for qcow2 unless ``check`` is false: the
+    cheap re-vet at every start of a base already checked) and judge it.
 
     :raise ImageRejected: when qemu-img fails or a rule is broken.
     """
-    info = _qemu_img(["info", "-f", fmt, "--output=json", str(path)])
+    info = _qemu_img(["info", "-f", fmt, "--output=json", str(path)], name)
     if info.returncode != 0:
         raise ImageRejected(f"{name}: qemu-img info -f {fmt} failed: {_last_line(info.stderr)}")
     try:
         verdict = judge(json.loads(info.stdout), fmt, max_size, name)
     except json.JSONDecodeError:
         raise ImageRejected(f"{name}: qemu-img info printed no JSON") from None
-    if fmt == "qcow2":
-        check = _qemu_img(["check", "-f", fmt, "--output=json", str(path)])
+    if fmt == "qcow2" and check:
+        checked = _qemu_img(["check", "-f", fmt, "--output=json", str(path)], name)
         # 0: clean; 3: leaked clusters only, which waste space but harm nothing.
-        if check.returncode not in (0, 3):
-            raise ImageRejected(f"{name}: qemu-img check found errors: {_last_line(check.stderr or check.stdout)}")
+        if checked.returncode not in (0, 3):
+            raise ImageRejected(f"{name}: qemu-img check found errors: {_last_line(checked.stderr or checked.stdout)}")
     return verdict
 
 

@@ -110,18 +110,18 @@ def runner_env(
     """What every runner under test is given: the guest image served on ``image_port`` of the pod, its volumes,
     ``config_dir``'s metadata/userdata (absent files: no config drive), TCG and a small guest; ``extra`` adds or
     overrides."""
-    return base_env(
-        IMG_SOURCE=f"http://127.0.0.1:{image_port}/guest.qcow2",
-        IMAGE_DIR=str(image_dir),
-        VM_DIR=str(vm_dir),
-        RUN_DIR=str(run_dir),
-        METADATA=str(config_dir / "metadata"),
-        USERDATA=str(config_dir / "userdata"),
-        HOSTNAME=hostname,
-        ACCEL="tcg",
-        VM_MEMORY="256M",
-        **extra,
-    )
+    defaults = {
+        "IMG_SOURCE": f"http://127.0.0.1:{image_port}/guest.qcow2",
+        "IMAGE_DIR": str(image_dir),
+        "VM_DIR": str(vm_dir),
+        "RUN_DIR": str(run_dir),
+        "METADATA": str(config_dir / "metadata"),
+        "USERDATA": str(config_dir / "userdata"),
+        "HOSTNAME": hostname,
+        "ACCEL": "tcg",
+        "VM_MEMORY": "256M",
+    }
+    return base_env(**{**defaults, **extra})
 
 
 def make_tun_node(directory: Path) -> Path:

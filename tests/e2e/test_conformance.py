@@ -5,6 +5,10 @@ and boots the tiny guest under TCG on the sidecar's tap. It must: use the handsh
 lease, ``netsidecar probe all`` is healthy), make the guest answer HTTP on the pod IP, serve VNC on 5900, put the
 serial console in its log, power the guest off through ACPI on SIGTERM and exit 0, reuse the pet disk on the next
 start, and refuse a handshake of major version 2 with exit status 4.
+
+Each runner gets the settings of the ``vm`` container in deploy/pod.yaml, written as users write them (``60s``),
+except what this machine cannot honour: the image (the tiny guest, served in the pod), the accelerator (TCG: KVM
+hangs here) and the CPU count (the tiny guest boots on one vCPU of a shared two-core machine).
 """
 
 import json
@@ -12,11 +16,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from shared.handshake import Handshake
 from tests.e2e import harness
@@ -34,6 +40,17 @@ RUNNERS = {
     "vmrunner": [str(harness.BIN / "vmrunner"), "run"],
     "qemu-runner.sh": ["sh", str(harness.REPO / "runners" / "qemu-runner.sh")],
 }
+
+
+def _manifest_settings() -> dict[str, str]:
+    """The ``vm`` container's environment in deploy/pod.yaml, minus what the test bed must set itself."""
+    pod = yaml.safe_load((harness.REPO / "deploy" / "pod.yaml").read_text())
+    container = next(c for c in pod["spec"]["containers"] if c["name"] == "vm")
+    settings = {item["name"]: str(item["value"]) for item in container["env"]}
+    return {k: v for k, v in settings.items() if k not in {"IMG_SOURCE", "ACCEL", "VM_CPUS"}}
+
+
+MANIFEST = _manifest_settings()
 
 
 @dataclass
@@ -82,8 +99,8 @@ def pod() -> Iterator[Pod]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _env(pod: Pod, name: str, run_dir: Path) -> dict[str, str]:
-    """The same settings for every runner; each gets volumes of its own."""
+def _env(pod: Pod, name: str, run_dir: Path, **extra: str) -> dict[str, str]:
+    """The same settings for every runner (the manifest's, see above); each gets volumes of its own."""
     volumes = pod.base / name
     if not volumes.exists():
         volumes.mkdir()
@@ -96,8 +113,7 @@ def _env(pod: Pod, name: str, run_dir: Path) -> dict[str, str]:
         run_dir=run_dir,
         config_dir=volumes,
         hostname=HOSTNAME,
-        SHUTDOWN_TIMEOUT="30",
-        HANDSHAKE_TIMEOUT="5",
+        **{**MANIFEST, **extra},
     )
 
 
@@ -149,17 +165,40 @@ def test_runner_honours_the_contract(pod: Pod, name: str) -> None:
             proc.kill()
 
 
+def test_the_manifest_writes_durations_with_units() -> None:
+    """What makes the checks above meaningful for duration parsing: the manifest's values carry units."""
+    assert MANIFEST["SHUTDOWN_TIMEOUT"].rstrip("0123456789. ") != "", MANIFEST
+
+
 @pytest.mark.parametrize("name", list(RUNNERS))
 def test_runner_refuses_an_unknown_major_version(pod: Pod, name: str) -> None:
+    """The handshake appears while the runner waits for it (HANDSHAKE_TIMEOUT's default, 120s): it is read, refused."""
     run_dir = pod.base / f"{name}-v2"
     if not run_dir.exists():
         _owned_dir(run_dir)
-    future = {**pod.handshake.to_dict(), "version": "2.0"}
-    (run_dir / "network.json").write_text(json.dumps(future))
+    (run_dir / "network.json").unlink(missing_ok=True)
     runner = harness.start_runner(pod.net, RUNNERS[name], _env(pod, name, run_dir), pod.tun, run_dir / "out.log")
     try:
+        time.sleep(1.0)
+        future = {**pod.handshake.to_dict(), "version": "2.0"}
+        (run_dir / ".network.json.tmp").write_text(json.dumps(future))
+        (run_dir / ".network.json.tmp").rename(run_dir / "network.json")
         assert runner.popen.wait(60) == 4, runner.text()
     finally:
         runner.kill()
     assert "handshake version 2.0 is not supported" in runner.text()
     assert not list(run_dir.glob("*.qmp")) and not list(run_dir.glob("*.sock")), "a refused runner started qemu"
+
+
+@pytest.mark.parametrize("name", list(RUNNERS))
+def test_runner_gives_up_waiting_for_the_handshake(pod: Pod, name: str) -> None:
+    run_dir = pod.base / f"{name}-none"
+    if not run_dir.exists():
+        _owned_dir(run_dir)
+    env = _env(pod, name, run_dir, HANDSHAKE_TIMEOUT="1500ms")
+    runner = harness.start_runner(pod.net, RUNNERS[name], env, pod.tun, run_dir / "out.log")
+    try:
+        assert runner.popen.wait(60) == 4, runner.text()
+    finally:
+        runner.kill()
+    assert "network.json" in runner.text()

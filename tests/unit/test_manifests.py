@@ -259,3 +259,32 @@ def test_the_metrics_port_is_scraped_kept_in_the_pod_and_the_same_in_both_contai
     assert load({**_env(vm), "HOSTNAME": "vm"}).metrics_port == port, "and the runner serves it"
     assert {"name": "metrics", "containerPort": port, "protocol": "TCP"} in vm["ports"]
     assert port != vm["readinessProbe"]["tcpSocket"]["port"], "the readiness port must reach the guest"
+
+
+def _port_ranges(rule: dict[str, Any], protocol: str) -> list[tuple[int, int]]:
+    return sorted(
+        (p["port"], p.get("endPort", p["port"])) for p in rule.get("ports", []) if p.get("protocol", "TCP") == protocol
+    )
+
+
+def _pod_specs_metadata() -> list[dict[str, str]]:
+    """The labels of the pods the manifests make."""
+    return [_kind("Pod")["metadata"]["labels"], _kind("StatefulSet")["spec"]["template"]["metadata"]["labels"]]
+
+
+def test_network_policy_limits_vnc_and_leaves_the_vm_open() -> None:
+    """5900 is allowed only from named peers; every other TCP port, all of UDP and SCTP from anywhere."""
+    spec = _kind("NetworkPolicy")["spec"]
+    for pods in _pod_specs_metadata():
+        assert spec["podSelector"]["matchLabels"].items() <= pods.items()
+    assert spec["policyTypes"] == ["Ingress"]
+    open_rules = [rule for rule in spec["ingress"] if "from" not in rule]
+    vnc_rules = [rule for rule in spec["ingress"] if "from" in rule]
+    assert all(rule["from"] for rule in vnc_rules), "an empty 'from' would admit everyone"
+    assert [_port_ranges(rule, "TCP") for rule in vnc_rules] == [[(5900, 5900)]]
+    assert all(not any(low <= 5900 <= high for low, high in _port_ranges(rule, "TCP")) for rule in open_rules)
+    assert all("ports" in rule for rule in open_rules), "a rule without ports would open 5900 too"
+    tcp = [r for rule in open_rules for r in _port_ranges(rule, "TCP")]
+    assert tcp == [(1, 5899), (5901, 65535)]
+    for protocol in ("UDP", "SCTP"):
+        assert [r for rule in open_rules for r in _port_ranges(rule, protocol)] == [(1, 65535)]

@@ -1,14 +1,18 @@
 """The shared contract: validated environment readers and the handshake schema."""
 
+import errno
 import json
+import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import jsonschema
 import pytest
 
 from shared import handshake
+from shared.cli import run_main
 from shared.env import Env, pod_hostname
 from shared.errors import ConfigError, HandshakeError
 from tests import samples
@@ -51,6 +55,9 @@ def test_duration(text: str, expected: float) -> None:
         ({"C": "xen"}, lambda e: e.choice("C", "kvm", ("kvm", "tcg")), "C='xen': expected one of kvm, tcg"),
         ({}, lambda e: e.required("R", "a URL"), "R is required: set it to a URL"),
         ({"HOSTNAME": "bad_name"}, pod_hostname, "HOSTNAME='bad_name': expected a DNS name"),
+        # 250 characters made a pet disk name longer than a file name may be: a traceback at the first stat()
+        ({"HOSTNAME": ".".join(["a" * 62] * 4)[:250]}, pod_hostname, "HOSTNAME='aaaa"),
+        ({"HOSTNAME": "a" * 61 + ".bc"}, pod_hostname, "HOSTNAME='aaaa"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_variable(values: dict[str, str], call, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -58,6 +65,10 @@ def test_bad_values_give_one_line_naming_the_variable(values: dict[str, str], ca
         call(Env(values))
     assert str(caught.value).startswith(message)
     assert "\n" not in str(caught.value)
+
+
+def test_longest_pod_hostname_is_accepted() -> None:
+    assert pod_hostname(Env({"HOSTNAME": "a" * 61 + ".b"})) == "a" * 61 + ".b"
 
 
 def test_handshake_round_trips_through_its_file(tmp_path: Path) -> None:
@@ -142,3 +153,59 @@ def test_a_handshake_is_read_only_from_a_regular_file_of_its_own(tmp_path: Path)
     (tmp_path / "big.json").write_bytes(b" " * (handshake.MAX_SIZE + 1))
     with pytest.raises(HandshakeError, match=r"big\.json: larger than 65536 bytes"):
         handshake.read(tmp_path / "big.json")
+
+
+def _exit_of(command: Callable[[], int]) -> int:
+    with pytest.raises(SystemExit) as caught:
+        run_main(logging.getLogger("t"), command)
+    assert isinstance(caught.value.code, int)
+    return caught.value.code
+
+
+def _raise(err: BaseException) -> Callable[[], int]:
+    def command() -> int:
+        raise err
+
+    return command
+
+
+def test_error_messages_are_one_line_whatever_the_input_holds() -> None:
+    err = ConfigError("RUN_DIR=/a\nINFO forged line\r")
+    assert str(err) == "RUN_DIR=/a\\nINFO forged line\\r"
+
+
+@pytest.mark.parametrize(
+    ("err", "line"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device", "/image/b.qcow2.part"), "/image/b.qcow2.part: No space"),
+        (OSError(errno.ENOLCK, "No locks available", "/image/.lock"), "/image/.lock: No locks available"),
+        (OSError(errno.EXDEV, "Invalid cross-device link", "/a", None, "/b"), "/a -> /b: Invalid cross-device link"),
+        (PermissionError(errno.EACCES, "Permission denied", "/vm/x\ny"), "/vm/x\\ny: Permission denied"),
+        (OSError("no errno at all"), "no errno at all"),
+    ],
+)
+def test_unexpected_os_error_is_one_line_with_its_file_and_exit_1(
+    err: OSError, line: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    assert _exit_of(_raise(err)) == 1
+    [record] = caplog.records
+    assert record.levelname == "ERROR" and record.getMessage().startswith(line) and record.exc_info is None
+    assert "\n" not in record.getMessage()
+
+
+def test_a_bug_is_one_line_and_its_traceback_only_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    assert _exit_of(_raise(KeyError("x"))) == 1
+    [record] = caplog.records
+    assert record.getMessage() == "internal error (a bug in podvm; LOG_LEVEL=DEBUG shows where): KeyError: 'x'"
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    assert _exit_of(_raise(KeyError("x"))) == 1
+    assert [r.levelname for r in caplog.records] == ["DEBUG", "ERROR"] and caplog.records[0].exc_info is not None
+
+
+def test_podvm_errors_keep_their_status_and_interrupts_are_130(caplog: pytest.LogCaptureFixture) -> None:
+    assert _exit_of(_raise(HandshakeError("h"))) == 4
+    assert _exit_of(_raise(KeyboardInterrupt())) == 130
+    assert _exit_of(lambda: 0) == 0

@@ -3,6 +3,8 @@
 import hashlib
 import io
 import json
+import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,11 @@ from tests import samples
 from vmrunner import configdrive
 from vmrunner.config import Checksum, Config, load, parse_checksum
 from vmrunner.image import Progress
-from vmrunner.pet import plan_pet
+from vmrunner.pet import plan_create, plan_flatten, plan_grow, plan_rebase, plan_repoint
 from vmrunner.qemu import choose_accel, plan_qemu, vnc_enabled
+from vmrunner.supervise import Supervisor, escape_controls
 from vmrunner.vet import judge
+from vmrunner.vnc import read_password
 
 BASE = {"IMG_SOURCE": "https://example.org/images/debian-12.qcow2", "HOSTNAME": "vm-0"}
 HS = samples.handshake(dns=("10.96.0.10",), search=("svc.cluster.local",))
@@ -30,7 +34,8 @@ def cfg(**values: str) -> Config:
 def test_defaults() -> None:
     c = cfg()
     assert c.img_target == "debian-12.qcow2"
-    assert c.base_path == Path("/image/debian-12.qcow2")
+    assert re.fullmatch(r"debian-12\.qcow2@[0-9a-f]{16}", c.img_name)
+    assert (c.vm_disk_mode, c.verify_base) == ("overlay", "changed")
     assert c.pet_path == Path("/vm/vm-0.qcow2")
     assert (c.img_format, c.accel, c.machine, c.disk_bus, c.nic_model) == (
         "qcow2",
@@ -59,10 +64,13 @@ def test_local_source_names_the_target_after_the_file() -> None:
         ),
         ({"IMG_SOURCE": "images/x.qcow2"}, "IMG_SOURCE='images/x.qcow2': expected"),
         ({"IMG_SOURCE": "http:///x.qcow2"}, "IMG_SOURCE='http:///x.qcow2': the URL has no host"),
-        ({"IMG_SOURCE": "https://example.org/"}, "IMG_TARGET='': expected a plain file name"),
-        ({"IMG_TARGET": "../etc/passwd"}, "IMG_TARGET='../etc/passwd': expected a plain file name"),
+        ({"IMG_SOURCE": "https://u:secret@/x.qcow2"}, "IMG_SOURCE='https:///x.qcow2': the URL has no host"),
+        ({"IMG_TARGET": "../etc/passwd"}, "IMG_TARGET='../etc/passwd': expected a plain name"),
         ({"IMG_TARGET": ".hidden"}, "IMG_TARGET='.hidden'"),
-        ({"IMG_TARGET": "x.lock"}, "IMG_TARGET='x.lock'"),
+        ({"IMG_TARGET": "a@b"}, "IMG_TARGET='a@b'"),
+        ({"IMG_TARGET": "a" * 201}, "IMG_TARGET='aaaa"),
+        ({"VM_DISK_MODE": "thin"}, "VM_DISK_MODE='thin': expected one of overlay, standalone"),
+        ({"VERIFY_BASE": "never"}, "VERIFY_BASE='never': expected one of changed, always"),
         ({"IMG_CHECKSUM": "md5:abc"}, "IMG_CHECKSUM='md5:abc': expected sha256:<64 hex digits>"),
         ({"IMG_CHECKSUM": "sha256:" + "0" * 63}, "IMG_CHECKSUM='sha256:"),
         ({"IMG_CHECKSUM": "sha512:" + "g" * 128}, "IMG_CHECKSUM='sha512:"),
@@ -87,6 +95,12 @@ def test_local_source_names_the_target_after_the_file() -> None:
         ({"USERDATA": "u"}, "USERDATA='u'"),
         ({"FETCH_RETRIES": "-1"}, "FETCH_RETRIES=-1"),
         ({"HOSTNAME": "Bad_Host"}, "HOSTNAME='bad_host'"),
+        # found by the property tier: each was a traceback
+        ({"IMG_SOURCE": "http://[::1/x.qcow2"}, "IMG_SOURCE='http://[::1/x.qcow2': not a valid URL"),
+        ({"IMG_SOURCE": "http://h:99999/x.qcow2"}, "IMG_SOURCE='http://h:99999/x.qcow2': not a valid URL"),
+        ({"IMAGE_DIR": "/" + "a" * 256}, "IMAGE_DIR='/aaa"),
+        ({"VM_DIR": "/a" * 2000}, "VM_DIR='/a/a"),
+        ({"RUN_DIR": "/run/" + "p" * 90}, "RUN_DIR='/run/ppp"),  # qemu's sockets would not fit a Unix socket path
     ],
 )
 def test_every_bad_value_is_one_line_naming_it(values: dict[str, str], message: str) -> None:
@@ -133,28 +147,48 @@ def test_vetting_accepts_a_plain_image() -> None:
     assert (verdict.format, verdict.virtual_size) == ("qcow2", 1 << 30)
 
 
+BASE_FILE = Path("/image/sha256/" + "ab" * 32)
+
+
 def test_pet_is_created_once_with_explicit_backing_format() -> None:
-    plan = plan_pet(cfg(IMG_FORMAT="raw"), 1 << 30, exists=False, current_size=None)
+    plan = plan_create(cfg(), BASE_FILE, "raw", 1 << 30)
     assert plan.create == (
-        "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/image/debian-12.qcow2", "/vm/.vm-0.qcow2.tmp"
-    )  # fmt: skip
+        ("qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(BASE_FILE), "/vm/.vm-0.qcow2.tmp"),
+    )
     assert plan.staging == Path("/vm/.vm-0.qcow2.tmp") and plan.resize is None
 
 
 def test_pet_created_larger_when_asked() -> None:
-    plan = plan_pet(cfg(VM_DISK_SIZE="20G"), 1 << 30, exists=False, current_size=None)
-    assert plan.create is not None and plan.create[-1] == str(20 << 30)
+    plan = plan_create(cfg(VM_DISK_SIZE="20G"), BASE_FILE, "qcow2", 1 << 30)
+    assert plan.create[0][-1] == str(20 << 30)
+    assert plan_create(cfg(VM_DISK_SIZE="512M"), BASE_FILE, "qcow2", 1 << 30).create[0][-1] == "/vm/.vm-0.qcow2.tmp"
+
+
+def test_standalone_pet_is_a_converted_copy_without_backing_file() -> None:
+    plan = plan_create(cfg(VM_DISK_MODE="standalone", VM_DISK_SIZE="2G"), BASE_FILE, "raw", 1 << 30)
+    assert plan.create == (
+        ("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(BASE_FILE), "/vm/.vm-0.qcow2.tmp"),
+        ("qemu-img", "resize", "-q", "-f", "qcow2", "/vm/.vm-0.qcow2.tmp", str(2 << 30)),
+    )
+    assert "-b" not in plan.create[0]
 
 
 def test_existing_pet_is_only_ever_grown() -> None:
-    assert plan_pet(cfg(), 1 << 30, exists=True, current_size=None) == plan_pet(
-        cfg(VM_DISK_SIZE="1G"), 1 << 30, exists=True, current_size=2 << 30
-    )
-    unchanged = plan_pet(cfg(VM_DISK_SIZE="2G"), 1 << 30, exists=True, current_size=2 << 30)
-    assert unchanged.create is None and unchanged.resize is None
-    grow = plan_pet(cfg(VM_DISK_SIZE="3G"), 1 << 30, exists=True, current_size=2 << 30)
-    assert grow.create is None
+    assert plan_grow(cfg(), 1 << 30) == plan_grow(cfg(VM_DISK_SIZE="1G"), 2 << 30)
+    unchanged = plan_grow(cfg(VM_DISK_SIZE="2G"), 2 << 30)
+    assert unchanged.create == () and unchanged.resize is None
+    grow = plan_grow(cfg(VM_DISK_SIZE="3G"), 2 << 30)
+    assert grow.create == ()
     assert grow.resize == ("qemu-img", "resize", "-q", "-f", "qcow2", "/vm/vm-0.qcow2", str(3 << 30))
+
+
+def test_rebase_plans_name_every_format_and_only_repoint_is_unsafe() -> None:
+    pet = Path("/vm/vm-0.qcow2")
+    assert plan_rebase(pet, BASE_FILE, "qcow2") == (
+        "qemu-img", "rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(BASE_FILE), str(pet)
+    )  # fmt: skip
+    assert plan_repoint(pet, BASE_FILE, "raw")[:5] == ("qemu-img", "rebase", "-q", "-u", "-f")
+    assert plan_flatten(pet) == ("qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "", str(pet))
 
 
 def test_metadata_merges_over_stable_defaults() -> None:
@@ -247,7 +281,8 @@ def test_qemu_plan_kvm_legacy_buses_password_and_no_vnc() -> None:
     assert "-accel kvm -cpu host" in line
     assert "-device ide-hd,drive=disk0,bus=ide.0,unit=0,bootindex=1" in line
     assert "-device e1000,netdev=net0,mac=0a:58:c0:a8:fe:02" in line
-    assert "-object secret,id=vncpass,file=/secret/vnc,format=raw -vnc :0,password-secret=vncpass" in line
+    assert "-object secret,id=vncpass,file=/dev/stdin,format=raw -vnc :0,password-secret=vncpass" in line
+    assert "/secret/vnc" not in line  # qemu gets the cleaned password on its stdin, not the raw Secret
     assert "cd0" not in line
     scsi = " ".join(plan_qemu(cfg(VM_DISK_BUS="scsi"), HS, "tcg", False, None).argv)
     assert "-device virtio-scsi-pci,id=scsi0 -device scsi-hd,drive=disk0,bus=scsi0.0" in scsi
@@ -262,12 +297,72 @@ def test_accel_choice() -> None:
 
 
 def test_vnc_follows_the_handshake(caplog: pytest.LogCaptureFixture) -> None:
-    assert vnc_enabled(cfg(), HS) is True
+    assert vnc_enabled(cfg(VNC_PASSWORD_FILE="/secret/vnc"), HS) is True  # noqa: S106 a path, not a password
     assert not caplog.records
-    assert vnc_enabled(cfg(NO_VNC="true"), HS) is True
+    assert vnc_enabled(cfg(NO_VNC="true", VNC_PASSWORD_FILE="/secret/vnc"), HS) is True  # noqa: S106
     assert "following the handshake" in caplog.text
     off = samples.handshake(vnc_in_pod=False)
-    assert vnc_enabled(cfg(), off) is False
+    caplog.clear()
+    assert vnc_enabled(cfg(NO_VNC="true"), off) is False
+    assert not caplog.records  # no VNC server: nothing to warn about
+
+
+def test_vnc_without_a_password_is_warned_about_with_the_way_out(caplog: pytest.LogCaptureFixture) -> None:
+    assert vnc_enabled(cfg(), HS) is True
+    [record] = caplog.records
+    assert record.levelname == "WARNING"
+    message = record.getMessage()
+    assert "VNC on TCP 5900 has no password" in message
+    assert "VNC_PASSWORD_FILE" in message and "NO_VNC=true" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("written", "password"),
+    [
+        (b"s3cret\n", b"s3cret"),  # kubectl create secret --from-file of a file saved by an editor
+        (b"s3cret\r\n", b"s3cret"),
+        (b"s3cret\n\n", b"s3cret"),
+        (b"s3cret", b"s3cret"),
+        (b"exactly8", b"exactly8"),
+        (b" pa ss ", b" pa ss "),  # spaces are part of a VNC password; only line ends are dropped
+    ],
+)
+def test_vnc_password_is_read_as_written(tmp_path: Path, written: bytes, password: bytes) -> None:
+    secret = tmp_path / "vnc"
+    secret.write_bytes(written)
+    assert read_password(secret) == password
+    assert read_password(None) is None
+
+
+@pytest.mark.parametrize(
+    ("written", "error"),
+    [
+        (b"", "the VNC password is empty"),
+        (b"\n", "the VNC password is empty"),
+        (b"ninechars", "is 9 characters long; VNC uses at most 8 and would silently ignore the rest"),
+        (b"a-much-longer-password\n", "is 22 characters long"),
+        (b"p\xc3\xa4ss", "control or non-ASCII characters"),
+        (b"pa\tss", "control or non-ASCII characters"),
+        (b"pa\nss", "control or non-ASCII characters"),
+        (b"x" * 5000, "larger than 4096 bytes"),
+    ],
+)
+def test_unusable_vnc_password_is_one_line_that_never_shows_it(tmp_path: Path, written: bytes, error: str) -> None:
+    secret = tmp_path / "vnc"
+    secret.write_bytes(written)
+    with pytest.raises(ConfigError) as caught:
+        read_password(secret)
+    message = str(caught.value)
+    assert message.startswith(f"VNC_PASSWORD_FILE={secret}: ") and error in message
+    assert "\n" not in message
+    if len(written.strip()) > 2:
+        assert written.strip().decode(errors="replace") not in message
+
+
+def test_unreadable_vnc_password_file_is_named(tmp_path: Path) -> None:
+    for path, reason in ((tmp_path / "absent", "No such file or directory"), (tmp_path, "Is a directory")):
+        with pytest.raises(ConfigError, match=f"VNC_PASSWORD_FILE={path}: cannot read: {reason}$"):
+            read_password(path)
 
 
 def test_progress_lines_give_percent_rate_and_time_left(caplog: pytest.LogCaptureFixture) -> None:
@@ -282,3 +377,19 @@ def test_progress_lines_give_percent_rate_and_time_left(caplog: pytest.LogCaptur
     quiet = Progress("x", every=3600.0)
     quiet.tick(1, 2)
     assert len(caplog.records) == 2
+
+
+def test_guest_console_lines_cannot_drive_a_terminal_or_split_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """A hostile guest's escape sequences and odd line breaks reach ``kubectl logs`` as visible text."""
+    assert escape_controls("\x1b]0;owned\x07\x1b[2J plain\ttab ü") == "\\x1b]0;owned\\x07\\x1b[2J plain\ttab ü"
+    assert escape_controls("a\x85b\u2028c\x7f\x00") == "a\\x85b\\u2028c\\x7f\\x00"
+    caplog.set_level(logging.INFO, logger="guest")
+    supervisor = Supervisor(plan_qemu(cfg(), HS, "tcg", False, None), 1.0)
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"login: \x1b[8mhidden\r\n2026 ERROR vmrunner: forged\rpart\n")
+        supervisor._console_readable(read_end)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert [r.getMessage() for r in caplog.records] == ["login: \\x1b[8mhidden", "2026 ERROR vmrunner: forged\\rpart"]

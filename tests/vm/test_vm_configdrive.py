@@ -117,3 +117,25 @@ def test_invalid_metadata_fails_with_one_line_and_writes_nothing(tmp_path: Path,
     assert done.returncode == 2
     assert f"METADATA={shared_dir}/metadata: invalid YAML at line 2" in done.stderr
     assert not iso.exists() and not list(tmp_path.glob(".drive.iso*"))
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(shared_dir: Path) -> None:
+    """A real ENOSPC: the drive written to a 16 KiB tmpfs in a private mount namespace."""
+    (shared_dir / "metadata").write_text("name: full\n")
+    full = shared_dir / "full"
+    full.mkdir()
+    script = 'mount -t tmpfs -o size=16k tmpfs "$1" && shift && "$@"; status=$?; ls -A "$0"; exit $status'
+    done = subprocess.run(
+        [
+            *("unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(full), str(full)),
+            *(*VMRUNNER, "configdrive", str(full / "drive.iso")),
+        ],
+        env=runner_env(shared_dir, IMG_SOURCE="/image/base.qcow2"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()], "one line, no traceback"
+    assert done.stderr.strip().endswith(f"{full}/drive.iso: No space left on device")
+    assert done.stdout == ""  # nothing left on the full file system, not even the temporary file

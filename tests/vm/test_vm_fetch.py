@@ -1,57 +1,138 @@
 """Fetching into the shared cache against a real HTTP server on loopback, and vetting crafted images."""
 
 import hashlib
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from shared.errors import ConfigError, ImageRejected, PodvmError
 from tests.vm.conftest import VMRUNNER, Server, runner_env
-from vmrunner.config import load
-from vmrunner.image import ensure_base
+from vmrunner.cache import Layout, ensure_image, read_name
+from vmrunner.config import Config, load
 
 
 def cache_names(root: Path) -> list[str]:
-    return sorted(p.name for p in (root / "image").iterdir() if not p.name.endswith(".lock"))
+    """Every file in the cache but lock files: what a fetch leaves behind."""
+    image = root / "image"
+    return sorted(str(p.relative_to(image)) for p in image.rglob("*") if p.is_file() and p.parent.name != "locks")
 
 
-def test_fetch_caches_a_read_only_vetted_image_and_reuses_it(
+def cached(cfg: Config) -> bytes:
+    """The bytes the configured image's name points to."""
+    layout = Layout(cfg.image_dir)
+    record = read_name(layout, cfg.img_name)
+    assert record is not None
+    return layout.base(record.hex).read_bytes()
+
+
+def ensure_base(cfg: Config) -> str:
+    return ensure_image(cfg).hex
+
+
+def test_fetch_caches_a_read_only_vetted_image_by_digest_and_reuses_it(
     served: Server, qcow2_bytes: bytes, shared_dir: Path
 ) -> None:
     served.served.files["/img/base.qcow2"] = qcow2_bytes
     digest = hashlib.sha512(qcow2_bytes).hexdigest()
-    cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/img/base.qcow2"), IMG_CHECKSUM=f"sha512:{digest}"))
-    verdict = ensure_base(cfg)
-    assert verdict.virtual_size == 64 << 20
-    assert cache_names(shared_dir) == [".base.qcow2.vetted", "base.qcow2"]
-    assert cfg.base_path.read_bytes() == qcow2_bytes
-    assert cfg.base_path.stat().st_mode & 0o777 == 0o444
-    assert ensure_base(cfg) == verdict
+    sha = hashlib.sha256(qcow2_bytes).hexdigest()
+    url = served.url("/img/base.qcow2")
+    cfg = load(runner_env(shared_dir, IMG_SOURCE=url, IMG_CHECKSUM=f"sha512:{digest}"))
+    fresh = ensure_image(cfg)
+    assert fresh.hex == sha and fresh.fresh is not None and fresh.fresh.virtual_size == 64 << 20
+    assert cache_names(shared_dir) == [f"names/{cfg.img_name}", f"sha256/{sha}"]
+    base = shared_dir / "image" / "sha256" / sha
+    assert base.read_bytes() == qcow2_bytes
+    assert base.stat().st_mode & 0o777 == 0o444
+    record = read_name(Layout(cfg.image_dir), cfg.img_name)
+    assert record is not None and record.source == url and record.checksums == {"sha512": digest}
+    again = ensure_image(cfg)
+    assert (again.hex, again.fresh) == (sha, None)
     assert len(served.served.requests) == 1, "a cached base is never fetched again"
+
+
+def test_two_urls_with_one_file_name_never_share_a_name_and_same_bytes_share_a_base(
+    served: Server, qcow2_bytes: bytes, other_qcow2_bytes: bytes, shared_dir: Path
+) -> None:
+    served.served.files["/v1/disk.qcow2"] = qcow2_bytes
+    served.served.files["/v2/disk.qcow2"] = other_qcow2_bytes
+    served.served.files["/mirror/disk.qcow2"] = qcow2_bytes
+    v1 = ensure_base(load(runner_env(shared_dir, IMG_SOURCE=served.url("/v1/disk.qcow2"))))
+    v2 = ensure_base(load(runner_env(shared_dir, IMG_SOURCE=served.url("/v2/disk.qcow2"))))
+    mirror = ensure_base(load(runner_env(shared_dir, IMG_SOURCE=served.url("/mirror/disk.qcow2"))))
+    assert v1 != v2 and mirror == v1
+    assert len(list((shared_dir / "image" / "sha256").iterdir())) == 2
+    assert len(list((shared_dir / "image" / "names").iterdir())) == 3
+
+
+def test_a_known_sha256_already_cached_under_another_name_is_not_downloaded(
+    served: Server, qcow2_bytes: bytes, shared_dir: Path
+) -> None:
+    served.served.files["/a/disk.qcow2"] = qcow2_bytes
+    served.served.files["/b/disk.qcow2"] = qcow2_bytes
+    sha = hashlib.sha256(qcow2_bytes).hexdigest()
+    ensure_base(load(runner_env(shared_dir, IMG_SOURCE=served.url("/a/disk.qcow2"))))
+    cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/b/disk.qcow2"), IMG_CHECKSUM=f"sha256:{sha}"))
+    assert ensure_base(cfg) == sha
+    assert [request[0] for request in served.served.requests] == ["/a/disk.qcow2"]
+    record = read_name(Layout(cfg.image_dir), cfg.img_name)
+    assert record is not None and record.hex == sha
+
+
+def test_a_forged_name_is_not_followed_when_a_checksum_is_set(
+    served: Server, qcow2_bytes: bytes, other_qcow2_bytes: bytes, shared_dir: Path
+) -> None:
+    """A pod with the cache's uid points the name at an image it planted; IMG_CHECKSUM makes the runner fetch."""
+    served.served.files["/evil.qcow2"] = other_qcow2_bytes
+    served.served.files["/disk.qcow2"] = qcow2_bytes
+    evil = ensure_base(load(runner_env(shared_dir, IMG_SOURCE=served.url("/evil.qcow2"), IMG_TARGET="debian")))
+    sha = hashlib.sha256(qcow2_bytes).hexdigest()
+    env = runner_env(shared_dir, IMG_SOURCE=served.url("/disk.qcow2"), IMG_TARGET="debian")
+    assert ensure_base(load(env)) == evil, "without a checksum the shared cache's name is trusted (see the README)"
+    assert ensure_base(load({**env, "IMG_CHECKSUM": f"sha256:{sha}"})) == sha
+    lock = shared_dir / "image" / "locks" / "name.planted.lock"
+    lock.symlink_to(shared_dir / "vm" / "planted")
+    with pytest.raises(PodvmError, match=r"^IMAGE_DIR: .*name\.planted\.lock is a symbolic link; refused$"):
+        ensure_base(load(runner_env(shared_dir, IMG_SOURCE=served.url("/disk.qcow2"), IMG_TARGET="planted")))
+    assert not (shared_dir / "vm" / "planted").exists()
+
+
+def test_credentials_and_query_never_reach_the_shared_cache(
+    served: Server, qcow2_bytes: bytes, shared_dir: Path
+) -> None:
+    served.served.files["/base.qcow2"] = qcow2_bytes
+    served.served.query = "token=s3cret"
+    url = served.url("/base.qcow2?token=s3cret").replace("http://", "http://user:pw0rd@")
+    ensure_base(load(runner_env(shared_dir, IMG_SOURCE=url)))
+    text = "".join(p.read_text(errors="replace") for p in (shared_dir / "image" / "names").iterdir())
+    assert "s3cret" not in text and "pw0rd" not in text and "/base.qcow2" in text
 
 
 def test_dropped_connection_resumes_with_range(served: Server, qcow2_bytes: bytes, shared_dir: Path) -> None:
     served.served.files["/base.qcow2"] = qcow2_bytes
-    served.served.drop_after = 65536
+    served.served.drops = [65536]
     sha = hashlib.sha256(qcow2_bytes).hexdigest()
     cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/base.qcow2"), IMG_CHECKSUM=f"sha256:{sha}"))
     ensure_base(cfg)
-    assert cfg.base_path.read_bytes() == qcow2_bytes
-    assert served.served.requests == [("/base.qcow2", None), ("/base.qcow2", "bytes=65536-")]
+    assert cached(cfg) == qcow2_bytes
+    etag = served.served.validators(qcow2_bytes)["ETag"]
+    assert served.served.requests == [("/base.qcow2", None, None), ("/base.qcow2", "bytes=65536-", etag)]
 
 
 def test_server_without_range_support_starts_over(served: Server, qcow2_bytes: bytes, shared_dir: Path) -> None:
     served.served.files["/base.qcow2"] = qcow2_bytes
-    served.served.drop_after = 65536
+    served.served.drops = [65536]
     served.served.ranges = False
     sha = hashlib.sha256(qcow2_bytes).hexdigest()
     cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/base.qcow2"), IMG_CHECKSUM=f"sha256:{sha}"))
     ensure_base(cfg)
-    assert cfg.base_path.read_bytes() == qcow2_bytes
+    assert cached(cfg) == qcow2_bytes
 
 
 def test_redirects_are_followed(served: Server, qcow2_bytes: bytes, shared_dir: Path) -> None:
@@ -59,7 +140,7 @@ def test_redirects_are_followed(served: Server, qcow2_bytes: bytes, shared_dir: 
     served.served.redirects["/latest.qcow2"] = "/real/base.qcow2"
     cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/latest.qcow2")))
     ensure_base(cfg)
-    assert (shared_dir / "image" / "latest.qcow2").read_bytes() == qcow2_bytes
+    assert cached(cfg) == qcow2_bytes
 
 
 def test_checksum_mismatch_leaves_nothing_in_the_cache(served: Server, qcow2_bytes: bytes, shared_dir: Path) -> None:
@@ -70,18 +151,22 @@ def test_checksum_mismatch_leaves_nothing_in_the_cache(served: Server, qcow2_byt
     assert cache_names(shared_dir) == []
 
 
-def test_cached_image_with_another_checksum_is_an_error_and_left_alone(
-    served: Server, qcow2_bytes: bytes, shared_dir: Path
+def test_a_new_checksum_fetches_again_and_never_touches_the_cached_base(
+    served: Server, qcow2_bytes: bytes, other_qcow2_bytes: bytes, shared_dir: Path
 ) -> None:
     served.served.files["/base.qcow2"] = qcow2_bytes
     env = runner_env(shared_dir, IMG_SOURCE=served.url("/base.qcow2"))
-    ensure_base(load(env))
-    before = (shared_dir / "image" / "base.qcow2").stat()
-    with pytest.raises(ImageRejected, match="the cached image does not match IMG_CHECKSUM"):
+    old = ensure_base(load(env))
+    before = (shared_dir / "image" / "sha256" / old).stat()
+    with pytest.raises(ImageRejected, match=r"^IMG_CHECKSUM: .* expected sha512:a+; nothing was cached$"):
         ensure_base(load({**env, "IMG_CHECKSUM": "sha512:" + "a" * 128}))
-    after = (shared_dir / "image" / "base.qcow2").stat()
-    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
-    assert len(served.served.requests) == 1
+    served.served.files["/base.qcow2"] = other_qcow2_bytes
+    sha = hashlib.sha256(other_qcow2_bytes).hexdigest()
+    assert ensure_base(load({**env, "IMG_CHECKSUM": f"sha256:{sha}"})) == sha, "the name now means the new bytes"
+    after = (shared_dir / "image" / "sha256" / old).stat()
+    assert (before.st_ino, before.st_ctime_ns) == (after.st_ino, after.st_ctime_ns)
+    assert len(served.served.requests) == 3
+    assert sorted(p.name for p in (shared_dir / "image" / "tmp").iterdir()) == []
 
 
 def test_not_found_is_a_clear_error(served: Server, shared_dir: Path) -> None:
@@ -112,9 +197,9 @@ def test_concurrent_fetchers_download_once(served: Server, qcow2_bytes: bytes, s
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [0, 0, 0], logs
-    assert served.served.requests == [("/base.qcow2", None)]
+    assert served.served.requests == [("/base.qcow2", None, None)]
     assert sum("waiting for it" in log for log in logs) >= 1
-    assert (shared_dir / "image" / "base.qcow2").read_bytes() == qcow2_bytes
+    assert cached(load(env)) == qcow2_bytes
 
 
 def crafted(tmp_path: Path, *options: str) -> Path:
@@ -177,11 +262,215 @@ def test_sigterm_during_a_download_leaves_nothing(served: Server, qcow2_bytes: b
     proc = subprocess.Popen([*VMRUNNER, "fetch"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 10
-        while not (shared_dir / "image" / ".base.qcow2.part").exists() and time.monotonic() < deadline:
+        while not list((shared_dir / "image" / "tmp").glob("*.part")) and time.monotonic() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         _, log = proc.communicate(timeout=10)
     finally:
         proc.kill()
     assert proc.returncode == 143, log
+    assert cache_names(shared_dir) == []
+
+
+# A hostile or merely odd image server. The bodies are raw images (vetting accepts any bytes), so every assertion is
+# about the transfer: IMG_CHECKSUM is the digest of the bytes that must end up cached, so a fetch passes only when the
+# digest computed while streaming matches the file it recorded, byte for byte.
+
+
+@pytest.fixture
+def body() -> bytes:
+    return os.urandom((1 << 20) + 4321)
+
+
+def raw_env(served: Server, root: Path, expected: bytes, path: str = "/disk.img", **extra: str) -> dict[str, str]:
+    sha = hashlib.sha256(expected).hexdigest()
+    return runner_env(root, IMG_SOURCE=served.url(path), IMG_FORMAT="raw", IMG_CHECKSUM=f"sha256:{sha}", **extra)
+
+
+def runner(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``vmrunner fetch`` (or another command) as a process, for its exit status and exact log."""
+    return subprocess.run([*VMRUNNER, *(args or ("fetch",))], env=env, capture_output=True, text=True, check=False)
+
+
+def the_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The one ERROR line of a failed run; no traceback, no second error."""
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("validator", ["etag", "date"])
+def test_resume_asks_the_server_to_prove_the_same_file(
+    served: Server, body: bytes, shared_dir: Path, validator: str
+) -> None:
+    """A strong ETag, else Last-Modified, goes back in If-Range: the server sends the rest only of that file."""
+    served.served.files["/disk.img"] = body
+    served.served.validator = validator
+    served.served.drops = [65536]
+    cfg = load(raw_env(served, shared_dir, body))
+    ensure_base(cfg)
+    assert cached(cfg) == body
+    (proof,) = served.served.validators(body).values()
+    assert served.served.requests == [("/disk.img", None, None), ("/disk.img", "bytes=65536-", proof)]
+
+
+@pytest.mark.parametrize("validator", ["weak", "none"])
+def test_without_a_strong_validator_a_retry_starts_over(
+    served: Server, body: bytes, shared_dir: Path, validator: str
+) -> None:
+    """A weak ETag or none at all proves nothing about the bytes: the retry fetches the whole file again."""
+    served.served.files["/disk.img"] = body
+    served.served.validator = validator
+    served.served.drops = [65536]
+    cfg = load(raw_env(served, shared_dir, body))
+    ensure_base(cfg)
+    assert cached(cfg) == body
+    assert served.served.requests == [("/disk.img", None, None), ("/disk.img", None, None)]
+
+
+@pytest.mark.parametrize(
+    ("validator", "honour_if_range"),
+    [("etag", True), ("etag", False), ("fixed", False)],
+    ids=["honest-server", "ignores-if-range", "same-etag-other-size"],
+)
+def test_a_file_changed_between_tries_is_never_spliced(
+    served: Server, body: bytes, shared_dir: Path, validator: str, honour_if_range: bool
+) -> None:
+    """The file behind the URL changes after the first try dropped: the cache gets the new file whole.
+
+    An honest server answers the If-Range with the whole new file (200). A server that ignores If-Range answers 206
+    with the new file's tail, under another ETag, or under the same ETag with another size: both are caught and the
+    download starts over from byte 0.
+    """
+    new = os.urandom(len(body) + 4096)
+    served.served.files["/disk.img"] = body
+    served.served.then["/disk.img"] = new
+    served.served.validator = validator
+    served.served.honour_if_range = honour_if_range
+    served.served.drops = [65536]
+    cfg = load(raw_env(served, shared_dir, new))
+    ensure_base(cfg)
+    assert cached(cfg) == new
+    ranges = [None, "bytes=65536-"] if honour_if_range else [None, "bytes=65536-", None]
+    assert [r[1] for r in served.served.requests] == ranges
+
+
+def test_a_body_longer_than_announced_is_cut_at_the_announced_length(
+    served: Server, body: bytes, shared_dir: Path
+) -> None:
+    """Content-Length is the most the server gets to write: the extra bytes never reach the cache."""
+    served.served.files["/disk.img"] = body
+    served.served.length_delta = -1000
+    cfg = load(raw_env(served, shared_dir, body[:-1000]))
+    ensure_base(cfg)
+    assert cached(cfg) == body[:-1000]
+
+
+def test_a_body_shorter_than_announced_is_never_cached(served: Server, body: bytes, shared_dir: Path) -> None:
+    """Every try ends early; resuming past the real end is refused (the size is not the announced one)."""
+    served.served.files["/disk.img"] = body
+    served.served.length_delta = 1000
+    cfg = load(raw_env(served, shared_dir, body))
+    with pytest.raises(PodvmError, match=r"^IMG_SOURCE=http://\S+/disk.img: download failed after 3 attempts: "):
+        ensure_base(cfg)
+    assert cache_names(shared_dir) == []
+    assert [r[1] for r in served.served.requests] == [None, f"bytes={len(body)}-", None]
+
+
+@pytest.mark.parametrize("endless", [True, False], ids=["endless-stream", "announced-too-large"])
+def test_a_flood_stops_at_img_max_size_with_one_line(
+    served: Server, body: bytes, shared_dir: Path, endless: bool
+) -> None:
+    """A body without a length stops at IMG_MAX_SIZE; an announced length over it is refused before any byte."""
+    served.served.files["/disk.img"] = body
+    served.served.forever = endless
+    done = runner(raw_env(served, shared_dir, body, IMG_MAX_SIZE="1M"))
+    assert done.returncode == 3, done.stderr
+    assert "more than IMG_MAX_SIZE (1048576)" in the_error(done)
+    assert cache_names(shared_dir) == []
+
+
+@pytest.mark.parametrize(
+    ("drops", "range_answers"),
+    [([65536, 300000, 100000], [200, 206]), ([65536, 300000, 100000], [206, 200, 206])],
+    ids=["200-then-206", "206-200-206"],
+)
+def test_mixed_200_and_206_answers_keep_the_digest_true(
+    served: Server, body: bytes, shared_dir: Path, drops: list[int], range_answers: list[int]
+) -> None:
+    """Dropped tries answered now whole (200), now resumed (206): the file and its digest always start together."""
+    served.served.files["/disk.img"] = body
+    served.served.drops = drops
+    served.served.range_answers = range_answers
+    cfg = load(raw_env(served, shared_dir, body, FETCH_RETRIES="3"))
+    ensure_base(cfg)
+    assert cached(cfg) == body
+    assert len(served.served.requests) == 4
+
+
+def test_credentials_and_presigned_tokens_never_reach_the_log(served: Server, body: bytes, shared_dir: Path) -> None:
+    """user:password@ and ?token= are needed by the server and are never shown, even with LOG_LEVEL=DEBUG."""
+    served.served.files["/disk.img"] = body
+    served.served.auth = "alice:PASSWORD"
+    served.served.query = "token=SECRET"
+    served.served.drops = [65536]
+    secret_url = served.url("/disk.img?token=SECRET").replace("http://", "http://alice:PASSWORD@")
+    env = {**raw_env(served, shared_dir, body), "IMG_SOURCE": secret_url, "LOG_LEVEL": "DEBUG"}
+    fetched = runner(env)
+    assert fetched.returncode == 0, fetched.stderr
+    assert (shared_dir / "image" / "sha256" / hashlib.sha256(body).hexdigest()).read_bytes() == body
+    # without IMG_CHECKSUM, so the cache cannot serve the next two from the digest it already holds
+    env["IMG_CHECKSUM"] = ""
+    missing = runner({**env, "IMG_SOURCE": secret_url.replace("disk.img", "gone.img")})
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    refused_url = secret_url.replace(f":{served.httpd.server_address[1]}/", f":{closed_port}/")
+    refused = runner({**env, "IMG_SOURCE": refused_url.replace("disk.img", "other.img"), "FETCH_RETRIES": "0"})
+    planned = runner({**env, "IMG_SOURCE": refused_url}, "plan")
+    assert [missing.returncode, refused.returncode, planned.returncode] == [1, 1, 0]
+    assert "retry 1" in fetched.stderr and "HTTP 404" in missing.stderr and "refused" in refused.stderr
+    for done, url in ((fetched, secret_url), (missing, secret_url), (refused, refused_url), (planned, refused_url)):
+        shown = done.stdout + done.stderr
+        assert "SECRET" not in shown and "PASSWORD" not in shown, shown
+        assert url.replace("alice:PASSWORD@", "").split("?")[0].replace("disk.img", "") in shown, shown
+
+
+def test_redirect_loop_is_one_line(served: Server, shared_dir: Path) -> None:
+    served.served.redirects["/loop.img"] = "/loop.img"
+    done = runner(runner_env(shared_dir, IMG_SOURCE=served.url("/loop.img")))
+    assert done.returncode == 1
+    assert the_error(done).endswith("/loop.img: TooManyRedirects: Exceeded 30 redirects.")
+    assert cache_names(shared_dir) == []
+
+
+@pytest.fixture
+def tiny_image_dir(shared_dir: Path) -> Iterator[Path]:
+    """IMAGE_DIR on a 256 KiB tmpfs: the disk fills up in the middle of a download."""
+    path = shared_dir / "image"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "podvm-test-full", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def test_a_full_image_dir_is_one_line_and_leaves_nothing(
+    served: Server, body: bytes, shared_dir: Path, tiny_image_dir: Path
+) -> None:
+    served.served.files["/disk.img"] = body
+    done = runner(raw_env(served, shared_dir, body))
+    assert done.returncode == 1
+    assert the_error(done).endswith(
+        f"IMAGE_DIR={tiny_image_dir}: cannot write disk.img: No space left on device; nothing was cached"
+    )
+    assert cache_names(shared_dir) == []
+    assert shutil.disk_usage(tiny_image_dir).used < 64 << 10, "the partial download was removed"
+
+
+def test_a_local_source_larger_than_img_max_size_is_refused_while_copying(tmp_path: Path, shared_dir: Path) -> None:
+    source = tmp_path / "big.img"
+    source.write_bytes(b"\0" * (2 << 20))
+    with pytest.raises(ImageRejected, match=r"^IMG_SOURCE=/\S+/big.img: more than IMG_MAX_SIZE"):
+        ensure_base(load(runner_env(shared_dir, IMG_SOURCE=str(source), IMG_FORMAT="raw", IMG_MAX_SIZE="1M")))
     assert cache_names(shared_dir) == []

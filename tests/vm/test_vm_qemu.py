@@ -4,6 +4,8 @@ No guest OS is needed: an empty disk leaves the VM in its BIOS, which answers QM
 hard-stop path needs. The runner reaches /dev/net/tun through a 0666 node bind-mounted in a private mount namespace.
 """
 
+import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests import samples
-from tests.vm.conftest import VMRUNNER, require, runner_env
+from tests.vm.conftest import REPO, VMRUNNER, require, runner_env
 
 UID = 10001
 pytestmark = pytest.mark.netns
@@ -114,12 +116,17 @@ def test_unprivileged_runner_runs_qemu_answers_qmp_and_stops_hard(netns: str, po
         status = subprocess.run(
             [*VMRUNNER, "status"], env=runner_env(pod), capture_output=True, text=True, check=False, timeout=20
         )
-        assert status.returncode == 0, status.stderr
-        report = json.loads(status.stdout)
-        assert report["state"] == "running"
+        shown = json.loads(status.stdout)
+        assert (status.returncode, shown["state"]) == (0, "running"), status.stderr
+        binding = shown["pet"]["binding"]
+        assert binding["digest"] == "sha256:" + hashlib.sha256((pod / "base.qcow2").read_bytes()).hexdigest()
+        assert binding["next_start"] == "cheap check" and len(shown["pet"]["references"]) == 1
+        report = shown
         assert figure_value(report, "podvm_vm_boots_total") == 1
         assert figure_value(report, "podvm_vm_memory_resident_bytes") > 1 << 20, "qemu's RSS from /proc"
         assert figure_value(report, "podvm_vm_storage_iops_read_total", drive="disk0") >= 0, "QMP query-blockstats"
+        [base] = [f["labels"] for f in report["figures"] if f["name"] == "podvm_image_base"]
+        assert base["digest"] == binding["digest"], "the base in use, by the digest the runner bound the pet to"
         with socket.socket(socket.AF_UNIX) as console:
             console.connect(str(pod / "run" / "console.sock"))
             console.sendall(b"\r\n")
@@ -147,7 +154,7 @@ def test_unprivileged_runner_runs_qemu_answers_qmp_and_stops_hard(netns: str, po
     finally:
         code, log = stop(again)
     assert code == 6, log
-    assert "using pet disk" in log and "fetching" not in log and "vetting" not in log
+    assert "is on its base sha256:" in log and "fetching" not in log and "hashing" not in log
     assert (pod / "vm" / "vm-0.qcow2").stat().st_ino == pet.st_ino
 
 
@@ -181,6 +188,12 @@ def test_status_without_qemu_and_a_missing_qemu_are_one_line(pod: Path) -> None:
     assert status.returncode == 1
     assert status.stderr.strip().splitlines() == [status.stderr.strip()]
     assert f"{pod}/run/qmp.sock: no qemu answers" in status.stderr
+    shown = json.loads(status.stdout)
+    assert {key: shown[key] for key in ("state", "pet")} == {
+        "state": "not running",
+        "pet": {"path": f"{pod}/vm/vm-0.qcow2", "exists": False, "mode": "overlay"},
+    }
+    assert figure_value(shown, "podvm_vm_state", state="stopped") == 1
     done = subprocess.run(
         [*VMRUNNER, "run"],
         env=runner_env(pod, IMG_SOURCE=str(pod / "base.qcow2"), QEMU="/nonexistent/qemu"),
@@ -192,40 +205,96 @@ def test_status_without_qemu_and_a_missing_qemu_are_one_line(pod: Path) -> None:
     assert done.stderr.strip().splitlines()[-1].endswith("QEMU=/nonexistent/qemu: no such program")
 
 
-RFB_SECURITY_TYPES = """
-import socket, time
-deadline = time.monotonic() + 15
-while True:  # qemu opens its QMP socket before its VNC server
-    try:
-        s = socket.create_connection(("127.0.0.1", 5900), timeout=10)
-        break
-    except ConnectionRefusedError:
-        if time.monotonic() > deadline:
-            raise
-        time.sleep(0.05)
-version = s.recv(12)
-s.sendall(b"RFB 003.008\\n")
-count = s.recv(1)[0]
-print(version.decode().strip(), list(s.recv(count)))
-"""
+def vnc_login(ns: str, password: bytes) -> str:
+    """Log in to VNC on 127.0.0.1:5900 inside ``ns`` as a viewer would (tests/vm/rfb.py); ``OK`` or the refusal."""
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.vm.rfb", "5900"],
+        input=password,
+        capture_output=True,
+        cwd=REPO,
+        check=False,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout.decode().strip()
 
 
-def test_vnc_asks_for_the_password_from_the_secret_file(netns: str, pod: Path) -> None:
+def test_vnc_logs_in_with_the_secret_as_written_and_refuses_a_wrong_password(netns: str, pod: Path) -> None:
+    """A Secret made from a file that ends in a newline: a viewer typing the password gets in, nobody else does."""
     publish_handshake(pod, vnc_in_pod=True)
     secret = pod / "vnc-password"
-    secret.write_text("s3cret")
+    secret.write_bytes(b"s3cret\n")
     os.chown(secret, UID, UID)
     secret.chmod(0o400)
     proc = start(netns, pod, VNC_PASSWORD_FILE=str(secret))
     try:
         wait_for(pod / "run" / "qmp.sock", proc)
-        seen = subprocess.run(
-            ["ip", "netns", "exec", netns, sys.executable, "-c", RFB_SECURITY_TYPES],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=20,
-        )
+        [qemu] = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        cmdline = Path(f"/proc/{qemu}/cmdline").read_bytes()
+        assert b"file=/dev/stdin" in cmdline and b"s3cret" not in cmdline
+        assert vnc_login(netns, b"s3cret") == "OK"
+        assert vnc_login(netns, b"wrong").startswith("refused: ")
+        assert vnc_login(netns, b"s3cret\n").startswith("refused: ")  # the newline is not part of the password
+        assert vnc_login(netns, b"s3cret").startswith("OK")  # a refusal does not lock the right password out
+        assert not any(b"s3cret" in p.read_bytes() for p in (pod / "run").iterdir() if p.is_file())
     finally:
-        stop(proc)
-    assert seen.stdout.strip() == "RFB 003.008 [2]", seen.stderr  # 2: VNC authentication, nothing weaker offered
+        code, log = stop(proc)
+    assert code == 6, log
+    assert "s3cret" not in log and "has no password" not in log
+
+
+def test_unusable_vnc_password_stops_the_runner_before_anything_is_made(pod: Path) -> None:
+    secret = pod / "vnc-password"
+    secret.write_bytes(b"ninechars\n")
+    done = subprocess.run(
+        [*VMRUNNER, "run"],
+        env=runner_env(pod, IMG_SOURCE=str(pod / "base.qcow2"), VNC_PASSWORD_FILE=str(secret)),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert f"VNC_PASSWORD_FILE={secret}: the VNC password is 9 characters long; VNC uses at most 8" in done.stderr
+    assert "ninechars" not in done.stderr
+    assert list((pod / "image").iterdir()) == [] and list((pod / "vm").iterdir()) == []
+
+
+def test_hung_qemu_holds_neither_sigterm_nor_status(netns: str, pod: Path) -> None:
+    """qemu stopped with SIGSTOP, as a hung qemu: its monitor socket still accepts (the kernel queues connections)
+    but nothing ever greets. ``status`` answers with one line in bounded time, and SIGTERM ends within
+    SHUTDOWN_TIMEOUT plus the hard stop (quit 1 s, QUIT_GRACE 5 s) with exit 6, qemu killed.
+    """
+    publish_handshake(pod, vnc_in_pod=True)
+    proc = start(netns, pod)
+    qemu = 0
+    try:
+        wait_for(pod / "run" / "qmp.sock", proc)
+        [qemu] = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        status = subprocess.run(
+            [*VMRUNNER, "status"], env=runner_env(pod), capture_output=True, text=True, check=False, timeout=20
+        )
+        assert json.loads(status.stdout)["state"] == "running", status.stderr  # the monitor worked before the hang
+        os.kill(qemu, signal.SIGSTOP)
+        status = subprocess.run(
+            [*VMRUNNER, "status"], env=runner_env(pod), capture_output=True, text=True, check=False, timeout=20
+        )
+        assert (status.returncode, json.loads(status.stdout)["state"]) == (1, "not running")
+        assert status.stderr.strip().splitlines() == [status.stderr.strip()]
+        assert "qmp.sock: no qemu answers QMP query-status within 1s: the monitor accepted" in status.stderr
+        asked = time.monotonic()
+        code, log = stop(proc)
+        took = time.monotonic() - asked
+    finally:
+        if qemu:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(qemu, signal.SIGKILL)
+    assert code == 6, log
+    # A deadline the runner promises (SHUTDOWN_TIMEOUT 1 s + quit 1 s + QUIT_GRACE 5 s), not a performance figure:
+    # before QMP calls had one, this SIGTERM waited for ever.
+    assert took < 1 + 1 + 5 + 5, log
+    assert "QMP system_powerdown failed" in log and "sending qemu SIGTERM" in log and "killing it" in log
+    verdict = "SHUTDOWN_TIMEOUT=1s: qemu did not take the ACPI power-down (its monitor does not answer); stopped hard"
+    assert log.strip().splitlines()[-1].endswith(verdict)
+    assert not Path(f"/proc/{qemu}").exists()
+    assert "VNC on TCP 5900 has no password" in log  # VNC without a Secret is said out loud
