@@ -67,7 +67,8 @@ def cmd_run(cfg: Config) -> int:
             "tap %s belongs to uid %d but the runner is uid %d: qemu cannot open it", hs.tap, hs.tap_owner, os.getuid()
         )
     tracker = _start_metrics(cfg, hs)
-    with volume_errors(cfg), metrics.fetching(tracker, cfg.img_name):
+    # The short name, not img_name: that one carries a hash of the URL with its query, which may hold a token.
+    with volume_errors(cfg), metrics.fetching(tracker, cfg.img_target):
         started = prepare(cfg)
     metrics.base_in_use(tracker, started.digest)
     iso = None

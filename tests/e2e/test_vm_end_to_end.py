@@ -291,7 +291,7 @@ def test_the_endpoint_is_valid_prometheus_text_without_duplicates_or_secrets(wor
         assert SECRET not in got.text and TOKEN not in got.text and "X-Amz" not in got.text
         assert got.value("podvm_build_info", version="0.1.0", accel="tcg", runner="vmrunner", vm=HOSTNAME) == 1
         base = [s.labels for s in got.samples if s.name == "podvm_image_base_info"]
-        assert len(base) == 1 and base[0]["name"] == "guest.qcow2" and base[0]["path"].endswith("/image/guest.qcow2")
+        assert len(base) == 1 and base[0]["name"] == "guest.qcow2" and base[0]["digest"].startswith("sha256:")
 
 
 def test_the_metrics_port_stays_in_the_pod(world: World) -> None:
