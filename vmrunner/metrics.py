@@ -105,7 +105,7 @@ class Tracker:
         self._cache_size: tuple[float, int] = (0.0, 0)
 
     def set(self, **changes: Any) -> None:
-        """Change fields of the run state and save it (a failure to save is logged once per change)."""
+        """Change fields of the run state and save it (a failure to save is logged; the run goes on)."""
         for key, value in changes.items():
             setattr(self.state, key, value)
         try:
