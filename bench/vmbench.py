@@ -188,10 +188,7 @@ STEPS = (
 
 
 def _dirs(base: Path, image: Path) -> dict[str, Path]:
-    dirs = {name: base / name for name in ("image", "vm", "run", "srv", "config")}
-    for path in dirs.values():
-        path.mkdir(exist_ok=True)
-        os.chown(path, harness.RUNNER_UID, harness.RUNNER_UID)
+    dirs = harness.volumes(base)
     (dirs["config"] / "metadata").write_text("hostname: bench\n")
     (dirs["config"] / "userdata").write_text("#cloud-config\n")
     if not (dirs["srv"] / "guest.qcow2").exists():
@@ -223,15 +220,7 @@ def cold_start(base: Path, image: Path, cached: bool) -> tuple[float, dict[str, 
         bed.setup()
         pod = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
         procs.append(harness.serve_directory(pod.pod_ns, dirs["srv"], PORT, base / "http.log"))
-        env = harness.runner_env(
-            PORT,
-            image_dir=dirs["image"],
-            vm_dir=dirs["vm"],
-            run_dir=dirs["run"],
-            config_dir=dirs["config"],
-            hostname="bench",
-            SHUTDOWN_TIMEOUT="1s",
-        )
+        env = harness.volumes_env(PORT, dirs, "bench", SHUTDOWN_TIMEOUT="1s")
         log = base / f"runner-{'cached' if cached else 'cold'}.log"
         log.unlink(missing_ok=True)
         t0 = time.time()

@@ -9,13 +9,16 @@ namespace (HTTP and VNC on the pod IP) and at the logs, so a second runner is he
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.netbed import Bed, Sidecar
 
 RUNNER_UID = 10001
 REPO = Path(__file__).resolve().parents[2]
@@ -122,6 +125,50 @@ def runner_env(
         "VM_MEMORY": "256M",
     }
     return base_env(**{**defaults, **extra})
+
+
+def volumes(base: Path) -> dict[str, Path]:
+    """A runner's directories under ``base`` (its volumes, RUN_DIR shared with the root sidecar, the image server's
+    files, the ConfigMap), owned by the runner's uid."""
+    dirs = {name: base / name for name in ("image", "vm", "run", "srv", "config")}
+    for path in dirs.values():
+        path.mkdir(exist_ok=True)
+        os.chown(path, RUNNER_UID, RUNNER_UID)
+    return dirs
+
+
+def volumes_env(image_port: int, dirs: Mapping[str, Path], hostname: str, **extra: str) -> dict[str, str]:
+    """``runner_env`` for the directories ``volumes`` made."""
+    return runner_env(
+        image_port,
+        image_dir=dirs["image"],
+        vm_dir=dirs["vm"],
+        run_dir=dirs["run"],
+        config_dir=dirs["config"],
+        hostname=hostname,
+        **extra,
+    )
+
+
+@contextlib.contextmanager
+def dismantled(base: Path, bed: Bed, procs: list[Proc], sidecars: list[Sidecar]) -> Iterator[None]:
+    """Remove everything a pod scenario made when the block ends, also when it fails; on failure print every log
+    first (processes last started are stopped first)."""
+    try:
+        yield
+    except BaseException:
+        print(report(*procs))
+        for sidecar in sidecars:
+            print(f"----- sidecar -----\n{sidecar.log()}")
+        raise
+    finally:
+        for proc in reversed(procs):
+            if proc.popen.poll() is None:
+                proc.kill()
+        for sidecar in sidecars:
+            sidecar.cleanup()
+        bed.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def make_tun_node(directory: Path) -> Path:

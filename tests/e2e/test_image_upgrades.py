@@ -266,12 +266,9 @@ def world() -> Iterator[World]:
     base.chmod(0o755)
     bed = Bed(1 + (os.getpid() * 11 + 37) % 200)
     procs: list[Proc] = []
-    sidecar: Sidecar | None = None
-    try:
-        dirs = {name: base / name for name in ("image", "vm", "run", "srv", "config")}
-        for path in dirs.values():
-            path.mkdir()
-            os.chown(path, harness.RUNNER_UID, harness.RUNNER_UID)
+    sidecars: list[Sidecar] = []
+    with harness.dismantled(base, bed, procs, sidecars):
+        dirs = harness.volumes(base)
         v1_image, v2_image = base / "v1.qcow2", base / "v2.qcow2"
         shutil.copyfile(image, v1_image)
         variant(image, v2_image)
@@ -282,32 +279,13 @@ def world() -> Iterator[World]:
         bed.setup()
         pod = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
         sidecar = Sidecar(bed, {"HOSTNAME": HOSTNAME, "TAP_OWNER": UID}, dirs["run"])
+        sidecars.append(sidecar)
         sidecar.start(timeout=20)
         procs.append(harness.serve_directory(pod.pod_ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
-        env = harness.runner_env(
-            IMAGE_PORT,
-            image_dir=dirs["image"],
-            vm_dir=dirs["vm"],
-            run_dir=dirs["run"],
-            config_dir=dirs["config"],
-            hostname=HOSTNAME,
-            SHUTDOWN_TIMEOUT="30s",
-        )
+        env = harness.volumes_env(IMAGE_PORT, dirs, HOSTNAME, SHUTDOWN_TIMEOUT="30s")
         world = World(sha(v1_image), sha(v2_image), dirs["image"])
         _run_scenario(Scenario(base, pod, env, procs), dirs["srv"], v1_image, v2_image, world)
         yield world
-    except BaseException:
-        print(harness.report(*procs))
-        print(f"----- sidecar -----\n{sidecar.log() if sidecar else ''}")
-        raise
-    finally:
-        for proc in reversed(procs):
-            if proc.popen.poll() is None:
-                proc.kill()
-        if sidecar is not None:
-            sidecar.cleanup()
-        bed.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_pet_of_the_old_layout_boots_and_is_bound_to_its_digest(world: World) -> None:

@@ -164,11 +164,8 @@ class World:
 
 
 def _dirs(base: Path) -> dict[str, Path]:
-    """The runner's volumes, owned by its uid; RUN_DIR is shared with the root sidecar."""
-    dirs = {name: base / name for name in ("image", "vm", "run", "srv", "config")}
-    for path in dirs.values():
-        path.mkdir()
-        os.chown(path, harness.RUNNER_UID, harness.RUNNER_UID)
+    """The runner's volumes, with the ConfigMap's metadata and user data."""
+    dirs = harness.volumes(base)
     (dirs["config"] / "metadata").write_text(f"hostname: {METADATA_HOSTNAME}\nmeta:\n  role: e2e\n")
     (dirs["config"] / "userdata").write_text("#cloud-config\nruncmd: [echo hello]\n")
     return dirs
@@ -198,45 +195,25 @@ def world() -> Iterator[World]:
     base.chmod(0o755)
     bed = Bed(1 + (os.getpid() * 7 + 100) % 200)
     procs: list[Proc] = []
-    sidecar: Sidecar | None = None
-    try:
+    sidecars: list[Sidecar] = []
+    with harness.dismantled(base, bed, procs, sidecars):
         dirs = _dirs(base)
         shutil.copyfile(image, dirs["srv"] / "guest.qcow2")
         bed.setup()
         pod = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
         sidecar_env = {"HOSTNAME": HOSTNAME, "TAP_OWNER": str(harness.RUNNER_UID), "METRICS_PORT": str(METRICS_PORT)}
         sidecar = Sidecar(bed, {**sidecar_env, "METRICS_INTERVAL": "1s"}, dirs["run"])
+        sidecars.append(sidecar)
         sidecar.write_resolv(f"nameserver {DNS[0]}\nnameserver {DNS[1]}\nsearch {' '.join(SEARCH)}\n")
         handshake = sidecar.start(timeout=20)
         procs.append(harness.serve_directory(pod.pod_ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
-        env = harness.runner_env(
-            IMAGE_PORT,
-            image_dir=dirs["image"],
-            vm_dir=dirs["vm"],
-            run_dir=dirs["run"],
-            config_dir=dirs["config"],
-            hostname=HOSTNAME,
-            SHUTDOWN_TIMEOUT="30s",
-            METRICS_PORT=str(METRICS_PORT),
-        )
+        env = harness.volumes_env(IMAGE_PORT, dirs, HOSTNAME, SHUTDOWN_TIMEOUT="30s", METRICS_PORT=str(METRICS_PORT))
         # Credentials and a presigned token in the URL: the metrics must show neither.
         env["IMG_SOURCE"] = f"http://podvm:{SECRET}@127.0.0.1:{IMAGE_PORT}/guest.qcow2?X-Amz-Signature={TOKEN}"
         tun = harness.make_tun_node(base)
         first = _boot(pod, env, tun, base / "runner1.log", procs, exercise=True)
         second = _boot(pod, env, tun, base / "runner2.log", procs)
         yield World(pod, handshake, first, second, sidecar)
-    except BaseException:
-        print(harness.report(*procs))
-        print(f"----- sidecar -----\n{sidecar.log() if sidecar else ''}")
-        raise
-    finally:
-        for proc in reversed(procs):
-            if proc.popen.poll() is None:
-                proc.kill()
-        if sidecar is not None:
-            sidecar.cleanup()
-        bed.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_the_runner_and_qemu_run_as_uid_10001_without_capabilities(world: World) -> None:
