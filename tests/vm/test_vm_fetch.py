@@ -1,5 +1,6 @@
 """Fetching into the shared cache against a real HTTP server on loopback, and vetting crafted images."""
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -16,6 +17,7 @@ from shared.errors import ConfigError, ImageRejected, PodvmError
 from tests.vm.conftest import VMRUNNER, Server, runner_env
 from vmrunner.cache import Layout, ensure_image, read_name
 from vmrunner.config import Config, load
+from vmrunner.metrics import FETCH, ImageFigures
 
 
 def cache_names(root: Path) -> list[str]:
@@ -34,6 +36,11 @@ def cached(cfg: Config) -> bytes:
 
 def ensure_base(cfg: Config) -> str:
     return ensure_image(cfg).hex
+
+
+def fetch_growth(before: ImageFigures) -> tuple[int, int, int]:
+    """Bytes received, retries and resumes the metrics counted since ``before``."""
+    return (FETCH.received - before.received, FETCH.retries - before.retries, FETCH.resumes - before.resumes)
 
 
 def test_fetch_caches_a_read_only_vetted_image_by_digest_and_reuses_it(
@@ -119,8 +126,10 @@ def test_dropped_connection_resumes_with_range(served: Server, qcow2_bytes: byte
     served.served.drops = [65536]
     sha = hashlib.sha256(qcow2_bytes).hexdigest()
     cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/base.qcow2"), IMG_CHECKSUM=f"sha256:{sha}"))
+    before = dataclasses.replace(FETCH)
     ensure_base(cfg)
     assert cached(cfg) == qcow2_bytes
+    assert fetch_growth(before) == (len(qcow2_bytes), 1, 1), "the metrics: every byte once, one retry, one resume"
     etag = served.served.validators(qcow2_bytes)["ETag"]
     assert served.served.requests == [("/base.qcow2", None, None), ("/base.qcow2", "bytes=65536-", etag)]
 
@@ -131,8 +140,10 @@ def test_server_without_range_support_starts_over(served: Server, qcow2_bytes: b
     served.served.ranges = False
     sha = hashlib.sha256(qcow2_bytes).hexdigest()
     cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/base.qcow2"), IMG_CHECKSUM=f"sha256:{sha}"))
+    before = dataclasses.replace(FETCH)
     ensure_base(cfg)
     assert cached(cfg) == qcow2_bytes
+    assert fetch_growth(before) == (65536 + len(qcow2_bytes), 1, 0), "received twice over the first part, no resume"
 
 
 def test_redirects_are_followed(served: Server, qcow2_bytes: bytes, shared_dir: Path) -> None:
