@@ -17,6 +17,7 @@ from netsidecar.config import PodFacts, read_settings
 from netsidecar.figures import DhcpFigures, rule_figures, tap_figures
 from shared import figures
 from shared.env import Env
+from shared.errors import ChildFailed, ImageRejected, StoppedHard
 from shared.figures import CATALOG, FiguresError, figure, parse_document, read_document
 from tests import samples
 from vmrunner import cli, metrics
@@ -350,3 +351,21 @@ def test_a_flood_of_scrapes_gathers_once_a_second(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(metrics, "GATHER_EVERY", 0.0)
     generate_latest(registry)
     assert len(calls) == 2
+
+
+def test_vetting_and_outcome_are_recorded_on_the_way_out(tmp_path: Path) -> None:
+    tracker = _tracker(tmp_path)
+    with pytest.raises(ImageRejected), metrics.fetching(tracker, "base.qcow2"):
+        raise ImageRejected("refused")
+    assert tracker.state.image.vetting == "refused"
+    with metrics.fetching(tracker, "base.qcow2"):
+        pass
+    assert tracker.state.image.vetting == "accepted"
+    for raised, outcome in ((StoppedHard("x"), "hard"), (ChildFailed("x"), "crashed")):
+        with pytest.raises(type(raised)), metrics.outcome(tracker):
+            raise raised
+        assert metrics.read_runs(tracker.sources.runs_file)[outcome] == 1
+    with metrics.outcome(tracker):
+        pass
+    assert metrics.read_runs(tracker.sources.runs_file) == {"boots": 0, "clean": 1, "hard": 1, "crashed": 1}
+    assert tracker.state.phase == "stopped"
