@@ -480,7 +480,7 @@ def bench_footprint(res: Results, pod: Pod, idle_seconds: float = 5.0) -> None:
     sec = "3. footprint"
     assert pod.side is not None and pod.side.proc is not None
     side_pid = pod.side.proc.pid
-    dns_pid = int((pod.side.run_dir / "dnsmasq.pid").read_text())
+    dns_pid = int((pod.side.state_dir / "dnsmasq.pid").read_text())
     side_rss, dns_rss = rss_mib(side_pid), rss_mib(dns_pid)
     tick = os.sysconf("SC_CLK_TCK")
     before = cpu_ticks(side_pid) + cpu_ticks(dns_pid)
