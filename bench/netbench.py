@@ -292,6 +292,7 @@ class Pod:
         """Sidecar and stand-in on an already built bed."""
         self.side = Sidecar(self.bed, self.env)
         hs = self.side.start(timeout=60)
+        assert hs.vm_ip is not None, "an IPv4 bed"
         self.vm_ip = hs.vm_ip
         self.vm = VmStandIn(self.bed, hs.mac)
         self.vm.setup()

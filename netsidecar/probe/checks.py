@@ -80,6 +80,11 @@ def _offer_from(packet: Any) -> Offer:
     )
 
 
+def _no_ipv4(kind: str) -> list[Check]:
+    """What an IPv4 probe reports on a pod without IPv4."""
+    return [Check(kind, "ipv4", Status.INFO, "the pod has no IPv4: this probe checks the IPv4 side only")]
+
+
 def dhcp(hs: Handshake) -> list[Check]:
     """A DISCOVER for the VM's MAC from a temporary veth in the bridge; the OFFER is compared with the handshake.
 
@@ -87,6 +92,8 @@ def dhcp(hs: Handshake) -> list[Check]:
     veth's own (only the DHCP chaddr carries the VM's MAC) and the broadcast flag is set, so the bridge keeps
     sending the VM's traffic to the VM and the offer comes back to the veth.
     """
+    if hs.vm_ip is None or hs.gateway is None or hs.pod_ip is None:
+        return _no_ipv4("dhcp")
     suffix = f"{os.getpid() % 100000}"
     outer, inner = f"pdo{suffix}", f"pdi{suffix}"
     ipr = IPRoute()
@@ -122,6 +129,8 @@ def dhcp(hs: Handshake) -> list[Check]:
 
 def arp(hs: Handshake) -> list[Check]:
     """An ARP who-has for the VM's address from the bridge; every answer's MAC is collected."""
+    if hs.vm_ip is None or hs.gateway is None or hs.pod_ip is None:
+        return _no_ipv4("arp")
     bridge_mac = get_if_hwaddr(hs.bridge)
     request = Ether(src=bridge_mac, dst="ff:ff:ff:ff:ff:ff") / ARP(
         op=1, hwsrc=bridge_mac, psrc=hs.gateway, pdst=hs.vm_ip
@@ -132,6 +141,8 @@ def arp(hs: Handshake) -> list[Check]:
 
 def port(hs: Handshake, number: int, protocol: str) -> list[Check]:
     """A SYN (or a UDP datagram) from the gateway to the guest, straight across the bridge."""
+    if hs.vm_ip is None or hs.gateway is None or hs.pod_ip is None:
+        return _no_ipv4("port")
     bridge_mac = get_if_hwaddr(hs.bridge)
     sport = 40000 + secrets.randbelow(20000)
     base = Ether(src=bridge_mac, dst=hs.mac) / IP(src=hs.gateway, dst=hs.vm_ip)
@@ -172,41 +183,41 @@ def _tap(hs: Handshake) -> Check:
     return Check("path", "tap", Status.OK, f"tap {hs.tap} is up in {hs.bridge}, {attached}", data)
 
 
-def _nft_rules(hs: Handshake) -> list[Check]:
+def _nft_rules(hs: Handshake, vm_ip: str) -> list[Check]:
     nft = nftables.Nftables()
     nft.set_json_output(True)
     rc, output, error = nft.cmd("list ruleset")
     if rc != 0:
         return [Check("path", "nft dnat", Status.FAIL, f"cannot list the nftables ruleset: {error.strip()}")]
     rules = rules_from_ruleset(json.loads(output or '{"nftables": []}'))
-    return [*judge_rules(rules, hs.vm_ip), judge_isolation(rules, GUARDS)]
+    return [*judge_rules(rules, vm_ip), judge_isolation(rules, GUARDS)]
 
 
-def _conntrack(hs: Handshake) -> Check:
+def _conntrack(vm_ip: str) -> Check:
     """Connections the kernel tracks to or from the VM, read over netlink (no conntrack tool needed)."""
     entries: list[str] = []
     with Conntrack() as ct:
         for entry in ct.dump_entries():
             orig, reply = entry.tuple_orig, entry.tuple_reply
-            if hs.vm_ip in (orig.saddr, orig.daddr, reply.saddr, reply.daddr):
+            if vm_ip in (orig.saddr, orig.daddr, reply.saddr, reply.daddr):
                 entries.append(f"{orig.proto} {orig.saddr}:{orig.sport} -> {orig.daddr}:{orig.dport}")
     detail = f"{len(entries)} tracked connection(s) of the VM"
     return Check("path", "conntrack", Status.INFO, detail, {"count": len(entries), "entries": entries[:20]})
 
 
-def _synthetic(hs: Handshake) -> Check:
+def _synthetic(hs: Handshake, vm_ip: str, pod_ip: str) -> Check:
     """Connect from the pod to pod-ip:PATH_PORT and watch the bridge for the SYN rewritten to the VM's address."""
     started = threading.Event()
 
     def seen(packet: Any) -> bool:
-        return bool(packet.haslayer(TCP) and packet[IP].dst == hs.vm_ip and packet[TCP].dport == PATH_PORT)
+        return bool(packet.haslayer(TCP) and packet[IP].dst == vm_ip and packet[TCP].dport == PATH_PORT)
 
     sniffer = AsyncSniffer(iface=hs.bridge, lfilter=seen, count=1, store=True, started_callback=started.set)
     sniffer.start()
     started.wait(TIMEOUT)
     outcome = "no answer from the VM"
     try:
-        with socket.create_connection((hs.pod_ip, PATH_PORT), timeout=TIMEOUT):
+        with socket.create_connection((pod_ip, PATH_PORT), timeout=TIMEOUT):
             outcome = "the VM accepted the connection"
     except ConnectionRefusedError:
         outcome = "the VM refused the port (the path works)"
@@ -218,15 +229,23 @@ def _synthetic(hs: Handshake) -> Check:
     reached = bool(sniffer.results)
     data = {"port": PATH_PORT, "reached_bridge": reached, "outcome": outcome}
     if not reached:
-        detail = f"a connection to {hs.pod_ip}:{PATH_PORT} never reached {hs.vm_ip} on {hs.bridge} (DNAT broken?)"
+        detail = f"a connection to {pod_ip}:{PATH_PORT} never reached {vm_ip} on {hs.bridge} (DNAT broken?)"
         return Check("path", "dnat path", Status.FAIL, detail, data)
-    return Check("path", "dnat path", Status.OK, f"{hs.pod_ip}:{PATH_PORT} reached {hs.vm_ip}: {outcome}", data)
+    return Check("path", "dnat path", Status.OK, f"{pod_ip}:{PATH_PORT} reached {vm_ip}: {outcome}", data)
 
 
 def path(hs: Handshake) -> list[Check]:
     """Forwarding, the tap, the NAT and guest-isolation rules with their counters, conntrack, a connection through
     the DNAT."""
-    return [_forwarding(), _tap(hs), *_nft_rules(hs), _conntrack(hs), _synthetic(hs)]
+    if hs.vm_ip is None or hs.gateway is None or hs.pod_ip is None:
+        return [_tap(hs), *_no_ipv4("path")]
+    return [
+        _forwarding(),
+        _tap(hs),
+        *_nft_rules(hs, hs.vm_ip),
+        _conntrack(hs.vm_ip),
+        _synthetic(hs, hs.vm_ip, hs.pod_ip),
+    ]
 
 
 PROBES: dict[str, Callable[[Handshake], list[Check]]] = {"dhcp": dhcp, "arp": arp, "path": path}

@@ -88,7 +88,12 @@ def test_calico_pod_traffic_and_dhcp(bed_factory: BedFactory) -> None:
     status = json.loads(side.cli("status").stdout)
     assert status["dnsmasq_pid"] and status["handshake"] and len(status["leases"]) == 1
     assert sum(e["counter"]["packets"] for r in status["rules"] for e in r["expr"] if "counter" in e) > 0
-    for line in ("pod interface eth0", "rules: 22 in tables ip/netdev/inet podvm", "dnsmasq started", "network ready"):
+    for line in (
+        "pod interface eth0",
+        "rules: 26 in tables ip/ip6/netdev/inet podvm",
+        "dnsmasq started",
+        "network ready",
+    ):
         assert line in side.log()
 
 
