@@ -481,6 +481,35 @@ def udp_request(ns: str, host: str, port: int) -> str:
     return ns_run(ns, sys.executable, "-c", code, check=False).stdout.strip()
 
 
+class Conversation:
+    """A TCP connection from the client through the pod IP (either family) to an echo server in the stand-in, kept
+    open: ``echo(text)`` sends a line and returns the answer."""
+
+    def __init__(self, client_ns: str, vm: VmStandIn, host: str) -> None:
+        server = "import socket\ns=socket.create_server(('', 9000), family=socket.AF_INET6, dualstack_ipv6=True)\n"
+        server += "c, _ = s.accept()\n"
+        server += "while (d := c.recv(100)): c.sendall(d)\n"
+        vm.procs.append(ns_popen(vm.ns, [sys.executable, "-c", server]))
+        time.sleep(0.3)
+        client = f"import socket,sys\ns=socket.create_connection(({host!r}, 9000), timeout=5)\n"
+        client += (
+            "for line in sys.stdin:\n    s.sendall(line.encode()); print(s.recv(100).decode(), end='', flush=True)\n"
+        )
+        self.proc = ns_popen(client_ns, [sys.executable, "-c", client], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def echo(self, text: str) -> str:
+        """Send ``text`` and return what came back ('' once the connection is gone)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{text}\n".encode())
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().decode().strip()
+
+    def close(self) -> None:
+        """End the client."""
+        self.proc.kill()
+        self.proc.wait()
+
+
 _next_id = [0]
 
 

@@ -1,6 +1,6 @@
-"""IPv6 end to end on the namespace test bed: a dual-stack Calico-like pod (/128 via the link-local fe80::1, proxy
-NDP on the node) and an IPv6-only bridge-like pod (/64 via a global gateway, NO_VNC), each with the real sidecar and
-a stand-in behind the sidecar's tap that configures IPv6 as a guest does (router advertisements, then ISC
+"""IPv6 end to end on the namespace test bed: dual-stack and IPv6-only pods in both CNI styles (Calico-like: a /128
+via the link-local fe80::1, proxy NDP on the node; bridge-like: a /64 via a global gateway, with NO_VNC), each with
+the real sidecar and a stand-in behind the sidecar's tap that configures IPv6 as a guest does (router advertisements, then ISC
 ``dhclient -6`` with its own resolv.conf). What arrives is asserted from the outside client, from inside the pod and
 from the guest; the guest's IPv6 attacks are sent with scapy and must not land.
 
@@ -20,7 +20,7 @@ import pytest
 
 from netsidecar import plan
 from shared.handshake import Handshake, Ipv6
-from tests.netbed import Bed, Sidecar, VmStandIn, fresh_id, ns_popen, ns_run, tcp_request, udp_request
+from tests.netbed import Bed, Conversation, Sidecar, VmStandIn, fresh_id, ns_popen, ns_run, tcp_request, udp_request
 
 pytestmark = pytest.mark.netns
 
@@ -111,6 +111,8 @@ class World:
 
 SCENARIOS = {
     "calico-dual": ("calico", "dual", {}),
+    "calico-ipv6only": ("calico", "ipv6", {}),
+    "bridge-dual-novnc": ("bridge", "dual", {"NO_VNC": "true"}),
     "bridge-ipv6only-novnc": ("bridge", "ipv6", {"NO_VNC": "true"}),
 }
 
@@ -277,3 +279,29 @@ def test_ipv6_attacks_from_the_guest_fail(world: World) -> None:
     # The guest still works after all that.
     assert tcp_request(bed.client.ns, bed.pod_ip6, VM_TCP) == f"vm {bed.client_ip6}"
     assert hs.ipv6 is not None
+
+
+def test_sidecar_kill_keeps_an_ipv6_flow_and_a_restart_takes_over(world: World) -> None:
+    """Runs last in each scenario: SIGKILL the sidecar in the middle of an IPv6 connection to the VM; the kernel
+    keeps carrying it, a new sidecar replaces the tables whole and the connection still works."""
+    bed = world.bed
+    talk = Conversation(bed.client.ns, world.vm, bed.pod_ip6)
+    try:
+        assert talk.echo("before") == "before"
+        world.sidecar.kill()
+        time.sleep(0.3)
+        assert talk.echo("while down") == "while down", "the kernel keeps forwarding without the sidecar"
+        again = Sidecar(bed, world.sidecar.env, world.sidecar.run_dir)
+        try:
+            assert again.start(timeout=30) == world.handshake
+            tables = ns_run(bed.pod.ns, "nft", "list", "tables").stdout.split("\n")
+            expected = {"table ip6 podvm", "table netdev podvm", "table inet podvm"} | (
+                {"table ip podvm"} if bed.v4 else set()
+            )
+            assert {t for t in tables if "podvm" in t} == expected
+            assert ns_run(bed.pod.ns, "nft", "list", "table", "ip6", "podvm").stdout.count("dnat to") == 2
+            assert talk.echo("after") == "after"
+        finally:
+            again.cleanup()
+    finally:
+        talk.close()
