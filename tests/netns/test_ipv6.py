@@ -1,8 +1,8 @@
 """IPv6 end to end on the namespace test bed: dual-stack and IPv6-only pods in both CNI styles (Calico-like: a /128
 via the link-local fe80::1, proxy NDP on the node; bridge-like: a /64 via a global gateway, with NO_VNC), each with
-the real sidecar and a stand-in behind the sidecar's tap that configures IPv6 as a guest does (router advertisements, then ISC
-``dhclient -6`` with its own resolv.conf). What arrives is asserted from the outside client, from inside the pod and
-from the guest; the guest's IPv6 attacks are sent with scapy and must not land.
+the real sidecar and a stand-in behind the sidecar's tap that configures IPv6 as a guest does (router
+advertisements, then ISC ``dhclient -6`` with its own resolv.conf). What arrives is asserted from the outside
+client, from inside the pod and from the guest; the guest's IPv6 attacks are sent with scapy and must not land.
 
 One bed per scenario (module-scoped): the sidecar's start and the DHCPv6 exchange are the slow parts.
 """
