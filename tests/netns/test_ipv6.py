@@ -281,6 +281,29 @@ def test_ipv6_attacks_from_the_guest_fail(world: World) -> None:
     assert hs.ipv6 is not None
 
 
+def test_pod_services_are_closed_to_the_guest_over_ipv6(world: World) -> None:
+    """The pod's :: listener (its VNC port here) answers the client but never the guest, whichever pod address the
+    guest aims at; the guest still pings its router and gateway."""
+    vm = world.vm.ns
+    code = textwrap.dedent("""\
+        import json, socket, sys
+        out = {}
+        for host in sys.argv[1:]:
+            try:
+                s = socket.create_connection((host, 5900), timeout=2)
+                out[host] = s.recv(100).decode()
+            except OSError:
+                out[host] = ""
+        print(json.dumps(out))
+        """)
+    targets = [world.v6.gateway, "fe80::1%eth0"]
+    got = json.loads(ns_run(vm, sys.executable, "-c", code, *targets).stdout)
+    assert got == dict.fromkeys(targets, ""), got
+    assert tcp_request(world.bed.pod.ns, world.v6.gateway, 5900).startswith("pod "), "the listener itself is up"
+    for router in (world.v6.gateway, "fe80::1%eth0"):
+        assert ns_run(vm, "busybox", "ping", "-6", "-c1", "-W2", router, check=False).returncode == 0, router
+
+
 def test_sidecar_kill_keeps_an_ipv6_flow_and_a_restart_takes_over(world: World) -> None:
     """Runs last in each scenario: SIGKILL the sidecar in the middle of an IPv6 connection to the VM; the kernel
     keeps carrying it, a new sidecar replaces the tables whole and the connection still works."""
