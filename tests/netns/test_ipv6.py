@@ -304,6 +304,40 @@ def test_pod_services_are_closed_to_the_guest_over_ipv6(world: World) -> None:
         assert ns_run(vm, "busybox", "ping", "-6", "-c1", "-W2", router, check=False).returncode == 0, router
 
 
+def probe(world: World, *args: str) -> tuple[int, dict[tuple[str, str], dict[str, Any]]]:
+    """``netsidecar probe ARGS --json`` in the pod: its exit status and its checks by (probe, check)."""
+    done = world.sidecar.cli("probe", *args, "--json")
+    assert done.stdout, done.stderr
+    checks = json.loads(done.stdout)["checks"]
+    return done.returncode, {(c["probe"], c["check"]): c for c in checks}
+
+
+def test_probes_speak_ipv6(world: World) -> None:
+    """RA, neighbour discovery, a port and the path, checked over IPv6 against the handshake, while a connection
+    of the client's is tracked."""
+    talk = Conversation(world.bed.client.ns, world.vm, world.bed.pod_ip6)
+    try:
+        assert talk.echo("tracked") == "tracked"
+        code, checks = probe(world, "all")
+        assert code == 0, checks
+        for name in ("router", "managed", "prefix", "mtu", "rdnss", "dnssl"):
+            assert checks[("ra", name)]["status"] == "ok", checks[("ra", name)]
+        nd = checks[("nd", world.v6.vm_ip)]
+        assert (nd["status"], nd["data"]["macs"]) == ("ok", [MAC])
+        for name in ("ipv6 forwarding", "nft dnat6", "nft snat6", "dnat path6", "isolation"):
+            assert checks[("path", name)]["status"] == "ok", checks[("path", name)]
+        assert any(world.bed.pod_ip6 in entry for entry in checks[("path", "conntrack")]["data"]["entries"]), checks[
+            ("path", "conntrack")
+        ]
+        assert (("path", "nft dnat") in checks) == world.bed.v4
+        code, ports = probe(world, "port", str(VM_TCP))
+        assert code == 0 and ports[("port", f"{VM_TCP}/tcp ipv6")]["status"] == "ok", ports
+        code, ports = probe(world, "port", "7999")
+        assert code == 1 and ports[("port", "7999/tcp ipv6")]["data"]["state"] == "closed", ports
+    finally:
+        talk.close()
+
+
 def test_sidecar_kill_keeps_an_ipv6_flow_and_a_restart_takes_over(world: World) -> None:
     """Runs last in each scenario: SIGKILL the sidecar in the middle of an IPv6 connection to the VM; the kernel
     keeps carrying it, a new sidecar replaces the tables whole and the connection still works."""
