@@ -14,6 +14,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -336,6 +337,24 @@ def test_probes_speak_ipv6(world: World) -> None:
         assert code == 1 and ports[("port", "7999/tcp ipv6")]["data"]["state"] == "closed", ports
     finally:
         talk.close()
+
+
+def test_without_the_tap_guards_the_spoofed_ipv6_sources_land(world: World, tmp_path: Path) -> None:
+    """The observation of the attack test can fail: with the tap's table removed, the same forged sources reach
+    the client. The table is put back as it was listed (the next test restarts the sidecar anyway)."""
+    bed = world.bed
+    saved = tmp_path / "netdev-podvm.nft"
+    saved.write_text(ns_run(bed.pod.ns, "nft", "list", "table", "netdev", "podvm").stdout)
+    eth = f"Ether(src={MAC!r}, dst=getmacbyip6('fe80::1') or '33:33:00:00:00:01')"
+    ns_run(bed.pod.ns, "nft", "delete", "table", "netdev", "podvm")
+    try:
+        world.send(
+            f"{eth} / IPv6(src='fd0e::9', dst={bed.client_ip6!r}) / UDP(sport=4000, dport={OUT_TCP}) / Raw(b'bare-far')"
+        )
+        assert received_by_client(world, "bare-far"), "a forged IPv6 source leaves the pod unguarded"
+    finally:
+        ns_run(bed.pod.ns, "nft", "-f", str(saved))
+    assert "guest: foreign IPv6 source" in ns_run(bed.pod.ns, "nft", "list", "table", "netdev", "podvm").stdout
 
 
 def test_sidecar_kill_keeps_an_ipv6_flow_and_a_restart_takes_over(world: World) -> None:
