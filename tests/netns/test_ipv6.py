@@ -20,8 +20,22 @@ from typing import Any
 import pytest
 
 from netsidecar import plan
+from netsidecar.kernel import RUN_CAPABILITIES, RUN_CAPABILITIES_IPV6
 from shared.handshake import Handshake, Ipv6
-from tests.netbed import Bed, Conversation, Sidecar, VmStandIn, fresh_id, ns_popen, ns_run, tcp_request, udp_request
+from tests.netbed import (
+    NETSIDECAR,
+    Bed,
+    BedFactory,
+    Conversation,
+    Sidecar,
+    VmStandIn,
+    fresh_id,
+    ns_popen,
+    ns_run,
+    tcp_request,
+    udp_request,
+)
+from tests.netns.test_net_privileges import only
 
 pytestmark = pytest.mark.netns
 
@@ -381,3 +395,31 @@ def test_sidecar_kill_keeps_an_ipv6_flow_and_a_restart_takes_over(world: World) 
             again.cleanup()
     finally:
         talk.close()
+
+
+def test_an_ipv6_pod_needs_ipv6_forwarding_and_net_raw(bed_factory: BedFactory) -> None:
+    """prepare turns IPv6 forwarding on and keeps the pod's interface taking RAs (accept_ra 2); run refuses, in one
+    line, a pod whose IPv6 forwarding is off or a container without NET_RAW (dnsmasq's RAs need a raw ICMPv6
+    socket), and runs with exactly RUN_CAPABILITIES_IPV6."""
+    bed = bed_factory.bed("bridge", families="ipv6")
+    side = bed_factory.sidecar(bed)
+    side.prepare()
+    sysctl = {
+        key: ns_run(bed.pod.ns, "sysctl", "-n", key).stdout.strip()
+        for key in ("net.ipv6.conf.all.forwarding", "net.ipv6.conf.eth0.accept_ra", "net.ipv6.conf.default.accept_ra")
+    }
+    assert sysctl == {
+        "net.ipv6.conf.all.forwarding": "1",
+        "net.ipv6.conf.eth0.accept_ra": "2",
+        "net.ipv6.conf.default.accept_ra": "0",
+    }
+    run = [*NETSIDECAR, "run"]
+    done = ns_run(bed.pod.ns, *only(sorted(RUN_CAPABILITIES)), *run, env=side._env(), check=False)
+    assert done.returncode == 2 and "lacks the capabilities NET_RAW" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    ns_run(bed.pod.ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=0")
+    done = ns_run(bed.pod.ns, *only(sorted(RUN_CAPABILITIES_IPV6)), *run, env=side._env(), check=False)
+    assert done.returncode == 2 and "net.ipv6.conf.all.forwarding is 0 in the pod" in done.stderr, done.stderr
+    ns_run(bed.pod.ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    side.prefix = only(sorted(RUN_CAPABILITIES_IPV6))
+    assert side.start().families == ("ipv6",)
