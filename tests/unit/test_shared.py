@@ -198,3 +198,46 @@ def test_podvm_errors_keep_their_status_and_interrupts_are_130(caplog: pytest.Lo
     assert _exit_of(_raise(HandshakeError("h"))) == 4
     assert _exit_of(_raise(KeyboardInterrupt())) == 130
     assert _exit_of(lambda: 0) == 0
+
+
+# --- handshake 1.1 (IPv6) ---------------------------------------------------------------------------------------
+DUAL = samples.handshake(
+    families=("ipv4", "ipv6"),
+    ipv6=handshake.Ipv6("fd70:6f64:766d::ff:fe00:aa", "fd70:6f64:766d::1", "fe80::1", 64, "fd00::5", ("fd00::10",)),
+)
+SCHEMA_1_0 = json.loads((Path(__file__).parent / "handshake-1.0.schema.json").read_text())
+
+
+def test_a_dual_stack_1_1_handshake_is_still_a_valid_1_0_handshake() -> None:
+    """A runner written for 1.0 (its schema kept as it was published) accepts what the sidecar writes on IPv4 and
+    dual-stack pods; only an IPv6-only pod, which such a runner could not serve, is refused."""
+    checker = jsonschema.FormatChecker()
+    for sample in (SAMPLE, DUAL):
+        jsonschema.validate(sample.to_dict(), SCHEMA_1_0, format_checker=checker)
+        jsonschema.validate(sample.to_dict(), handshake.schema(), format_checker=checker)
+    only6 = samples.handshake(vm_ip=None, gateway=None, pod_ip=None, dns=(), families=("ipv6",), ipv6=DUAL.ipv6)
+    jsonschema.validate(only6.to_dict(), handshake.schema(), format_checker=checker)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(only6.to_dict(), SCHEMA_1_0, format_checker=checker)
+    assert handshake.Handshake.from_dict(json.loads(json.dumps(only6.to_dict()))) == only6
+
+
+def test_a_1_0_handshake_reads_as_ipv4_only() -> None:
+    data = {k: v for k, v in SAMPLE.to_dict().items() if k not in ("families", "ipv6")} | {"version": "1.0"}
+    read = handshake.Handshake.from_dict(data)
+    assert (read.families, read.ipv6) == (("ipv4",), None)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"vm_ip": "fd00::1x"}, "h.ipv6.vm_ip: 'fd00::1x' is not an IPv6 address"),
+        ({"prefix": 48}, "h.ipv6.prefix: 48 is out of range"),
+        ({"dns": ["10.0.0.1"]}, "h.ipv6.dns[0]: '10.0.0.1' is not an IPv6 address"),
+    ],
+)
+def test_the_ipv6_block_is_checked_like_the_rest(change: dict[str, object], message: str) -> None:
+    data = DUAL.to_dict()
+    data["ipv6"] = {**data["ipv6"], **change}
+    with pytest.raises(HandshakeError, match="^" + re.escape(message)):
+        handshake.Handshake.from_dict(data, "h")
