@@ -159,6 +159,34 @@ def bench_ready(res: Results, runs: int) -> None:
     for name, _ in SEGMENTS:
         res.add(Figure(sec, f"  {name}", "ms", seg[name], note="from the sidecar's log (ms resolution)"))
     bench_imports(res, sec)
+    bench_ready_dual(res, runs)
+
+
+def bench_ready_dual(res: Results, runs: int) -> None:
+    """Sidecar start to handshake on a dual-stack pod against an IPv4-only one, alternated (two beds)."""
+    sec = "1b. network ready, dual-stack"
+    beds = {"IPv4-only pod": Bed(fresh_id(), "calico"), "dual-stack pod": Bed(fresh_id(), "calico", families="dual")}
+    times: dict[str, list[float]] = {name: [] for name in beds}
+    try:
+        for bed in beds.values():
+            bed.setup()
+        for turn in range(runs):
+            for name in list(beds)[:: 1 if turn % 2 else -1]:  # A-B then B-A
+                side = Sidecar(beds[name])
+                try:
+                    side.prepare()
+                    start = time.time_ns()
+                    side.start()
+                    times[name].append(_ms_since(start, side.run_dir / FILE_NAME))
+                    side.term()
+                finally:
+                    side.cleanup()
+    finally:
+        for bed in beds.values():
+            bed.cleanup()
+    four, dual = (f"netsidecar run -> handshake, {name}" for name in beds)
+    res.add(Figure(sec, four, "ms", times["IPv4-only pod"]))
+    res.add(Figure(sec, dual, "ms", times["dual-stack pod"], four, "target <= 1.1 (within 10 %)"))
 
 
 def bench_imports(res: Results, sec: str) -> None:
@@ -206,9 +234,9 @@ print(json.dumps(list(rates.values())))
 # The client closes first (as HTTP clients do), so TIME_WAIT stays on its side, where port choice avoids it.
 CPS_SERVER = """\
 import socket
-s = socket.socket()
+s = socket.socket(socket.{family})
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", {port}))
+s.bind(("{bind}", {port}))
 s.listen(128)
 while True:
     c, _ = s.accept()
@@ -275,13 +303,15 @@ def py_in(ns: str, code: str, timeout: float = 60) -> float:
 class Pod:
     """A bed with the real sidecar and a stand-in that holds its lease; ``close`` removes all."""
 
-    def __init__(self, style: str = "calico", env: dict[str, str] | None = None) -> None:
-        self.bed = Bed(fresh_id(), style=style)
+    def __init__(self, style: str = "calico", env: dict[str, str] | None = None, families: str = "ipv4") -> None:
+        self.bed = Bed(fresh_id(), style=style, families=families)
         self.side: Sidecar | None = None
         self.vm: VmStandIn | None = None
         self.env = env
         self.lease: dict[str, str] = {}
+        self.lease6: dict[str, str] = {}
         self.vm_ip = ""
+        self.vm_ip6 = ""
 
     def up(self) -> None:
         """Build the bed, start the sidecar, plug the stand-in and take the lease."""
@@ -292,10 +322,14 @@ class Pod:
         """Sidecar and stand-in on an already built bed."""
         self.side = Sidecar(self.bed, self.env)
         hs = self.side.start(timeout=60)
-        self.vm_ip = hs.vm_ip
         self.vm = VmStandIn(self.bed, hs.mac)
         self.vm.setup()
-        self.lease = self.vm.dhcp()
+        if hs.vm_ip is not None:
+            self.vm_ip = hs.vm_ip
+            self.lease = self.vm.dhcp()
+        if hs.ipv6 is not None:
+            self.vm_ip6 = hs.ipv6.vm_ip
+            self.lease6 = self.vm.dhcp6()
 
     def close(self) -> None:
         """Remove everything, also after a failure."""
@@ -315,7 +349,8 @@ def bench_packets(res: Results, rounds: int, seconds: int) -> Pod:
         assert pod.vm is not None
         vm, bed = pod.vm, pod.bed
         vm.procs.append(ns_popen(vm.ns, ["iperf3", "-s"], stdout=subprocess.DEVNULL))
-        vm.procs.append(ns_popen(vm.ns, [sys.executable, "-c", CPS_SERVER.format(port=8080)]))
+        server = CPS_SERVER.format(family="AF_INET", bind="0.0.0.0", port=8080)
+        vm.procs.append(ns_popen(vm.ns, [sys.executable, "-c", server]))
         vm.serve_udp(8081, "hi")
         ns_run(bed.node.ns, "ip", "route", "add", VM_NET, "via", bed.pod_ip, "dev", f"pv{bed.ident}pod", "onlink")
         paths = {"pod IP (DNAT/SNAT)": bed.pod_ip, "routed to stand-in (no NAT)": pod.vm_ip}
@@ -347,10 +382,43 @@ def bench_packets(res: Results, rounds: int, seconds: int) -> Pod:
             res.add(Figure(sec, f"{label}, {nat}", unit, data[nat], f"{label}, {routed}", note))
         bench_flowtable(res, pod, rounds, seconds)
         bench_guards(res, pod, rounds, seconds)
+        bench_packets6(res, rounds, seconds)
     except BaseException:
         pod.close()
         raise
     return pod
+
+
+def bench_packets6(res: Results, rounds: int, seconds: int) -> None:
+    """IPv6 through the pod's IPv6 address against plain routing to the stand-in's IPv6, alternated, on a
+    dual-stack Calico-like pod whose stand-in configured itself by RA and DHCPv6."""
+    sec = "2c. packet path, IPv6"
+    pod = Pod(families="dual")
+    try:
+        pod.up()
+        assert pod.vm is not None
+        vm, bed = pod.vm, pod.bed
+        vm.procs.append(ns_popen(vm.ns, ["iperf3", "-s"], stdout=subprocess.DEVNULL))
+        server = CPS_SERVER.format(family="AF_INET6", bind="::", port=8080)
+        vm.procs.append(ns_popen(vm.ns, [sys.executable, "-c", server]))
+        via = ["via", bed.pod_ip6, "dev", f"pv{bed.ident}pod", "onlink"]
+        ns_run(bed.node.ns, "ip", "-6", "route", "add", f"{pod.vm_ip6}/128", *via)
+        paths = {"pod IPv6 (DNAT/SNAT)": bed.pod_ip6, "routed to stand-in's IPv6 (no NAT)": pod.vm_ip6}
+        tput: dict[str, list[float]] = {k: [] for k in paths}
+        cps: dict[str, list[float]] = {k: [] for k in paths}
+        for _ in range(rounds):
+            for name in [*paths, *reversed(paths)] * 2:
+                tput[name].append(iperf(bed.client.ns, paths[name], seconds))
+            code = CPS_PAIR.format(hosts=list(paths.values()), port=8080, blocks=20, count=50)
+            blocks = json.loads(ns_run(bed.client.ns, sys.executable, "-c", code, timeout=120).stdout)
+            for name, values in zip(paths, blocks, strict=True):
+                cps[name].extend(values)
+        nat, routed = paths
+        for label, data, unit in (("TCP throughput", tput, "Gbit/s"), ("TCP connects/s", cps, "conn/s")):
+            res.add(Figure(sec, f"{label}, {routed}", unit, data[routed]))
+            res.add(Figure(sec, f"{label}, {nat}", unit, data[nat], f"{label}, {routed}", "target >= 0.9"))
+    finally:
+        pod.close()
 
 
 def bench_flowtable(res: Results, pod: Pod, rounds: int, seconds: int) -> None:
@@ -480,7 +548,7 @@ def bench_footprint(res: Results, pod: Pod, idle_seconds: float = 5.0) -> None:
     sec = "3. footprint"
     assert pod.side is not None and pod.side.proc is not None
     side_pid = pod.side.proc.pid
-    dns_pid = int((pod.side.run_dir / "dnsmasq.pid").read_text())
+    dns_pid = int((pod.side.state_dir / "dnsmasq.pid").read_text())
     side_rss, dns_rss = rss_mib(side_pid), rss_mib(dns_pid)
     tick = os.sysconf("SC_CLK_TCK")
     before = cpu_ticks(side_pid) + cpu_ticks(dns_pid)

@@ -8,7 +8,6 @@ makes NET_STATE_DIR the sidecar's own. ``run`` then needs only a few network cap
 
 import contextlib
 import importlib
-import ipaddress
 import json
 import logging
 import os
@@ -33,25 +32,26 @@ USAGE = "usage: netsidecar prepare | run | plan | status | down | probe ..."
 
 
 def _facts(settings: Settings) -> PodFacts:
-    if settings.pod_iface and settings.pod_ip and settings.pod_mtu:
-        return PodFacts(
-            settings.pod_iface, settings.pod_ip, ipaddress.IPv4Network(f"{settings.pod_ip}/32"), settings.pod_mtu
-        )
+    """The pod's facts from POD_IFACE, POD_IP, POD_IP6 and POD_MTU when they say enough, else from the kernel."""
+    if settings.pod_iface and settings.pod_mtu:
+        facts = config.pod_from(settings, settings.pod_iface, settings.pod_mtu, None, None)
+        if facts is not None:
+            return facts
     from netsidecar.kernel import pod_facts  # noqa: PLC0415 - pyroute2 only when the kernel is asked
 
     return pod_facts(settings)
 
 
-def _plan(settings: Settings) -> Plan:
-    pod = _facts(settings)
+def _plan(settings: Settings, pod: PodFacts) -> Plan:
     config.check_overlap(settings, pod)
-    log.info("pod interface %s %s/%d mtu %d", pod.iface, pod.ip, pod.network.prefixlen, pod.mtu)
+    addresses = [f"{ip}/{net.prefixlen}" for ip, net in ((pod.ip, pod.network), (pod.ip6, pod.network6)) if ip and net]
+    log.info("pod interface %s %s mtu %d: serving %s", pod.iface, " ".join(addresses), pod.mtu, "+".join(pod.families))
     return build(settings, pod, config.read_resolv(settings.resolv_conf))
 
 
 def plan_command(settings: Settings) -> int:
     """Print the plan as JSON."""
-    print(json.dumps(_plan(settings).to_dict(), indent=2))
+    print(json.dumps(_plan(settings, _facts(settings)).to_dict(), indent=2))
     return 0
 
 
@@ -92,10 +92,12 @@ def run_command(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    kernel.check_capabilities()
+    kernel.check_capabilities(())
     kernel.check_tap_device()
-    kernel.check_forwarding()
-    plan = _plan(settings)
+    pod = _facts(settings)
+    kernel.check_capabilities(pod.families)
+    kernel.check_forwarding(pod.families)
+    plan = _plan(settings, pod)
     paths.check_run_dir(settings.run_dir)
     paths.state_dir(settings.state_dir, create=True)
     # A handshake left by a killed sidecar is withdrawn until this one has checked everything again.
@@ -105,7 +107,7 @@ def run_command(settings: Settings) -> int:
     log.info("rules: %d in tables %s %s", rule_count(plan.ruleset), "/".join(config.TABLE_FAMILIES), config.TABLE)
     server = dhcp.Dnsmasq(plan.dnsmasq, settings.state_dir)
     server.start()
-    server.wait_listening()
+    server.wait_listening(plan.handshake.families)
     try:
         path = plan.handshake.write(settings.run_dir)
     except OSError as err:

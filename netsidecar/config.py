@@ -16,9 +16,19 @@ log = logging.getLogger("netsidecar")
 BRIDGE = "podvm0"
 TAP = "podvm-tap0"
 TABLE = "podvm"
-# One table of that name per family: ip (NAT), netdev (what the tap may send), inet (what the pod accepts from it).
-TABLE_FAMILIES = ("ip", "netdev", "inet")
+# One table of that name per family: ip and ip6 (NAT of each address family), netdev (what the tap may send),
+# inet (what the pod accepts from it, and MSS clamping on the forward path).
+TABLE_FAMILIES = ("ip", "ip6", "netdev", "inet")
 PREFIX = 30
+PREFIX6 = 64
+# A ULA /64 for the VM side ("podvm" in ASCII as its global ID): outside fd00::/16, where kind, k3s and Cilium put
+# their default pod and service ranges, and Calico picks a random ULA /48.
+DEFAULT_PREFIX6 = "fd70:6f64:766d::/64"
+# The bridge's link-local address: the router the guest learns from router advertisements.
+ROUTER6 = ipaddress.IPv6Address("fe80::1")
+LINK_LOCAL = ipaddress.IPv6Network("fe80::/64")
+IPV4, IPV6 = "ipv4", "ipv6"
+FAMILY_CHOICES = {"auto": (), "ipv4": (IPV4,), "ipv6": (IPV6,), "dual": (IPV4, IPV6)}
 VNC_PORT = 5900
 DEFAULT_TAP_OWNER = 10001
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -38,6 +48,9 @@ class Settings:
     pod_iface: str | None
     pod_ip: ipaddress.IPv4Address | None
     pod_mtu: int | None
+    prefix6: ipaddress.IPv6Network
+    pod_ip6: ipaddress.IPv6Address | None
+    families: tuple[str, ...]  # what IP_FAMILIES asks for; () means every family the pod has
     mac: str
     hostname: str
     tap_owner: int | None
@@ -50,23 +63,51 @@ class Settings:
     metrics_port: int | None
     metrics_interval: float
 
+    @property
+    def vm_ip6(self) -> ipaddress.IPv6Address:
+        """The VM's IPv6 address: the EUI-64 of its MAC in VM_IP6_PREFIX, so a guest doing SLAAC with EUI-64
+        identifiers forms exactly the address DHCPv6 gives and the DNAT targets."""
+        return self.prefix6[eui64(self.mac)]
+
+    @property
+    def gateway6(self) -> ipaddress.IPv6Address:
+        """The bridge's address in VM_IP6_PREFIX (the guest's router is the bridge's link-local, ROUTER6)."""
+        return self.prefix6[1]
+
 
 @dataclass(frozen=True)
 class PodFacts:
-    """The pod interface as the kernel (or an override) describes it."""
+    """The pod interface as the kernel (or an override) describes it; a family the pod does not have (or that
+    IP_FAMILIES leaves out) is None and is not served."""
 
     iface: str
-    ip: ipaddress.IPv4Address
-    network: ipaddress.IPv4Network
+    ip: ipaddress.IPv4Address | None
+    network: ipaddress.IPv4Network | None
     mtu: int
+    ip6: ipaddress.IPv6Address | None = None
+    network6: ipaddress.IPv6Network | None = None
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The address families the VM is given."""
+        return tuple(f for f, ip in ((IPV4, self.ip), (IPV6, self.ip6)) if ip is not None)
 
 
 @dataclass(frozen=True)
 class Resolv:
-    """What the VM gets from the pod's resolv.conf: IPv4 nameservers and a search list that fits option 119."""
+    """What the VM gets from the pod's resolv.conf: nameservers of each family and a search list that fits
+    option 119 (DHCPv6's domain-search has the same wire form)."""
 
     nameservers: tuple[str, ...]
     search: tuple[str, ...]
+    nameservers6: tuple[str, ...] = ()
+
+
+def eui64(mac: str) -> int:
+    """The modified EUI-64 interface identifier of a MAC (RFC 4291 appendix A), as the low 64 bits."""
+    octets = [int(part, 16) for part in mac.split(":")]
+    octets[0] ^= 0x02
+    return int.from_bytes(bytes([*octets[:3], 0xFF, 0xFE, *octets[3:]]), "big")
 
 
 def derive_mac(hostname: str) -> str:
@@ -128,6 +169,58 @@ def _metrics_interval(env: Env) -> float:
     return interval
 
 
+def _ipv6(env: Env, name: str) -> ipaddress.IPv6Address:
+    raw = env.required(name, "an IPv6 address")
+    try:
+        address = ipaddress.IPv6Address(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected an IPv6 address such as fd00:10:244::5") from None
+    if address.is_link_local or address.is_multicast or address.is_unspecified or address.is_loopback:
+        raise ConfigError(f"{name}={raw!r}: expected a unicast address beyond the link (not fe80::/10, ff00::/8)")
+    return address
+
+
+def _prefix6(env: Env) -> ipaddress.IPv6Network:
+    """VM_IP6_PREFIX: the /64 behind the bridge (SLAAC needs a /64), not link-local or multicast."""
+    raw = env.text("VM_IP6_PREFIX", DEFAULT_PREFIX6)
+    try:
+        prefix = ipaddress.IPv6Network(raw)
+    except ValueError:
+        raise ConfigError(
+            f"VM_IP6_PREFIX={raw!r}: expected a /64 without host bits, such as {DEFAULT_PREFIX6}"
+        ) from None
+    first = prefix.network_address
+    if prefix.prefixlen != PREFIX6 or first.is_link_local or first.is_multicast or first.is_loopback:
+        raise ConfigError(f"VM_IP6_PREFIX={raw!r}: expected a unicast /64 such as {DEFAULT_PREFIX6}")
+    return prefix
+
+
+def pod_from(
+    settings: Settings,
+    iface: str,
+    mtu: int,
+    v4: ipaddress.IPv4Interface | None,
+    v6: ipaddress.IPv6Interface | None,
+) -> PodFacts | None:
+    """The pod's facts from what its interface holds, with POD_IP, POD_IP6 and POD_MTU applied and the families
+    IP_FAMILIES asks for kept; None while a family it asks for (or, on auto, any family) has no address yet."""
+    ip = settings.pod_ip or (v4.ip if v4 else None)
+    ip6 = settings.pod_ip6 or (v6.ip if v6 else None)
+    wanted = settings.families or (IPV4, IPV6)
+    if IPV4 not in wanted:
+        ip = None
+    if IPV6 not in wanted:
+        ip6 = None
+    if settings.families and ((IPV4 in wanted and ip is None) or (IPV6 in wanted and ip6 is None)):
+        return None
+    if ip is None and ip6 is None:
+        return None
+    # An override that differs from the interface's address counts as a single address (a /32 or /128).
+    network = v4.network if v4 and ip == v4.ip else ipaddress.IPv4Network(f"{ip}/32") if ip else None
+    network6 = v6.network if v6 and ip6 == v6.ip else ipaddress.IPv6Network(f"{ip6}/128") if ip6 else None
+    return PodFacts(iface, ip, network, settings.pod_mtu or mtu, ip6, network6)
+
+
 def _overlap(a: Path, b: Path) -> bool:
     """Whether one directory is the other or lies inside it (compared as written, ``..`` folded)."""
     a, b = Path(os.path.normpath(a)), Path(os.path.normpath(b))
@@ -148,6 +241,7 @@ def read_settings(env: Env) -> Settings:
         raise ConfigError(f"VM_GW={gateway}: must be the other usable host of VM_IP's /{PREFIX} ({net})")
     pod_ip = env.ipv4("POD_IP", "") if env.optional("POD_IP") is not None else None
     pod_mtu = env.integer("POD_MTU", 0, 576, 65535) if env.optional("POD_MTU") is not None else None
+    families = FAMILY_CHOICES[env.choice("IP_FAMILIES", "auto", FAMILY_CHOICES)]
     hostname = pod_hostname(env)
     run_dir = env.path("RUN_DIR", "/run/podvm")
     state_dir = env.path("NET_STATE_DIR", "/run/netsidecar")
@@ -160,6 +254,9 @@ def read_settings(env: Env) -> Settings:
         pod_iface=_iface(env, "POD_IFACE"),
         pod_ip=pod_ip,
         pod_mtu=pod_mtu,
+        prefix6=_prefix6(env),
+        pod_ip6=_ipv6(env, "POD_IP6") if env.optional("POD_IP6") is not None else None,
+        families=families,
         mac=_mac(env, hostname),
         hostname=hostname,
         tap_owner=_tap_owner(env),
@@ -175,12 +272,16 @@ def read_settings(env: Env) -> Settings:
 
 
 def check_overlap(settings: Settings, pod: PodFacts) -> None:
-    """The VM's /30 must not collide with the pod's address or subnet, or replies would never reach the VM."""
+    """The VM's /30 and /64 must not collide with the pod's addresses or subnets, or replies would never reach
+    the VM."""
     net = ipaddress.IPv4Network(f"{settings.vm_ip}/{PREFIX}", strict=False)
-    if pod.ip in net or net.overlaps(pod.network):
+    if pod.ip is not None and pod.network is not None and (pod.ip in net or net.overlaps(pod.network)):
         raise ConfigError(
             f"VM_IP={settings.vm_ip}: its /{PREFIX} {net} overlaps the pod's {pod.ip}/{pod.network.prefixlen}"
         )
+    net6 = settings.prefix6
+    if pod.ip6 is not None and pod.network6 is not None and (pod.ip6 in net6 or net6.overlaps(pod.network6)):
+        raise ConfigError(f"VM_IP6_PREFIX={net6}: overlaps the pod's {pod.ip6}/{pod.network6.prefixlen}")
 
 
 def _encoded_length(domain: str) -> int:
@@ -194,8 +295,10 @@ def valid_domain(domain: str) -> bool:
 
 
 def parse_resolv(text: str, source: str = "resolv.conf") -> Resolv:
-    """IPv4 nameservers and the last search/domain line of a resolv.conf; invalid or excess names are dropped."""
+    """Nameservers of each family and the last search/domain line of a resolv.conf; invalid or excess names are
+    dropped."""
     nameservers: list[str] = []
+    nameservers6: list[str] = []
     search: list[str] = []
     for line in text.splitlines():
         words = line.split("#", 1)[0].split(";", 1)[0].split()
@@ -203,9 +306,17 @@ def parse_resolv(text: str, source: str = "resolv.conf") -> Resolv:
             continue
         if words[0] == "nameserver" and len(words) >= 2:
             try:
-                nameservers.append(str(ipaddress.IPv4Address(words[1])))
+                address = ipaddress.ip_address(words[1])
             except ValueError:
-                log.info("%s: nameserver %s is not IPv4; the VM does not get it", source, words[1])
+                log.warning("%s: nameserver %s is not an IP address; the VM does not get it", source, words[1])
+                continue
+            if isinstance(address, ipaddress.IPv4Address):
+                nameservers.append(str(address))
+            elif address.is_link_local:
+                # A scoped address (fe80::1%eth0) means nothing on the VM's link.
+                log.warning("%s: nameserver %s is link-local; the VM does not get it", source, words[1])
+            else:
+                nameservers6.append(str(address))
         elif words[0] in ("search", "domain"):
             search = [w.rstrip(".") for w in words[1:]]
     kept: list[str] = []
@@ -219,7 +330,7 @@ def parse_resolv(text: str, source: str = "resolv.conf") -> Resolv:
             continue
         size += _encoded_length(domain)
         kept.append(domain)
-    return Resolv(tuple(dict.fromkeys(nameservers)), tuple(dict.fromkeys(kept)))
+    return Resolv(tuple(dict.fromkeys(nameservers)), tuple(dict.fromkeys(kept)), tuple(dict.fromkeys(nameservers6)))
 
 
 def read_resolv(path: Path) -> Resolv:

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from netsidecar.config import BRIDGE
+from netsidecar.config import BRIDGE, IPV4, IPV6
 from netsidecar.figures import DhcpFigures
 from netsidecar.plan import pid_file
 from shared.errors import ChildFailed
@@ -48,13 +48,18 @@ def stop_stale(state_dir: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _dhcp_port_bound() -> bool:
-    """Whether a UDP socket of this network namespace is bound to port 67 (the DHCP server port)."""
+# The DHCP server port of each family and the /proc table of its UDP sockets.
+_SERVER_PORTS = {IPV4: ("udp", 67), IPV6: ("udp6", 547)}
+
+
+def _dhcp_port_bound(family: str) -> bool:
+    """Whether a UDP socket of this network namespace is bound to ``family``'s DHCP server port."""
+    table, port = _SERVER_PORTS[family]
     try:
-        lines = Path("/proc/self/net/udp").read_text().splitlines()[1:]
+        lines = Path(f"/proc/self/net/{table}").read_text().splitlines()[1:]
     except OSError:
         return False
-    return any(line.split()[1].endswith(":0043") for line in lines if line.strip())
+    return any(line.split()[1].endswith(f":{port:04X}") for line in lines if line.strip())
 
 
 def _relay(proc: subprocess.Popen[bytes], figures: DhcpFigures) -> None:
@@ -88,18 +93,20 @@ class Dnsmasq:
         threading.Thread(target=_relay, args=(self.proc, self.figures), daemon=True).start()
         log.info("dnsmasq started (pid %d)", self.proc.pid)
 
-    def wait_listening(self, timeout: float = 5.0) -> None:
-        """Wait until dnsmasq holds the DHCP port, so the handshake never promises a server that drops requests.
+    def wait_listening(self, families: tuple[str, ...], timeout: float = 5.0) -> None:
+        """Wait until dnsmasq holds the DHCP port of each family served, so the handshake never promises a server
+        that drops requests.
 
         :raise ChildFailed: when dnsmasq exits or does not listen within ``timeout``.
         """
         deadline = time.monotonic() + timeout
-        while not _dhcp_port_bound():
+        while not all(_dhcp_port_bound(family) for family in families):
             if self.proc is None or self.proc.poll() is not None:
                 code = None if self.proc is None else self.proc.returncode
                 raise ChildFailed(f"dnsmasq exited with status {code} before serving DHCP (see its lines above)")
             if time.monotonic() >= deadline:
-                raise ChildFailed(f"dnsmasq does not listen on UDP port 67 after {timeout:g}s")
+                ports = ", ".join(str(_SERVER_PORTS[family][1]) for family in families)
+                raise ChildFailed(f"dnsmasq does not listen on UDP port {ports} after {timeout:g}s")
             time.sleep(0.005)
 
     def poll(self) -> None:

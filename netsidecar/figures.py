@@ -95,7 +95,8 @@ def _kept_port(rule: Json) -> int | None:
 
 def rule_figures(rules: list[Json]) -> list[Figure]:
     """Figures from the podvm tables' rules as nftables lists them: the accounting rules by their comment, the NAT
-    rules by what they do, and every counted drop (the isolation guards) by its comment."""
+    rules by what they do, and every counted drop (the isolation guards) by its comment. IPv4's and IPv6's NAT
+    tables count into the same series."""
     out: list[Figure] = []
     for rule in rules:
         counter = _counter(rule)
@@ -110,7 +111,7 @@ def rule_figures(rules: list[Json]) -> list[Figure]:
             guard = str(comment or f"{rule.get('family')} {chain} #{rule.get('handle', '?')}")
             out.append(figure("podvm_guard_dropped_packets_total", counter["packets"], guard=guard))
             out.append(figure("podvm_guard_dropped_bytes_total", counter["bytes"], guard=guard))
-        elif verdicts & {"dnat", "snat", "return"} and rule.get("family") == "ip":
+        elif verdicts & {"dnat", "snat", "return"} and rule.get("family") in ("ip", "ip6"):
             local = "_local" if chain == "output" else ""
             if "dnat" in verdicts:
                 name = f"dnat{local}"

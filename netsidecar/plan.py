@@ -5,8 +5,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from netsidecar.config import BRIDGE, PREFIX, TABLE, TAP, VNC_PORT, PodFacts, Resolv, Settings
-from shared.handshake import Handshake
+from netsidecar.config import (
+    BRIDGE,
+    LINK_LOCAL,
+    PREFIX,
+    PREFIX6,
+    ROUTER6,
+    TABLE,
+    TAP,
+    VNC_PORT,
+    PodFacts,
+    Resolv,
+    Settings,
+)
+from shared.handshake import Handshake, Ipv6
 
 Json = dict[str, Any]
 LEASE_FILE = "dnsmasq.leases"
@@ -18,7 +30,8 @@ class LinkPlan:
     """The bridge and the tap: names, addresses, MTU and who may open the tap."""
 
     bridge: str
-    bridge_address: str
+    bridge_address: str | None  # None: the pod has no IPv4 (or IP_FAMILIES leaves it out)
+    bridge_addresses6: tuple[str, ...]  # the router's link-local and the gateway; empty: no IPv6 on the bridge
     tap: str
     tap_owner: int | None
     mac: str
@@ -63,16 +76,18 @@ def _set(values: list[Any]) -> Any:
 COUNTED_DROP: list[Json] = [{"counter": None}, {"drop": None}]
 
 # The comment of each guest-isolation drop rule: `status` shows them with their counters, `probe path` checks
-# every one of them is loaded. IPv6 is closed as a whole until podvm supports it (see _ipv6_from_tap).
+# every one of them is loaded. Every guard is loaded whatever families the pod has: a family the pod lacks has no
+# allowed source, so all of it meets the source guard.
 GUARD_MAC = "guest: foreign Ethernet source"
 GUARD_DHCP_SERVER = "guest: DHCP server (udp sport 67)"
 GUARD_ARP = "guest: ARP for a foreign address"
 GUARD_IPV4 = "guest: foreign IPv4 source"
-GUARD_RA = "guest: IPv6 router advertisement"
-GUARD_IPV6 = "guest: IPv6 (not supported yet)"
+GUARD_RA = "guest: IPv6 router advertisement or redirect"
+GUARD_DHCP6_SERVER = "guest: DHCPv6 server (udp sport 547)"
+GUARD_ND = "guest: neighbour advertisement for a foreign address"
+GUARD_IPV6 = "guest: foreign IPv6 source"
 GUARD_OTHER = "guest: other Ethernet type"
 GUARD_POD_RA = "guest to pod: IPv6 router advertisement"
-GUARD_POD_IPV6 = "guest to pod: IPv6 (not supported yet)"
 GUARD_POD_SERVICES = "guest to pod: local services"
 GUARDS = (
     GUARD_MAC,
@@ -80,24 +95,37 @@ GUARDS = (
     GUARD_ARP,
     GUARD_IPV4,
     GUARD_RA,
+    GUARD_DHCP6_SERVER,
+    GUARD_ND,
     GUARD_IPV6,
     GUARD_OTHER,
     GUARD_POD_RA,
-    GUARD_POD_IPV6,
     GUARD_POD_SERVICES,
 )
 TAP_CHAIN = "from-tap"
 INPUT_CHAIN = "input"
 GUEST_CHAIN = "guest-to-pod"
+FORWARD_CHAIN = "forward"
+# ICMPv6 a guest needs towards the pod's namespace: router and neighbour discovery, multicast listener reports.
+_ND_TO_POD = [
+    "nd-router-solicit",
+    "nd-neighbor-solicit",
+    "nd-neighbor-advert",
+    "mld-listener-report",
+    "mld2-listener-report",
+]
+# ICMPv6 a guest may send before it has an address (source ::): duplicate address detection and MLD.
+_FROM_UNSPECIFIED = ["nd-neighbor-solicit", "mld-listener-report", "mld2-listener-report"]
 
 
 class _Table:
     """Commands for one table, replaced as a whole: ``add`` then ``delete`` succeeds whether or not it existed."""
 
-    def __init__(self, family: str) -> None:
+    def __init__(self, family: str, present: bool = True) -> None:
+        """``present=False`` only removes the table (its family is not served)."""
         self.family = family
         table = {"table": {"family": family, "name": TABLE}}
-        self.commands: list[Json] = [{"add": table}, {"delete": table}, {"add": table}]
+        self.commands: list[Json] = [{"add": table}, {"delete": table}, *([{"add": table}] if present else [])]
 
     def chain(self, name: str, **base: object) -> None:
         """A chain; ``base`` (type, hook, prio, policy, dev) makes it a base chain."""
@@ -111,11 +139,15 @@ class _Table:
         self.commands.append({"add": {"rule": rule}})
 
 
-def _nat(settings: Settings, pod: PodFacts) -> _Table:
-    """1:1 NAT of the pod IP to the VM (except the VNC port while VNC is in the pod); conntrack is left alone."""
-    nat = _Table("ip")
-    pod_ip, vm_ip = str(pod.ip), str(settings.vm_ip)
-    to_pod_ip = _match(_field("ip", "daddr"), pod_ip)
+def _nat(family: str, pod_ip: str | None, vm_ip: str, vm_net: str, *, settings: Settings, pod: PodFacts) -> _Table:
+    """1:1 NAT of one pod address to the VM (except the VNC port while VNC is in the pod); conntrack is left alone.
+    Whatever leaves the pod from the VM's subnet (a /30, or the /64 where a guest may also hold SLAAC or temporary
+    addresses) takes the pod's address."""
+    nat = _Table(family, present=pod_ip is not None)
+    if pod_ip is None:
+        return nat
+    l3 = "ip" if family == "ip" else "ip6"
+    to_pod_ip = _match(_field(l3, "daddr"), pod_ip)
     dnat: list[Json] = [{"counter": None}, {"dnat": {"addr": vm_ip}}]
     for name, hook, prio in (("prerouting", "prerouting", -100), ("output", "output", -100)):
         nat.chain(name, type="nat", hook=hook, prio=prio, policy="accept")
@@ -129,9 +161,11 @@ def _nat(settings: Settings, pod: PodFacts) -> _Table:
     for keep in stays:
         nat.rule("output", [to_pod_ip, *keep])
     nat.rule("output", [to_pod_ip, *dnat])
-    out_pod = [_match(_meta("oifname"), pod.iface), _match(_field("ip", "saddr"), vm_ip)]
+    network, length = vm_net.split("/")
+    from_vm: object = {"prefix": {"addr": network, "len": int(length)}}
+    out_pod = [_match(_meta("oifname"), pod.iface), _match(_field(l3, "saddr"), from_vm)]
     nat.rule("postrouting", [*out_pod, {"counter": None}, {"snat": {"addr": pod_ip}}])
-    _accounting(nat, settings, pod)
+    _accounting(nat, l3, from_vm, pod)
     return nat
 
 
@@ -149,33 +183,32 @@ def _stays_in_pod(port: int) -> list[Json]:
     return [_match(_field("tcp", "dport"), port), {"counter": None}, {"return": None}]
 
 
-def _accounting(nat: _Table, settings: Settings, pod: PodFacts) -> None:
+def _accounting(nat: _Table, l3: str, vm_net: object, pod: PodFacts) -> None:
     """Counters of every packet the NAT translates, in both directions (the nat chains see only the first packet
     of a connection): a chain after both NATs (postrouting, after SNAT's priority 100) that only counts, its rules
-    named by comment for the metrics."""
+    named by comment for the metrics (the same in both families' tables, which the metrics add up)."""
     translated = _match({"ct": {"key": "status"}}, ["snat", "dnat"], "in")
-    to_vm = [_match(_meta("oifname"), BRIDGE), _match(_field("ip", "daddr"), str(settings.vm_ip)), translated]
+    to_vm = [_match(_meta("oifname"), BRIDGE), _match(_field(l3, "daddr"), vm_net), translated]
     from_vm = [_match(_meta("iifname"), BRIDGE), _match(_meta("oifname"), pod.iface), translated]
     nat.chain(ACCOUNTING_CHAIN, type="filter", hook="postrouting", prio=200, policy="accept")
     nat.rule(ACCOUNTING_CHAIN, [*to_vm, {"counter": None}], NAT_IN)
     nat.rule(ACCOUNTING_CHAIN, [*from_vm, {"counter": None}], NAT_OUT)
 
 
-def _ipv6_from_tap(table: _Table) -> None:
-    """IPv6 from the guest: closed while podvm has no IPv6. Opening it means replacing the second rule with a
-    source check like IPv4's; the router-advertisement drop stays before it."""
-    is_ra = _match(_field("icmpv6", "type"), "nd-router-advert")
-    table.rule(TAP_CHAIN, [_match(_field("ether", "type"), "ip6"), is_ra, *COUNTED_DROP], GUARD_RA)
-    table.rule(TAP_CHAIN, [_match(_field("ether", "type"), "ip6"), *COUNTED_DROP], GUARD_IPV6)
+def _prefix(network: ipaddress.IPv6Network) -> Json:
+    return {"prefix": {"addr": str(network.network_address), "len": network.prefixlen}}
 
 
-def _from_tap(settings: Settings) -> _Table:
-    """What the guest may send into the pod at all, checked at the tap's ingress before the bridge sees a frame:
-    its own MAC, its own IPv4 address (0.0.0.0 only for DHCP requests), ARP only about itself, no DHCP server."""
-    tap = _Table("netdev")
+def _nd_target(address: ipaddress.IPv6Address, bits: int = 128) -> str:
+    """The first ``bits`` of an address as nftables' raw-payload value: nftables 1.0.6 names no ND target field,
+    so the target (8 bytes into the ICMPv6 header) is matched as raw transport-header bits."""
+    return hex(int(address) >> (128 - bits))
+
+
+def _ipv4_from_tap(tap: _Table, settings: Settings, served: bool) -> None:
+    """IPv4 and ARP from the guest: its own address only (0.0.0.0 for DHCP requests), ARP only about itself; no
+    DHCP server. On a pod without IPv4 nothing is the guest's, so every frame meets the guards."""
     vm_ip = str(settings.vm_ip)
-    tap.chain(TAP_CHAIN, type="filter", hook="ingress", dev=TAP, prio=-500, policy="drop")
-    tap.rule(TAP_CHAIN, [_match(_field("ether", "saddr"), settings.mac, "!="), *COUNTED_DROP], GUARD_MAC)
     is_arp = _match(_field("ether", "type"), "arp")
     arp_about_itself = [
         is_arp,
@@ -186,44 +219,94 @@ def _from_tap(settings: Settings) -> _Table:
         _match(_field("arp", "saddr ether"), settings.mac),
         _match(_field("arp", "saddr ip"), _set(["0.0.0.0", vm_ip])),  # noqa: S104 - sender of an ARP probe
     ]
-    tap.rule(TAP_CHAIN, [*arp_about_itself, {"accept": None}])
+    if served:
+        tap.rule(TAP_CHAIN, [*arp_about_itself, {"accept": None}])
     tap.rule(TAP_CHAIN, [is_arp, *COUNTED_DROP], GUARD_ARP)
     is_ip = _match(_field("ether", "type"), "ip")
     tap.rule(TAP_CHAIN, [is_ip, _match(_field("udp", "sport"), 67), *COUNTED_DROP], GUARD_DHCP_SERVER)
-    tap.rule(TAP_CHAIN, [is_ip, _match(_field("ip", "saddr"), vm_ip), {"accept": None}])
-    dhcp_client = [
-        is_ip,
-        _match(_field("ip", "saddr"), "0.0.0.0"),  # noqa: S104 - a DHCP client without an address yet
-        _match(_field("udp", "sport"), 68),
-        _match(_field("udp", "dport"), 67),
-    ]
-    tap.rule(TAP_CHAIN, [*dhcp_client, {"accept": None}])
+    if served:
+        tap.rule(TAP_CHAIN, [is_ip, _match(_field("ip", "saddr"), vm_ip), {"accept": None}])
+        dhcp_client = [
+            is_ip,
+            _match(_field("ip", "saddr"), "0.0.0.0"),  # noqa: S104 - a DHCP client without an address yet
+            _match(_field("udp", "sport"), 68),
+            _match(_field("udp", "dport"), 67),
+        ]
+        tap.rule(TAP_CHAIN, [*dhcp_client, {"accept": None}])
     tap.rule(TAP_CHAIN, [is_ip, *COUNTED_DROP], GUARD_IPV4)
-    _ipv6_from_tap(tap)
+
+
+def _ipv6_from_tap(tap: _Table, settings: Settings, served: bool) -> None:
+    """IPv6 from the guest: never a router (RA, redirect) or a DHCPv6 server, neighbour advertisements only for
+    its own addresses, and as source only addresses of its link-local /64 and VM_IP6_PREFIX other than the
+    bridge's (any interface identifier: stable-privacy and temporary addresses are the guest's too, the link is
+    its alone), or :: for duplicate address detection and MLD. On a pod without IPv6 no source is the guest's."""
+    is_ip6 = _match(_field("ether", "type"), "ip6")
+    router = _match(_field("icmpv6", "type"), _set(["nd-router-advert", "nd-redirect"]))
+    tap.rule(TAP_CHAIN, [is_ip6, router, *COUNTED_DROP], GUARD_RA)
+    tap.rule(TAP_CHAIN, [is_ip6, _match(_field("udp", "sport"), 547), *COUNTED_DROP], GUARD_DHCP6_SERVER)
+    bridge = [ROUTER6, settings.gateway6]
+    is_na = _match(_field("icmpv6", "type"), "nd-neighbor-advert")
+    target = {"payload": {"base": "th", "offset": 64, "len": 128}}
+    target_net = {"payload": {"base": "th", "offset": 64, "len": 64}}
+    tap.rule(TAP_CHAIN, [is_ip6, is_na, _match(target, _set([_nd_target(a) for a in bridge])), *COUNTED_DROP], GUARD_ND)
+    own_nets = _set([_nd_target(net.network_address, 64) for net in (LINK_LOCAL, settings.prefix6)])
+    tap.rule(TAP_CHAIN, [is_ip6, is_na, _match(target_net, own_nets, "!="), *COUNTED_DROP], GUARD_ND)
+    if served:
+        unspecified = [_match(_field("ip6", "saddr"), "::"), _match(_field("icmpv6", "type"), _set(_FROM_UNSPECIFIED))]
+        tap.rule(TAP_CHAIN, [is_ip6, *unspecified, {"accept": None}])
+        not_bridge = _match(_field("ip6", "saddr"), _set([str(a) for a in bridge]), "!=")
+        own = _match(_field("ip6", "saddr"), _set([_prefix(LINK_LOCAL), _prefix(settings.prefix6)]))
+        tap.rule(TAP_CHAIN, [is_ip6, not_bridge, own, {"accept": None}])
+    tap.rule(TAP_CHAIN, [is_ip6, *COUNTED_DROP], GUARD_IPV6)
+
+
+def _from_tap(settings: Settings, pod: PodFacts) -> _Table:
+    """What the guest may send into the pod at all, checked at the tap's ingress before the bridge sees a frame:
+    its own MAC, then per family its own addresses and nothing that would make it the link's router or server."""
+    tap = _Table("netdev")
+    tap.chain(TAP_CHAIN, type="filter", hook="ingress", dev=TAP, prio=-500, policy="drop")
+    tap.rule(TAP_CHAIN, [_match(_field("ether", "saddr"), settings.mac, "!="), *COUNTED_DROP], GUARD_MAC)
+    _ipv4_from_tap(tap, settings, pod.ip is not None)
+    _ipv6_from_tap(tap, settings, pod.ip6 is not None)
     tap.rule(TAP_CHAIN, COUNTED_DROP, GUARD_OTHER)
     return tap
 
 
-def _guest_to_pod(settings: Settings) -> _Table:
-    """What the pod's own namespace accepts from the bridge: DHCP, ping to the gateway, replies to connections
-    the pod opened, and VM_OPEN_PORTS; every other local service (0.0.0.0 and :: listeners, VNC) is closed."""
+def _guest_to_pod(settings: Settings, pod: PodFacts) -> _Table:
+    """What the pod's own namespace accepts from the bridge: DHCP and DHCPv6, router and neighbour discovery, ping
+    to the gateway, replies to connections the pod opened, and VM_OPEN_PORTS; every other local service (0.0.0.0
+    and :: listeners, VNC) is closed. Also the forward chain that clamps TCP's MSS to the route's MTU both ways, for
+    guests that ignore the MTU they are given."""
     inet = _Table("inet")
     inet.chain(INPUT_CHAIN, type="filter", hook="input", prio=-10, policy="accept")
     inet.chain(GUEST_CHAIN)
     inet.rule(INPUT_CHAIN, [_match(_meta("iifname"), BRIDGE), {"jump": {"target": GUEST_CHAIN}}])
     is_ra = _match(_field("icmpv6", "type"), "nd-router-advert")
     inet.rule(GUEST_CHAIN, [is_ra, *COUNTED_DROP], GUARD_POD_RA)
-    inet.rule(GUEST_CHAIN, [_match(_meta("nfproto"), "ipv6"), *COUNTED_DROP], GUARD_POD_IPV6)
     inet.rule(GUEST_CHAIN, [_match({"ct": {"key": "state"}}, ["established", "related"], "in"), {"accept": None}])
-    dhcp = [_match(_field("udp", "sport"), 68), _match(_field("udp", "dport"), 67)]
-    inet.rule(GUEST_CHAIN, [*dhcp, {"accept": None}])
-    ping = [_match(_field("ip", "daddr"), str(settings.gateway)), _match(_field("icmp", "type"), "echo-request")]
-    inet.rule(GUEST_CHAIN, [*ping, {"accept": None}])
+    if pod.ip is not None:
+        dhcp = [_match(_field("udp", "sport"), 68), _match(_field("udp", "dport"), 67)]
+        inet.rule(GUEST_CHAIN, [*dhcp, {"accept": None}])
+        ping = [_match(_field("ip", "daddr"), str(settings.gateway)), _match(_field("icmp", "type"), "echo-request")]
+        inet.rule(GUEST_CHAIN, [*ping, {"accept": None}])
+    if pod.ip6 is not None:
+        inet.rule(GUEST_CHAIN, [_match(_field("icmpv6", "type"), _set(_ND_TO_POD)), {"accept": None}])
+        dhcp6 = [_match(_field("udp", "sport"), 546), _match(_field("udp", "dport"), 547)]
+        inet.rule(GUEST_CHAIN, [*dhcp6, {"accept": None}])
+        gateways = _set([str(ROUTER6), str(settings.gateway6)])
+        ping6 = [_match(_field("ip6", "daddr"), gateways), _match(_field("icmpv6", "type"), "echo-request")]
+        inet.rule(GUEST_CHAIN, [*ping6, {"accept": None}])
     for protocol in ("tcp", "udp"):
         ports = [number for number, proto in settings.open_ports if proto == protocol]
         if ports:
             inet.rule(GUEST_CHAIN, [_match(_field(protocol, "dport"), _set(ports)), {"accept": None}])
     inet.rule(GUEST_CHAIN, COUNTED_DROP, GUARD_POD_SERVICES)
+    inet.chain(FORWARD_CHAIN, type="filter", hook="forward", prio=-150, policy="accept")
+    syn = _match(_field("tcp", "flags"), "syn", "in")
+    clamp = {"mangle": {"key": {"tcp option": {"name": "maxseg", "field": "size"}}, "value": {"rt": {"key": "mtu"}}}}
+    for iface in ("iifname", "oifname"):
+        inet.rule(FORWARD_CHAIN, [_match(_meta(iface), BRIDGE), syn, clamp])
     return inet
 
 
@@ -231,7 +314,15 @@ def ruleset(settings: Settings, pod: PodFacts) -> Json:
     """The nftables JSON document: one transaction that replaces the NAT table and both guest-isolation tables,
     so the VM is never reachable through the NAT without its isolation (the kernel applies all of it or nothing).
     """
-    tables = (_nat(settings, pod), _from_tap(settings), _guest_to_pod(settings))
+    vm_net = f"{settings.vm_ip}/32"
+    ip4 = None if pod.ip is None else str(pod.ip)
+    ip6 = None if pod.ip6 is None else str(pod.ip6)
+    tables = (
+        _nat("ip", ip4, str(settings.vm_ip), vm_net, settings=settings, pod=pod),
+        _nat("ip6", ip6, str(settings.vm_ip6), str(settings.prefix6), settings=settings, pod=pod),
+        _from_tap(settings, pod),
+        _guest_to_pod(settings, pod),
+    )
     commands = [command for table in tables for command in table.commands]
     return {"nftables": [{"metainfo": {"json_schema_version": 1}}, *commands]}
 
@@ -242,9 +333,8 @@ def rule_count(document: Json) -> int:
 
 
 def dnsmasq_argv(settings: Settings, pod: PodFacts, resolv: Resolv) -> list[str]:
-    """dnsmasq as a DHCP-only server on the bridge with one static lease for the VM's MAC."""
-    netmask = "255.255.255.252"
-    network = ipaddress.IPv4Network(f"{settings.vm_ip}/{PREFIX}", strict=False).network_address
+    """dnsmasq as a DHCP-only server on the bridge with one static lease for the VM's MAC per family served, and
+    router advertisements when IPv6 is."""
     argv = [
         "dnsmasq",
         "--keep-in-foreground",
@@ -255,44 +345,84 @@ def dnsmasq_argv(settings: Settings, pod: PodFacts, resolv: Resolv) -> list[str]
         f"--interface={BRIDGE}",
         "--bind-interfaces",
         "--dhcp-authoritative",
-        # The /30 holds only the VM: no ping before offering its address, so dnsmasq keeps no raw-socket capability.
-        "--no-ping",
-        f"--dhcp-range={network},static,{netmask}",
-        # The name goes in option 12, not in --dhcp-host: there dnsmasq reads a name such as `ignore` as "never
-        # answer this MAC" and `12345` or `5m` as a lease time, and the VM would get no lease or no name.
-        f"--dhcp-host={settings.mac},{settings.vm_ip},infinite",
-        f"--dhcp-option=12,{settings.hostname.split('.')[0]}",
         f"--dhcp-leasefile={settings.state_dir / LEASE_FILE}",
         # No pid file of dnsmasq's own (its default is /run/dnsmasq.pid): the supervisor records the pid.
         "--pid-file",
-        f"--dhcp-option=option:router,{settings.gateway}",
-        f"--dhcp-option=option:mtu,{pod.mtu}",
     ]
-    if resolv.nameservers:
-        argv.append("--dhcp-option=option:dns-server," + ",".join(resolv.nameservers))
+    if pod.ip is not None:
+        network = ipaddress.IPv4Network(f"{settings.vm_ip}/{PREFIX}", strict=False).network_address
+        argv += [
+            # The name goes in option 12, not in --dhcp-host: there dnsmasq reads a name such as `ignore` as "never
+            # answer this MAC" and `12345` or `5m` as a lease time, and the VM would get no lease or no name.
+            f"--dhcp-option=12,{settings.hostname.split('.')[0]}",
+            # The /30 holds only the VM: no ping before offering its address, so dnsmasq keeps no raw socket.
+            "--no-ping",
+            f"--dhcp-range={network},static,255.255.255.252",
+            f"--dhcp-host={settings.mac},{settings.vm_ip},infinite",
+            f"--dhcp-option=option:router,{settings.gateway}",
+            f"--dhcp-option=option:mtu,{pod.mtu}",
+        ]
+        if resolv.nameservers:
+            argv.append("--dhcp-option=option:dns-server," + ",".join(resolv.nameservers))
+        if resolv.search:
+            argv.append("--dhcp-option=option:domain-search," + ",".join(resolv.search))
+    if pod.ip6 is not None:
+        argv += _dhcp6_argv(settings, pod, resolv)
+    return argv
+
+
+def _dhcp6_argv(settings: Settings, pod: PodFacts, resolv: Resolv) -> list[str]:
+    """Router advertisements (managed flag, autonomous flag, router lifetime, MTU, RDNSS, DNSSL) and DHCPv6 with
+    the VM's exact address by its MAC. The prefix carries the A flag so a guest doing only SLAAC gets an address
+    too: an EUI-64 guest forms exactly ``vm_ip6``; a stable-privacy or temporary address can go out, but only
+    ``vm_ip6`` is reachable through the pod's IPv6 address."""
+    argv = [
+        "--enable-ra",
+        f"--dhcp-range={settings.prefix6.network_address},static,slaac,{PREFIX6},infinite",
+        f"--dhcp-host={settings.mac},[{settings.vm_ip6}],infinite",
+        # Every 60 s at most between unsolicited RAs, and a router lifetime of 30 min (it is re-announced long
+        # before then; a guest that loses it loses its default route).
+        f"--ra-param={BRIDGE},mtu:{pod.mtu},60,1800",
+    ]
+    if resolv.nameservers6:
+        argv.append("--dhcp-option=option6:dns-server," + ",".join(f"[{ns}]" for ns in resolv.nameservers6))
     if resolv.search:
-        argv.append("--dhcp-option=option:domain-search," + ",".join(resolv.search))
+        argv.append("--dhcp-option=option6:domain-search," + ",".join(resolv.search))
     return argv
 
 
 def build(settings: Settings, pod: PodFacts, resolv: Resolv) -> Plan:
     """The whole plan from validated inputs."""
-    links = LinkPlan(BRIDGE, f"{settings.gateway}/{PREFIX}", TAP, settings.tap_owner, settings.mac, pod.mtu)
+    bridge4 = f"{settings.gateway}/{PREFIX}" if pod.ip is not None else None
+    bridge6 = (f"{ROUTER6}/64", f"{settings.gateway6}/{PREFIX6}") if pod.ip6 is not None else ()
+    links = LinkPlan(BRIDGE, bridge4, bridge6, TAP, settings.tap_owner, settings.mac, pod.mtu)
+    ipv6 = None
+    if pod.ip6 is not None:
+        ipv6 = Ipv6(
+            vm_ip=str(settings.vm_ip6),
+            gateway=str(settings.gateway6),
+            router=str(ROUTER6),
+            prefix=PREFIX6,
+            pod_ip=str(pod.ip6),
+            dns=resolv.nameservers6,
+        )
     handshake = Handshake(
         tap=TAP,
         bridge=BRIDGE,
         mac=settings.mac,
-        vm_ip=str(settings.vm_ip),
-        gateway=str(settings.gateway),
+        vm_ip=str(settings.vm_ip) if pod.ip is not None else None,
+        gateway=str(settings.gateway) if pod.ip is not None else None,
         prefix=PREFIX,
         mtu=pod.mtu,
-        pod_ip=str(pod.ip),
-        dns=resolv.nameservers,
+        pod_ip=str(pod.ip) if pod.ip is not None else None,
+        dns=resolv.nameservers if pod.ip is not None else (),
         search=resolv.search,
         hostname=settings.hostname,
         vnc_in_pod=not settings.no_vnc,
         tap_owner=settings.tap_owner,
         metrics_port=settings.metrics_port,
+        families=pod.families,
+        ipv6=ipv6,
     )
     return Plan(links, ruleset(settings, pod), dnsmasq_argv(settings, pod, resolv), handshake)
 

@@ -19,7 +19,7 @@ from typing import Any
 from shared.errors import HandshakeError
 from shared.files import write_atomic
 
-VERSION = "1.1"
+VERSION = "1.2"
 MAJOR = 1
 FILE_NAME = "network.json"
 MAX_SIZE = 64 * 1024
@@ -58,11 +58,13 @@ def _check(value: object, rule: dict[str, Any], where: str) -> None:
             raise HandshakeError(f"{where}: {value!r} does not match {rule['pattern']}")
         if len(value) < rule.get("minLength", 0):
             raise HandshakeError(f"{where}: must not be empty")
-        if rule.get("format") == "ipv4":
+        if rule.get("format") in ("ipv4", "ipv6"):
+            kind = ipaddress.IPv4Address if rule["format"] == "ipv4" else ipaddress.IPv6Address
             try:
-                ipaddress.IPv4Address(value)
+                kind(value)
             except ValueError:
-                raise HandshakeError(f"{where}: {value!r} is not an IPv4 address") from None
+                name = "IPv4" if rule["format"] == "ipv4" else "IPv6"
+                raise HandshakeError(f"{where}: {value!r} is not an {name} address") from None
     if (
         isinstance(value, int)
         and not isinstance(value, bool)
@@ -81,6 +83,27 @@ def _check(value: object, rule: dict[str, Any], where: str) -> None:
                 _check(value[name], sub, f"{where}.{name}")
 
 
+# --- version 1.1: IPv6 -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ipv6:
+    """The VM's IPv6 side (handshake 1.1), present when the pod has IPv6 (see handshake.schema.json)."""
+
+    vm_ip: str
+    gateway: str
+    router: str
+    prefix: int
+    pod_ip: str
+    dns: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Ipv6":
+        """From schema-checked data."""
+        return cls(**{**{name: data[name] for name in cls.__dataclass_fields__}, "dns": tuple(data["dns"])})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Handshake:
     """What a runner needs to know about the VM's network (see handshake.schema.json for each field)."""
@@ -88,24 +111,31 @@ class Handshake:
     tap: str
     bridge: str
     mac: str
-    vm_ip: str
-    gateway: str
+    vm_ip: str | None  # None (1.1) on a pod without IPv4: a 1.0 runner refuses such a handshake
+    gateway: str | None
     prefix: int
     mtu: int
-    pod_ip: str
+    pod_ip: str | None
     dns: tuple[str, ...]
     search: tuple[str, ...]
     hostname: str
     vnc_in_pod: bool
     tap_owner: int | None
-    metrics_port: int | None = None  # since 1.1; absent in 1.0 handshakes
     version: str = VERSION
+    # --- 1.1: IPv6 (absent from a 1.0 handshake: IPv4 only) ---
+    families: tuple[str, ...] = ("ipv4",)
+    ipv6: Ipv6 | None = None
+    # --- 1.2: the metrics port (absent before: no metrics endpoint) ---
+    metrics_port: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The handshake as JSON-ready data, lists in place of tuples."""
         data = asdict(self)
         data["dns"] = list(self.dns)
         data["search"] = list(self.search)
+        data["families"] = list(self.families)
+        if self.ipv6 is not None:
+            data["ipv6"]["dns"] = list(self.ipv6.dns)
         return data
 
     @classmethod
@@ -126,6 +156,10 @@ class Handshake:
         fields = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
         fields["dns"] = tuple(fields["dns"])
         fields["search"] = tuple(fields["search"])
+        if "families" in fields:
+            fields["families"] = tuple(fields["families"])
+        if fields.get("ipv6") is not None:
+            fields["ipv6"] = Ipv6.from_dict(fields["ipv6"])
         return cls(**fields)
 
     def write(self, run_dir: Path) -> Path:

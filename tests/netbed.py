@@ -137,10 +137,14 @@ class Veth:
 class Bed:
     """Node, client and pod namespaces wired like a cluster; see the module docstring."""
 
-    def __init__(self, ident: int, style: str = "calico", mtu: int = 1440) -> None:
+    def __init__(self, ident: int, style: str = "calico", mtu: int = 1440, families: str = "ipv4") -> None:
         assert 1 <= ident <= 200, ident
         assert style in ("calico", "bridge"), style
-        self.ident, self.style, self.mtu = ident, style, mtu
+        assert families in ("ipv4", "dual", "ipv6"), families
+        self.ident, self.style, self.mtu, self.families = ident, style, mtu, families
+        self.v4, self.v6 = families != "ipv6", families != "ipv4"
+        self.pod_ip6 = f"fd0b:{ident:x}::5"
+        self.client_ip6 = f"fd0c:{ident:x}::2"
         self.node = Netns(f"pv{ident}-node")
         self.pod = Netns(f"pv{ident}-pod")
         self.client = Netns(f"pv{ident}-cli")
@@ -150,12 +154,38 @@ class Bed:
         self._cli_veth = Veth(self.node.ns, f"pv{ident}cli", self.client.ns, "eth0")
 
     def setup(self) -> None:
-        """Build the three namespaces and their routes."""
-        n, node, pod, cli = self.ident, self.node.ns, self.pod.ns, self.client.ns
+        """Build the three namespaces and their routes for the families asked for."""
         for ns in (self.node, self.pod, self.client):
             ns.setup()
         self._pod_veth.setup()
         self._cli_veth.setup()
+        if self.v4:
+            self._setup_ipv4()
+        if self.v6:
+            self._setup_ipv6()
+
+    def _setup_ipv6(self) -> None:
+        """Calico: the pod's /128 via the link-local fe80::1, which the node answers by proxy NDP; bridge: a /64 via
+        the node's global address. Addresses skip duplicate detection, so they are usable at once."""
+        n, node, pod, cli = self.ident, self.node.ns, self.pod.ns, self.client.ns
+        h = f"{n:x}"
+        ns_run(node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        ns_run(node, "ip", "-6", "addr", "add", f"fd0c:{h}::1/64", "dev", f"pv{n}cli", "nodad")
+        ns_run(cli, "ip", "-6", "addr", "add", f"{self.client_ip6}/64", "dev", "eth0", "nodad")
+        ns_run(cli, "ip", "-6", "route", "add", "default", "via", f"fd0c:{h}::1")
+        if self.style == "calico":
+            ns_run(node, "ip", "-6", "route", "add", f"{self.pod_ip6}/128", "dev", f"pv{n}pod")
+            ns_run(node, "sysctl", "-qw", f"net.ipv6.conf.pv{n}pod.proxy_ndp=1")
+            ns_run(node, "ip", "-6", "neigh", "add", "proxy", "fe80::1", "dev", f"pv{n}pod")
+            ns_run(pod, "ip", "-6", "addr", "add", f"{self.pod_ip6}/128", "dev", "eth0", "nodad")
+            ns_run(pod, "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0")
+        else:
+            ns_run(node, "ip", "-6", "addr", "add", f"fd0b:{h}::1/64", "dev", f"pv{n}pod", "nodad")
+            ns_run(pod, "ip", "-6", "addr", "add", f"{self.pod_ip6}/64", "dev", "eth0", "nodad")
+            ns_run(pod, "ip", "-6", "route", "add", "default", "via", f"fd0b:{h}::1")
+
+    def _setup_ipv4(self) -> None:
+        n, node, pod, cli = self.ident, self.node.ns, self.pod.ns, self.client.ns
         ns_run(node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         ns_run(node, "ip", "addr", "add", f"10.{n}.9.1/24", "dev", f"pv{n}cli")
         ns_run(cli, "ip", "addr", "add", f"{self.client_ip}/24", "dev", "eth0")
@@ -278,6 +308,7 @@ class VmStandIn:
         self.resolv = Path("/etc/netns") / self.ns / "resolv.conf"
         self.relay: subprocess.Popen[bytes] | None = None
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.temp: list[Path] = []
 
     def setup(self, timeout: float = 10) -> None:
         """Create the namespace and attach the relay to the sidecar's tap (the sidecar must be up)."""
@@ -330,6 +361,55 @@ class VmStandIn:
         received: dict[str, str] = json.loads(self.record.read_text())
         return received
 
+    def dhcp6(self) -> dict[str, str]:
+        """Configure IPv6 as a real guest does: router advertisements (accept_ra, on while the stand-in does not
+        forward) give the default route and SLAAC, then ISC ``dhclient -6`` asks DHCPv6 for an address and the
+        nameservers; its stock script writes them to the namespace's own resolv.conf. Returns dhclient's lease
+        variables (``new_ip6_address``, ``new_dhcp6_name_servers``, ``new_dhcp6_domain_search``, ...)."""
+        for key, value in (("accept_ra", "1"), ("autoconf", "1")):
+            ns_run(self.ns, "sysctl", "-qw", f"net.ipv6.conf.eth0.{key}={value}")
+        base = Path(tempfile.gettempdir()) / f"pv{self.bed.ident}-dhclient6"
+        script = base.with_suffix(".sh")
+        record = base.with_suffix(".json")
+        self.temp += [script, record, base.with_suffix(".leases"), base.with_suffix(".pid")]
+        # The stock dhclient-script does the work (address, resolv.conf); the wrapper records what it was given.
+        script.write_text(
+            textwrap.dedent(f"""\
+            #!/bin/sh
+            case "$reason" in BOUND6|RENEW6|REBIND6)
+                {sys.executable} -c 'import json,os; print(json.dumps(dict(os.environ)))' > {record};;
+            esac
+            . /sbin/dhclient-script
+            """)
+        )
+        script.chmod(0o755)
+        base.with_suffix(".leases").unlink(missing_ok=True)
+        # dhclient gives up at once while the link-local address is still tentative (duplicate detection).
+        deadline = time.monotonic() + 10
+        while "tentative" in ns_run(self.ns, "ip", "-6", "addr", "show", "dev", "eth0", "scope", "link").stdout:
+            assert time.monotonic() < deadline, "the stand-in's link-local address stays tentative"
+            time.sleep(0.1)
+        ns_run(
+            self.ns,
+            "dhclient",
+            "-6",
+            "-1",
+            "-sf",
+            str(script),
+            "-lf",
+            str(base.with_suffix(".leases")),
+            "-pf",
+            str(base.with_suffix(".pid")),
+            "eth0",
+            timeout=60,
+        )
+        received: dict[str, str] = json.loads(record.read_text())
+        return received
+
+    def resolv_conf(self) -> str:
+        """The stand-in's resolv.conf, as its DHCP clients wrote it."""
+        return self.resolv.read_text()
+
     def serve_tcp(self, port: int, reply: str) -> None:
         """A TCP server answering ``reply`` and the peer's address to each connection."""
         self._serve("SOCK_STREAM", port, reply)
@@ -341,18 +421,19 @@ class VmStandIn:
     def _serve(self, kind: str, port: int, reply: str) -> None:
         code = textwrap.dedent(f"""\
             import socket
-            s = socket.socket(socket.AF_INET, socket.{kind})
+            s = socket.socket(socket.AF_INET6, socket.{kind})
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("0.0.0.0", {port}))
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.bind(("::", {port}))
             if s.type == socket.SOCK_STREAM:
                 s.listen()
                 while True:
                     c, peer = s.accept()
-                    c.sendall(("{reply} " + peer[0] + "\\n").encode())
+                    c.sendall(("{reply} " + peer[0].removeprefix("::ffff:") + "\\n").encode())
                     c.close()
             while True:
                 data, peer = s.recvfrom(2048)
-                s.sendto(("{reply} " + peer[0] + "\\n").encode(), peer)
+                s.sendto(("{reply} " + peer[0].removeprefix("::ffff:") + "\\n").encode(), peer)
             """)
         self.procs.append(ns_popen(self.ns, [sys.executable, "-c", code]))
         time.sleep(0.3)
@@ -365,7 +446,7 @@ class VmStandIn:
         self.procs.clear()
         self.relay = None
         self.netns.cleanup()
-        for path in (self.script, self.record, self.resolv):
+        for path in (self.script, self.record, self.resolv, *self.temp):
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.resolv.parent.rmdir()
@@ -389,7 +470,7 @@ def udp_request(ns: str, host: str, port: int) -> str:
     """Send one datagram from ``ns`` and return the reply ('' if none)."""
     code = textwrap.dedent(f"""\
         import socket, sys
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(socket.AF_INET6 if ":" in {host!r} else socket.AF_INET, socket.SOCK_DGRAM)
         s.settimeout(2)
         s.sendto(b"hi", ({host!r}, {port}))
         try:
@@ -398,6 +479,35 @@ def udp_request(ns: str, host: str, port: int) -> str:
             sys.exit(1)
         """)
     return ns_run(ns, sys.executable, "-c", code, check=False).stdout.strip()
+
+
+class Conversation:
+    """A TCP connection from the client through the pod IP (either family) to an echo server in the stand-in, kept
+    open: ``echo(text)`` sends a line and returns the answer."""
+
+    def __init__(self, client_ns: str, vm: VmStandIn, host: str) -> None:
+        server = "import socket\ns=socket.create_server(('', 9000), family=socket.AF_INET6, dualstack_ipv6=True)\n"
+        server += "c, _ = s.accept()\n"
+        server += "while (d := c.recv(100)): c.sendall(d)\n"
+        vm.procs.append(ns_popen(vm.ns, [sys.executable, "-c", server]))
+        time.sleep(0.3)
+        client = f"import socket,sys\ns=socket.create_connection(({host!r}, 9000), timeout=5)\n"
+        client += (
+            "for line in sys.stdin:\n    s.sendall(line.encode()); print(s.recv(100).decode(), end='', flush=True)\n"
+        )
+        self.proc = ns_popen(client_ns, [sys.executable, "-c", client], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def echo(self, text: str) -> str:
+        """Send ``text`` and return what came back ('' once the connection is gone)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{text}\n".encode())
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().decode().strip()
+
+    def close(self) -> None:
+        """End the client."""
+        self.proc.kill()
+        self.proc.wait()
 
 
 _next_id = [0]
@@ -430,9 +540,9 @@ class BedFactory:
     def __init__(self, made: list[Bed | Sidecar | VmStandIn]) -> None:
         self.made = made
 
-    def bed(self, style: str = "calico", mtu: int = 1440) -> Bed:
+    def bed(self, style: str = "calico", mtu: int = 1440, families: str = "ipv4") -> Bed:
         """A Bed, set up now and cleaned up by the fixture."""
-        bed = Bed(fresh_id(), style, mtu)
+        bed = Bed(fresh_id(), style, mtu, families)
         self.made.append(bed)
         bed.setup()
         return bed

@@ -62,6 +62,7 @@ def cmd_run(cfg: Config) -> int:
     password = read_password(cfg.vnc_password_file)
     drive = configdrive.plan_from_config(cfg)
     hs = handshake.wait(cfg.run_dir, cfg.handshake_timeout)
+    drive = configdrive.with_network(drive, hs) if drive is not None else None
     if hs.tap_owner is not None and os.getuid() not in (0, hs.tap_owner):
         log.warning(
             "tap %s belongs to uid %d but the runner is uid %d: qemu cannot open it", hs.tap, hs.tap_owner, os.getuid()
@@ -115,6 +116,7 @@ def cmd_plan(cfg: Config) -> int:
     hs = handshake.read(path) if path.exists() else None
     read_password(cfg.vnc_password_file)  # an unusable Secret is refused here as it would be by run
     drive = configdrive.plan_from_config(cfg)
+    drive = configdrive.with_network(drive, hs) if drive is not None and hs is not None else drive
     layout = Layout(cfg.image_dir)
     record = read_name(layout, cfg.img_name)
     usable = record is not None and matches_checksum(cfg, record) and layout.base(record.hex).exists()
@@ -191,6 +193,8 @@ def cmd_configdrive(cfg: Config, out: str) -> int:
     drive = configdrive.plan_from_config(cfg)
     if drive is None:
         raise ConfigError(f"METADATA={cfg.metadata} and USERDATA={cfg.userdata}: neither exists, no drive to write")
+    path = cfg.run_dir / handshake.FILE_NAME
+    drive = configdrive.with_network(drive, handshake.read(path)) if path.exists() else drive
     configdrive.write(drive, Path(out).absolute())
     return 0
 

@@ -16,6 +16,7 @@ import yaml
 
 from shared.errors import ConfigError
 from shared.files import write_atomic
+from shared.handshake import Handshake
 from vmrunner.config import Config
 
 # The OpenStack metadata versions cloud-init knows; older readers look for a dated folder, newer for ``latest``.
@@ -133,6 +134,63 @@ def plan_from_config(cfg: Config) -> DrivePlan | None:
     metadata = read_yaml(cfg.metadata, "METADATA")
     _check_keys(metadata, f"METADATA={cfg.metadata}")
     return plan_drive(cfg.config_drive, cfg.hostname, metadata, read_userdata(cfg.userdata))
+
+
+def _network_data(hs: Handshake) -> dict[str, Any]:
+    """OpenStack ``network_data.json``: the NIC by its MAC, IPv4 by DHCP as before, IPv6 static."""
+    assert hs.ipv6 is not None
+    link = {"id": "podvm", "type": "phy", "ethernet_mac_address": hs.mac, "mtu": hs.mtu}
+    networks: list[dict[str, Any]] = []
+    if hs.vm_ip is not None:
+        networks.append({"id": "podvm-ipv4", "type": "ipv4_dhcp", "link": "podvm"})
+    networks.append(
+        {
+            "id": "podvm-ipv6",
+            "type": "ipv6",
+            "link": "podvm",
+            "ip_address": hs.ipv6.vm_ip,
+            "netmask": "ffff:ffff:ffff:ffff::",
+            "routes": [{"network": "::", "netmask": "::", "gateway": hs.ipv6.gateway}],
+        }
+    )
+    services = [{"type": "dns", "address": address} for address in (*hs.ipv6.dns, *hs.dns)]
+    return {"links": [link], "networks": networks, "services": services}
+
+
+def _network_config(hs: Handshake) -> dict[str, Any]:
+    """NoCloud ``network-config`` (version 2): the same as ``_network_data``, with the search list. The NIC found by
+    its MAC is named eth0: without ``set-name`` cloud-init's ifupdown renderer would configure an interface that does
+    not exist (config-2 needs no name, cloud-init maps the MAC itself)."""
+    assert hs.ipv6 is not None
+    nic: dict[str, Any] = {
+        "match": {"macaddress": hs.mac},
+        "set-name": "eth0",
+        "mtu": hs.mtu,
+        "dhcp4": hs.vm_ip is not None,
+        "dhcp6": False,
+        "accept-ra": True,
+        "addresses": [f"{hs.ipv6.vm_ip}/{hs.ipv6.prefix}"],
+        "gateway6": hs.ipv6.gateway,
+    }
+    if hs.ipv6.dns or hs.dns or hs.search:
+        nic["nameservers"] = {"addresses": [*hs.ipv6.dns, *hs.dns], "search": list(hs.search)}
+    return {"version": 2, "ethernets": {"eth0": nic}}
+
+
+def with_network(plan: DrivePlan, hs: Handshake) -> DrivePlan:
+    """``plan`` plus the guest's network configuration where the VM has IPv6, so a cloud-init guest configures its
+    IPv6 address, route and nameservers even without DHCPv6 (IPv4 stays on DHCP, as without these files)."""
+    if hs.ipv6 is None:
+        return plan
+    files = dict(plan.files)
+    if plan.label == LABELS["nocloud"]:
+        files["/network-config"] = yaml.safe_dump(_network_config(hs), sort_keys=True).encode()
+    else:
+        # Beside meta_data.json in every version folder: cloud-init reads all files from the dated folder it picked.
+        document = (json.dumps(_network_data(hs), indent=2, sort_keys=True) + "\n").encode()
+        for version in OPENSTACK_VERSIONS:
+            files[f"/openstack/{version}/network_data.json"] = document
+    return DrivePlan(plan.label, files)
 
 
 def _iso_name(part: str, is_file: bool) -> str:

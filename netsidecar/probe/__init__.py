@@ -39,7 +39,8 @@ def command(args: list[str]) -> int:
             assert request.port is not None
             checks = probes.port(loaded, request.port, request.protocol)
         elif request.probe == "all":
-            checks = [check for name in ("dhcp", "arp", "path") for check in probes.PROBES[name](loaded)]
+            names = ("dhcp", "arp", "path") if loaded.ipv6 is None else ("dhcp", "arp", "ra", "nd", "path")
+            checks = [check for name in names for check in probes.PROBES[name](loaded)]
         else:
             checks = probes.PROBES[request.probe](loaded)
     print(to_json(checks) if request.as_json else render(checks), end="" if not request.as_json else "\n")

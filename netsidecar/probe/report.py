@@ -10,8 +10,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-PROBES = ("dhcp", "arp", "port", "path", "all")
-USAGE = "usage: netsidecar probe dhcp|arp|path|all [--json] | netsidecar probe port PORT[/udp] [--json]"
+PROBES = ("dhcp", "arp", "ra", "nd", "port", "path", "all")
+USAGE = "usage: netsidecar probe dhcp|arp|ra|nd|path|all [--json] | netsidecar probe port PORT[/udp] [--json]"
 _PORT = re.compile(r"^(\d{1,5})(?:/(tcp|udp))?$")
 
 
@@ -200,15 +200,67 @@ def judge_offer(offer: Offer | None, expected: Expected) -> list[Check]:
     return checks
 
 
-def judge_arp(answers: Sequence[str], vm_ip: str, vm_mac: str) -> Check:
-    """Who answered ARP for the VM's address: nobody (fail), the VM's MAC (ok), or someone else (warn)."""
+def judge_arp(answers: Sequence[str], vm_ip: str, vm_mac: str, probe: str = "arp") -> Check:
+    """Who answered ARP (or, for ``nd``, neighbour solicitation) for the VM's address: nobody (fail), the VM's MAC
+    (ok), or someone else too (warn: a duplicate)."""
     macs = sorted(set(answers))
     data = {"macs": macs, "vm_mac": vm_mac}
     if not macs:
-        return Check("arp", vm_ip, Status.FAIL, f"nobody answers for {vm_ip} on the bridge (is the VM up?)", data)
+        return Check(probe, vm_ip, Status.FAIL, f"nobody answers for {vm_ip} on the bridge (is the VM up?)", data)
     if macs == [vm_mac]:
-        return Check("arp", vm_ip, Status.OK, f"{vm_ip} is at {vm_mac}, the VM's MAC", data)
-    return Check("arp", vm_ip, Status.WARN, f"{vm_ip} answered by {', '.join(macs)}, not the VM's MAC {vm_mac}", data)
+        return Check(probe, vm_ip, Status.OK, f"{vm_ip} is at {vm_mac}, the VM's MAC", data)
+    return Check(probe, vm_ip, Status.WARN, f"{vm_ip} answered by {', '.join(macs)}, not the VM's MAC {vm_mac}", data)
+
+
+@dataclass(frozen=True)
+class Advert:
+    """A router advertisement as a guest on the bridge receives it."""
+
+    router_lifetime: int
+    managed: bool
+    prefixes: tuple[tuple[str, int, bool], ...]  # (prefix, length, autonomous flag)
+    mtu: int | None
+    rdnss: tuple[str, ...]
+    dnssl: tuple[str, ...]
+
+
+def judge_ra(
+    advert: Advert | None, prefix: str, mtu: int, dns: tuple[str, ...], search: tuple[str, ...]
+) -> list[Check]:
+    """The RA must make the bridge the guest's default router, send it to DHCPv6 (M), offer the VM's /64 for
+    SLAAC (A), and carry the pod's MTU, nameservers (RDNSS) and search list (DNSSL)."""
+    if advert is None:
+        return [Check("ra", "advert", Status.FAIL, "no router advertisement answers a router solicitation")]
+    network, length = prefix.split("/")
+    checks = [
+        Check(
+            "ra",
+            "router",
+            Status.OK if advert.router_lifetime > 0 else Status.FAIL,
+            f"router lifetime {advert.router_lifetime}s" + ("" if advert.router_lifetime else ": no default route"),
+        ),
+        Check(
+            "ra",
+            "managed",
+            Status.OK if advert.managed else Status.FAIL,
+            "M flag set: DHCPv6 gives the address" if advert.managed else "M flag clear: guests will not ask DHCPv6",
+        ),
+    ]
+    slaac = (network, int(length), True) in advert.prefixes
+    checks.append(
+        Check(
+            "ra",
+            "prefix",
+            Status.OK if slaac else Status.FAIL,
+            f"prefixes {list(advert.prefixes)}, expected {prefix} with A",
+        )
+    )
+    for name, got, want in (("mtu", advert.mtu, mtu), ("rdnss", advert.rdnss, dns), ("dnssl", advert.dnssl, search)):
+        same = got == want or (name != "mtu" and not want and not got)
+        checks.append(
+            Check("ra", name, Status.OK if same else Status.FAIL, f"{got!r}" + ("" if same else f", expected {want!r}"))
+        )
+    return checks
 
 
 class PortState(enum.Enum):
@@ -273,18 +325,19 @@ def rules_from_ruleset(document: Mapping[str, Any]) -> list[Rule]:
     return rules
 
 
-def judge_rules(rules: Sequence[Rule], vm_ip: str) -> list[Check]:
-    """The VM's table must DNAT to the VM and masquerade/SNAT what it sends; counters are shown as found."""
+def judge_rules(rules: Sequence[Rule], vm_ip: str, suffix: str = "") -> list[Check]:
+    """The VM's table must DNAT to the VM and masquerade/SNAT what it sends; counters are shown as found. ``suffix``
+    tells the families apart in the check names (``6`` for IPv6)."""
     dnat = [rule for rule in rules if rule.dnat_to == vm_ip]
     if not dnat:
-        return [Check("path", "nft dnat", Status.FAIL, f"no nftables rule DNATs to {vm_ip}")]
+        return [Check("path", f"nft dnat{suffix}", Status.FAIL, f"no nftables rule DNATs to {vm_ip}")]
     table = dnat[0].table
     own = [rule for rule in rules if rule.table == table]
     counted = sum(rule.packets or 0 for rule in dnat)
     checks = [
         Check(
             "path",
-            "nft dnat",
+            f"nft dnat{suffix}",
             Status.OK,
             f"table {table}: {len(dnat)} DNAT rule(s) to {vm_ip}, {counted} packets",
             {"table": table, "rules": len(own), "dnat_rules": len(dnat), "dnat_packets": counted},
@@ -293,9 +346,10 @@ def judge_rules(rules: Sequence[Rule], vm_ip: str) -> list[Check]:
     snat = [rule for rule in own if rule.nat_out]
     if snat:
         packets = sum(rule.packets or 0 for rule in snat)
-        checks.append(Check("path", "nft snat", Status.OK, f"{len(snat)} SNAT/masquerade rule(s), {packets} packets"))
+        detail = f"{len(snat)} SNAT/masquerade rule(s), {packets} packets"
+        checks.append(Check("path", f"nft snat{suffix}", Status.OK, detail))
     else:
-        checks.append(Check("path", "nft snat", Status.FAIL, f"table {table} has no SNAT/masquerade rule"))
+        checks.append(Check("path", f"nft snat{suffix}", Status.FAIL, f"table {table} has no SNAT/masquerade rule"))
     return checks
 
 

@@ -121,6 +121,18 @@ class Isolated:
     bridge_mac: str
     sender: "subprocess.Popen[bytes]"
 
+    @property
+    def vm_ip(self) -> str:
+        """The VM's IPv4 address (this bed's pod has IPv4)."""
+        assert self.handshake.vm_ip is not None
+        return self.handshake.vm_ip
+
+    @property
+    def gateway(self) -> str:
+        """The bridge's IPv4 address."""
+        assert self.handshake.gateway is not None
+        return self.handshake.gateway
+
     def send(self, *frames: str) -> None:
         """sendp the scapy expressions ``frames`` from the stand-in's interface (the guest's NIC)."""
         assert self.sender.stdin is not None and self.sender.stdout is not None
@@ -212,14 +224,14 @@ def to_client(bed: Isolated, src: str, marker: str, mac: str = MAC) -> str:
 
 def spoofed_ipv4(bed: Isolated) -> tuple[list[str], list[str]]:
     """Frames with forged IPv4 sources (and the markers they carry): the gateway, the pod IP, a client neighbour."""
-    sources = {"spoof-gw": bed.handshake.gateway, "spoof-pod": bed.bed.pod_ip, "spoof-nb": f"10.{bed.bed.ident}.9.77"}
+    sources = {"spoof-gw": bed.gateway, "spoof-pod": bed.bed.pod_ip, "spoof-nb": f"10.{bed.bed.ident}.9.77"}
     return [to_client(bed, src, marker) for marker, src in sources.items()], list(sources)
 
 
 def test_allowed_traffic_still_flows(bed: Isolated) -> None:
     """DHCP (the fixture's lease), ping to the gateway, inbound TCP/UDP/ICMP via the pod IP, outbound as the pod."""
     ping = ("busybox", "ping", "-c1", "-W2")
-    assert ns_run(bed.vm.ns, *ping, bed.handshake.gateway, check=False).returncode == 0, "guest pings its gateway"
+    assert ns_run(bed.vm.ns, *ping, bed.gateway, check=False).returncode == 0, "guest pings its gateway"
     bed.vm.serve_tcp(8080, "vm")
     bed.vm.serve_udp(5353, "vm")
     assert tcp_request(bed.bed.client.ns, bed.bed.pod_ip, 8080) == f"vm {bed.bed.client_ip}"
@@ -227,7 +239,7 @@ def test_allowed_traffic_still_flows(bed: Isolated) -> None:
     assert ns_run(bed.bed.client.ns, *ping, bed.bed.pod_ip, check=False).returncode == 0
     assert tcp_request(bed.bed.pod.ns, bed.bed.pod_ip, 8080).startswith("vm "), "the pod reaches the VM too"
     with Capture(bed.bed.client.ns, "eth0") as seen:
-        bed.send(to_client(bed, bed.handshake.vm_ip, "outbound"))
+        bed.send(to_client(bed, bed.vm_ip, "outbound"))
     assert [f["ip_src"] for f in seen.carrying("outbound")] == [bed.bed.pod_ip], "leaves SNATed to the pod IP"
 
 
@@ -235,7 +247,7 @@ def test_spoofed_ipv4_source_never_leaves(bed: Isolated) -> None:
     before = bed.counters()
     frames, markers = spoofed_ipv4(bed)
     with Capture(bed.bed.client.ns, "eth0") as seen:
-        bed.send(*frames, to_client(bed, bed.handshake.vm_ip, "control"))
+        bed.send(*frames, to_client(bed, bed.vm_ip, "control"))
     assert seen.carrying("control"), "the control datagram from the VM's own address arrives"
     assert not [f for marker in markers for f in seen.carrying(marker)], seen.frames
     assert grew(before, bed.counters(), plan.GUARD_IPV4, len(markers))
@@ -244,7 +256,7 @@ def test_spoofed_ipv4_source_never_leaves(bed: Isolated) -> None:
 def test_spoofed_ethernet_source_never_enters_the_bridge(bed: Isolated) -> None:
     before = bed.counters()
     with Capture(bed.bed.client.ns, "eth0") as seen:
-        bed.send(to_client(bed, bed.handshake.vm_ip, "spoof-mac", ROGUE_MAC), to_client(bed, bed.handshake.vm_ip, "ok"))
+        bed.send(to_client(bed, bed.vm_ip, "spoof-mac", ROGUE_MAC), to_client(bed, bed.vm_ip, "ok"))
     assert seen.carrying("ok") and not seen.carrying("spoof-mac")
     fdb = ns_run(bed.bed.pod.ns, "bridge", "fdb", "show", "br", "podvm0").stdout
     assert ROGUE_MAC not in fdb, "the bridge did not learn the forged MAC"
@@ -261,7 +273,7 @@ def plant_neighbour(bed: Isolated) -> tuple[str, str]:
     """An ARP request for the gateway from an invented address: answered, it plants a neighbour entry in the pod."""
     invented = f"10.{bed.bed.ident}.0.99"
     frame = f"Ether(src={MAC!r}, dst='ff:ff:ff:ff:ff:ff') / ARP(op=1, hwsrc={MAC!r}, psrc={invented!r}, pdst="
-    return invented, frame + f"{bed.handshake.gateway!r})"
+    return invented, frame + f"{bed.gateway!r})"
 
 
 def test_arp_for_a_foreign_address_changes_nothing(bed: Isolated) -> None:
@@ -295,7 +307,7 @@ def test_arp_for_a_foreign_address_changes_nothing(bed: Isolated) -> None:
 def dhcp_offer(bed: Isolated) -> str:
     """A DHCP OFFER from the guest, naming itself the router."""
     return (
-        f"Ether(src={MAC!r}, dst='ff:ff:ff:ff:ff:ff') / IP(src={bed.handshake.vm_ip!r}, dst='255.255.255.255')"
+        f"Ether(src={MAC!r}, dst='ff:ff:ff:ff:ff:ff') / IP(src={bed.vm_ip!r}, dst='255.255.255.255')"
         " / UDP(sport=67, dport=68) / BOOTP(op=2, yiaddr='192.168.254.1', siaddr='192.168.254.2')"
         " / DHCP(options=[('message-type', 'offer'), ('router', '192.168.254.2'), 'end'])"
     )
@@ -362,7 +374,7 @@ def test_router_advertisement_and_ipv6_are_dropped(bed: Isolated) -> None:
 
 def local_targets(bed: Isolated) -> list[tuple[str, str, int]]:
     """Each pod listener through the gateway address and through the pod IP."""
-    hosts = (bed.handshake.gateway, bed.bed.pod_ip)
+    hosts = (bed.gateway, bed.bed.pod_ip)
     return [(proto, host, port) for proto, _bind, port in LISTENERS for host in hosts]
 
 
@@ -373,10 +385,10 @@ def test_pod_services_are_closed_to_the_guest(bed: Isolated) -> None:
     assert got == {f"{p} {h} {n}": "" for p, h, n in local_targets(bed)}, got
     assert grew(before, bed.counters(), plan.GUARD_POD_SERVICES, len(got))
     assert ns_run(bed.vm.ns, "busybox", "ping", "-c1", "-W1", bed.bed.pod_ip, check=False).returncode != 0
-    opened = bed.guest_tries([("tcp", bed.handshake.gateway, OPEN_TCP), ("udp", bed.bed.pod_ip, OPEN_UDP)])
+    opened = bed.guest_tries([("tcp", bed.gateway, OPEN_TCP), ("udp", bed.bed.pod_ip, OPEN_UDP)])
     assert sorted(opened.values()) == [f"pod {OPEN_TCP}", f"pod {OPEN_UDP}"], "VM_OPEN_PORTS opens them"
     seen = bed.listener_log.read_text().split("\n")
-    guest = {line.split()[0] for line in seen if bed.handshake.vm_ip in line}
+    guest = {line.split()[0] for line in seen if bed.vm_ip in line}
     assert guest == {str(OPEN_TCP), str(OPEN_UDP)}, f"listeners saw the guest on {guest}"
     pod = bed.bed.pod.ns
     assert tcp_request(pod, "127.0.0.1", 7001) == "pod 7001" and tcp_request(pod, "::1", 7002) == "pod 7002"
@@ -425,7 +437,7 @@ def test_without_the_guards_the_same_attacks_succeed(bed: Isolated) -> None:
         # The kernel itself drops the forged local sources (gateway, pod IP) as martians; a foreign one leaves.
         assert seen.carrying("spoof-nb"), "a spoofed source leaves unguarded"
         with Capture(pod, "podvm0") as bridge:
-            bed.send(to_client(bed, bed.handshake.vm_ip, "spoof-mac", ROGUE_MAC), dhcp_offer(bed))
+            bed.send(to_client(bed, bed.vm_ip, "spoof-mac", ROGUE_MAC), dhcp_offer(bed))
         assert [f["sport"] for f in bridge.frames if f["src"] == MAC and "sport" in f] == [67], "the offer arrives"
         assert ROGUE_MAC in ns_run(pod, "bridge", "fdb", "show", "br", "podvm0").stdout, "the forged MAC is learnt"
         invented, plant = plant_neighbour(bed)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netbed import BedFactory, Sidecar, VmStandIn, ns_popen, ns_run, tcp_request, udp_request
+from tests.netbed import BedFactory, Conversation, Sidecar, ns_popen, ns_run, tcp_request, udp_request
 
 pytestmark = pytest.mark.netns
 
@@ -88,7 +88,12 @@ def test_calico_pod_traffic_and_dhcp(bed_factory: BedFactory) -> None:
     status = json.loads(side.cli("status").stdout)
     assert status["dnsmasq_pid"] and status["handshake"] and len(status["leases"]) == 1
     assert sum(e["counter"]["packets"] for r in status["rules"] for e in r["expr"] if "counter" in e) > 0
-    for line in ("pod interface eth0", "rules: 24 in tables ip/netdev/inet podvm", "dnsmasq started", "network ready"):
+    for line in (
+        "pod interface eth0",
+        "rules: 28 in tables ip/ip6/netdev/inet podvm",
+        "dnsmasq started",
+        "network ready",
+    ):
         assert line in side.log()
 
 
@@ -100,31 +105,6 @@ def test_bridge_pod_with_no_vnc(bed_factory: BedFactory) -> None:
     vm.dhcp()
     vm.serve_tcp(5900, "vnc")
     assert tcp_request(bed.client.ns, bed.pod_ip, 5900) == f"vnc {bed.client_ip}"
-
-
-class Conversation:
-    """A TCP connection from the client through the pod IP to an echo server in the stand-in, kept open."""
-
-    def __init__(self, client_ns: str, vm: VmStandIn, host: str) -> None:
-        server = "import socket\ns=socket.socket(); s.bind(('0.0.0.0', 9000)); s.listen(); c,_=s.accept()\n"
-        server += "while (d := c.recv(100)): c.sendall(d)\n"
-        vm.procs.append(ns_popen(vm.ns, [sys.executable, "-c", server]))
-        time.sleep(0.3)
-        client = f"import socket,sys\ns=socket.create_connection(({host!r}, 9000), timeout=5)\n"
-        client += (
-            "for line in sys.stdin:\n    s.sendall(line.encode()); print(s.recv(100).decode(), end='', flush=True)\n"
-        )
-        self.proc = ns_popen(client_ns, [sys.executable, "-c", client], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-    def echo(self, text: str) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{text}\n".encode())
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().decode().strip()
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
 
 
 def test_restart_after_kill_keeps_links_and_flows_then_sigterm_cleans(bed_factory: BedFactory) -> None:

@@ -113,7 +113,7 @@ def test_arp_healthy_and_stand_in_down(bed: Probed) -> None:
         code, report = probe(bed, "arp")
     finally:
         ns_run(bed.vm.ns, "ip", "link", "set", "eth0", "up")
-        ns_run(bed.vm.ns, "ip", "route", "replace", "default", "via", bed.handshake.gateway)
+        ns_run(bed.vm.ns, "ip", "route", "replace", "default", "via", str(bed.handshake.gateway))
     assert (code, statuses(report)) == (1, {vm_ip: "fail"})
 
 

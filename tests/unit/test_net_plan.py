@@ -2,6 +2,7 @@
 
 import ipaddress
 import json
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -53,7 +54,7 @@ def test_metrics_port_stays_in_the_pod_like_vnc() -> None:
         assert 9100 in ports and 5900 in ports, chain
         assert {"dnat": {"addr": "192.168.254.2"}} in exprs[-1], "the exceptions come before the DNAT"
     handshake = build(read_settings(Env({"HOSTNAME": "vm", "METRICS_PORT": "9100"})), POD, RESOLV).handshake
-    assert handshake.metrics_port == 9100 and handshake.version == "1.1"
+    assert handshake.metrics_port == 9100 and handshake.version == "1.2"
     assert build(read_settings(Env({"HOSTNAME": "vm"})), POD, RESOLV).handshake.metrics_port is None
 
 
@@ -136,7 +137,7 @@ def test_links_and_handshake_carry_the_pod_mtu_and_validate() -> None:
 # (dicts of "protocol field" -> value) through the chains, as the kernel would, and reports the verdict and the
 # comment of the rule that decided (the guard's name for a drop).
 
-GUARD_RULES = 17  # netdev: 10, inet: 7 (no VM_OPEN_PORTS)
+GUARD_RULES = 21  # netdev: 13, inet: 6 and 2 in forward (no VM_OPEN_PORTS, an IPv4-only pod)
 VM_MAC, VM_IP, GW = "02:00:00:00:00:aa", "192.168.254.2", "192.168.254.1"
 ENV = {"HOSTNAME": "vm", "VM_MAC": VM_MAC}
 
@@ -219,14 +220,19 @@ def arp(sender_ip: str, sender_mac: str = VM_MAC, **fields: object) -> dict[str,
 def test_isolation_tables_ride_in_the_nat_transaction_and_are_replaced_whole() -> None:
     doc = ruleset(read_settings(Env(ENV)), POD)
     tables = [c[v]["table"] for c in doc["nftables"] for v in ("add", "delete") if "table" in c.get(v, {})]
-    assert [(t["family"], t["name"]) for t in tables] == [(f, "podvm") for f in ("ip", "netdev", "inet") for _ in "ada"]
+    expected = [(f, "podvm") for f in ("ip", "ip6", "netdev", "inet") for _ in ("ad" if f == "ip6" else "ada")]
+    assert [(t["family"], t["name"]) for t in tables] == expected, "ip6 only removed: the pod has no IPv6"
     tap = chains(doc, "netdev")[plan.TAP_CHAIN]["base"]
     assert (tap["type"], tap["hook"], tap["dev"], tap["policy"]) == ("filter", "ingress", "podvm-tap0", "drop")
     entry = chains(doc, "inet")[plan.INPUT_CHAIN]["base"]
     assert (entry["type"], entry["hook"], entry["policy"]) == ("filter", "input", "accept")
     comments = [c["add"]["rule"].get("comment") for c in doc["nftables"] if "rule" in c.get("add", {})]
-    named = sorted([*plan.GUARDS, plan.NAT_IN, plan.NAT_OUT])
-    assert sorted(c for c in comments if c) == named, "each guard once, the NAT's counters, nothing else named"
+    named = Counter(c for c in comments if c)
+    nat_tables = sum(
+        1 for c in doc["nftables"] if c.get("add", {}).get("chain", {}).get("name") == plan.ACCOUNTING_CHAIN
+    )
+    guards = {g: 2 if g == plan.GUARD_ND else 1 for g in plan.GUARDS}
+    assert named == {**guards, plan.NAT_IN: nat_tables, plan.NAT_OUT: nat_tables}, "each guard, the NAT's counters"
 
 
 def test_every_drop_is_counted_and_named() -> None:
@@ -290,11 +296,6 @@ def pod_bound(**fields: object) -> dict[str, Any]:
         (pod_bound(**{"udp sport": 53, "udp dport": 67}), {}, ("drop", plan.GUARD_POD_SERVICES)),
         (pod_bound(**{"ct state": ["invalid"], "tcp dport": 80}), {}, ("drop", plan.GUARD_POD_SERVICES)),
         (pod_bound(nfproto="ipv6", **{"icmpv6 type": "nd-router-advert"}), {}, ("drop", plan.GUARD_POD_RA)),
-        (
-            pod_bound(nfproto="ipv6", **{"tcp dport": 22, "ct state": ["established"]}),
-            {},
-            ("drop", plan.GUARD_POD_IPV6),
-        ),
         ({**pod_bound(**{"tcp dport": 22}), "iifname": "eth0"}, {}, ("accept", None)),
     ],
 )
@@ -316,3 +317,233 @@ def test_vm_open_ports(raw: str, ports: tuple[tuple[int, str], ...]) -> None:
 def test_vm_open_ports_refuses_bad_values(raw: str) -> None:
     with pytest.raises(ConfigError, match=r"^VM_OPEN_PORTS=.*expected a comma-separated list such as 8080,53/udp"):
         read_settings(Env({**ENV, "VM_OPEN_PORTS": raw}))
+
+
+# ------------------------------------------------------------------------------------------------------ IPv6
+POD6 = ipaddress.IPv6Address("fd00:10:244::5")
+DUAL = PodFacts("eth0", POD.ip, POD.network, 1440, POD6, ipaddress.IPv6Network(f"{POD6}/128"))
+V6ONLY = PodFacts("eth0", None, None, 1440, POD6, ipaddress.IPv6Network("fd00:10:244::/64"))
+VM_IP6 = "fd70:6f64:766d::ff:fe00:aa"  # EUI-64 of VM_MAC in the default prefix
+VM_LL = "fe80::ff:fe00:aa"
+GW6 = "fd70:6f64:766d::1"
+RESOLV6 = Resolv(RESOLV.nameservers, RESOLV.search, ("fd00::10",))
+
+
+def _raw(left: dict[str, Any], packet: dict[str, Any]) -> Any:
+    """A raw transport-header payload: the ND target address (8 bytes into ICMPv6), cut to the bits asked for."""
+    payload = left["payload"]
+    assert (payload["base"], payload["offset"]) == ("th", 64), payload
+    target = packet.get("nd target")
+    return None if target is None else hex(int(ipaddress.IPv6Address(target)) >> (128 - payload["len"]))
+
+
+def _in(got: Any, element: Any) -> bool:
+    if isinstance(element, dict) and "prefix" in element:
+        network = ipaddress.ip_network(f"{element['prefix']['addr']}/{element['prefix']['len']}")
+        return ipaddress.ip_address(got) in network
+    return bool(got == element)
+
+
+def _matches6(match: dict[str, Any], packet: dict[str, Any]) -> bool:
+    """_matches with prefixes in sets and raw payloads, as the IPv6 rules use them."""
+    left, right = match["left"], match["right"]
+    got = _raw(left, packet) if "base" in left.get("payload", {}) else _value(left, packet)
+    if got is None:
+        return False
+    if match["op"] == "in":
+        return bool(set(got) & set(right)) if isinstance(got, list) else bool(got == right)
+    wanted = right["set"] if isinstance(right, dict) and "set" in right else [right]
+    return bool(any(_in(got, w) for w in wanted) == (match["op"] == "=="))
+
+
+def verdict6(table: dict[str, Any], chain: str, packet: dict[str, Any]) -> tuple[str, str | None]:
+    """verdict() for chains with IPv6 rules; mangle statements (MSS clamping) do not decide."""
+    for rule in table[chain]["rules"]:
+        exprs = rule["expr"]
+        if not all(_matches6(e["match"], packet) for e in exprs if "match" in e):
+            continue
+        for e in exprs:
+            if "jump" in e:
+                result = verdict6(table, e["jump"]["target"], packet)
+                if result[0] != "continue":
+                    return result
+            elif "accept" in e or "drop" in e:
+                assert ("drop" not in e) or {"counter": None} in exprs, f"uncounted drop: {rule}"
+                return ("accept" if "accept" in e else "drop"), rule.get("comment")
+    return table[chain]["base"].get("policy", "continue"), None
+
+
+def doc6(pod: PodFacts = DUAL, env: dict[str, str] | None = None) -> dict[str, Any]:
+    return ruleset(read_settings(Env({**ENV, **(env or {})})), pod)
+
+
+def ip6(src: str = VM_IP6, /, **fields: object) -> dict[str, Any]:
+    return {"ether saddr": VM_MAC, "ether type": "ip6", "ip6 saddr": src, "ip6 daddr": "fd0c::2", **fields}
+
+
+def na(target: str, src: str = VM_LL) -> dict[str, Any]:
+    return ip6(src, **{"icmpv6 type": "nd-neighbor-advert", "nd target": target})
+
+
+def test_vm_ipv6_address_is_the_eui64_of_its_mac() -> None:
+    assert str(read_settings(Env(ENV)).vm_ip6) == VM_IP6
+
+
+@pytest.mark.parametrize(
+    ("packet", "expected"),
+    [
+        (ip6(), ("accept", None)),
+        (ip6(VM_LL), ("accept", None)),
+        (ip6("fd70:6f64:766d::1234:5678:9abc:def0"), ("accept", None)),  # stable-privacy / temporary: the guest's
+        (ip6("fe80::1234:5678:9abc:def0"), ("accept", None)),  # a stable-privacy link-local
+        (ip6("::", **{"icmpv6 type": "nd-neighbor-solicit", "nd target": VM_IP6}), ("accept", None)),  # DAD
+        (ip6("::", **{"icmpv6 type": "mld2-listener-report"}), ("accept", None)),
+        (ip6(VM_LL, **{"udp sport": 546, "udp dport": 547}), ("accept", None)),  # DHCPv6 client
+        (ip6(VM_LL, **{"icmpv6 type": "nd-router-solicit"}), ("accept", None)),
+        (na(VM_IP6), ("accept", None)),
+        (na(VM_LL), ("accept", None)),
+        (ip6("::", **{"tcp dport": 80}), ("drop", plan.GUARD_IPV6)),
+        (ip6(GW6), ("drop", plan.GUARD_IPV6)),
+        (ip6("fe80::1"), ("drop", plan.GUARD_IPV6)),
+        (ip6(str(POD6)), ("drop", plan.GUARD_IPV6)),
+        (ip6("fd0e::9"), ("drop", plan.GUARD_IPV6)),
+        (ip6("fd70:6f64:766e::5"), ("drop", plan.GUARD_IPV6)),  # next /64
+        (ip6(VM_LL, **{"icmpv6 type": "nd-router-advert"}), ("drop", plan.GUARD_RA)),
+        (ip6(VM_LL, **{"icmpv6 type": "nd-redirect"}), ("drop", plan.GUARD_RA)),
+        (ip6(VM_LL, **{"udp sport": 547, "udp dport": 546}), ("drop", plan.GUARD_DHCP6_SERVER)),
+        (na("fe80::1"), ("drop", plan.GUARD_ND)),
+        (na(GW6), ("drop", plan.GUARD_ND)),
+        (na(str(POD6)), ("drop", plan.GUARD_ND)),
+        (na("fd0c::2"), ("drop", plan.GUARD_ND)),
+        ({**ip6(), "ether saddr": "02:00:00:00:00:bb"}, ("drop", plan.GUARD_MAC)),
+        (ipv4(), ("accept", None)),
+    ],
+)
+def test_what_the_tap_lets_in_on_a_dual_stack_pod(packet: dict[str, Any], expected: tuple[str, str | None]) -> None:
+    assert verdict6(chains(doc6(), "netdev"), plan.TAP_CHAIN, packet) == expected
+
+
+@pytest.mark.parametrize(
+    ("pod", "packet", "expected"),
+    [
+        (POD, ip6(), ("drop", plan.GUARD_IPV6)),  # IPv4-only pod: no IPv6 source is the guest's
+        (POD, ip6("::", **{"icmpv6 type": "nd-neighbor-solicit"}), ("drop", plan.GUARD_IPV6)),
+        (POD, ip6(VM_LL, **{"icmpv6 type": "nd-router-advert"}), ("drop", plan.GUARD_RA)),
+        (V6ONLY, ipv4(), ("drop", plan.GUARD_IPV4)),  # IPv6-only pod: no IPv4 at all
+        (V6ONLY, ipv4("0.0.0.0", **{"udp sport": 68, "udp dport": 67}), ("drop", plan.GUARD_IPV4)),
+        (V6ONLY, arp(VM_IP), ("drop", plan.GUARD_ARP)),
+        (V6ONLY, ip6(), ("accept", None)),
+    ],
+)
+def test_a_family_the_pod_lacks_is_closed_at_the_tap(
+    pod: PodFacts, packet: dict[str, Any], expected: tuple[str, str | None]
+) -> None:
+    assert verdict6(chains(doc6(pod), "netdev"), plan.TAP_CHAIN, packet) == expected
+
+
+def pod_bound6(daddr: str = GW6, /, **fields: object) -> dict[str, Any]:
+    return {"iifname": "podvm0", "nfproto": "ipv6", "ct state": ["new"], "ip6 daddr": daddr, **fields}
+
+
+@pytest.mark.parametrize(
+    ("pod", "packet", "expected"),
+    [
+        (DUAL, pod_bound6("ff02::2", **{"icmpv6 type": "nd-router-solicit"}), ("accept", None)),
+        (DUAL, pod_bound6("ff02::1:ff00:1", **{"icmpv6 type": "nd-neighbor-solicit"}), ("accept", None)),
+        (DUAL, pod_bound6("fe80::1", **{"icmpv6 type": "nd-neighbor-advert"}), ("accept", None)),
+        (DUAL, pod_bound6("ff02::16", **{"icmpv6 type": "mld2-listener-report"}), ("accept", None)),
+        (DUAL, pod_bound6("ff02::1:2", **{"udp sport": 546, "udp dport": 547}), ("accept", None)),
+        (DUAL, pod_bound6(**{"icmpv6 type": "echo-request"}), ("accept", None)),
+        (DUAL, pod_bound6("fe80::1", **{"icmpv6 type": "echo-request"}), ("accept", None)),
+        (DUAL, pod_bound6(str(POD6), **{"icmpv6 type": "echo-request"}), ("drop", plan.GUARD_POD_SERVICES)),
+        (DUAL, pod_bound6(**{"tcp dport": 5900}), ("drop", plan.GUARD_POD_SERVICES)),
+        (DUAL, pod_bound6("fe80::1", **{"tcp dport": 22}), ("drop", plan.GUARD_POD_SERVICES)),
+        (DUAL, pod_bound6(**{"udp sport": 546, "udp dport": 53}), ("drop", plan.GUARD_POD_SERVICES)),
+        (DUAL, pod_bound6("ff02::1", **{"icmpv6 type": "nd-router-advert"}), ("drop", plan.GUARD_POD_RA)),
+        (POD, pod_bound6("ff02::2", **{"icmpv6 type": "nd-router-solicit"}), ("drop", plan.GUARD_POD_SERVICES)),
+        (V6ONLY, pod_bound(**{"udp sport": 68, "udp dport": 67}), ("drop", plan.GUARD_POD_SERVICES)),
+    ],
+)
+def test_what_the_pod_accepts_from_the_bridge_over_ipv6(
+    pod: PodFacts, packet: dict[str, Any], expected: tuple[str, str | None]
+) -> None:
+    assert verdict6(chains(doc6(pod), "inet"), plan.INPUT_CHAIN, packet) == expected
+
+
+def test_ipv6_nat_rides_in_the_same_transaction() -> None:
+    doc = doc6()
+    families = [c["add"]["table"]["family"] for c in doc["nftables"] if "table" in c.get("add", {})]
+    assert families.count("ip") == families.count("ip6") == 2, "both NAT tables replaced in one document"
+    nat6 = chains(doc, "ip6")
+    pre, out, post = (nat6[name]["rules"] for name in ("prerouting", "output", "postrouting"))
+    assert has_vnc_exception(pre[0]["expr"]) and has_vnc_exception(out[0]["expr"])
+    assert {"dnat": {"addr": VM_IP6}} in pre[1]["expr"] and {"dnat": {"addr": VM_IP6}} in out[1]["expr"]
+    assert {"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "daddr"}}, "right": str(POD6)}} in (
+        pre[1]["expr"]
+    )
+    source = {"prefix": {"addr": "fd70:6f64:766d::", "len": 64}}
+    assert {"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}}, "right": source}} in (
+        post[0]["expr"]
+    ), "every address of the guest's /64 leaves as the pod (SLAAC and temporary ones too)"
+    assert {"snat": {"addr": str(POD6)}} in post[0]["expr"]
+    no_vnc = chains(doc6(env={"NO_VNC": "true"}), "ip6")
+    assert not any(has_vnc_exception(r["expr"]) for c in ("prerouting", "output") for r in no_vnc[c]["rules"])
+
+
+def test_an_ipv6_only_pod_has_no_ipv4_nat_and_an_ipv4_pod_no_ipv6_nat() -> None:
+    for pod, gone, kept in ((V6ONLY, "ip", "ip6"), (POD, "ip6", "ip")):
+        doc = doc6(pod)
+        commands = [
+            (v, c[v]["table"]["family"]) for c in doc["nftables"] for v in ("add", "delete") if "table" in c.get(v, {})
+        ]
+        assert [x for x in commands if x[1] == gone] == [("add", gone), ("delete", gone)], "removed, not re-made"
+        assert [x for x in commands if x[1] == kept] == [("add", kept), ("delete", kept), ("add", kept)]
+
+
+@pytest.mark.parametrize("pod", [POD, DUAL, V6ONLY])
+def test_mss_is_clamped_to_the_route_mtu_both_ways_through_the_bridge(pod: PodFacts) -> None:
+    forward = chains(doc6(pod), "inet")[plan.FORWARD_CHAIN]
+    assert (forward["base"]["hook"], forward["base"]["policy"]) == ("forward", "accept")
+    clamp = {"mangle": {"key": {"tcp option": {"name": "maxseg", "field": "size"}}, "value": {"rt": {"key": "mtu"}}}}
+    syn = {"match": {"op": "in", "left": {"payload": {"protocol": "tcp", "field": "flags"}}, "right": "syn"}}
+    sides = sorted(r["expr"][0]["match"]["left"]["meta"]["key"] for r in forward["rules"])
+    assert sides == ["iifname", "oifname"] and all(r["expr"][1:] == [syn, clamp] for r in forward["rules"])
+    assert not any("drop" in e or "accept" in e for r in forward["rules"] for e in r["expr"]), "clamps only"
+
+
+def test_dnsmasq_sends_ras_and_gives_the_exact_ipv6_address_by_mac() -> None:
+    s = read_settings(Env({**ENV, "NET_STATE_DIR": "/s"}))
+    argv = build(s, DUAL, RESOLV6).dnsmasq
+    assert "--enable-ra" in argv
+    assert "--dhcp-range=fd70:6f64:766d::,static,slaac,64,infinite" in argv, "managed + autonomous flags, no pool"
+    assert f"--dhcp-host={VM_MAC},[{VM_IP6}],infinite" in argv
+    assert "--ra-param=podvm0,mtu:1440,60,1800" in argv, "MTU option, RA interval, router lifetime"
+    assert "--dhcp-option=option6:dns-server,[fd00::10]" in argv
+    assert "--dhcp-option=option6:domain-search,ns.svc.cluster.local,cluster.local" in argv
+    assert f"--dhcp-host={VM_MAC},{VM_IP},infinite" in argv, "IPv4 as before"
+    only6 = build(s, V6ONLY, RESOLV6).dnsmasq
+    assert not [a for a in only6 if a.startswith("--dhcp-option=option:") or "192.168.254" in a or a == "--no-ping"]
+    assert "--enable-ra" in only6
+    ipv4_only = build(s, POD, RESOLV6).dnsmasq
+    assert not [a for a in ipv4_only if a.startswith(("--enable-ra", "--ra-param")) or "option6" in a or "[" in a]
+
+
+def test_links_carry_ipv6_only_where_the_pod_has_it() -> None:
+    s = read_settings(Env(ENV))
+    assert build(s, DUAL, RESOLV6).links.bridge_addresses6 == ("fe80::1/64", f"{GW6}/64")
+    assert build(s, POD, RESOLV6).links.bridge_addresses6 == ()
+    assert build(s, V6ONLY, RESOLV6).links.bridge_address is None
+
+
+def test_handshake_1_1_carries_the_ipv6_side() -> None:
+    s = read_settings(Env(ENV))
+    hs = build(s, DUAL, RESOLV6).handshake
+    assert hs.version == "1.2" and hs.families == ("ipv4", "ipv6"), "1.1 brought IPv6, 1.2 the metrics port"
+    assert hs.ipv6 is not None and (hs.ipv6.vm_ip, hs.ipv6.gateway, hs.ipv6.router) == (VM_IP6, GW6, "fe80::1")
+    assert (hs.ipv6.pod_ip, hs.ipv6.prefix, hs.ipv6.dns) == (str(POD6), 64, ("fd00::10",))
+    assert hs.vm_ip == VM_IP and hs.dns == RESOLV.nameservers
+    assert Handshake.from_dict(json.loads(json.dumps(hs.to_dict()))) == hs
+    only6 = build(s, V6ONLY, RESOLV6).handshake
+    assert (only6.vm_ip, only6.gateway, only6.pod_ip, only6.dns, only6.families) == (None, None, None, (), ("ipv6",))
+    assert Handshake.from_dict(json.loads(json.dumps(only6.to_dict()))) == only6
+    assert build(s, POD, RESOLV6).handshake.ipv6 is None

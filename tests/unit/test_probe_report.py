@@ -1,10 +1,12 @@
 """The probes' pure half: argument parsing, verdicts, option 119 decoding and rendering."""
 
+import dataclasses
 import json
 
 import pytest
 
 from netsidecar.probe.report import (
+    Advert,
     Check,
     Expected,
     Offer,
@@ -19,6 +21,7 @@ from netsidecar.probe.report import (
     judge_isolation,
     judge_offer,
     judge_port,
+    judge_ra,
     judge_rules,
     parse,
     render,
@@ -39,6 +42,8 @@ GOOD = Offer("192.168.254.1", "192.168.254.2", "255.255.255.252", "192.168.254.1
         (["port", "80"], Request("port", 80, "tcp")),
         (["--json", "port", "53/udp"], Request("port", 53, "udp", True)),
         (["port", "22/tcp"], Request("port", 22, "tcp")),
+        (["ra"], Request("ra")),
+        (["nd", "--json"], Request("nd", as_json=True)),
     ],
 )
 def test_parse_accepts(args: list[str], request_: Request) -> None:
@@ -168,3 +173,46 @@ def test_render_and_json() -> None:
     data = json.loads(to_json(checks))
     assert data["healthy"] is False
     assert [c["status"] for c in data["checks"]] == ["ok", "fail"]
+
+
+PREFIX6 = "fd70:6f64:766d::/64"
+GOOD_RA = Advert(1800, True, (("fd70:6f64:766d::", 64, True),), 1450, ("fd00::10",), ("a.example", "example"))
+
+
+def judge_good(advert: Advert | None) -> dict[str, Status]:
+    return {c.name: c.status for c in judge_ra(advert, PREFIX6, 1450, ("fd00::10",), ("a.example", "example"))}
+
+
+def test_ra_matching_handshake_is_healthy() -> None:
+    assert set(judge_good(GOOD_RA).values()) == {Status.OK}
+    assert judge_good(None) == {"advert": Status.FAIL}
+
+
+@pytest.mark.parametrize(
+    ("change", "failed"),
+    [
+        ({"router_lifetime": 0}, "router"),  # a guest would get no default route
+        ({"managed": False}, "managed"),  # DHCPv6 guests would not ask
+        ({"prefixes": (("fd70:6f64:766d::", 64, False),)}, "prefix"),  # SLAAC-only guests would get nothing
+        ({"prefixes": (("2001:db8::", 64, True),)}, "prefix"),
+        ({"mtu": None}, "mtu"),
+        ({"rdnss": ()}, "rdnss"),
+        ({"dnssl": ("other.example",)}, "dnssl"),
+    ],
+)
+def test_ra_differences_are_each_flagged(change: dict[str, object], failed: str) -> None:
+    got = judge_good(dataclasses.replace(GOOD_RA, **change))  # type: ignore[arg-type]
+    assert {name for name, status in got.items() if status is Status.FAIL} == {failed}
+
+
+def test_nd_verdicts_report_duplicates() -> None:
+    mac = "52:54:00:00:00:01"
+    assert judge_arp([mac], "fd00::1", mac, "nd").status is Status.OK
+    duplicate = judge_arp([mac, "02:de:ad:be:ef:01"], "fd00::1", mac, "nd")
+    assert (duplicate.probe, duplicate.status) == ("nd", Status.WARN) and "02:de:ad:be:ef:01" in duplicate.detail
+    assert judge_arp([], "fd00::1", mac, "nd").status is Status.FAIL
+
+
+def test_ipv6_rules_are_named_apart() -> None:
+    rules = [Rule("ip6 podvm", "prerouting", "fd00::2", False, 3), Rule("ip6 podvm", "postrouting", None, True, 1)]
+    assert [c.name for c in judge_rules(rules, "fd00::2", "6")] == ["nft dnat6", "nft snat6"]

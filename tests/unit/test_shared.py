@@ -119,13 +119,15 @@ def test_handshake_minor_versions_are_compatible() -> None:
     assert handshake.Handshake.from_dict(data).tap == "podvm-tap0"
 
 
-def test_a_1_0_handshake_has_no_metrics_port_and_1_1_carries_one() -> None:
-    """1.1 added metrics_port; a 1.0 sidecar's handshake (without it) still reads, as "no metrics endpoint"."""
-    old = {**SAMPLE.to_dict(), "version": "1.0"}
-    del old["metrics_port"]
-    assert handshake.Handshake.from_dict(old).metrics_port is None
+def test_a_handshake_before_1_2_has_no_metrics_port_and_1_2_carries_one() -> None:
+    """1.2 added metrics_port; an older sidecar's handshake (without it) still reads, as "no metrics endpoint", and
+    a 1.2 handshake with a port is still valid for a runner written for 1.0."""
+    for version in ("1.0", "1.1"):
+        old = {k: v for k, v in SAMPLE.to_dict().items() if k != "metrics_port"} | {"version": version}
+        assert handshake.Handshake.from_dict(old).metrics_port is None
     new = handshake.Handshake.from_dict({**SAMPLE.to_dict(), "metrics_port": 9100})
-    assert (new.metrics_port, new.version) == (9100, "1.1")
+    assert (new.metrics_port, new.version) == (9100, "1.2")
+    jsonschema.validate(new.to_dict(), SCHEMA_1_0, format_checker=jsonschema.FormatChecker())
 
 
 def test_waiting_for_a_missing_handshake_names_the_file(tmp_path: Path) -> None:
@@ -209,3 +211,46 @@ def test_podvm_errors_keep_their_status_and_interrupts_are_130(caplog: pytest.Lo
     assert _exit_of(_raise(HandshakeError("h"))) == 4
     assert _exit_of(_raise(KeyboardInterrupt())) == 130
     assert _exit_of(lambda: 0) == 0
+
+
+# --- handshake 1.1 (IPv6) ---------------------------------------------------------------------------------------
+DUAL = samples.handshake(
+    families=("ipv4", "ipv6"),
+    ipv6=handshake.Ipv6("fd70:6f64:766d::ff:fe00:aa", "fd70:6f64:766d::1", "fe80::1", 64, "fd00::5", ("fd00::10",)),
+)
+SCHEMA_1_0 = json.loads((Path(__file__).parent / "handshake-1.0.schema.json").read_text())
+
+
+def test_a_dual_stack_1_1_handshake_is_still_a_valid_1_0_handshake() -> None:
+    """A runner written for 1.0 (its schema kept as it was published) accepts what the sidecar writes on IPv4 and
+    dual-stack pods; only an IPv6-only pod, which such a runner could not serve, is refused."""
+    checker = jsonschema.FormatChecker()
+    for sample in (SAMPLE, DUAL):
+        jsonschema.validate(sample.to_dict(), SCHEMA_1_0, format_checker=checker)
+        jsonschema.validate(sample.to_dict(), handshake.schema(), format_checker=checker)
+    only6 = samples.handshake(vm_ip=None, gateway=None, pod_ip=None, dns=(), families=("ipv6",), ipv6=DUAL.ipv6)
+    jsonschema.validate(only6.to_dict(), handshake.schema(), format_checker=checker)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(only6.to_dict(), SCHEMA_1_0, format_checker=checker)
+    assert handshake.Handshake.from_dict(json.loads(json.dumps(only6.to_dict()))) == only6
+
+
+def test_a_1_0_handshake_reads_as_ipv4_only() -> None:
+    data = {k: v for k, v in SAMPLE.to_dict().items() if k not in ("families", "ipv6")} | {"version": "1.0"}
+    read = handshake.Handshake.from_dict(data)
+    assert (read.families, read.ipv6) == (("ipv4",), None)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"vm_ip": "fd00::1x"}, "h.ipv6.vm_ip: 'fd00::1x' is not an IPv6 address"),
+        ({"prefix": 48}, "h.ipv6.prefix: 48 is out of range"),
+        ({"dns": ["10.0.0.1"]}, "h.ipv6.dns[0]: '10.0.0.1' is not an IPv6 address"),
+    ],
+)
+def test_the_ipv6_block_is_checked_like_the_rest(change: dict[str, object], message: str) -> None:
+    data = DUAL.to_dict()
+    data["ipv6"] = {**data["ipv6"], **change}
+    with pytest.raises(HandshakeError, match="^" + re.escape(message)):
+        handshake.Handshake.from_dict(data, "h")

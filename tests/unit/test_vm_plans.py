@@ -11,8 +11,10 @@ from typing import Any
 
 import pycdlib
 import pytest
+import yaml
 
 from shared.errors import ConfigError, ImageRejected
+from shared.handshake import Ipv6
 from tests import samples
 from vmrunner import configdrive
 from vmrunner.config import Checksum, Config, load, parse_checksum
@@ -393,3 +395,35 @@ def test_guest_console_lines_cannot_drive_a_terminal_or_split_the_log(caplog: py
         os.close(read_end)
         os.close(write_end)
     assert [r.getMessage() for r in caplog.records] == ["login: \\x1b[8mhidden", "2026 ERROR vmrunner: forged\\rpart"]
+
+
+# ------------------------------------------------------------------------------ network configuration (IPv6)
+IPV6 = Ipv6("fd70:6f64:766d::ff:fe00:aa", "fd70:6f64:766d::1", "fe80::1", 64, "fd00::5", ("fd00::10",))
+DUAL = samples.handshake(families=("ipv4", "ipv6"), ipv6=IPV6)
+ONLY6 = samples.handshake(vm_ip=None, gateway=None, pod_ip=None, dns=(), families=("ipv6",), ipv6=IPV6)
+
+
+def test_drive_gains_network_config_only_where_the_vm_has_ipv6() -> None:
+    plan = configdrive.plan_drive("config-2", "vm-0", {}, None)
+    assert plan is not None
+    assert configdrive.with_network(plan, samples.handshake()) == plan, "IPv4 only: as before (DHCP)"
+    dual = configdrive.with_network(plan, DUAL)
+    added = {f"/openstack/{v}/network_data.json" for v in configdrive.OPENSTACK_VERSIONS}
+    assert set(dual.files) - set(plan.files) == added
+    data = json.loads(dual.files["/openstack/latest/network_data.json"])
+    assert data["links"] == [{"id": "podvm", "type": "phy", "ethernet_mac_address": DUAL.mac, "mtu": 1440}]
+    v4, v6 = data["networks"]
+    assert v4["type"] == "ipv4_dhcp", "IPv4 stays on DHCP (hostname, search list, MTU as before)"
+    assert (v6["type"], v6["ip_address"], v6["routes"][0]["gateway"]) == ("ipv6", IPV6.vm_ip, IPV6.gateway)
+    assert [s["address"] for s in data["services"]] == ["fd00::10", "10.96.0.10", "10.96.0.11"]
+
+
+def test_nocloud_network_config_v2() -> None:
+    nocloud = configdrive.plan_drive("nocloud", "vm-0", {}, None)
+    assert nocloud is not None
+    plan = configdrive.with_network(nocloud, ONLY6)
+    nic = yaml.safe_load(plan.files["/network-config"])["ethernets"]["eth0"]
+    assert nic["match"] == {"macaddress": ONLY6.mac} and nic["set-name"] == "eth0"
+    assert (nic["dhcp4"], nic["dhcp6"], nic["accept-ra"]) == (False, False, True), "an IPv6-only pod: no DHCPv4"
+    assert (nic["addresses"], nic["gateway6"], nic["mtu"]) == ([f"{IPV6.vm_ip}/64"], IPV6.gateway, 1440)
+    assert nic["nameservers"] == {"addresses": ["fd00::10"], "search": list(ONLY6.search)}

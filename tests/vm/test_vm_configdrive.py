@@ -10,6 +10,8 @@ from pathlib import Path
 import pycdlib
 import pytest
 
+from shared.handshake import Ipv6
+from tests import samples
 from tests.vm.conftest import REPO, VMRUNNER, require, runner_env
 
 CLOUD_INIT_CACHE = REPO / ".cache" / "cloud-init"
@@ -91,6 +93,50 @@ def test_config2_drive_is_read_by_cloud_init(tmp_path: Path, shared_dir: Path, c
     again = extract(iso, tmp_path / "again")
     assert json.loads(again["/openstack/latest/meta_data.json"])["uuid"] == first_uuid
     assert "/openstack/2012-08-10/meta_data.json" in again
+
+
+# cloud-init's own reading of the network files: config-2 through its OpenStack converter (the MAC mapped to the
+# guest's NIC name), NoCloud's version 2 through its parser; both rendered by its ifupdown renderer.
+NETWORK_READER = """\
+import json, sys, yaml
+from cloudinit.net import eni, network_state
+from cloudinit.sources.helpers.openstack import ConfigDriveReader, convert_net_json
+root, kind, mac = sys.argv[1:4]
+if kind == "config-2":
+    config = convert_net_json(ConfigDriveReader(root).read_v2()["networkdata"], known_macs={mac: "ens3"})
+else:
+    config = yaml.safe_load(open(root + "/network-config"))
+print(eni.Renderer()._render_interfaces(network_state.parse_net_config_data(config, skip_broken=False)))
+"""
+
+
+@pytest.mark.parametrize("kind", ["config-2", "nocloud"])
+def test_ipv6_network_config_is_read_by_cloud_init(
+    kind: str, tmp_path: Path, shared_dir: Path, cloud_init: Path
+) -> None:
+    """With a dual-stack handshake in RUN_DIR the drive tells cloud-init the VM's IPv6 address, its gateway and
+    the nameservers, so the guest has them even without DHCPv6; IPv4 stays on DHCP."""
+    (shared_dir / "userdata").write_text("#cloud-config\n{}\n")
+    (shared_dir / "run").mkdir(exist_ok=True)
+    ipv6 = Ipv6("fd70:6f64:766d::ff:fe00:aa", "fd70:6f64:766d::1", "fe80::1", 64, "fd00::5", ("fd00::10",))
+    hs = samples.handshake(families=("ipv4", "ipv6"), ipv6=ipv6)
+    hs.write(shared_dir / "run")
+    iso = tmp_path / "drive.iso"
+    env = runner_env(shared_dir, IMG_SOURCE="/unused.qcow2", CONFIG_DRIVE=kind)
+    subprocess.run([*VMRUNNER, "configdrive", str(iso)], env=env, check=True)
+    extract(iso, tmp_path / "drive")
+    done = subprocess.run(
+        [sys.executable, "-c", NETWORK_READER, str(tmp_path / "drive"), kind, hs.mac],
+        env={**os.environ, "PYTHONPATH": str(cloud_init)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    name = "ens3" if kind == "config-2" else "eth0"
+    assert f"iface {name} inet dhcp" in done.stdout, done.stdout
+    assert f"iface {name} inet6 static" in done.stdout and f"address {ipv6.vm_ip}/64" in done.stdout
+    assert ipv6.gateway in done.stdout and "fd00::10" in done.stdout and "mtu 1440" in done.stdout
 
 
 def test_nocloud_drive(tmp_path: Path, shared_dir: Path) -> None:
