@@ -11,11 +11,11 @@ A document is ``{"version": 1, "time": <unix seconds>, "figures": [{"name", "lab
 
 import json
 import math
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from shared.files import read_small
 
 VERSION = 1
 NETWORK_FILE = "network-figures.json"
@@ -227,13 +227,9 @@ def read_document(path: Path, allowed: frozenset[str]) -> tuple[float, list[Figu
     :raise FiguresError: when it is missing, not a regular file, a symbolic link, larger than MAX_SIZE or malformed.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        data = read_small(path, MAX_SIZE)
     except OSError as err:
         raise FiguresError(f"{path}: {err.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise FiguresError(f"{path}: not a regular file")
-        data = handle.read(MAX_SIZE + 1)
-    if len(data) > MAX_SIZE:
-        raise FiguresError(f"{path}: larger than {MAX_SIZE} bytes")
+    except ValueError as err:
+        raise FiguresError(str(err)) from None
     return parse_document(data, allowed)

@@ -9,6 +9,7 @@ through its descriptor, and the rename is relative to the directory's descriptor
 import contextlib
 import os
 import secrets
+import stat
 from pathlib import Path
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -49,3 +50,20 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def read_small(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes, read without following a symbolic link and without
+    blocking on a FIFO: for files in a directory a less trusted writer shares.
+
+    :raise OSError: when it cannot be opened (ELOOP for a symbolic link).
+    :raise ValueError: when it is not a regular file or is larger than ``limit``.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path}: not a regular file")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path}: larger than {limit} bytes")
+    return data

@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from typing import Any
 from shared import figures
 from shared.errors import ChildFailed, ImageRejected, PodvmError, StoppedHard
 from shared.figures import SHUTDOWN_OUTCOMES, VM_STATES, Figure, figure
-from shared.files import write_atomic
+from shared.files import read_small, write_atomic
 
 log = logging.getLogger("vmrunner")
 STATE_FILE = "vmrunner-state.json"
@@ -179,24 +178,13 @@ def outcome(tracker: Tracker) -> Iterator[None]:
 def load_state(run_dir: Path) -> RunState | None:
     """The run state the ``run`` process saved, or None when none (or a malformed one) is there."""
     try:
-        data = _read_small(run_dir / STATE_FILE)
+        data = read_small(run_dir / STATE_FILE, figures.MAX_SIZE)
         raw = json.loads(data)
         image = ImageFigures(**raw.pop("image"))
         state = RunState(**raw, image=image)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
     return state
-
-
-def _read_small(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"{path}: not a regular file")
-        data = handle.read(figures.MAX_SIZE + 1)
-    if len(data) > figures.MAX_SIZE:
-        raise ValueError(f"{path}: too large")
-    return data
 
 
 def record_run(path: Path, *, boot: bool = False, outcome: str | None = None) -> None:
@@ -216,7 +204,7 @@ def read_runs(path: Path) -> dict[str, int]:
     """The pet's boots and shutdown outcomes; zeros when there is no record yet (or a malformed one)."""
     record = dict.fromkeys(("boots", *SHUTDOWN_OUTCOMES), 0)
     with contextlib.suppress(OSError, ValueError):
-        saved = json.loads(_read_small(path))
+        saved = json.loads(read_small(path, figures.MAX_SIZE))
         if isinstance(saved, dict):
             for key in record:
                 value = saved.get(key)
