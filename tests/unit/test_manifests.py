@@ -273,18 +273,20 @@ def _pod_specs_metadata() -> list[dict[str, str]]:
 
 
 def test_network_policy_limits_vnc_and_leaves_the_vm_open() -> None:
-    """5900 is allowed only from named peers; every other TCP port, all of UDP and SCTP from anywhere."""
+    """5900 and the metrics port are allowed only from named peers; every other TCP port, all of UDP and SCTP from
+    anywhere."""
     spec = _kind("NetworkPolicy")["spec"]
     for pods in _pod_specs_metadata():
         assert spec["podSelector"]["matchLabels"].items() <= pods.items()
     assert spec["policyTypes"] == ["Ingress"]
     open_rules = [rule for rule in spec["ingress"] if "from" not in rule]
-    vnc_rules = [rule for rule in spec["ingress"] if "from" in rule]
-    assert all(rule["from"] for rule in vnc_rules), "an empty 'from' would admit everyone"
-    assert [_port_ranges(rule, "TCP") for rule in vnc_rules] == [[(5900, 5900)]]
-    assert all(not any(low <= 5900 <= high for low, high in _port_ranges(rule, "TCP")) for rule in open_rules)
+    limited_rules = [rule for rule in spec["ingress"] if "from" in rule]
+    assert all(rule["from"] for rule in limited_rules), "an empty 'from' would admit everyone"
+    assert [_port_ranges(rule, "TCP") for rule in limited_rules] == [[(5900, 5900)], [(9100, 9100)]]
+    for port in (5900, 9100):
+        assert all(not any(low <= port <= high for low, high in _port_ranges(rule, "TCP")) for rule in open_rules)
     assert all("ports" in rule for rule in open_rules), "a rule without ports would open 5900 too"
     tcp = [r for rule in open_rules for r in _port_ranges(rule, "TCP")]
-    assert tcp == [(1, 5899), (5901, 65535)]
+    assert tcp == [(1, 5899), (5901, 9099), (9101, 65535)]
     for protocol in ("UDP", "SCTP"):
         assert [r for rule in open_rules for r in _port_ranges(rule, protocol)] == [(1, 65535)]
