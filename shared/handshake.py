@@ -7,9 +7,7 @@ this module) and refuses a major version it does not know. ``docs/runner-contrac
 
 import ipaddress
 import json
-import os
 import re
-import stat
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -17,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import HandshakeError
-from shared.files import write_atomic
+from shared.files import read_small, write_atomic
 
 VERSION = "1.2"
 MAJOR = 1
@@ -169,28 +167,20 @@ class Handshake:
         return path
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, never through a symbolic link, a FIFO or a device: RUN_DIR is writable by the runner and
-    ``netsidecar probe`` reads the handshake as root."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise HandshakeError(f"{path}: not a regular file")
-        data = handle.read(MAX_SIZE + 1)
-    if len(data) > MAX_SIZE:
-        raise HandshakeError(f"{path}: larger than {MAX_SIZE} bytes, not a handshake")
-    return data
-
-
 def read(path: Path) -> Handshake:
     """Read and validate a handshake file.
 
     :raise HandshakeError: when it cannot be read or parsed, or does not follow the schema.
     """
     try:
-        data = json.loads(_read_bytes(path))
+        # RUN_DIR is writable by the runner and ``netsidecar probe`` reads the handshake as root: no link, no FIFO.
+        raw = read_small(path, MAX_SIZE)
     except OSError as err:
         raise HandshakeError(f"{path}: cannot read the handshake: {err.strerror}") from err
+    except ValueError as err:
+        raise HandshakeError(f"{err}, not a handshake") from err
+    try:
+        data = json.loads(raw)
     except json.JSONDecodeError as err:
         raise HandshakeError(f"{path}: not valid JSON at line {err.lineno}: {err.msg}") from err
     except (ValueError, RecursionError) as err:  # not UTF-8, a number past int()'s limit, nesting past the stack
