@@ -26,6 +26,8 @@ API (all in this module):
   sees the stand-in's frames; ``.relay`` is that process (it holds the tap, so the tap has carrier); ``.dhcp()``
   runs busybox udhcpc (``-O search -O mtu``) and returns what it received (dict of the script's environment);
   ``.serve_tcp(port, reply)`` / ``.serve_udp(port, reply)`` start small servers; ``.ns`` for anything else.
+- ``GuestSender(vm)``: ``.send(*frames)`` puts scapy frames on the stand-in's NIC, as a hostile guest would;
+  ``guard_counters(pod_ns)``: the packets each named guard rule dropped.
 - ``fresh_id()``: a bed id unlikely to collide with another pytest process or another bed of this one.
 - the pytest fixture ``bed_factory`` (its ``.bed()`` makes a bed) is defined here and registered for every tier by
   ``tests/conftest.py``.
@@ -450,6 +452,46 @@ class VmStandIn:
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.resolv.parent.rmdir()
+
+
+_SEND = """\
+import json, sys
+from scapy.all import *
+print("ready", flush=True)
+for line in sys.stdin:
+    sendp([eval(frame) for frame in json.loads(line)], iface="eth0", verbose=0)
+    print("sent", flush=True)
+"""
+
+
+class GuestSender:
+    """A scapy process on the stand-in's NIC: frames sent as the guest sends them, through the sidecar's tap."""
+
+    def __init__(self, vm: VmStandIn) -> None:
+        self.proc = ns_popen(vm.ns, [sys.executable, "-c", _SEND], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        vm.procs.append(self.proc)  # stopped with the stand-in
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == b"ready"
+
+    def send(self, *frames: str) -> None:
+        """sendp the scapy expressions ``frames`` (e.g. ``"Ether()/IP()"``) and wait until they are out."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(frames).encode() + b"\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == b"sent", "the guest's sender died"
+
+
+def guard_counters(pod_ns: str) -> dict[str, int]:
+    """Packets each named guard rule of the sidecar's tables dropped, by its comment (summed where a guard has two
+    rules); a table that is not loaded counts nothing."""
+    out: dict[str, int] = {}
+    for family in ("netdev", "inet"):
+        listed = ns_run(pod_ns, "nft", "-j", "list", "table", family, "podvm", check=False).stdout
+        for item in json.loads(listed or '{"nftables": []}')["nftables"]:
+            rule = item.get("rule", {})
+            for expr in rule.get("expr", []):
+                if "counter" in expr and "comment" in rule:
+                    out[rule["comment"]] = out.get(rule["comment"], 0) + expr["counter"]["packets"]
+    return out
 
 
 def tcp_request(ns: str, host: str, port: int, data: str = "") -> str:

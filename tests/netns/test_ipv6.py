@@ -27,9 +27,11 @@ from tests.netbed import (
     Bed,
     BedFactory,
     Conversation,
+    GuestSender,
     Sidecar,
     VmStandIn,
     fresh_id,
+    guard_counters,
     ns_popen,
     ns_run,
     tcp_request,
@@ -67,14 +69,6 @@ ready.acquire(); ready.acquire(); print("ready", flush=True); threading.Event().
 """
 
 # The guest's NIC with scapy imported once: each stdin line is a JSON list of scapy expressions to send on eth0.
-SEND = """\
-import json, sys
-from scapy.all import *
-print("ready", flush=True)
-for line in sys.stdin:
-    sendp([eval(frame) for frame in json.loads(line)], iface="eth0", verbose=0)
-    print("sent", flush=True)
-"""
 
 
 def serve(ns: str, name: str, port: int) -> "subprocess.Popen[str]":
@@ -96,7 +90,7 @@ class World:
     handshake: Handshake
     lease: dict[str, str]
     client_server: "subprocess.Popen[str]"
-    sender: "subprocess.Popen[bytes]"
+    sender: GuestSender
 
     @property
     def v6(self) -> Ipv6:
@@ -106,22 +100,11 @@ class World:
 
     def send(self, *frames: str) -> None:
         """sendp the scapy expressions ``frames`` from the guest's NIC."""
-        assert self.sender.stdin is not None and self.sender.stdout is not None
-        self.sender.stdin.write(json.dumps(frames).encode() + b"\n")
-        self.sender.stdin.flush()
-        assert self.sender.stdout.readline().strip() == b"sent", "the guest's sender died"
+        self.sender.send(*frames)
 
     def counters(self) -> dict[str, int]:
-        """Packets counted by each guard rule, by its comment (summed where a guard has two rules)."""
-        out: dict[str, int] = {}
-        for family in ("netdev", "inet"):
-            listed = ns_run(self.bed.pod.ns, "nft", "-j", "list", "table", family, "podvm").stdout
-            for item in json.loads(listed)["nftables"]:
-                rule = item.get("rule", {})
-                for expr in rule.get("expr", []):
-                    if "counter" in expr and "comment" in rule:
-                        out[rule["comment"]] = out.get(rule["comment"], 0) + expr["counter"]["packets"]
-        return out
+        """Packets counted by each guard rule, by its comment."""
+        return guard_counters(self.bed.pod.ns)
 
 
 SCENARIOS = {
@@ -154,9 +137,7 @@ def world(request: pytest.FixtureRequest) -> Iterator[World]:
         procs.append(serve(bed.pod.ns, "pod", 5900))
         client_server = serve(bed.client.ns, "client", OUT_TCP)
         procs.append(client_server)
-        sender = ns_popen(vm.ns, [sys.executable, "-c", SEND], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        vm.procs.append(sender)
-        assert sender.stdout is not None and sender.stdout.readline().strip() == b"ready"
+        sender = GuestSender(vm)
         yield World(bed, sidecar, vm, handshake, lease, client_server, sender)
     finally:
         if sidecar.log():

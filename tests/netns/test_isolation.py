@@ -21,7 +21,18 @@ import pytest
 
 from netsidecar import plan
 from shared.handshake import Handshake
-from tests.netbed import Bed, Sidecar, VmStandIn, fresh_id, ns_popen, ns_run, tcp_request, udp_request
+from tests.netbed import (
+    Bed,
+    GuestSender,
+    Sidecar,
+    VmStandIn,
+    fresh_id,
+    guard_counters,
+    ns_popen,
+    ns_run,
+    tcp_request,
+    udp_request,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -81,15 +92,6 @@ print(json.dumps(out))
 """
 
 # The guest's NIC, scapy imported once: each stdin line is a JSON list of scapy expressions to send from eth0.
-SEND = """\
-import json, sys
-from scapy.all import *
-print("ready", flush=True)
-for line in sys.stdin:
-    sendp([eval(frame) for frame in json.loads(line)], iface="eth0", verbose=0)
-    print("sent", flush=True)
-"""
-
 SNIFF = """\
 import json, sys
 from scapy.all import ARP, IP, UDP, AsyncSniffer, Ether, ICMPv6ND_RA, IPv6, Raw
@@ -119,7 +121,7 @@ class Isolated:
     handshake: Handshake
     listener_log: Path
     bridge_mac: str
-    sender: "subprocess.Popen[bytes]"
+    sender: GuestSender
 
     @property
     def vm_ip(self) -> str:
@@ -134,23 +136,12 @@ class Isolated:
         return self.handshake.gateway
 
     def send(self, *frames: str) -> None:
-        """sendp the scapy expressions ``frames`` from the stand-in's interface (the guest's NIC)."""
-        assert self.sender.stdin is not None and self.sender.stdout is not None
-        self.sender.stdin.write(json.dumps(frames).encode() + b"\n")
-        self.sender.stdin.flush()
-        assert self.sender.stdout.readline().strip() == b"sent", "the guest's sender died"
+        """sendp the scapy expressions ``frames`` from the guest's NIC."""
+        self.sender.send(*frames)
 
     def counters(self) -> dict[str, int]:
         """Packets counted by each guard rule, by its comment."""
-        out: dict[str, int] = {}
-        for family in ("netdev", "inet"):
-            listed = ns_run(self.bed.pod.ns, "nft", "-j", "list", "table", family, "podvm", check=False).stdout
-            for item in json.loads(listed or '{"nftables": []}')["nftables"]:
-                rule = item.get("rule", {})
-                for expr in rule.get("expr", []):
-                    if "counter" in expr and "comment" in rule:
-                        out[rule["comment"]] = expr["counter"]["packets"]
-        return out
+        return guard_counters(self.bed.pod.ns)
 
     def guest_tries(self, targets: list[tuple[str, str, int]]) -> dict[str, str]:
         """Connect (TCP) or send a datagram (UDP) from the guest to each target; the replies ('' = none)."""
@@ -199,9 +190,7 @@ def bed() -> Iterator[Isolated]:
         listen = ns_popen(made.pod.ns, [sys.executable, "-c", LISTEN, str(log), *specs], stdout=subprocess.PIPE)
         assert listen.stdout is not None and listen.stdout.readline().strip() == b"ready"
         bridge_mac = ns_run(made.pod.ns, "cat", "/sys/class/net/podvm0/address").stdout.strip()
-        sender = ns_popen(vm.ns, [sys.executable, "-c", SEND], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        vm.procs.append(sender)
-        assert sender.stdout is not None and sender.stdout.readline().strip() == b"ready"
+        sender = GuestSender(vm)
         yield Isolated(made, sidecar, vm, handshake, log, bridge_mac, sender)
     finally:
         vm.cleanup()
