@@ -43,25 +43,16 @@ def dual() -> Iterator[Dual]:
     base.chmod(0o755)
     bed = Bed(1 + (os.getpid() * 7 + 150) % 200, families="dual")
     procs: list[Proc] = []
-    sidecar: Sidecar | None = None
-    try:
-        dirs = {name: base / name for name in ("image", "vm", "run", "srv", "config")}
-        for path in dirs.values():
-            path.mkdir()
-            os.chown(path, harness.RUNNER_UID, harness.RUNNER_UID)
+    sidecars: list[Sidecar] = []
+    with harness.dismantled(base, bed, procs, sidecars):
+        dirs = harness.volumes(base)
         shutil.copyfile(image, dirs["srv"] / "guest.qcow2")
         bed.setup()
         sidecar = Sidecar(bed, {"HOSTNAME": "pet-e2e6", "TAP_OWNER": str(harness.RUNNER_UID)}, dirs["run"])
+        sidecars.append(sidecar)
         handshake = sidecar.start(timeout=20)
         procs.append(harness.serve_directory(bed.pod.ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
-        env = harness.runner_env(
-            IMAGE_PORT,
-            image_dir=dirs["image"],
-            vm_dir=dirs["vm"],
-            run_dir=dirs["run"],
-            config_dir=dirs["config"],
-            hostname="pet-e2e6",
-        )
+        env = harness.volumes_env(IMAGE_PORT, dirs, "pet-e2e6")
         via4 = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
         runner = harness.start_runner(
             via4, [str(harness.BIN / "vmrunner"), "run"], env, harness.make_tun_node(base), base / "runner.log"
@@ -69,18 +60,6 @@ def dual() -> Iterator[Dual]:
         procs.append(runner)
         runner.wait_for(harness.READY, BOOT_TIMEOUT)
         yield Dual(handshake, runner, sidecar, via4, PodNet(bed.pod.ns, bed.client.ns, f"[{bed.pod_ip6}]"))
-    except BaseException:
-        print(harness.report(*procs))
-        print(f"----- sidecar -----\n{sidecar.log() if sidecar else ''}")
-        raise
-    finally:
-        for proc in reversed(procs):
-            if proc.popen.poll() is None:
-                proc.kill()
-        if sidecar is not None:
-            sidecar.cleanup()
-        bed.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_the_guest_serves_its_page_on_the_pods_ipv6_address(dual: Dual) -> None:
