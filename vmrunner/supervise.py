@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from shared.errors import ChildFailed, ConfigError, PodvmError, StoppedHard
@@ -25,6 +26,10 @@ STDERR_TAIL = 20
 QUIT_GRACE = 5.0  # seconds qemu gets to exit after ``quit`` or SIGTERM before it is killed
 _CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")  # C0, C1 and line separators; not tab
 QMP_TIMEOUT = 5.0  # seconds one QMP call may take, connect and greeting included
+
+Duty = Callable[[], Awaitable[None]]
+"""Work that lives as long as qemu runs (a console broker, a backup schedule, a watch on the VM's state): started
+once qemu is up, cancelled before the shutdown begins and when qemu exits."""
 
 
 def escape_controls(text: str) -> str:
@@ -86,12 +91,18 @@ class Supervisor:
     """One qemu process from start to exit."""
 
     def __init__(
-        self, plan: QemuPlan, shutdown_timeout: float, vnc_password: bytes | None = None, tracker: Tracker | None = None
+        self,
+        plan: QemuPlan,
+        shutdown_timeout: float,
+        vnc_password: bytes | None = None,
+        tracker: Tracker | None = None,
+        duties: Sequence[Duty] = (),
     ) -> None:
         self.plan = plan
         self.shutdown_timeout = shutdown_timeout
         self.vnc_password = vnc_password  # handed to qemu through a pipe on its stdin, never through argv
         self.tracker = tracker
+        self.duties = duties
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self.partial = b""
 
@@ -139,7 +150,11 @@ class Supervisor:
                 self.tracker.qemu_started(proc.pid)
             exited = asyncio.create_task(proc.wait())
             stopping = asyncio.create_task(stop.wait())
+            duties = [asyncio.create_task(self._duty(duty)) for duty in self.duties]
             await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            for task in duties:
+                task.cancel()
+            await asyncio.gather(*duties, return_exceptions=True)
             if stopping.done() and not exited.done():
                 status = await self._shutdown(proc, exited)
                 await self._drain(reader)
@@ -154,6 +169,17 @@ class Supervisor:
             os.close(fifo)
             for path in self.plan.paths.made():
                 path.unlink(missing_ok=True)
+
+    @staticmethod
+    async def _duty(duty: Duty) -> None:
+        """One duty; its failure is logged and never takes the VM down with it."""
+        try:
+            await duty()
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a duty's bug must not stop a pet VM; the traceback is there at DEBUG
+            log.error("%s stopped: %s", getattr(duty, "__qualname__", duty), err)
+            log.debug("%s stopped", duty, exc_info=True)
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         stdin = asyncio.subprocess.DEVNULL if self.vnc_password is None else vnc.password_pipe(self.vnc_password)

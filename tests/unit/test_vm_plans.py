@@ -1,5 +1,7 @@
 """vmrunner's pure parts: config validation, checksum parsing, vetting verdicts, pet, drive and qemu plans."""
 
+import asyncio
+import dataclasses
 import hashlib
 import io
 import json
@@ -427,3 +429,27 @@ def test_nocloud_network_config_v2() -> None:
     assert (nic["dhcp4"], nic["dhcp6"], nic["accept-ra"]) == (False, False, True), "an IPv6-only pod: no DHCPv4"
     assert (nic["addresses"], nic["gateway6"], nic["mtu"]) == ([f"{IPV6.vm_ip}/64"], IPV6.gateway, 1440)
     assert nic["nameservers"] == {"addresses": ["fd00::10"], "search": list(ONLY6.search)}
+
+
+def test_duties_run_while_the_vm_runs_and_a_failing_one_does_not_stop_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A duty starts once qemu runs, is cancelled when qemu exits, and a duty that fails is one ERROR line."""
+    plan = plan_qemu(cfg(RUN_DIR=str(tmp_path)), HS, "tcg", False, None)
+    plan = dataclasses.replace(plan, argv=("/bin/sh", "-c", "sleep 0.5"))  # stands in for qemu: runs, then exits 0
+    seen: list[str] = []
+
+    async def lasting() -> None:
+        seen.append("started")
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    async def failing() -> None:
+        raise RuntimeError("broken duty")
+
+    assert asyncio.run(Supervisor(plan, 1.0, duties=(lasting, failing)).run()) == 0
+    assert seen == ["started", "cancelled"]
+    assert any("broken duty" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
