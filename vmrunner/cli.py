@@ -7,6 +7,7 @@ Arguments after ``run`` are handed to qemu unchanged (the container's ``args:``)
 import atexit
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import tty
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared import handshake
 from shared.cli import run_main
@@ -27,8 +29,12 @@ from shared.errors import ConfigError, PodvmError
 from shared.log import configure
 from vmrunner import configdrive, metrics
 from vmrunner.config import Config, load, redact
-from vmrunner.qemu import RunPaths, choose_accel, kvm_works, plan_qemu, vnc_enabled
+from vmrunner.qemu import QemuPlan, RunPaths, choose_accel, kvm_works, plan_qemu, vnc_enabled
 from vmrunner.vnc import read_password
+
+if TYPE_CHECKING:
+    from vmrunner.supervise import Duty
+    from vmrunner.web import WebPlan
 
 log = logging.getLogger("vmrunner")
 USAGE = """usage: vmrunner COMMAND
@@ -58,8 +64,10 @@ def cmd_run(cfg: Config) -> int:
 
     from vmrunner.binding import prepare
     from vmrunner.supervise import Supervisor
+    from vmrunner.web import read_token
 
     password = read_password(cfg.vnc_password_file)
+    token = read_token(cfg.console.password_file) if cfg.console is not None else None
     drive = configdrive.plan_from_config(cfg)
     hs = handshake.wait(cfg.run_dir, cfg.handshake_timeout)
     drive = configdrive.with_network(drive, hs) if drive is not None else None
@@ -82,8 +90,40 @@ def cmd_run(cfg: Config) -> int:
     plan = plan_qemu(cfg, hs, choose_accel(cfg.accel, kvm_works()), vnc_enabled(cfg, hs), iso)
     log.info("qemu: %s", " ".join(plan.argv))
     tracker.set(phase="starting", accel=plan.accel)
+    duties = console_duties(cfg, hs, plan, token)
     with metrics.outcome(tracker):
-        return asyncio.run(Supervisor(plan, cfg.shutdown_timeout, password if plan.vnc else None, tracker).run())
+        secret = password if plan.secret else None
+        return asyncio.run(Supervisor(plan, cfg.shutdown_timeout, secret, tracker, duties).run())
+
+
+def web_plan(cfg: Config, hs: handshake.Handshake, paths: RunPaths, token: bool) -> "WebPlan | None":
+    """The browser console's listeners, or None with ``CONSOLE_PORT=off``."""
+    from vmrunner.web import plan_web
+
+    if cfg.console is None:
+        return None
+    pod_addresses = tuple(a for a in (hs.pod_ip, hs.ipv6.pod_ip if hs.ipv6 else None) if a is not None)
+    return plan_web(
+        cfg.console.port,
+        cfg.console.pod_port,
+        pod_addresses=pod_addresses,
+        token=token,
+        assets=cfg.console.assets,
+        display=paths.display,
+    )
+
+
+def console_duties(cfg: Config, hs: handshake.Handshake, plan: QemuPlan, token: bytes | None) -> list["Duty"]:
+    """The console broker, its socket for ``vmrunner console`` and, unless ``CONSOLE_PORT=off``, the web server:
+    all three live as long as qemu runs."""
+    from vmrunner import console, web
+
+    broker = console.Broker(plan.paths.serial)
+    duties: list[Duty] = [broker.run, functools.partial(console.serve, broker, plan.paths.console)]
+    served = web_plan(cfg, hs, plan.paths, token is not None)
+    if served is not None:
+        duties.append(functools.partial(web.serve, served, broker, token))
+    return duties
 
 
 def _start_metrics(cfg: Config, hs: handshake.Handshake) -> metrics.Tracker:

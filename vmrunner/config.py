@@ -53,6 +53,37 @@ def parse_checksum(name: str, raw: str) -> Checksum:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    """The browser console's settings (README, "The console in a browser")."""
+
+    port: int  # CONSOLE_PORT: served on 127.0.0.1 and ::1 only, reached with kubectl port-forward
+    pod_port: int | None  # CONSOLE_POD_PORT: also served on the pod IP there (the handshake decides)
+    password_file: Path | None  # CONSOLE_PASSWORD_FILE: the token a browser must give (required with pod_port)
+    assets: Path  # CONSOLE_ASSETS: the node_modules directory npm ci filled with the client libraries
+
+
+def _console(env: Env, no_vnc: bool, metrics: int | None) -> ConsoleConfig | None:
+    """CONSOLE_*; a port the VNC server or the metrics endpoint holds, or an exposed console without a token, is
+    refused."""
+    if env.text("CONSOLE_PORT", "6080").lower() == "off":
+        return None
+    port = env.integer("CONSOLE_PORT", 6080, 1, 65535)
+    pod_port = env.integer("CONSOLE_POD_PORT", 0, 1, 65535) if env.optional("CONSOLE_POD_PORT") else None
+    password_file = env.path("CONSOLE_PASSWORD_FILE", "/") if env.optional("CONSOLE_PASSWORD_FILE") else None
+    taken = {**({5900: "VNC"} if not no_vnc else {}), **({metrics: "METRICS_PORT"} if metrics else {})}
+    for name, value in (("CONSOLE_PORT", port), ("CONSOLE_POD_PORT", pod_port)):
+        if value in taken:
+            raise ConfigError(f"{name}={value}: {taken[value]} has that port; choose another (e.g. 6080)")
+    if pod_port is not None and password_file is None:
+        raise ConfigError(
+            f"CONSOLE_POD_PORT={pod_port}: a console on the pod IP needs CONSOLE_PASSWORD_FILE (a Secret holding "
+            "the token a browser must give)"
+        )
+    assets = env.path("CONSOLE_ASSETS", "/usr/share/podvm/console/node_modules")
+    return ConsoleConfig(port, pod_port, password_file, assets)
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything ``vmrunner`` needs, validated; each field is one environment variable (see the README)."""
 
@@ -86,6 +117,7 @@ class Config:
     qemu: str  # QEMU: the qemu system emulator binary
     extra_args: tuple[str, ...]  # container arguments after ``run``: appended to qemu's argv
     metrics_port: int | None = None  # METRICS_PORT: the metrics endpoint's TCP port (the handshake decides)
+    console: ConsoleConfig | None = None  # CONSOLE_*: the browser console (None: CONSOLE_PORT=off)
 
     @property
     def is_url(self) -> bool:
@@ -205,4 +237,5 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: boo
         qemu=env.text("QEMU", "qemu-system-x86_64"),
         extra_args=extra_args,
         metrics_port=metrics_port(env, no_vnc=env.flag("NO_VNC")),
+        console=_console(env, env.flag("NO_VNC"), metrics_port(env, no_vnc=env.flag("NO_VNC"))),
     )

@@ -22,18 +22,27 @@ class RunPaths:
     """The runner's sockets and FIFO in ``RUN_DIR``."""
 
     qmp: Path
-    console: Path
+    console: Path  # the console broker's socket: ``vmrunner console`` attaches there
     console_log: Path
     monitor: Path  # a second QMP monitor for status queries and metrics, so they never hold up the shutdown
+    serial: Path  # qemu's serial port: one client at a time, the console broker
+    display: Path  # qemu's screen as VNC on a Unix socket, for the browser console
 
     @classmethod
     def of(cls, run_dir: Path) -> "RunPaths":
         """The fixed names inside ``run_dir``; ``vmrunner console`` and ``status`` find them there."""
-        return cls(run_dir / "qmp.sock", run_dir / "console.sock", run_dir / "console.fifo", run_dir / "status.sock")
+        return cls(
+            run_dir / "qmp.sock",
+            run_dir / "console.sock",
+            run_dir / "console.fifo",
+            run_dir / "status.sock",
+            run_dir / "serial.sock",
+            run_dir / "display.sock",
+        )
 
     def made(self) -> tuple[Path, ...]:
         """Everything qemu and the runner create here, removed before a start and after qemu exits."""
-        return (self.qmp, self.console, self.console_log, self.monitor)
+        return (self.qmp, self.console, self.console_log, self.monitor, self.serial, self.display)
 
 
 @dataclass(frozen=True)
@@ -42,8 +51,10 @@ class QemuPlan:
 
     argv: tuple[str, ...]
     accel: str
-    vnc: bool
+    vnc: bool  # VNC on TCP 5900 of the pod
     paths: RunPaths
+    display: bool = False  # VNC on the Unix socket ``paths.display`` for the browser console
+    secret: bool = False  # qemu reads the VNC password on its standard input (a display needs it)
 
 
 def kvm_works(device: str = "/dev/kvm") -> bool:
@@ -134,13 +145,16 @@ def plan_qemu(cfg: Config, hs: Handshake, accel: str, vnc: bool, drive: Path | N
         "-device",
         f"{cfg.nic_model},netdev=net0,mac={hs.mac}",
     ]
+    display = cfg.console is not None
+    password = ""
+    if cfg.vnc_password_file is not None and (vnc or display):
+        argv += ["-object", f"secret,id={vnc_password.SECRET_ID},file={vnc_password.SECRET_SOURCE},format=raw"]
+        password = f",password-secret={vnc_password.SECRET_ID}"
     if vnc:
-        if cfg.vnc_password_file is not None:
-            secret = vnc_password.SECRET_ID
-            argv += ["-object", f"secret,id={secret},file={vnc_password.SECRET_SOURCE},format=raw"]
-            argv += ["-vnc", f":0,password-secret={secret}"]
-        else:
-            argv += ["-vnc", ":0"]
+        argv += ["-vnc", f":0{password}"]
+    if display:
+        # A second display of the same screen on a Unix socket: only the runner's web server reaches it.
+        argv += ["-vnc", f"unix:{paths.display},id=web{password}"]
     argv += [
         "-chardev",
         f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
@@ -151,9 +165,9 @@ def plan_qemu(cfg: Config, hs: Handshake, accel: str, vnc: bool, drive: Path | N
         "-mon",
         "chardev=monitor,mode=control",
         "-chardev",
-        f"socket,id=console,path={paths.console},server=on,wait=off,logfile={paths.console_log}",
+        f"socket,id=console,path={paths.serial},server=on,wait=off,logfile={paths.console_log}",
         "-serial",
         "chardev:console",
         *cfg.extra_args,
     ]
-    return QemuPlan(tuple(argv), accel, vnc, paths)
+    return QemuPlan(tuple(argv), accel, vnc, paths, display, bool(password))

@@ -113,5 +113,12 @@ chmod +x /www/cgi-bin/bytes /www/cgi-bin/sink /www/cgi-bin/write
 
 httpd -h /www -p 80
 
+# --- consoles: a shell on the serial port and one on the screen (tty1), each restarted when it exits, so a line
+# typed into either console gets an answer (the browser console tests). ---
+for tty in ttyS0 tty1; do
+    (while true; do setsid -c sh -i </dev/$tty >/dev/$tty 2>&1; sleep 1; done) &
+done
+# --- end of consoles ---
+
 echo "podvm-guest: ready ip=$ip"
 while true; do sleep 3600; done
