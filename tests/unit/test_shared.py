@@ -126,7 +126,16 @@ def test_a_handshake_before_1_2_has_no_metrics_port_and_1_2_carries_one() -> Non
         old = {k: v for k, v in SAMPLE.to_dict().items() if k != "metrics_port"} | {"version": version}
         assert handshake.Handshake.from_dict(old).metrics_port is None
     new = handshake.Handshake.from_dict({**SAMPLE.to_dict(), "metrics_port": 9100})
-    assert (new.metrics_port, new.version) == (9100, "1.2")
+    assert (new.metrics_port, new.version) == (9100, handshake.VERSION)
+    jsonschema.validate(new.to_dict(), SCHEMA_1_0, format_checker=jsonschema.FormatChecker())
+
+
+def test_a_handshake_before_1_3_has_no_console_port_and_1_3_carries_one() -> None:
+    """1.3 added console_port: absent means the browser console is not served on the pod IP."""
+    old = {k: v for k, v in SAMPLE.to_dict().items() if k != "console_port"} | {"version": "1.2"}
+    assert handshake.Handshake.from_dict(old).console_port is None
+    new = handshake.Handshake.from_dict({**SAMPLE.to_dict(), "console_port": 6080})
+    assert (new.console_port, new.version) == (6080, "1.3")
     jsonschema.validate(new.to_dict(), SCHEMA_1_0, format_checker=jsonschema.FormatChecker())
 
 
