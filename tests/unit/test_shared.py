@@ -5,7 +5,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jsonschema
@@ -15,6 +15,7 @@ from shared import handshake
 from shared.cli import run_main
 from shared.env import Env, pod_hostname
 from shared.errors import ConfigError, HandshakeError
+from shared.log import configure
 from tests import samples
 
 SAMPLE = samples.handshake()
@@ -263,3 +264,36 @@ def test_the_ipv6_block_is_checked_like_the_rest(change: dict[str, object], mess
     data["ipv6"] = {**data["ipv6"], **change}
     with pytest.raises(HandshakeError, match="^" + re.escape(message)):
         handshake.Handshake.from_dict(data, "h")
+
+
+@pytest.fixture
+def root_logger() -> Iterator[logging.Logger]:
+    """The root logger, given back to pytest as it was after ``configure`` replaced its handlers and level."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield root
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize(("value", "level"), [("debug", logging.DEBUG), ("ERROR", logging.ERROR), (None, logging.INFO)])
+def test_log_level_is_read_as_written(
+    monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger, value: str | None, level: int
+) -> None:
+    if value is None:
+        monkeypatch.delenv("LOG_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("LOG_LEVEL", value)
+    configure("podvm-test")
+    assert root_logger.level == level
+
+
+def test_an_unknown_log_level_is_said_not_silently_ignored(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LOG_LEVEL", "verbose")
+    configure("podvm-test")
+    assert logging.getLogger().level == logging.INFO
+    assert (
+        "LOG_LEVEL='VERBOSE': expected one of DEBUG, INFO, WARNING, ERROR; logging at INFO" in capsys.readouterr().err
+    )
