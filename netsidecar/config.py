@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.env import Env, metrics_port, pod_hostname
+from shared.env import Env, console_pod_port, metrics_port, pod_hostname
 from shared.errors import ConfigError
 
 log = logging.getLogger("netsidecar")
@@ -61,6 +61,7 @@ class Settings:
     pod_wait_timeout: float
     drain_timeout: float
     metrics_port: int | None
+    console_port: int | None  # CONSOLE_POD_PORT
     metrics_interval: float
 
     @property
@@ -267,6 +268,7 @@ def read_settings(env: Env) -> Settings:
         pod_wait_timeout=env.duration("POD_WAIT_TIMEOUT", 30.0),
         drain_timeout=env.duration("NET_DRAIN_TIMEOUT", 30.0),
         metrics_port=metrics_port(env, no_vnc=env.flag("NO_VNC")),
+        console_port=console_pod_port(env, no_vnc=env.flag("NO_VNC")),
         metrics_interval=_metrics_interval(env),
     )
 

@@ -153,8 +153,7 @@ def _nat(family: str, pod_ip: str | None, vm_ip: str, vm_net: str, *, settings: 
         nat.chain(name, type="nat", hook=hook, prio=prio, policy="accept")
     nat.chain("postrouting", type="nat", hook="postrouting", prio=100, policy="accept")
     from_pod_iface = _match(_meta("iifname"), pod.iface)
-    stays = [] if settings.no_vnc else [_stays_in_pod(VNC_PORT)]
-    stays += [_stays_in_pod(port) for port in metrics_ports(settings)]
+    stays = [_stays_in_pod(port) for port in ports_in_pod(settings)]
     for keep in stays:
         nat.rule("prerouting", [from_pod_iface, to_pod_ip, *keep])
     nat.rule("prerouting", [from_pod_iface, to_pod_ip, *dnat])
@@ -174,9 +173,11 @@ NAT_IN = "podvm: nat in"
 NAT_OUT = "podvm: nat out"
 
 
-def metrics_ports(settings: Settings) -> list[int]:
-    """The metrics port, which stays in the pod like VNC's (the runner serves it), when one is configured."""
-    return [] if settings.metrics_port is None else [settings.metrics_port]
+def ports_in_pod(settings: Settings) -> list[int]:
+    """The TCP ports of the pod IP that stay in the pod for the runner's services: VNC (unless ``NO_VNC``), the
+    metrics and the browser console when configured. Every other port and protocol goes to the VM."""
+    ports = [] if settings.no_vnc else [VNC_PORT]
+    return ports + [port for port in (settings.metrics_port, settings.console_port) if port is not None]
 
 
 def _stays_in_pod(port: int) -> list[Json]:
@@ -421,6 +422,7 @@ def build(settings: Settings, pod: PodFacts, resolv: Resolv) -> Plan:
         vnc_in_pod=not settings.no_vnc,
         tap_owner=settings.tap_owner,
         metrics_port=settings.metrics_port,
+        console_port=settings.console_port,
         families=pod.families,
         ipv6=ipv6,
     )

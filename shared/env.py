@@ -147,11 +147,25 @@ def pod_hostname(env: Env) -> str:
     return name
 
 
+def _port_in_pod(env: Env, name: str, no_vnc: bool, example: int, taken: dict[str, int | None]) -> int | None:
+    """A TCP port on the pod IP kept in the pod for one of the runner's services; unset means that service is off.
+    Each such port is the runner's alone: not VNC's 5900 (while VNC is in the pod), not another service's."""
+    if env.optional(name) is None:
+        return None
+    port = env.integer(name, 0, 1, 65535)
+    owners = {"VNC": None if no_vnc else 5900, **taken}
+    for owner, used in owners.items():
+        if port == used:
+            raise ConfigError(f"{name}={port}: {owner} has that port; choose another (e.g. {example})")
+    return port
+
+
 def metrics_port(env: Env, no_vnc: bool) -> int | None:
     """METRICS_PORT: the TCP port of the metrics endpoint, which stays in the pod; unset means no metrics."""
-    if env.optional("METRICS_PORT") is None:
-        return None
-    port = env.integer("METRICS_PORT", 0, 1, 65535)
-    if port == 5900 and not no_vnc:
-        raise ConfigError("METRICS_PORT=5900: VNC has that port; choose another (e.g. 9100)")
-    return port
+    return _port_in_pod(env, "METRICS_PORT", no_vnc, 9100, {})
+
+
+def console_pod_port(env: Env, no_vnc: bool) -> int | None:
+    """CONSOLE_POD_PORT: the TCP port where the browser console is also served on the pod IP, which stays in the
+    pod; unset means the console is reached only through ``kubectl port-forward`` (localhost)."""
+    return _port_in_pod(env, "CONSOLE_POD_PORT", no_vnc, 6080, {"METRICS_PORT": metrics_port(env, no_vnc)})

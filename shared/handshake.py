@@ -17,7 +17,7 @@ from typing import Any
 from shared.errors import HandshakeError
 from shared.files import read_small, write_atomic
 
-VERSION = "1.2"
+VERSION = "1.3"
 MAJOR = 1
 FILE_NAME = "network.json"
 MAX_SIZE = 64 * 1024
@@ -125,6 +125,8 @@ class Handshake:
     ipv6: Ipv6 | None = None
     # --- 1.2: the metrics port (absent before: no metrics endpoint) ---
     metrics_port: int | None = None
+    # --- 1.3: the browser console's port on the pod IP (absent before: the console is not exposed there) ---
+    console_port: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The handshake as JSON-ready data, lists in place of tuples."""

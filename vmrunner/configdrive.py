@@ -37,6 +37,27 @@ def instance_uuid(hostname: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{hostname}.podvm"))
 
 
+MAX_NODES = 100_000  # nested aliases grow exponentially once written out ("billion laughs"); metadata needs far fewer
+
+
+def _expanded_size(node: "yaml.Node | None", sizes: dict[int, int]) -> int:
+    """How many values ``node`` has with every alias written out, each shared node counted once per use but
+    measured once; a node that contains itself counts as too many."""
+    if node is None or isinstance(node, yaml.ScalarNode):
+        return 1
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = MAX_NODES + 1  # while measured: reached again from inside means it contains itself
+    children = [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else node.value
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes)
+        if total > MAX_NODES:
+            break
+    sizes[id(node)] = total
+    return total
+
+
 def read_yaml(path: Path, variable: str) -> dict[str, Any] | None:
     """The YAML mapping in ``path``; None when the file is absent.
 
@@ -51,6 +72,9 @@ def read_yaml(path: Path, variable: str) -> dict[str, Any] | None:
     except UnicodeDecodeError as err:
         raise ConfigError(f"{variable}={path}: not UTF-8 text (byte {err.start})") from None
     try:
+        size = _expanded_size(yaml.compose(text, Loader=yaml.SafeLoader), {})
+        if size > MAX_NODES:  # the data is written out as JSON, where each alias becomes a copy
+            raise ConfigError(f"{variable}={path}: over {MAX_NODES} values once its YAML aliases are expanded")
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)

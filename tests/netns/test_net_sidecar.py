@@ -73,8 +73,10 @@ def test_calico_pod_traffic_and_dhcp(bed_factory: BedFactory) -> None:
     assert got["search"].split() == list(hs.search) and len(hs.search) == 7
     vm.serve_tcp(8080, "vm")
     vm.serve_tcp(5900, "vm-vnc")
+    vm.serve_tcp(6080, "vm")
     vm.serve_udp(5353, "vm")
     assert tcp_request(bed.client.ns, bed.pod_ip, 8080) == f"vm {bed.client_ip}"
+    assert tcp_request(bed.client.ns, bed.pod_ip, 6080) == f"vm {bed.client_ip}", "no CONSOLE_POD_PORT: the VM's"
     assert udp_request(bed.client.ns, bed.pod_ip, 5353) == f"vm {bed.client_ip}"
     assert tcp_request(bed.client.ns, bed.pod_ip, 5900) == "", "5900 must stay in the pod"
     assert tcp_request(bed.pod.ns, bed.pod_ip, 8080).startswith("vm "), "in-pod connections reach the VM"
@@ -97,14 +99,18 @@ def test_calico_pod_traffic_and_dhcp(bed_factory: BedFactory) -> None:
         assert line in side.log()
 
 
-def test_bridge_pod_with_no_vnc(bed_factory: BedFactory) -> None:
+def test_bridge_pod_with_no_vnc_and_the_console_on_the_pod_ip(bed_factory: BedFactory) -> None:
     bed = bed_factory.bed("bridge")
-    hs = bed_factory.sidecar(bed, {"NO_VNC": "1", "TAP_OWNER": "root"}).start()
-    assert not hs.vnc_in_pod and hs.tap_owner is None
+    env = {"NO_VNC": "1", "TAP_OWNER": "root", "CONSOLE_POD_PORT": "6080"}
+    hs = bed_factory.sidecar(bed, env).start()
+    assert not hs.vnc_in_pod and hs.tap_owner is None and hs.console_port == 6080
     vm = bed_factory.vm(bed, hs.mac)
     vm.dhcp()
     vm.serve_tcp(5900, "vnc")
+    vm.serve_tcp(6080, "vm")
     assert tcp_request(bed.client.ns, bed.pod_ip, 5900) == f"vnc {bed.client_ip}"
+    reply_server(bed.pod.ns, 6080)  # stands in for the runner's console, listening in the pod
+    assert tcp_request(bed.client.ns, bed.pod_ip, 6080) == bed.client_ip, "CONSOLE_POD_PORT stays in the pod"
 
 
 def test_restart_after_kill_keeps_links_and_flows_then_sigterm_cleans(bed_factory: BedFactory) -> None:

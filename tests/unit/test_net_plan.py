@@ -54,7 +54,7 @@ def test_metrics_port_stays_in_the_pod_like_vnc() -> None:
         assert 9100 in ports and 5900 in ports, chain
         assert {"dnat": {"addr": "192.168.254.2"}} in exprs[-1], "the exceptions come before the DNAT"
     handshake = build(read_settings(Env({"HOSTNAME": "vm", "METRICS_PORT": "9100"})), POD, RESOLV).handshake
-    assert handshake.metrics_port == 9100 and handshake.version == "1.2"
+    assert handshake.metrics_port == 9100 and handshake.version == "1.3"
     assert build(read_settings(Env({"HOSTNAME": "vm"})), POD, RESOLV).handshake.metrics_port is None
 
 
@@ -84,6 +84,31 @@ def test_accounting_counts_translated_packets_after_both_nats() -> None:
     ],
 )
 def test_bad_metrics_settings_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        read_settings(Env({"HOSTNAME": "vm", **env}))
+
+
+def test_the_console_port_stays_in_the_pod_only_when_set() -> None:
+    def kept(env: dict[str, str]) -> list[int]:
+        exprs = rules(ruleset(read_settings(Env({"HOSTNAME": "vm", **env})), POD), "prerouting")
+        return [m["match"]["right"] for e in exprs if {"return": None} in e for m in e if "tcp" in str(m)]
+
+    assert kept({}) == [5900]
+    assert kept({"CONSOLE_POD_PORT": "6080", "METRICS_PORT": "9100"}) == [5900, 9100, 6080]
+    assert kept({"CONSOLE_POD_PORT": "5900", "NO_VNC": "1"}) == [5900], "5900 is free for it without VNC"
+    settings = read_settings(Env({"HOSTNAME": "vm", "CONSOLE_POD_PORT": "6080"}))
+    assert build(settings, POD, RESOLV).handshake.console_port == 6080
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CONSOLE_POD_PORT": "5900"}, "CONSOLE_POD_PORT=5900: VNC has that port; choose another"),
+        ({"CONSOLE_POD_PORT": "9100", "METRICS_PORT": "9100"}, "CONSOLE_POD_PORT=9100: METRICS_PORT has that port"),
+        ({"CONSOLE_POD_PORT": "70000"}, "CONSOLE_POD_PORT=70000: expected a number from 1 to 65535"),
+    ],
+)
+def test_a_console_port_taken_by_another_service_is_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         read_settings(Env({"HOSTNAME": "vm", **env}))
 
@@ -538,7 +563,7 @@ def test_links_carry_ipv6_only_where_the_pod_has_it() -> None:
 def test_handshake_1_1_carries_the_ipv6_side() -> None:
     s = read_settings(Env(ENV))
     hs = build(s, DUAL, RESOLV6).handshake
-    assert hs.version == "1.2" and hs.families == ("ipv4", "ipv6"), "1.1 brought IPv6, 1.2 the metrics port"
+    assert hs.version == "1.3" and hs.families == ("ipv4", "ipv6"), "1.1 brought IPv6; 1.2, 1.3 two ports"
     assert hs.ipv6 is not None and (hs.ipv6.vm_ip, hs.ipv6.gateway, hs.ipv6.router) == (VM_IP6, GW6, "fe80::1")
     assert (hs.ipv6.pod_ip, hs.ipv6.prefix, hs.ipv6.dns) == (str(POD6), 64, ("fd00::10",))
     assert hs.vm_ip == VM_IP and hs.dns == RESOLV.nameservers

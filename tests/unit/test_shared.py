@@ -5,7 +5,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jsonschema
@@ -15,6 +15,7 @@ from shared import handshake
 from shared.cli import run_main
 from shared.env import Env, pod_hostname
 from shared.errors import ConfigError, HandshakeError
+from shared.log import configure
 from tests import samples
 
 SAMPLE = samples.handshake()
@@ -126,7 +127,16 @@ def test_a_handshake_before_1_2_has_no_metrics_port_and_1_2_carries_one() -> Non
         old = {k: v for k, v in SAMPLE.to_dict().items() if k != "metrics_port"} | {"version": version}
         assert handshake.Handshake.from_dict(old).metrics_port is None
     new = handshake.Handshake.from_dict({**SAMPLE.to_dict(), "metrics_port": 9100})
-    assert (new.metrics_port, new.version) == (9100, "1.2")
+    assert (new.metrics_port, new.version) == (9100, handshake.VERSION)
+    jsonschema.validate(new.to_dict(), SCHEMA_1_0, format_checker=jsonschema.FormatChecker())
+
+
+def test_a_handshake_before_1_3_has_no_console_port_and_1_3_carries_one() -> None:
+    """1.3 added console_port: absent means the browser console is not served on the pod IP."""
+    old = {k: v for k, v in SAMPLE.to_dict().items() if k != "console_port"} | {"version": "1.2"}
+    assert handshake.Handshake.from_dict(old).console_port is None
+    new = handshake.Handshake.from_dict({**SAMPLE.to_dict(), "console_port": 6080})
+    assert (new.console_port, new.version) == (6080, "1.3")
     jsonschema.validate(new.to_dict(), SCHEMA_1_0, format_checker=jsonschema.FormatChecker())
 
 
@@ -254,3 +264,36 @@ def test_the_ipv6_block_is_checked_like_the_rest(change: dict[str, object], mess
     data["ipv6"] = {**data["ipv6"], **change}
     with pytest.raises(HandshakeError, match="^" + re.escape(message)):
         handshake.Handshake.from_dict(data, "h")
+
+
+@pytest.fixture
+def root_logger() -> Iterator[logging.Logger]:
+    """The root logger, given back to pytest as it was after ``configure`` replaced its handlers and level."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield root
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize(("value", "level"), [("debug", logging.DEBUG), ("ERROR", logging.ERROR), (None, logging.INFO)])
+def test_log_level_is_read_as_written(
+    monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger, value: str | None, level: int
+) -> None:
+    if value is None:
+        monkeypatch.delenv("LOG_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("LOG_LEVEL", value)
+    configure("podvm-test")
+    assert root_logger.level == level
+
+
+def test_an_unknown_log_level_is_said_not_silently_ignored(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LOG_LEVEL", "verbose")
+    configure("podvm-test")
+    assert logging.getLogger().level == logging.INFO
+    assert (
+        "LOG_LEVEL='VERBOSE': expected one of DEBUG, INFO, WARNING, ERROR; logging at INFO" in capsys.readouterr().err
+    )

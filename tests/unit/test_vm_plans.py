@@ -227,6 +227,20 @@ def test_nocloud_plan_and_no_files_no_drive() -> None:
     assert b"local-hostname: db" in plan.files["/meta-data"]
 
 
+def test_metadata_that_would_expand_exponentially_is_refused(tmp_path: Path) -> None:
+    """'Billion laughs': nine levels of ten aliases are 10**9 strings once written out as meta_data.json."""
+    lines = ["a0: &a0 [lol]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    bomb = tmp_path / "metadata"
+    bomb.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=rf"^METADATA={bomb}: over 100000 values once its YAML aliases are expanded$"):
+        configdrive.read_yaml(bomb, "METADATA")
+    bomb.write_text("loop: &self [1, *self]\n")
+    with pytest.raises(ConfigError, match="over 100000 values"):
+        configdrive.read_yaml(bomb, "METADATA")
+    bomb.write_text("base: &b {zone: a}\nvm: *b\n")
+    assert configdrive.read_yaml(bomb, "METADATA") == {"base": {"zone": "a"}, "vm": {"zone": "a"}}, "a few are fine"
+
+
 def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
     bad = tmp_path / "metadata"
     bad.write_text("name: ok\nmeta: [unclosed\nother: 1\n")
