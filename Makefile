@@ -9,9 +9,13 @@ BIN    := $(VENV)/bin
 test: deps lint
 	$(BIN)/pytest tests
 
-## deps: Debian packages and the Python virtual environment
-deps: $(VENV)/.installed
+## deps: Debian packages, the Python virtual environment and the browser console's client libraries
+deps: $(VENV)/.installed node_modules/.package-lock.json
 	./scripts/install-system-deps
+
+# Exact versions and integrity hashes from package-lock.json; no install scripts run.
+node_modules/.package-lock.json: package.json package-lock.json
+	npm ci --ignore-scripts --no-audit --no-fund
 
 $(VENV)/.installed: pyproject.toml
 	./scripts/install-system-deps

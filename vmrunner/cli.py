@@ -75,6 +75,7 @@ def cmd_run(cfg: Config) -> int:
         log.warning(
             "tap %s belongs to uid %d but the runner is uid %d: qemu cannot open it", hs.tap, hs.tap_owner, os.getuid()
         )
+    served = web_plan(cfg, hs, RunPaths.of(cfg.run_dir), token is not None)
     tracker = _start_metrics(cfg, hs)
     # The short name, not img_name: that one carries a hash of the URL with its query, which may hold a token.
     with volume_errors(cfg), metrics.fetching(tracker, cfg.img_target):
@@ -90,22 +91,41 @@ def cmd_run(cfg: Config) -> int:
     plan = plan_qemu(cfg, hs, choose_accel(cfg.accel, kvm_works()), vnc_enabled(cfg, hs), iso)
     log.info("qemu: %s", " ".join(plan.argv))
     tracker.set(phase="starting", accel=plan.accel)
-    duties = console_duties(cfg, hs, plan, token)
+    duties = console_duties(plan, served, token)
     with metrics.outcome(tracker):
         secret = password if plan.secret else None
         return asyncio.run(Supervisor(plan, cfg.shutdown_timeout, secret, tracker, duties).run())
 
 
 def web_plan(cfg: Config, hs: handshake.Handshake, paths: RunPaths, token: bool) -> "WebPlan | None":
-    """The browser console's listeners, or None with ``CONSOLE_PORT=off``."""
+    """The browser console's listeners, or None with ``CONSOLE_PORT=off``. The pod IP's port follows the handshake
+    (a mismatch is warned about, as for METRICS_PORT): a port the sidecar sends to the VM would be the guest's.
+
+    :raise ConfigError: when the handshake keeps a console port in the pod but no token is configured.
+    """
     from vmrunner.web import plan_web
 
     if cfg.console is None:
+        if hs.console_port is not None:
+            log.warning(
+                "CONSOLE_PORT=off but the sidecar's handshake says console_port=%d; no console", hs.console_port
+            )
         return None
+    if cfg.console.pod_port != hs.console_port:
+        log.warning(
+            "CONSOLE_POD_PORT=%s but the sidecar's handshake says console_port=%s; following the handshake",
+            cfg.console.pod_port or "unset",
+            hs.console_port or "unset",
+        )
+    if hs.console_port is not None and not token:
+        raise ConfigError(
+            f"the sidecar keeps console_port={hs.console_port} in the pod: a console on the pod IP needs "
+            "CONSOLE_PASSWORD_FILE (a Secret holding the token a browser must give)"
+        )
     pod_addresses = tuple(a for a in (hs.pod_ip, hs.ipv6.pod_ip if hs.ipv6 else None) if a is not None)
     return plan_web(
         cfg.console.port,
-        cfg.console.pod_port,
+        hs.console_port,
         pod_addresses=pod_addresses,
         token=token,
         assets=cfg.console.assets,
@@ -113,14 +133,13 @@ def web_plan(cfg: Config, hs: handshake.Handshake, paths: RunPaths, token: bool)
     )
 
 
-def console_duties(cfg: Config, hs: handshake.Handshake, plan: QemuPlan, token: bytes | None) -> list["Duty"]:
+def console_duties(plan: QemuPlan, served: "WebPlan | None", token: bytes | None) -> list["Duty"]:
     """The console broker, its socket for ``vmrunner console`` and, unless ``CONSOLE_PORT=off``, the web server:
     all three live as long as qemu runs."""
     from vmrunner import console, web
 
     broker = console.Broker(plan.paths.serial)
     duties: list[Duty] = [broker.run, functools.partial(console.serve, broker, plan.paths.console)]
-    served = web_plan(cfg, hs, plan.paths, token is not None)
     if served is not None:
         duties.append(functools.partial(web.serve, served, broker, token))
     return duties

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from shared.env import Env, metrics_port, pod_hostname
+from shared.env import Env, console_pod_port, metrics_port, pod_hostname
 from shared.errors import ConfigError
 
 _HEX = re.compile(r"^[0-9a-f]+$")
@@ -63,17 +63,16 @@ class ConsoleConfig:
 
 
 def _console(env: Env, no_vnc: bool, metrics: int | None) -> ConsoleConfig | None:
-    """CONSOLE_*; a port the VNC server or the metrics endpoint holds, or an exposed console without a token, is
-    refused."""
+    """CONSOLE_*; a local port the VNC server or the metrics endpoint holds, or an exposed console without a token,
+    is refused."""
     if env.text("CONSOLE_PORT", "6080").lower() == "off":
         return None
     port = env.integer("CONSOLE_PORT", 6080, 1, 65535)
-    pod_port = env.integer("CONSOLE_POD_PORT", 0, 1, 65535) if env.optional("CONSOLE_POD_PORT") else None
-    password_file = env.path("CONSOLE_PASSWORD_FILE", "/") if env.optional("CONSOLE_PASSWORD_FILE") else None
     taken = {**({5900: "VNC"} if not no_vnc else {}), **({metrics: "METRICS_PORT"} if metrics else {})}
-    for name, value in (("CONSOLE_PORT", port), ("CONSOLE_POD_PORT", pod_port)):
-        if value in taken:
-            raise ConfigError(f"{name}={value}: {taken[value]} has that port; choose another (e.g. 6080)")
+    if port in taken:
+        raise ConfigError(f"CONSOLE_PORT={port}: {taken[port]} has that port; choose another (e.g. 6080)")
+    pod_port = console_pod_port(env, no_vnc)
+    password_file = env.path("CONSOLE_PASSWORD_FILE", "/") if env.optional("CONSOLE_PASSWORD_FILE") else None
     if pod_port is not None and password_file is None:
         raise ConfigError(
             f"CONSOLE_POD_PORT={pod_port}: a console on the pod IP needs CONSOLE_PASSWORD_FILE (a Secret holding "

@@ -75,7 +75,6 @@ def plan_web(
     token: bool,
     assets: Path,
     display: Path,
-    broker: Path,
 ) -> WebPlan:
     """The listeners and the names they answer to: localhost on ``port``; every address on ``pod_port`` too."""
     listen = [("127.0.0.1", port), ("::1", port)]
@@ -174,7 +173,11 @@ class ConsoleServer:
         """The application, every route behind :meth:`guard`."""
         from aiohttp import web
 
-        app = web.Application(middlewares=[self.guard], client_max_size=64 * 1024)
+        @web.middleware
+        async def guard(request: web.Request, handler: "Handler") -> web.StreamResponse:
+            return await self.guard(request, handler)
+
+        app = web.Application(middlewares=[guard], client_max_size=64 * 1024)
         app.router.add_get("/", self.page)
         app.router.add_post("/login", self.login)
         app.router.add_get("/ws/serial", self.serial)

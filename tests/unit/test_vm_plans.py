@@ -290,7 +290,9 @@ def test_qemu_plan_tcg_virtio_vnc_and_extra_args_last() -> None:
     assert "-device virtio-net-pci,netdev=net0,mac=0a:58:c0:a8:fe:02" in line
     assert "-vnc :0 " in line
     assert "socket,id=qmp,path=/r/qmp.sock,server=on,wait=off" in line
-    assert "socket,id=console,path=/r/console.sock,server=on,wait=off,logfile=/r/console.fifo" in line
+    assert "-vnc unix:/r/display.sock,id=web " in line  # the browser console's screen, only on a Unix socket
+    # qemu's serial port has one client, the console broker; vmrunner console attaches to the broker's console.sock
+    assert "socket,id=console,path=/r/serial.sock,server=on,wait=off,logfile=/r/console.fifo" in line
 
 
 def test_qemu_plan_kvm_legacy_buses_password_and_no_vnc() -> None:
@@ -300,9 +302,10 @@ def test_qemu_plan_kvm_legacy_buses_password_and_no_vnc() -> None:
     assert "-device ide-hd,drive=disk0,bus=ide.0,unit=0,bootindex=1" in line
     assert "-device e1000,netdev=net0,mac=0a:58:c0:a8:fe:02" in line
     assert "-object secret,id=vncpass,file=/dev/stdin,format=raw -vnc :0,password-secret=vncpass" in line
+    assert "-vnc unix:/run/podvm/display.sock,id=web,password-secret=vncpass" in line  # the same password
     assert "/secret/vnc" not in line  # qemu gets the cleaned password on its stdin, not the raw Secret
     assert "cd0" not in line
-    scsi = " ".join(plan_qemu(cfg(VM_DISK_BUS="scsi"), HS, "tcg", False, None).argv)
+    scsi = " ".join(plan_qemu(cfg(VM_DISK_BUS="scsi", CONSOLE_PORT="off"), HS, "tcg", False, None).argv)
     assert "-device virtio-scsi-pci,id=scsi0 -device scsi-hd,drive=disk0,bus=scsi0.0" in scsi
     assert "-vnc" not in scsi
 
