@@ -65,12 +65,20 @@ function keysym(ch) {
   return (cp >= 0x20 && cp <= 0x7e) || (cp >= 0xa0 && cp <= 0xff) ? cp : 0x01000000 + cp;
 }
 
+// qemu turns a keysym into the key that carries it, without Shift: the characters a US keyboard types with Shift
+// are typed with Shift held, as a person would.
+const SHIFTED = /[A-Z~!@#$%^&*()_+{}|:"<>?]/;
+const SHIFT = 0xffe1;
+
 function typeOnScreen(text) {
   if (!rfb) return;
   for (const ch of text.replace(/\r\n?/g, "\n")) {
     const sym = keysym(ch);
+    const shift = SHIFTED.test(ch);
+    if (shift) rfb.sendKey(SHIFT, "ShiftLeft", true);
     rfb.sendKey(sym, null, true);
     rfb.sendKey(sym, null, false);
+    if (shift) rfb.sendKey(SHIFT, "ShiftLeft", false);
   }
 }
 
