@@ -211,7 +211,7 @@ class ConsoleServer:
         if not isinstance(response, web.WebSocketResponse):
             response.headers["Content-Security-Policy"] = CSP
             response.headers["X-Content-Type-Options"] = "nosniff"
-            response.headers["Referrer-Policy"] = "no-referrer"
+            response.headers["Referrer-Policy"] = "same-origin"  # no-referrer would make a form's Origin "null"
             response.headers["Cache-Control"] = "no-store"
         return response
 
