@@ -311,6 +311,9 @@ async def serve(plan: WebPlan, broker: Broker, token: bytes | None) -> None:
     """Serve the console until cancelled (a duty); ``::1`` is skipped with a line when the pod has no IPv6."""
     from aiohttp import web
 
+    for directory in VENDOR.values():
+        if not (plan.assets / directory).is_dir():
+            raise ConfigError(f"CONSOLE_ASSETS={plan.assets}: no {directory} there (npm ci fills it: make deps)")
     runner = web.AppRunner(ConsoleServer(plan, broker, token).app(), access_log=None, handle_signals=False)
     await runner.setup()
     try:
