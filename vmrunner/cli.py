@@ -200,6 +200,16 @@ def cmd_plan(cfg: Config) -> int:
         accel = choose_accel(cfg.accel, kvm_works())
         iso = drive_path(cfg) if drive is not None else None
         document["qemu"] = list(plan_qemu(cfg, hs, accel, vnc_enabled(cfg, hs), iso).argv)
+        served = web_plan(
+            cfg, hs, RunPaths.of(cfg.run_dir), cfg.console is not None and bool(cfg.console.password_file)
+        )
+        document["console"] = None if served is None else {
+            "listen": [f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in served.listen],
+            "hosts": sorted(served.hosts),
+            "token_required": served.token_required,
+            "display": str(served.display),
+            "assets": str(served.assets),
+        }  # fmt: skip
     print(json.dumps(document, indent=2))
     return 0
 

@@ -38,6 +38,7 @@ IMAGE_PORT = 8643
 BOOT_TIMEOUT = 120.0
 WAIT = 30.0
 TOKEN = "console-t0ken-e2e-planted"  # noqa: S105 planted to be looked for in the log
+VNC_PASSWORD = "vnc-pw-1"  # noqa: S105 a test password
 SCREENSHOTS = harness.REPO / "build" / "screenshots"
 ASSETS = harness.REPO / "node_modules"
 SHIFTED = {">": ".", "S": "s", "$": "4", "(": "9", ")": "0", "+": "="}  # the US keyboard's keys for these
@@ -102,16 +103,16 @@ def local() -> Iterator[Pod]:
 
 @pytest.fixture(scope="module")
 def exposed() -> Iterator[Pod]:
-    """CONSOLE_POD_PORT=6080 in both containers, with a token in CONSOLE_PASSWORD_FILE."""
+    """CONSOLE_POD_PORT=6080 in both containers, with a token in CONSOLE_PASSWORD_FILE, and a VNC password."""
     secrets = Path(tempfile.mkdtemp(prefix="podvm-console-secret-"))
-    token_file = secrets / "token"
+    token_file, vnc_file = secrets / "token", secrets / "vnc"
     token_file.write_text(TOKEN + "\n")
-    os.chown(secrets, harness.RUNNER_UID, harness.RUNNER_UID)
-    os.chown(token_file, harness.RUNNER_UID, harness.RUNNER_UID)
-    token_file.chmod(0o400)
+    vnc_file.write_text(VNC_PASSWORD + "\n")
+    for path in (secrets, token_file, vnc_file):
+        os.chown(path, harness.RUNNER_UID, harness.RUNNER_UID)
     port = {"CONSOLE_POD_PORT": str(CONSOLE_PORT)}
     try:
-        runner_env = {**port, "CONSOLE_PASSWORD_FILE": str(token_file)}
+        runner_env = {**port, "CONSOLE_PASSWORD_FILE": str(token_file), "VNC_PASSWORD_FILE": str(vnc_file)}
         with booted("exposed", 1 + (os.getpid() * 7 + 110) % 200, runner_env, port) as pod:
             yield pod
     finally:
@@ -375,16 +376,19 @@ def test_exposed_console_needs_the_token(exposed: Pod) -> None:
 
 
 def test_exposed_console_logs_in_through_the_browser(exposed: Pod, browser: WebDriver) -> None:
-    """The login form in the browser: a wrong token shows the form again; the right one opens both consoles."""
+    """The login form in the browser: a wrong token shows the form again; the right one opens the page, whose serial
+    console connects and whose screen asks for the VNC password (qemu checks it on the Unix display too)."""
     browser.delete_all_cookies()
     browser.get(exposed.url)
     browser.find_element(By.ID, "token").send_keys("not-the-token-at-all" + Keys.ENTER)
     until("the form again", lambda: browser.find_elements(By.ID, "token"))
     screenshot(browser, "login")
     browser.find_element(By.ID, "token").send_keys(TOKEN + Keys.ENTER)
-    until(
-        "connected screen",
-        lambda: browser.find_elements(By.ID, "screen-state") and state(browser, "screen") == "connected",
-    )
+    until("the console page", lambda: browser.find_elements(By.ID, "serial-state"))
     until("connected serial console", lambda: state(browser, "serial") == "connected")
-    assert TOKEN not in exposed.runner.text()
+    dialog = browser.find_element(By.ID, "vnc-password")
+    until("the VNC password dialog", lambda: dialog.get_attribute("open") is not None)
+    assert state(browser, "screen") != "connected"
+    browser.find_element(By.ID, "vnc-password-text").send_keys(VNC_PASSWORD + Keys.ENTER)
+    until("connected screen", lambda: state(browser, "screen") == "connected")
+    assert TOKEN not in exposed.runner.text() and VNC_PASSWORD not in exposed.runner.text()

@@ -3,6 +3,7 @@ real HTTP (aiohttp's test server); the browser and the booted guest are in tests
 
 import asyncio
 import contextlib
+import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from shared.errors import ConfigError
 from tests import samples
 from vmrunner import console, web
-from vmrunner.cli import web_plan
+from vmrunner.cli import dispatch, web_plan
 from vmrunner.config import ConsoleConfig, load
 from vmrunner.qemu import RunPaths
 
@@ -330,3 +331,18 @@ def test_missing_client_libraries_are_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=rf"^CONSOLE_ASSETS={tmp_path}: no @novnc/novnc there"):
         asyncio.run(web.serve(plan, console.Broker(tmp_path / "s.sock"), None))
     assert not os.listdir(tmp_path)
+
+
+def test_plan_prints_the_consoles_listeners(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    samples.handshake(console_port=7080).write(tmp_path)
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    env = {**BASE, "RUN_DIR": str(tmp_path), "IMAGE_DIR": str(tmp_path), "VM_DIR": str(tmp_path),
+           "CONSOLE_POD_PORT": "7080", "CONSOLE_PASSWORD_FILE": str(token)}  # fmt: skip
+    monkeypatch.setattr(os, "environ", env)
+    assert dispatch(["plan"]) == 0
+    shown = json.loads(capsys.readouterr().out)["console"]
+    assert shown["listen"] == ["127.0.0.1:6080", "[::1]:6080", "0.0.0.0:7080", "[::]:7080"]
+    assert shown["token_required"] is True and shown["display"] == str(tmp_path / "display.sock")
+    assert shown["hosts"] == ["10.1.2.3", "127.0.0.1", "::1", "localhost"]  # the pod's own address, when exposed
