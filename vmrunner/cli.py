@@ -7,7 +7,6 @@ Arguments after ``run`` are handed to qemu unchanged (the container's ``args:``)
 import atexit
 import contextlib
 import errno
-import functools
 import json
 import logging
 import os
@@ -135,14 +134,23 @@ def web_plan(cfg: Config, hs: handshake.Handshake, paths: RunPaths, token: bool)
 
 def console_duties(plan: QemuPlan, served: "WebPlan | None", token: bytes | None) -> list["Duty"]:
     """The console broker, its socket for ``vmrunner console`` and, unless ``CONSOLE_PORT=off``, the web server:
-    all three live as long as qemu runs."""
+    all three live as long as qemu runs. Named closures, not partials: a failing duty is logged by its name, and a
+    partial's name would show its arguments, the token among them."""
     from vmrunner import console, web
 
     broker = console.Broker(plan.paths.serial)
-    duties: list[Duty] = [broker.run, functools.partial(console.serve, broker, plan.paths.console)]
-    if served is not None:
-        duties.append(functools.partial(web.serve, served, broker, token))
-    return duties
+
+    async def console_broker() -> None:
+        await broker.run()
+
+    async def console_socket() -> None:
+        await console.serve(broker, plan.paths.console)
+
+    async def web_console() -> None:
+        assert served is not None
+        await web.serve(served, broker, token)
+
+    return [console_broker, console_socket, *([web_console] if served is not None else [])]
 
 
 def _start_metrics(cfg: Config, hs: handshake.Handshake) -> metrics.Tracker:

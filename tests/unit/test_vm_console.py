@@ -16,9 +16,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from shared.errors import ConfigError
 from tests import samples
 from vmrunner import console, web
-from vmrunner.cli import dispatch, web_plan
+from vmrunner.cli import console_duties, dispatch, web_plan
 from vmrunner.config import ConsoleConfig, load
-from vmrunner.qemu import RunPaths
+from vmrunner.qemu import RunPaths, plan_qemu
+from vmrunner.supervise import Supervisor
 
 BASE = {"IMG_SOURCE": "https://example.org/images/debian-12.qcow2", "HOSTNAME": "vm-0"}
 TOKEN = "a-token-of-24-characters"  # noqa: S105 a test token
@@ -346,3 +347,16 @@ def test_plan_prints_the_consoles_listeners(tmp_path: Path, capsys: pytest.Captu
     assert shown["listen"] == ["127.0.0.1:6080", "[::1]:6080", "0.0.0.0:7080", "[::]:7080"]
     assert shown["token_required"] is True and shown["display"] == str(tmp_path / "display.sock")
     assert shown["hosts"] == ["10.1.2.3", "127.0.0.1", "::1", "localhost"]  # the pod's own address, when exposed
+
+
+def test_a_failing_web_console_is_one_line_without_the_token(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The web server cannot start (no client libraries): the supervisor logs the duty's failure by its name; the VM
+    would carry on, and the token is not in the line."""
+    plan = web.plan_web(6080, None, pod_addresses=(), token=True, assets=tmp_path, display=tmp_path / "d.sock")
+    qemu_plan = plan_qemu(load({**BASE, "RUN_DIR": str(tmp_path)}), samples.handshake(), "tcg", True, None)
+    duties = console_duties(qemu_plan, plan, TOKEN.encode())
+    assert [duty.__name__ for duty in duties] == ["console_broker", "console_socket", "web_console"]
+    asyncio.run(Supervisor._duty(duties[2]))
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "web_console stopped: CONSOLE_ASSETS=" in record.getMessage()
+    assert TOKEN not in caplog.text
