@@ -44,6 +44,7 @@ SESSIONS_MAX = 64  # the oldest session is forgotten beyond this many
 FAILED_LOGIN_DELAY = 1.0  # seconds every wrong token costs, one guess at a time
 TOKEN_MIN, TOKEN_MAX = 12, 256
 MESSAGE_MAX = 1 << 20
+STOP_GRACE = 1.0  # seconds the server's connections get to close when qemu stops: the VM's shutdown waits for it
 # The page's libraries are ES modules from this server; xterm.js writes its own <style> elements.
 CSP = (
     "default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
@@ -168,6 +169,7 @@ class ConsoleServer:
         self.plan = plan
         self.broker = broker
         self.sessions = Sessions(token)
+        self.sockets: set[web.WebSocketResponse] = set()  # open WebSockets, closed first when the server stops
 
     def app(self) -> "web.Application":
         """The application, every route behind :meth:`guard`."""
@@ -215,6 +217,12 @@ class ConsoleServer:
             response.headers["Cache-Control"] = "no-store"
         return response
 
+    async def going_away(self) -> None:
+        """Close every WebSocket (1001, going away) so the pages reconnect and the VM's shutdown is not held up."""
+        from aiohttp import WSCloseCode
+
+        await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY) for ws in list(self.sockets)))
+
     def authorized(self, request: "web.Request") -> bool:
         """True when no token is needed or the request carries a live session cookie."""
         return self.sessions.open(request.cookies.get(COOKIE))
@@ -250,6 +258,7 @@ class ConsoleServer:
             return web.Response(status=401, text="log in first\n")
         ws = web.WebSocketResponse(max_msg_size=MESSAGE_MAX, heartbeat=30)
         await ws.prepare(request)
+        self.sockets.add(ws)
         viewer = self.broker.attach()
         log.info("console: serial viewer attached from %s (%d viewers)", request.remote, len(self.broker.viewers))
 
@@ -266,6 +275,7 @@ class ConsoleServer:
                 elif message.type == WSMsgType.TEXT:
                     await self.broker.send(message.data.encode())
         finally:
+            self.sockets.discard(ws)
             self.broker.detach(viewer)
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
@@ -284,6 +294,7 @@ class ConsoleServer:
             return web.Response(status=503, text=f"the VM's display is not there: {err.strerror}\n")
         ws = web.WebSocketResponse(max_msg_size=MESSAGE_MAX, heartbeat=30)
         await ws.prepare(request)
+        self.sockets.add(ws)
         log.info("console: screen viewer attached from %s", request.remote)
 
         async def screen() -> None:
@@ -300,6 +311,7 @@ class ConsoleServer:
         except ConnectionError:
             pass
         finally:
+            self.sockets.discard(ws)
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
             writer.close()
@@ -314,7 +326,8 @@ async def serve(plan: WebPlan, broker: Broker, token: bytes | None) -> None:
     for directory in VENDOR.values():
         if not (plan.assets / directory).is_dir():
             raise ConfigError(f"CONSOLE_ASSETS={plan.assets}: no {directory} there (npm ci fills it: make deps)")
-    runner = web.AppRunner(ConsoleServer(plan, broker, token).app(), access_log=None, handle_signals=False)
+    server = ConsoleServer(plan, broker, token)
+    runner = web.AppRunner(server.app(), access_log=None, handle_signals=False, shutdown_timeout=STOP_GRACE)
     await runner.setup()
     try:
         for address, port in plan.listen:
@@ -335,4 +348,5 @@ async def serve(plan: WebPlan, broker: Broker, token: bytes | None) -> None:
         await asyncio.Event().wait()
     finally:
         with contextlib.suppress(Exception):
+            await server.going_away()
             await runner.cleanup()

@@ -53,6 +53,7 @@ class Pod:
     net: PodNet
     local: int
     run_dir: Path
+    restart: Callable[[], Proc]  # the runner stopped through ACPI and started again, as a container restart does
 
     @property
     def url(self) -> str:
@@ -70,7 +71,6 @@ def booted(name: str, ident: int, runner_env: dict[str, str], sidecar_env: dict[
     bed = Bed(ident)
     procs: list[Proc] = []
     sidecars: list[Sidecar] = []
-    forward: PortForward | None = None
     with harness.dismantled(base, bed, procs, sidecars):
         dirs = harness.volumes(base)
         shutil.copyfile(image, dirs["srv"] / "guest.qcow2")
@@ -82,16 +82,28 @@ def booted(name: str, ident: int, runner_env: dict[str, str], sidecar_env: dict[
         procs.append(harness.serve_directory(bed.pod.ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
         env = harness.volumes_env(IMAGE_PORT, dirs, f"pet-{name}", CONSOLE_ASSETS=str(ASSETS), **runner_env)
         net = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
-        runner = harness.start_runner(
-            net, [str(harness.BIN / "vmrunner"), "run"], env, harness.make_tun_node(base), base / "runner.log"
-        )
-        procs.append(runner)
-        runner.wait_for(harness.READY, BOOT_TIMEOUT)
-        runner.wait_for("console: http://localhost", WAIT)
+        tun = harness.make_tun_node(base)
+
+        current: list[Proc] = []
+
+        def start_runner() -> Proc:
+            log = base / f"runner-{len(current) + 1}.log"
+            runner = harness.start_runner(net, [str(harness.BIN / "vmrunner"), "run"], env, tun, log)
+            procs.append(runner)
+            current.append(runner)
+            runner.wait_for(harness.READY, BOOT_TIMEOUT)
+            runner.wait_for("console: http://localhost", WAIT)
+            return runner
+
+        def restart() -> Proc:
+            assert harness.graceful_stop(current[-1], WAIT) == 0, current[-1].text()
+            return start_runner()
+
+        runner = start_runner()
         forward = PortForward(bed.pod.ns, CONSOLE_PORT, base / "port-forward.log").setup()
         assert forward.proc is not None
         procs.append(forward.proc)
-        yield Pod(runner, net, forward.local, dirs["run"])
+        yield Pod(runner, net, forward.local, dirs["run"], restart)
 
 
 @pytest.fixture(scope="module")
@@ -346,6 +358,18 @@ def test_a_websocket_from_another_site_is_refused(local: Pod, browser: WebDriver
         shutil.rmtree(site, ignore_errors=True)
     assert "hijacked" not in local.runner.text()
     assert "refused GET /ws/serial from origin 'http://127.0.0.1:" in local.runner.text()
+
+
+def test_the_page_reconnects_when_the_vm_restarts(local: Pod, browser: WebDriver) -> None:
+    """The runner stops the guest (ACPI) and starts again, as when its container restarts: the open page shows the
+    consoles disconnected, then connected again by itself, and typing works on the new run. Last of its module."""
+    open_console(browser, local)
+    local.runner = local.restart()
+    until("the screen reconnected", lambda: state(browser, "screen") == "connected", BOOT_TIMEOUT)
+    until("the serial console reconnected", lambda: state(browser, "serial") == "connected", BOOT_TIMEOUT)
+    assert "console: screen viewer attached" in local.runner.text()
+    type_serial(browser, "echo again-$((3*4))")
+    local.runner.wait_for(r"guest: .*again-12", WAIT)
 
 
 # --- exposed on the pod IP with a token ---------------------------------------------------------------------------

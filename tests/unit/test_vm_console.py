@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import WSMsgType
 from aiohttp import web as aioweb
@@ -15,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from shared.errors import ConfigError
 from tests import samples
+from tests.portforward import free_port
 from vmrunner import console, web
 from vmrunner.cli import console_duties, dispatch, web_plan
 from vmrunner.config import ConsoleConfig, load
@@ -360,3 +362,36 @@ def test_a_failing_web_console_is_one_line_without_the_token(tmp_path: Path, cap
     [record] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "web_console stopped: CONSOLE_ASSETS=" in record.getMessage()
     assert TOKEN not in caplog.text
+
+
+def test_stopping_the_server_closes_its_websockets_at_once(tmp_path: Path) -> None:
+    """qemu stops while a page is open: the duty ends within its grace, the page hears 1001 (going away) on both
+    consoles; a server waiting for its viewers would hold up the VM's shutdown."""
+
+    async def scenario() -> None:
+        display = await asyncio.start_unix_server(lambda r, w: None, tmp_path / "display.sock")  # a silent screen
+        async with running_broker(tmp_path) as (_serial, broker, _sock):
+            for directory in web.VENDOR.values():
+                (tmp_path / "assets" / directory).mkdir(parents=True, exist_ok=True)
+            port = free_port()
+            plan = web.plan_web(port, None, pod_addresses=(), token=False, assets=tmp_path / "assets",
+                                display=tmp_path / "display.sock")  # fmt: skip
+            served = asyncio.create_task(web.serve(plan, broker, None))
+            headers = {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"}
+            async with aiohttp.ClientSession() as session:
+                for _ in range(50):
+                    with contextlib.suppress(aiohttp.ClientConnectorError):
+                        screen = await session.ws_connect(f"http://127.0.0.1:{port}/ws/vnc", headers=headers)
+                        break
+                    await asyncio.sleep(0.05)
+                serial = await session.ws_connect(f"http://127.0.0.1:{port}/ws/serial", headers=headers)
+                served.cancel()
+                async with asyncio.timeout(web.STOP_GRACE + 2):
+                    await asyncio.gather(served, return_exceptions=True)
+                    for ws in (screen, serial):
+                        while (message := await ws.receive()).type not in (WSMsgType.CLOSE, WSMsgType.CLOSED):
+                            pass
+                        assert (message.type, message.data) == (WSMsgType.CLOSE, 1001)  # the page reconnects
+        display.close()
+
+    asyncio.run(scenario())
