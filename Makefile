@@ -52,4 +52,4 @@ bench: deps
 	$(BIN)/python bench/suite.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .cache build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .cache build node_modules *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -7,7 +7,6 @@ pod IP, exactly as on a cluster.
 """
 
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -49,11 +48,3 @@ class PortForward:
         """Stop forwarding (safe to call twice)."""
         if self.proc is not None and self.proc.popen.poll() is None:
             self.proc.kill()
-
-
-def netns_has_listener(namespace: str, port: int) -> bool:
-    """True when something listens on TCP ``port`` inside ``namespace``."""
-    out = subprocess.run(
-        ["ip", "netns", "exec", namespace, "ss", "-Hltn", f"sport = :{port}"], capture_output=True, check=False
-    )
-    return bool(out.stdout.strip())
