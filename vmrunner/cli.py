@@ -178,10 +178,12 @@ def cmd_plan(cfg: Config) -> int:
     """Print the actions of ``run`` as JSON; reads the handshake and the cache if they are there, writes nothing."""
     from vmrunner.binding import describe
     from vmrunner.cache import Layout, matches_checksum, read_name
+    from vmrunner.web import read_token
 
     path = cfg.run_dir / handshake.FILE_NAME
     hs = handshake.read(path) if path.exists() else None
     read_password(cfg.vnc_password_file)  # an unusable Secret is refused here as it would be by run
+    token = read_token(cfg.console.password_file) if cfg.console is not None else None
     drive = configdrive.plan_from_config(cfg)
     drive = configdrive.with_network(drive, hs) if drive is not None and hs is not None else drive
     layout = Layout(cfg.image_dir)
@@ -208,9 +210,7 @@ def cmd_plan(cfg: Config) -> int:
         accel = choose_accel(cfg.accel, kvm_works())
         iso = drive_path(cfg) if drive is not None else None
         document["qemu"] = list(plan_qemu(cfg, hs, accel, vnc_enabled(cfg, hs), iso).argv)
-        served = web_plan(
-            cfg, hs, RunPaths.of(cfg.run_dir), cfg.console is not None and bool(cfg.console.password_file)
-        )
+        served = web_plan(cfg, hs, RunPaths.of(cfg.run_dir), token is not None)
         document["console"] = None if served is None else {
             "listen": [f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in served.listen],
             "hosts": sorted(served.hosts),

@@ -61,6 +61,7 @@ def value_for(name: str, sandbox: Path) -> st.SearchStrategy[str]:
         "POD_MTU": within(576, 65535),
         "METRICS_PORT": st.sampled_from(["9100", "5900", "6080"]) | within(0, 65536),
         "CONSOLE_POD_PORT": st.sampled_from(["6080", "5900", "9100"]) | within(0, 65536),
+        "CONSOLE_PORT": st.sampled_from(["6080", "off", "OFF", "5900", "9100"]) | within(0, 65536),
         "VM_CPUS": within(1, 255),
         "FETCH_RETRIES": within(0, 100),
         "TAP_OWNER": st.one_of(within(0, 2**32 - 2), st.just("root")),
