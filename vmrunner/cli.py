@@ -56,6 +56,7 @@ def cmd_run(cfg: Config) -> int:
     """The container's main command."""
     import asyncio
 
+    from vmrunner import diskwatch
     from vmrunner.binding import prepare
     from vmrunner.supervise import Supervisor
 
@@ -83,7 +84,9 @@ def cmd_run(cfg: Config) -> int:
     log.info("qemu: %s", " ".join(plan.argv))
     tracker.set(phase="starting", accel=plan.accel)
     with metrics.outcome(tracker):
-        return asyncio.run(Supervisor(plan, cfg.shutdown_timeout, password if plan.vnc else None, tracker).run())
+        duties = [diskwatch.watch(plan.paths.monitor, cfg.vm_dir, cfg.vm_dir_min_free)]
+        supervisor = Supervisor(plan, cfg.shutdown_timeout, password if plan.vnc else None, tracker, duties)
+        return asyncio.run(supervisor.run())
 
 
 def _start_metrics(cfg: Config, hs: handshake.Handshake) -> metrics.Tracker:
