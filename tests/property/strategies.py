@@ -70,7 +70,6 @@ def value_for(name: str, sandbox: Path) -> st.SearchStrategy[str]:
         "SHUTDOWN_TIMEOUT": durations,
         "HANDSHAKE_TIMEOUT": durations,
         "POD_WAIT_TIMEOUT": durations,
-        "NET_DRAIN_TIMEOUT": durations,
         "IMG_SOURCE": st.one_of(
             st.just("https://images.example.org/debian-12.qcow2"),
             st.just(f"{sandbox}/image/base.qcow2"),

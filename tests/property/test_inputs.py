@@ -44,7 +44,7 @@ from vmrunner.config import load
 SANDBOX = Path(tempfile.gettempdir()) / f"podvm-property-{os.getpid()}"  # the strategies need it before the tests
 NET_VARS = (
     "VM_IP", "VM_GW", "NO_VNC", "POD_IFACE", "POD_IP", "POD_MTU", "VM_MAC", "TAP_OWNER", "RUN_DIR", "RESOLV_CONF",
-    "POD_WAIT_TIMEOUT", "NET_DRAIN_TIMEOUT", "HOSTNAME",
+    "POD_WAIT_TIMEOUT", "SHUTDOWN_TIMEOUT", "HOSTNAME",
 )  # fmt: skip
 VM_VARS = (
     "IMG_SOURCE", "IMG_TARGET", "IMG_CHECKSUM", "IMG_FORMAT", "IMG_MAX_SIZE", "FETCH_RETRIES", "IMAGE_DIR", "VM_DIR",
