@@ -13,10 +13,12 @@ import yaml
 from netsidecar.config import read_settings
 from netsidecar.kernel import RUN_CAPABILITIES
 from shared import shutdown
-from shared.env import Env
+from shared.env import Env, parse_size
 from shared.figures import CATALOG, sample_name
+from shared.handshake import Ipv6
 from tests import samples
-from vmrunner.config import load
+from vmrunner import configdrive
+from vmrunner.config import DRIVE_KINDS, load
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 # The oldest release the native sidecar needs, and the newest the validator knows.
@@ -335,3 +337,20 @@ def test_the_agreement_check_catches_a_disagreement() -> None:
 def test_the_demo_stops_its_pod_with_the_pods_grace_period() -> None:
     demo = (DEPLOY.parent / "scripts" / "demo").read_text()
     assert f"GRACE={_kind('Pod')['spec']['terminationGracePeriodSeconds']} " in demo
+
+
+@pytest.mark.parametrize("spec", _pod_specs(), ids=["pod", "statefulset"])
+def test_the_run_volume_holds_the_largest_config_drive(spec: dict[str, Any]) -> None:
+    """METADATA and USERDATA at their maxima, both OpenStack versions, IPv6 network data: the ISO and the run's
+    other files fit the run volume's sizeLimit (the runner checks the free space too, see configdrive.write)."""
+    metadata = {"meta": {"filler": "m" * (configdrive.MAX_SIZES["METADATA"] - 20)}}
+    userdata = b"#" * configdrive.MAX_SIZES["USERDATA"]
+    ipv6 = Ipv6("fd70:6f64:766d::ff:fe00:aa", "fd70:6f64:766d::1", "fe80::1", 64, "fd00::5", ("fd00::10",))
+    hs = samples.handshake(families=("ipv4", "ipv6"), ipv6=ipv6)
+    sizes = []
+    for kind in DRIVE_KINDS:
+        plan = configdrive.plan_drive(kind, "a" * 63, metadata, userdata)
+        assert plan is not None
+        sizes.append(len(configdrive.render(configdrive.with_network(plan, hs))))
+    run = next(v for v in spec["volumes"] if v["name"] == "run")["emptyDir"]
+    assert max(sizes) + configdrive.RUN_DIR_ROOM <= parse_size(run["sizeLimit"]), sizes
