@@ -83,6 +83,14 @@ def qemu_img_check(pet: Path) -> tuple[int, dict[str, object]]:
     return done.returncode, json.loads(done.stdout) if done.stdout.strip() else {"stderr": done.stderr}
 
 
+def sound(check: tuple[int, dict[str, object]]) -> bool:
+    """No corruption and no check error. Leaked clusters (exit 3) are allowed after a kill: qcow2 writes a new
+    cluster's refcount before the table that points to it, so a kill in between leaves space counted but unused,
+    never data lost (``qemu-img check -r leaks`` reclaims it, docs/data-safety.md)."""
+    status, report = check
+    return status in (0, 3) and report.get("corruptions", 0) == 0 and report.get("check-errors", 0) == 0
+
+
 def status(pod: Pod, vm_dir: Path) -> dict[str, object]:
     """``vmrunner status`` run beside the runner, with its environment."""
     env = {**pod.env(), "VM_DIR": str(vm_dir)}
@@ -173,14 +181,14 @@ def kills(pod: Pod) -> Kills:
 def test_after_sigkill_of_qemu_the_flushed_data_is_there_and_the_disk_is_sound(kills: Kills) -> None:
     written, runner_status = kills.qemu_killed
     assert runner_status == 5, "qemu's death is ChildFailed: the runner exits 5 and the kubelet restarts it"
-    assert kills.checks[0][0] == 0, kills.checks[0]
+    assert sound(kills.checks[0]), kills.checks[0]
     assert kills.pages[0]["pattern_sha256"] == written
 
 
 def test_after_sigkill_of_the_runner_and_qemu_the_flushed_data_is_there(kills: Kills) -> None:
     written, runner_status = kills.pod_killed
     assert runner_status == -signal.SIGKILL
-    assert kills.checks[1][0] == 0, kills.checks[1]
+    assert sound(kills.checks[1]), kills.checks[1]
     assert kills.pages[1]["pattern_sha256"] == written
     assert kills.pages[1]["pattern_sha256"] != kills.qemu_killed[0], "a new pattern, not the first one again"
 
@@ -194,7 +202,7 @@ def test_the_runner_says_how_the_previous_run_ended(kills: Kills) -> None:
 def test_the_guest_keeps_booting_and_stops_cleanly_after_the_kills(kills: Kills) -> None:
     assert int(kills.pages[1]["counter"]) == int(kills.pages[0]["counter"]) + 1
     assert kills.final_stop == harness.GRACEFUL_EXIT
-    assert kills.checks[2][0] == 0, kills.checks[2]
+    assert sound(kills.checks[2]), kills.checks[2]
 
 
 @contextlib.contextmanager
@@ -296,4 +304,4 @@ def test_freed_space_resumes_the_vm_and_the_write_completes(full: Full) -> None:
 
 def test_the_pet_that_filled_its_volume_is_sound_after_a_clean_stop(full: Full) -> None:
     assert full.stop == harness.GRACEFUL_EXIT
-    assert full.check[0] == 0, full.check
+    assert sound(full.check), full.check
