@@ -112,7 +112,11 @@ def kill_mid_write(pod: Pod, runner: Proc, whole_pod: bool) -> tuple[str, int]:
     checksum and the runner's exit status (-9 when it was killed itself)."""
     written = pod.get(f"/cgi-bin/pattern?{PATTERN_KIB}")["pattern_sha256"]
     assert pod.get("/cgi-bin/churn") == {"churning": "1"}
-    time.sleep(1.5)  # the churn writes and flushes 2 MiB at a time: the kill lands among them
+    disk = {"drive": "disk0"}
+    before = figure(status(pod, pod.dirs["vm"]), "podvm_vm_storage_write_traffic_bytes_total", **disk)
+    time.sleep(1.0)  # the churn writes and flushes 2 MiB at a time: the kill lands among them
+    after = figure(status(pod, pod.dirs["vm"]), "podvm_vm_storage_write_traffic_bytes_total", **disk)
+    assert after > before, "the guest is writing when it is killed"
     (qemu,) = harness.children(runner.popen.pid)
     if whole_pod:
         runner.kill()  # the runner's whole session, qemu with it, as when a node loses the pod

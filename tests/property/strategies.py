@@ -66,6 +66,7 @@ def value_for(name: str, sandbox: Path) -> st.SearchStrategy[str]:
         "HOSTNAME": hostnames,
         "VM_MEMORY": sizes,
         "VM_DISK_SIZE": sizes,
+        "VM_DIR_MIN_FREE": sizes,
         "IMG_MAX_SIZE": sizes,
         "SHUTDOWN_TIMEOUT": durations,
         "HANDSHAKE_TIMEOUT": durations,
