@@ -23,7 +23,7 @@ from vmrunner.config import Config
 # The OpenStack metadata versions cloud-init knows; older readers look for a dated folder, newer for ``latest``.
 OPENSTACK_VERSIONS = ("2012-08-10", "latest")
 LABELS = {"config-2": "config-2", "nocloud": "cidata"}
-# The largest METADATA and USERDATA a drive carries (README, "Config drive"): user data as much as the most generous
+# The largest METADATA and USERDATA a drive carries (docs/data-safety.md): user data as much as the most generous
 # cloud accepts for one value (GCE 256 KiB; AWS takes 16 KiB, Azure and OpenStack 64 KiB), meta data a quarter of it.
 # They bound the ISO, and with it RUN_DIR's size: see RUN_DIR_ROOM.
 MAX_SIZES = {"METADATA": 64 << 10, "USERDATA": 256 << 10}
@@ -226,12 +226,14 @@ def _iso_name(part: str, is_file: bool) -> str:
 
 
 def render(plan: DrivePlan) -> bytes:
-    """The ISO image bytes of ``plan``."""
+    """The ISO image bytes of ``plan``; a file whose content is already on it (user data and meta data are in each
+    OpenStack version folder) is a hard link to the same data, so the ISO holds it once."""
     import pycdlib
 
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, vol_ident=plan.label, joliet=3, rock_ridge="1.09")
     made: set[str] = set()
+    first: dict[bytes, str] = {}  # content -> the ISO9660 path that holds it
     for path, content in sorted(plan.files.items()):
         parts = path.strip("/").split("/")
         iso_dir = ""
@@ -241,7 +243,12 @@ def render(plan: DrivePlan) -> bytes:
                 iso.add_directory(iso_dir, rr_name=part, joliet_path="/" + "/".join(parts[: depth + 1]))
                 made.add(iso_dir)
         iso_file = f"{iso_dir}/{_iso_name(parts[-1], is_file=True)}"
+        if content in first and content:
+            iso.add_hard_link(iso_old_path=first[content], iso_new_path=iso_file, rr_name=parts[-1])
+            iso.add_hard_link(iso_old_path=first[content], joliet_new_path=path)
+            continue
         iso.add_fp(io.BytesIO(content), len(content), iso_file, rr_name=parts[-1], joliet_path=path)
+        first[content] = iso_file
     out = io.BytesIO()
     iso.write_fp(out)
     iso.close()

@@ -248,7 +248,7 @@ def test_one_byte_over_the_maximum_is_one_line_naming_the_variable(
 
 
 def test_run_refuses_a_drive_its_small_run_dir_cannot_hold_before_qemu(shared_dir: Path, qcow2_bytes: bytes) -> None:
-    """``vmrunner run`` with RUN_DIR on a real 512 KiB tmpfs and user data at the maximum: one line naming RUN_DIR,
+    """``vmrunner run`` with RUN_DIR on a real 256 KiB tmpfs and user data at the maximum: one line naming RUN_DIR,
     exit 2, no ISO and no qemu (the handshake and the image are there, so it gets as far as the drive)."""
     largest_inputs(shared_dir)
     (shared_dir / "base.qcow2").write_bytes(qcow2_bytes)
@@ -257,7 +257,7 @@ def test_run_refuses_a_drive_its_small_run_dir_cannot_hold_before_qemu(shared_di
     samples.handshake().write(staged)
     run_dir = shared_dir / "run"
     script = (
-        'mount -t tmpfs -o size=512k tmpfs "$1" && cp "$2/network.json" "$1/" && shift 2 && "$@"; status=$?; '
+        'mount -t tmpfs -o size=256k tmpfs "$1" && cp "$2/network.json" "$1/" && shift 2 && "$@"; status=$?; '
         'ls -A "$0" >&2; exit $status'
     )
     done = subprocess.run(
