@@ -472,3 +472,13 @@ def test_the_drive_holds_repeated_files_once_and_reads_them_back_everywhere() ->
                 assert out.getvalue() == content, (path, kind)
     finally:
         iso.close()
+
+
+@pytest.mark.parametrize("variable", ["METADATA", "USERDATA"])
+def test_an_endless_input_is_read_no_further_than_its_maximum(variable: str) -> None:
+    """A ConfigMap key mounted over a device that never ends (or a huge file) costs one bounded read and one line."""
+    with pytest.raises(
+        ConfigError, match=f"^{variable}=/dev/zero: larger than {configdrive.MAX_SIZES[variable] >> 10} KiB"
+    ):
+        configdrive.read_input(Path("/dev/zero"), variable)
+    assert configdrive.read_input(Path("/nonexistent"), variable) is None
