@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared import shutdown
 from shared.env import Env, console_pod_port, metrics_port, pod_hostname
 from shared.errors import ConfigError
 
@@ -59,7 +60,7 @@ class Settings:
     state_dir: Path
     resolv_conf: Path
     pod_wait_timeout: float
-    drain_timeout: float
+    drain_timeout: float  # SHUTDOWN_TIMEOUT plus the runner's hard-stop grace (shared.shutdown)
     metrics_port: int | None
     console_port: int | None  # CONSOLE_POD_PORT
     metrics_interval: float
@@ -266,7 +267,7 @@ def read_settings(env: Env) -> Settings:
         state_dir=state_dir,
         resolv_conf=env.path("RESOLV_CONF", "/etc/resolv.conf"),
         pod_wait_timeout=env.duration("POD_WAIT_TIMEOUT", 30.0),
-        drain_timeout=env.duration("NET_DRAIN_TIMEOUT", 30.0),
+        drain_timeout=shutdown.network_hold(shutdown.shutdown_timeout(env)),
         metrics_port=metrics_port(env, no_vnc=env.flag("NO_VNC")),
         console_port=console_pod_port(env, no_vnc=env.flag("NO_VNC")),
         metrics_interval=_metrics_interval(env),

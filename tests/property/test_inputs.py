@@ -44,13 +44,13 @@ from vmrunner.config import load
 SANDBOX = Path(tempfile.gettempdir()) / f"podvm-property-{os.getpid()}"  # the strategies need it before the tests
 NET_VARS = (
     "VM_IP", "VM_GW", "NO_VNC", "POD_IFACE", "POD_IP", "POD_MTU", "VM_MAC", "TAP_OWNER", "RUN_DIR", "RESOLV_CONF",
-    "POD_WAIT_TIMEOUT", "NET_DRAIN_TIMEOUT", "HOSTNAME", "METRICS_PORT", "CONSOLE_POD_PORT",
+    "POD_WAIT_TIMEOUT", "SHUTDOWN_TIMEOUT", "HOSTNAME", "METRICS_PORT", "CONSOLE_POD_PORT",
 )  # fmt: skip
 VM_VARS = (
     "IMG_SOURCE", "IMG_TARGET", "IMG_CHECKSUM", "IMG_FORMAT", "IMG_MAX_SIZE", "FETCH_RETRIES", "IMAGE_DIR", "VM_DIR",
     "VM_DISK_SIZE", "VM_CPUS", "VM_MEMORY", "ACCEL", "VM_MACHINE", "VM_DISK_BUS", "VM_NIC_MODEL", "NO_VNC",
     "VNC_PASSWORD_FILE", "SHUTDOWN_TIMEOUT", "HANDSHAKE_TIMEOUT", "METADATA", "USERDATA", "CONFIG_DRIVE", "RUN_DIR",
-    "HOSTNAME", "QEMU",
+    "HOSTNAME", "QEMU", "VM_DIR_MIN_FREE",
 )  # fmt: skip
 POD_FACTS = ("POD_IFACE", "POD_IP", "POD_MTU")
 
