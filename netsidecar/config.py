@@ -245,6 +245,8 @@ def read_settings(env: Env) -> Settings:
     pod_mtu = env.integer("POD_MTU", 0, 576, 65535) if env.optional("POD_MTU") is not None else None
     families = FAMILY_CHOICES[env.choice("IP_FAMILIES", "auto", FAMILY_CHOICES)]
     hostname = pod_hostname(env)
+    if env.optional("NET_DRAIN_TIMEOUT") is not None:  # a manifest written for an earlier release
+        log.warning("NET_DRAIN_TIMEOUT is no longer read: the network is kept for SHUTDOWN_TIMEOUT, as the runner's")
     run_dir = env.path("RUN_DIR", "/run/podvm")
     state_dir = env.path("NET_STATE_DIR", "/run/netsidecar")
     if _overlap(run_dir, state_dir):

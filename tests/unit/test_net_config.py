@@ -178,3 +178,9 @@ def test_search_list_fits_option_119(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_last_search_or_domain_line_wins() -> None:
     assert parse_resolv("search a.example\ndomain b.example\n").search == ("b.example",)
+
+
+def test_a_leftover_net_drain_timeout_is_said_to_be_unused(caplog: pytest.LogCaptureFixture) -> None:
+    settings = read_settings(Env({"HOSTNAME": "vm", "NET_DRAIN_TIMEOUT": "30s", "SHUTDOWN_TIMEOUT": "60s"}))
+    assert settings.drain_timeout > 60, "the network outlasts the runner's shutdown, whatever the old variable says"
+    assert "NET_DRAIN_TIMEOUT is no longer read" in caplog.text
