@@ -120,7 +120,11 @@ def run_command(settings: Settings) -> int:
             publish_at = time.monotonic() + settings.metrics_interval
             _publish_figures(settings, server.figures)
         time.sleep(0.2)
-    log.info("signal %d: keeping the network while the VM holds its tap (up to %gs)", stop[0], settings.drain_timeout)
+    log.info(
+        "signal %d: keeping the network while the VM holds its tap (up to %gs: SHUTDOWN_TIMEOUT and a hard stop)",
+        stop[0],
+        settings.drain_timeout,
+    )
     (settings.run_dir / FILE_NAME).unlink(missing_ok=True)
     deadline = time.monotonic() + settings.drain_timeout
     while kernel.tap_carrier() and time.monotonic() < deadline:

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared import shutdown
 from shared.env import Env, console_pod_port, metrics_port, pod_hostname
 from shared.errors import ConfigError
 
@@ -59,7 +60,7 @@ class Settings:
     state_dir: Path
     resolv_conf: Path
     pod_wait_timeout: float
-    drain_timeout: float
+    drain_timeout: float  # SHUTDOWN_TIMEOUT plus the runner's hard-stop grace (shared.shutdown)
     metrics_port: int | None
     console_port: int | None  # CONSOLE_POD_PORT
     metrics_interval: float
@@ -244,6 +245,8 @@ def read_settings(env: Env) -> Settings:
     pod_mtu = env.integer("POD_MTU", 0, 576, 65535) if env.optional("POD_MTU") is not None else None
     families = FAMILY_CHOICES[env.choice("IP_FAMILIES", "auto", FAMILY_CHOICES)]
     hostname = pod_hostname(env)
+    if env.optional("NET_DRAIN_TIMEOUT") is not None:  # a manifest written for an earlier release
+        log.warning("NET_DRAIN_TIMEOUT is no longer read: the network is kept for SHUTDOWN_TIMEOUT, as the runner's")
     run_dir = env.path("RUN_DIR", "/run/podvm")
     state_dir = env.path("NET_STATE_DIR", "/run/netsidecar")
     if _overlap(run_dir, state_dir):
@@ -266,7 +269,7 @@ def read_settings(env: Env) -> Settings:
         state_dir=state_dir,
         resolv_conf=env.path("RESOLV_CONF", "/etc/resolv.conf"),
         pod_wait_timeout=env.duration("POD_WAIT_TIMEOUT", 30.0),
-        drain_timeout=env.duration("NET_DRAIN_TIMEOUT", 30.0),
+        drain_timeout=shutdown.network_hold(shutdown.shutdown_timeout(env)),
         metrics_port=metrics_port(env, no_vnc=env.flag("NO_VNC")),
         console_port=console_pod_port(env, no_vnc=env.flag("NO_VNC")),
         metrics_interval=_metrics_interval(env),

@@ -59,6 +59,30 @@ parse VM_MEMORY 512M size; memory_mib=$((value / 1048576))
 case ${VM_CPUS:=1} in ''|*[!0-9]*) die 2 "VM_CPUS='$VM_CPUS': expected a whole number from 1 to 255" ;; esac
 [ "$VM_CPUS" -ge 1 ] && [ "$VM_CPUS" -le 255 ] || die 2 "VM_CPUS=$VM_CPUS: expected a number from 1 to 255"
 case ${FETCH_RETRIES:=5} in ''|*[!0-9]*) die 2 "FETCH_RETRIES='$FETCH_RETRIES': expected a whole number" ;; esac
+# VNC_PASSWORD_FILE, read as vmrunner reads it (trailing line ends dropped; 1 to 8 printable ASCII characters).
+vnc_password=''
+if [ -n "${VNC_PASSWORD_FILE:-}" ]; then
+    vnc_password=$(python3 - "$VNC_PASSWORD_FILE" <<'PY'
+import sys
+source = f"VNC_PASSWORD_FILE={sys.argv[1]}"
+try:
+    with open(sys.argv[1], "rb") as secret:
+        raw = secret.read(4097)
+except OSError as err:
+    sys.exit(print(f"{source}: cannot read: {err.strerror}") or 2)
+password = raw.rstrip(b"\r\n")
+why = (
+    "larger than 4096 bytes; expected a password of at most 8" if len(raw) > 4096
+    else "the VNC password is empty" if not password
+    else "the VNC password holds control or non-ASCII characters; use printable ASCII"
+    if any(byte < 0x20 or byte > 0x7E for byte in password)
+    else f"the VNC password is {len(password)} characters long; VNC uses at most 8" if len(password) > 8
+    else None
+)
+sys.exit(print(f"{source}: {why}") or 2) if why else print(password.decode(), end="")
+PY
+    ) || die 2 "$vnc_password"
+fi
 case ${IMG_FORMAT:=qcow2} in qcow2|raw) ;; *) die 2 "IMG_FORMAT='$IMG_FORMAT': expected qcow2 or raw" ;; esac
 case ${VERIFY_BASE:=changed} in changed|always) ;; *) die 2 "VERIFY_BASE='$VERIFY_BASE': expected changed or always" ;; esac
 # is_hex LENGTH VALUE: VALUE is exactly LENGTH lower-case hex digits.
@@ -456,15 +480,23 @@ else
 fi
 
 # --- 4. qemu on the sidecar's tap with the sidecar's MAC; the serial console on stdout. ---
-if [ "$VNC" = yes ]; then display="-vga std -vnc :0"; else display="-display none"; fi
+# A VNC password reaches qemu through a pipe on its stdin: never in argv, a file or the log.
+display="-display none"
+if [ "$VNC" = yes ] && [ -n "$vnc_password" ]; then
+    display="-vga std -object secret,id=vncpass,file=/dev/stdin,format=raw -vnc :0,password-secret=vncpass"
+elif [ "$VNC" = yes ]; then
+    display="-vga std -vnc :0"
+    say "WARN VNC on TCP 5900 has no password: anyone who reaches the pod on 5900 gets the VM's screen and keyboard;" \
+        "set VNC_PASSWORD_FILE (at most 8 characters) or NO_VNC=true in both containers"
+fi
 rm -f "$QMP_SOCKET"
 stopping=no
 trap 'stopping=yes' TERM INT
-# shellcheck disable=SC2086  # $display is two words on purpose
-"$QEMU" -nodefaults -accel "$ACCEL" -smp "$VM_CPUS" -m "$memory_mib" $display \
+# shellcheck disable=SC2086  # $display is several words on purpose
+printf '%s' "$vnc_password" | "$QEMU" -nodefaults -accel "$ACCEL" -smp "$VM_CPUS" -m "$memory_mib" $display \
     -drive "file=$pet,format=qcow2,if=virtio" \
     -netdev "tap,id=net0,ifname=$TAP,script=no,downscript=no" -device "virtio-net-pci,netdev=net0,mac=$MAC" \
-    -serial stdio -monitor none -qmp "unix:$QMP_SOCKET,server=on,wait=off" "$@" </dev/null &
+    -serial stdio -monitor none -qmp "unix:$QMP_SOCKET,server=on,wait=off" "$@" &
 qemu=$!
 say "qemu started (pid $qemu, accel $ACCEL)"
 

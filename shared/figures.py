@@ -123,6 +123,11 @@ RUNNER: tuple[Spec, ...] = (
         f"1 for the VM's current state, 0 for the others ({', '.join(VM_STATES)})",
         ("state",),
     ),
+    Spec(
+        "podvm_vm_io_error_paused",
+        "gauge",
+        "1 while qemu holds the VM paused because its disk could not grow (VM_DIR full), else 0",
+    ),
     Spec("podvm_vm_boots_total", "counter", "qemu starts on this pet disk, recorded beside it in VM_DIR"),
     Spec(
         "podvm_vm_shutdowns_total",

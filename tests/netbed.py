@@ -226,7 +226,7 @@ class Sidecar:
             "RUN_DIR": str(self.run_dir),
             "NET_STATE_DIR": state,
             "RESOLV_CONF": str(self.resolv),
-            "NET_DRAIN_TIMEOUT": "2s",
+            "SHUTDOWN_TIMEOUT": "0s",  # holds the network for the runner's hard-stop grace only
             "POD_WAIT_TIMEOUT": "5s",
             **(env or {}),
         }

@@ -61,6 +61,7 @@ def cmd_run(cfg: Config) -> int:
     """The container's main command."""
     import asyncio
 
+    from vmrunner import diskwatch
     from vmrunner.binding import prepare
     from vmrunner.supervise import Supervisor
     from vmrunner.web import read_token
@@ -83,7 +84,8 @@ def cmd_run(cfg: Config) -> int:
     iso = None
     if drive is not None:
         iso = drive_path(cfg)
-        configdrive.write(drive, iso)
+        iso.unlink(missing_ok=True)  # the last start's, of no use now: its room counts for the new one
+        configdrive.write(drive, iso, f"RUN_DIR={cfg.run_dir}", configdrive.RUN_DIR_ROOM)
         log.info("config drive %s (%s) with %s", iso, drive.label, ", ".join(sorted(drive.files)))
     else:
         drive_path(cfg).unlink(missing_ok=True)
@@ -92,8 +94,9 @@ def cmd_run(cfg: Config) -> int:
     tracker.set(phase="starting", accel=plan.accel)
     duties = console_duties(plan, served, token)
     with metrics.outcome(tracker):
-        secret = password if plan.secret else None
-        return asyncio.run(Supervisor(plan, cfg.shutdown_timeout, secret, tracker, duties).run())
+        duties.append(diskwatch.watch(plan.paths.monitor, cfg.vm_dir, cfg.vm_dir_min_free))
+        supervisor = Supervisor(plan, cfg.shutdown_timeout, password if plan.secret else None, tracker, duties)
+        return asyncio.run(supervisor.run())
 
 
 def web_plan(cfg: Config, hs: handshake.Handshake, paths: RunPaths, token: bool) -> "WebPlan | None":
@@ -272,7 +275,8 @@ def cmd_configdrive(cfg: Config, out: str) -> int:
         raise ConfigError(f"METADATA={cfg.metadata} and USERDATA={cfg.userdata}: neither exists, no drive to write")
     path = cfg.run_dir / handshake.FILE_NAME
     drive = configdrive.with_network(drive, handshake.read(path)) if path.exists() else drive
-    configdrive.write(drive, Path(out).absolute())
+    target = Path(out).absolute()
+    configdrive.write(drive, target, str(target.parent))
     return 0
 
 

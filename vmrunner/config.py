@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from shared import shutdown
 from shared.env import Env, console_pod_port, metrics_port, pod_hostname
 from shared.errors import ConfigError
 
@@ -116,6 +117,7 @@ class Config:
     qemu: str  # QEMU: the qemu system emulator binary
     extra_args: tuple[str, ...]  # container arguments after ``run``: appended to qemu's argv
     metrics_port: int | None = None  # METRICS_PORT: the metrics endpoint's TCP port (the handshake decides)
+    vm_dir_min_free: int = 128 << 20  # VM_DIR_MIN_FREE: free bytes at which a VM paused on a full VM_DIR resumes
     console: ConsoleConfig | None = None  # CONSOLE_*: the browser console (None: CONSOLE_PORT=off)
 
     @property
@@ -226,7 +228,7 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: boo
         nic_model=env.choice("VM_NIC_MODEL", "virtio-net-pci", NIC_MODELS),
         no_vnc=env.flag("NO_VNC"),
         vnc_password_file=password_file,
-        shutdown_timeout=env.duration("SHUTDOWN_TIMEOUT", 60.0),
+        shutdown_timeout=shutdown.shutdown_timeout(env),
         handshake_timeout=env.duration("HANDSHAKE_TIMEOUT", 120.0),
         metadata=env.path("METADATA", "/metadata"),
         userdata=env.path("USERDATA", "/userdata"),
@@ -236,5 +238,6 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: boo
         qemu=env.text("QEMU", "qemu-system-x86_64"),
         extra_args=extra_args,
         metrics_port=metrics_port(env, no_vnc=env.flag("NO_VNC")),
+        vm_dir_min_free=env.size("VM_DIR_MIN_FREE", 128 << 20, minimum=1 << 20),
         console=_console(env, env.flag("NO_VNC"), metrics_port(env, no_vnc=env.flag("NO_VNC"))),
     )

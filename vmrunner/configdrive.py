@@ -6,6 +6,7 @@ names such as ``meta_data.json`` survive. It is rebuilt at every start because t
 
 import io
 import json
+import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,12 @@ from vmrunner.config import Config
 # The OpenStack metadata versions cloud-init knows; older readers look for a dated folder, newer for ``latest``.
 OPENSTACK_VERSIONS = ("2012-08-10", "latest")
 LABELS = {"config-2": "config-2", "nocloud": "cidata"}
+# The largest METADATA and USERDATA a drive carries (docs/data-safety.md): user data as much as the most generous
+# cloud accepts for one value (GCE 256 KiB; AWS takes 16 KiB, Azure and OpenStack 64 KiB), meta data a quarter of it.
+# They bound the ISO, and with it RUN_DIR's size: see RUN_DIR_ROOM.
+MAX_SIZES = {"METADATA": 64 << 10, "USERDATA": 256 << 10}
+# Besides the ISO, RUN_DIR holds the handshake, the run's state and the network figures: a few KiB.
+RUN_DIR_ROOM = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -58,24 +65,47 @@ def _expanded_size(node: "yaml.Node | None", sizes: dict[int, int]) -> int:
     return total
 
 
-def read_yaml(path: Path, variable: str) -> dict[str, Any] | None:
-    """The YAML mapping in ``path``; None when the file is absent.
+def read_input(path: Path, variable: str) -> bytes | None:
+    """The bytes of ``path`` (METADATA or USERDATA), at most ``MAX_SIZES[variable]``; None when it is absent.
 
-    :raise ConfigError: naming the file and line when it is not valid YAML or not a mapping.
+    :raise ConfigError: naming the variable when the file cannot be read or is larger than its maximum.
     """
+    limit = MAX_SIZES[variable]
     try:
-        text = path.read_bytes().decode("utf-8")
+        with path.open("rb") as source:
+            data = source.read(limit + 1)
     except FileNotFoundError:
         return None
     except OSError as err:
         raise ConfigError(f"{variable}={path}: cannot read: {err.strerror}") from None
+    if len(data) > limit:
+        raise ConfigError(f"{variable}={path}: larger than {limit >> 10} KiB, the most a config drive carries")
+    return data
+
+
+def read_yaml(path: Path, variable: str) -> dict[str, Any] | None:
+    """The YAML mapping in ``path``; None when the file is absent.
+
+    :raise ConfigError: naming the file and line when it is too large, not valid YAML or not a mapping.
+    """
+    data = read_input(path, variable)
+    return None if data is None else parse_yaml(data, path, variable)
+
+
+def parse_yaml(data: bytes, path: Path, variable: str) -> dict[str, Any]:
+    """The YAML mapping in ``data``, read from ``path``.
+
+    :raise ConfigError: naming the file and line when it is not valid YAML or not a mapping.
+    """
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(f"{variable}={path}: not UTF-8 text (byte {err.start})") from None
     try:
         size = _expanded_size(yaml.compose(text, Loader=yaml.SafeLoader), {})
         if size > MAX_NODES:  # the data is written out as JSON, where each alias becomes a copy
             raise ConfigError(f"{variable}={path}: over {MAX_NODES} values once its YAML aliases are expanded")
-        data = yaml.safe_load(text)
+        document = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -83,23 +113,18 @@ def read_yaml(path: Path, variable: str) -> dict[str, Any] | None:
         raise ConfigError(f"{variable}={path}: invalid YAML{where}: {problem}") from None
     except (ValueError, RecursionError) as err:  # a date such as 2021-02-30; nesting deeper than Python's stack
         raise ConfigError(f"{variable}={path}: invalid YAML: {err}") from None
-    if data is None:
+    if document is None:
         return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{variable}={path}: expected a YAML mapping, got {type(data).__name__}")
-    return data
+    if not isinstance(document, dict):
+        raise ConfigError(f"{variable}={path}: expected a YAML mapping, got {type(document).__name__}")
+    return document
 
 
 def read_userdata(path: Path) -> bytes | None:
     """User data as given; a ``#cloud-config`` document must be valid YAML (cloud-init would ignore it silently)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise ConfigError(f"USERDATA={path}: cannot read: {err.strerror}") from None
-    if data.startswith(b"#cloud-config"):
-        read_yaml(path, "USERDATA")
+    data = read_input(path, "USERDATA")
+    if data is not None and data.startswith(b"#cloud-config"):
+        parse_yaml(data, path, "USERDATA")
     return data
 
 
@@ -225,12 +250,14 @@ def _iso_name(part: str, is_file: bool) -> str:
 
 
 def render(plan: DrivePlan) -> bytes:
-    """The ISO image bytes of ``plan``."""
+    """The ISO image bytes of ``plan``; a file whose content is already on it (user data and meta data are in each
+    OpenStack version folder) is a hard link to the same data, so the ISO holds it once."""
     import pycdlib
 
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, vol_ident=plan.label, joliet=3, rock_ridge="1.09")
     made: set[str] = set()
+    first: dict[bytes, str] = {}  # content -> the ISO9660 path that holds it
     for path, content in sorted(plan.files.items()):
         parts = path.strip("/").split("/")
         iso_dir = ""
@@ -240,13 +267,33 @@ def render(plan: DrivePlan) -> bytes:
                 iso.add_directory(iso_dir, rr_name=part, joliet_path="/" + "/".join(parts[: depth + 1]))
                 made.add(iso_dir)
         iso_file = f"{iso_dir}/{_iso_name(parts[-1], is_file=True)}"
+        if content in first and content:
+            iso.add_hard_link(iso_old_path=first[content], iso_new_path=iso_file, rr_name=parts[-1])
+            iso.add_hard_link(iso_old_path=first[content], joliet_new_path=path)
+            continue
         iso.add_fp(io.BytesIO(content), len(content), iso_file, rr_name=parts[-1], joliet_path=path)
+        first[content] = iso_file
     out = io.BytesIO()
     iso.write_fp(out)
     iso.close()
     return out.getvalue()
 
 
-def write(plan: DrivePlan, path: Path) -> None:
-    """Write the ISO atomically, readable only by the runner (user data may hold secrets)."""
-    write_atomic(path, render(plan), mode=0o600)
+def write(plan: DrivePlan, path: Path, where: str, besides: int = 0) -> None:
+    """Write the ISO atomically, readable only by the runner (user data may hold secrets).
+
+    The directory's free space is checked first, so a volume too small for the drive is one line naming ``where``
+    (the directory, or its variable), never a half-written file or an eviction.
+
+    :raise ConfigError: when the directory has no room for the ISO and ``besides`` bytes more.
+    """
+    image = render(plan)
+    stat = os.statvfs(path.parent)
+    free = stat.f_bavail * stat.f_frsize
+    if free < len(image) + besides:
+        more = f" and {besides >> 10} KiB for its other files" if besides else ""
+        raise ConfigError(
+            f"{where}: {free >> 10} KiB free, the config drive needs {-(-len(image) >> 10)} KiB{more}: "
+            "give the volume more room"
+        )
+    write_atomic(path, image, mode=0o600)

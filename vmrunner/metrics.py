@@ -39,6 +39,7 @@ CACHE_SCAN_LIMIT = 10_000
 # QMP run states as podvm reports them; any other is a state the VM cannot go on from by itself.
 _QMP_STATES = {
     "running": "running",
+    "io-error": "paused",  # werror=enospc: VM_DIR is full (podvm_vm_io_error_paused says so)
     "shutdown": "shutting_down",
     **dict.fromkeys(("paused", "suspended", "prelaunch", "debug", "inmigrate", "postmigrate"), "paused"),
     **dict.fromkeys(("finish-migrate", "save-vm", "restore-vm", "colo", "watchdog"), "paused"),
@@ -113,7 +114,10 @@ class Tracker:
             log.warning("RUN_DIR=%s: cannot save %s: %s", self.sources.run_dir, STATE_FILE, err.strerror)
 
     def qemu_started(self, pid: int) -> None:
-        """qemu runs: count a boot of the pet."""
+        """qemu runs: say how the pet's previous run ended when it was not a clean shutdown, count a boot."""
+        ended = previous_end(self.sources.runs_file)
+        if ended is not None:
+            log.warning("%s", ended)
         record_run(self.sources.runs_file, boot=True)
         self.set(phase="running", qemu_pid=pid, started=time.time())
 
@@ -187,13 +191,26 @@ def load_state(run_dir: Path) -> RunState | None:
     return state
 
 
+RUNNING = "running"  # the record's ``last`` while qemu runs: still there at the next start, the run never ended
+_UNCLEAN = {
+    RUNNING: "ended without a shutdown (qemu, the runner or the node was killed while the VM ran)",
+    "crashed": "ended when qemu died",
+    "hard": "ended in a hard stop: the guest ignored the ACPI power-down until SHUTDOWN_TIMEOUT",
+}
+
+
 def record_run(path: Path, *, boot: bool = False, outcome: str | None = None) -> None:
-    """Count a boot or a shutdown outcome in the pet's record beside its disk (lost figures are only logged)."""
-    record = read_runs(path)
+    """Count a boot or a shutdown outcome in the pet's record beside its disk (lost figures are only logged).
+
+    The record's ``last`` is ``running`` from a boot until its outcome is counted, so a run that never counted
+    one (SIGKILL, a node lost) shows at the next start (:func:`previous_end`).
+    """
+    counts = read_runs(path)
     if boot:
-        record["boots"] += 1
+        counts["boots"] += 1
     if outcome is not None:
-        record[outcome] += 1
+        counts[outcome] += 1
+    record = {**counts, "last": outcome or RUNNING}
     try:
         write_atomic(path, json.dumps(record).encode(), mode=0o600)
     except OSError as err:
@@ -211,6 +228,20 @@ def read_runs(path: Path) -> dict[str, int]:
                 if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                     record[key] = value
     return record
+
+
+def previous_end(path: Path) -> str | None:
+    """One line on how the pet's previous run ended, when that was not a clean shutdown; None otherwise (also for
+    a first boot, or a record older than the ``last`` field)."""
+    with contextlib.suppress(OSError, ValueError):
+        saved = json.loads(read_small(path, figures.MAX_SIZE))
+        last = saved.get("last") if isinstance(saved, dict) else None
+        if isinstance(last, str) and last in _UNCLEAN:
+            return (
+                f"{path}: the previous run of this pet {_UNCLEAN[last]}; the guest did not shut down cleanly: what "
+                "it had flushed is on the disk, what it had not may be lost (its file systems replay their journals)"
+            )
+    return None
 
 
 def directory_size(root: Path) -> int:
@@ -295,11 +326,15 @@ def query_qemu(monitor: Path) -> tuple[object, object] | None:
         return None
 
 
+def _qmp_status(qmp_status: object) -> object:
+    return qmp_status.get("status") if isinstance(qmp_status, dict) else None
+
+
 def vm_state(phase: str, qmp_status: object) -> str:
     """The VM's state: the runner's phase, refined by qemu's own run state while qemu runs."""
     if phase != "running":
         return phase
-    status = qmp_status.get("status") if isinstance(qmp_status, dict) else None
+    status = _qmp_status(qmp_status)
     if status is None:
         return "running"
     return _QMP_STATES.get(str(status), "error")
@@ -319,6 +354,7 @@ def runner_figures(state: RunState, sources: Sources, cache_size: int) -> list[F
     out = [
         figure("podvm_build", 1, version=_version(), accel=state.accel, runner="vmrunner", vm=state.vm),
         *_one_hot("podvm_vm_state", "state", current, VM_STATES),
+        figure("podvm_vm_io_error_paused", 1 if _qmp_status(qmp_status) == "io-error" else 0),
         figure("podvm_vm_boots_total", runs["boots"]),
         *[figure("podvm_vm_shutdowns_total", runs[outcome], outcome=outcome) for outcome in SHUTDOWN_OUTCOMES],
         figure("podvm_image_fetched_bytes_total", image.received),

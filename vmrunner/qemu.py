@@ -96,8 +96,16 @@ def vnc_enabled(cfg: Config, hs: Handshake) -> bool:
     return hs.vnc_in_pod
 
 
+# What the pet's drive does with the guest's data, spelt out rather than left to qemu's defaults (docs/data-safety.md):
+# cache=writeback acknowledges a write once it is in the host's page cache and turns the guest's flush into an
+# fdatasync of the pet file, so what the guest flushed survives a crash of qemu, of the runner and of the node;
+# werror=enospc pauses the VM when VM_DIR is full (the runner's storage watch resumes it once there is room) and
+# hands any other write error to the guest, as rerror=report does for reads.
+DISK_DATA = "cache=writeback,werror=enospc,rerror=report"
+
+
 def _disk_args(bus: str, pet: Path) -> list[str]:
-    drive = ["-drive", f"file={pet},if=none,id=disk0,format=qcow2,discard=unmap"]
+    drive = ["-drive", f"file={pet},if=none,id=disk0,format=qcow2,discard=unmap,{DISK_DATA}"]
     if bus == "virtio":
         return [*drive, "-device", "virtio-blk-pci,drive=disk0,bootindex=1"]
     if bus == "ide":

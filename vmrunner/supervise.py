@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from shared.errors import ChildFailed, ConfigError, PodvmError, StoppedHard
+from shared.shutdown import QUIT_GRACE, QUIT_TIMEOUT
 from vmrunner import vnc
 from vmrunner.metrics import Tracker
 from vmrunner.qemu import QemuPlan
@@ -23,7 +24,6 @@ from vmrunner.qemu import QemuPlan
 log = logging.getLogger("vmrunner")
 guest_log = logging.getLogger("guest")
 STDERR_TAIL = 20
-QUIT_GRACE = 5.0  # seconds qemu gets to exit after ``quit`` or SIGTERM before it is killed
 _CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")  # C0, C1 and line separators; not tab
 QMP_TIMEOUT = 5.0  # seconds one QMP call may take, connect and greeting included
 
@@ -231,7 +231,7 @@ class Supervisor:
             return 0
         log.warning("guest did not power off within %gs; stopping qemu hard", self.shutdown_timeout)
         try:
-            await qmp_execute(self.plan.paths.qmp, "quit", timeout=1.0)
+            await qmp_execute(self.plan.paths.qmp, "quit", timeout=QUIT_TIMEOUT)
         except PodvmError as err:
             log.warning("QMP quit failed: %s; sending qemu SIGTERM", err)
             with contextlib.suppress(ProcessLookupError):  # it may have quit after all, and been reaped

@@ -23,6 +23,9 @@ from typing import Any
 
 import yaml
 
+from shared import shutdown
+from shared.env import Env
+
 REPO = Path(__file__).resolve().parents[2]
 RUNNER_UID = 10001
 TUN_MAJOR, TUN_MINOR = 10, 200
@@ -97,6 +100,11 @@ def plan(pod: dict[str, Any], configmap: dict[str, Any], settings: LocalSettings
         for v in spec["volumes"]
         if v["name"] != "kvm"
     ]
+    net_env = dict(settings.net_env)
+    if "SHUTDOWN_TIMEOUT" in settings.env:  # both containers read it, or the guest loses its network while it stops
+        net_env["SHUTDOWN_TIMEOUT"] = settings.env["SHUTDOWN_TIMEOUT"]
+        needed = shutdown.grace_period(shutdown.shutdown_timeout(Env(settings.env)))
+        spec["terminationGracePeriodSeconds"] = max(spec["terminationGracePeriodSeconds"], needed)
     for container in spec.get("initContainers", []) + spec["containers"]:
         image = container["image"].rsplit(":", 1)[0]
         container["image"] = f"{image}:{settings.tag}"
@@ -107,8 +115,8 @@ def plan(pod: dict[str, Any], configmap: dict[str, Any], settings: LocalSettings
             variables |= {"METADATA": "/config/metadata", "USERDATA": "/config/userdata"} | settings.env
             _set_env(container, variables)
             container["readinessProbe"]["tcpSocket"]["port"] = settings.guest_port
-        elif settings.net_env and image == "localhost/podvm-net":
-            _set_env(container, settings.net_env)
+        elif net_env and image == "localhost/podvm-net":
+            _set_env(container, net_env)
         container["volumeMounts"] = mounts
     return LocalPod(
         directories=(state, *runner_dirs.values(), tun.parent),

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -117,6 +118,20 @@ def _env(pod: Pod, name: str, run_dir: Path, **extra: str) -> dict[str, str]:
     )
 
 
+def _vnc_login(pod: Pod, password: bytes) -> str:
+    """A viewer's RFB login on pod IP:5900 from the client namespace (tests/vm/rfb.py): ``OK`` or the refusal."""
+    done = subprocess.run(
+        ["ip", "netns", "exec", pod.net.client_ns, sys.executable, "-m", "tests.vm.rfb", "5900", pod.net.pod_ip],
+        input=password,
+        capture_output=True,
+        cwd=harness.REPO,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout.decode().strip()
+
+
 def _probe_all(pod: Pod) -> dict[str, object]:
     """``netsidecar probe all --json`` in the pod, as ``kubectl exec`` into the net container would run it."""
     done = subprocess.run(
@@ -134,7 +149,10 @@ def _probe_all(pod: Pod) -> dict[str, object]:
 
 @pytest.mark.parametrize("name", list(RUNNERS))
 def test_runner_honours_the_contract(pod: Pod, name: str) -> None:
-    env = _env(pod, name, pod.run_dir)
+    secret = pod.base / f"{name}-vnc-password"
+    secret.write_text("s3cret\n")  # as `echo` or an editor leaves it
+    os.chown(secret, harness.RUNNER_UID, harness.RUNNER_UID)
+    env = _env(pod, name, pod.run_dir, VNC_PASSWORD_FILE=str(secret))
     procs: list[Proc] = []
     try:
         first = harness.start_runner(pod.net, RUNNERS[name], env, pod.tun, pod.base / f"{name}-1.log")
@@ -145,6 +163,8 @@ def test_runner_honours_the_contract(pod: Pod, name: str) -> None:
         assert (page["gateway"], page["mtu"]) == (pod.handshake.gateway, str(pod.handshake.mtu))
         assert page["dns"].split() == list(pod.handshake.dns)
         assert harness.is_vnc_banner(harness.vnc_banner(pod.net)), "no VNC server on pod IP:5900"
+        assert _vnc_login(pod, b"s3cret") == "OK", "the password of VNC_PASSWORD_FILE, without its newline"
+        assert _vnc_login(pod, b"wrong").startswith("refused"), "VNC let a wrong password in"
         assert "podvm-guest: booted" in first.text(), "the serial console is not in the runner's log"
         probes = _probe_all(pod)
         assert probes["exit"] == 0, probes

@@ -111,6 +111,38 @@ printf 'Content-Type: text/plain\r\n\r\nwrote=%s\n' "$(wc -c < /mnt/boot/scratch
 EOF
 chmod +x /www/cgi-bin/bytes /www/cgi-bin/sink /www/cgi-bin/write
 
+# ---- crash safety (tests/e2e/test_crash_safety.py) ----------------------------------------------------------
+# /cgi-bin/pattern?KIB writes KIB KiB of random bytes to /mnt/boot/pattern, flushes them (fsync, then sync) and only
+# then answers their sha256: data the guest flushed, which must survive any kill. At boot the page reports the
+# checksum of what is on the disk (pattern_sha256=, "none" without a pattern). /cgi-bin/churn starts writing to
+# /mnt/boot/churn without end, so a kill lands in the middle of writes; /cgi-bin/fill?KIB writes KIB KiB of random
+# bytes to a new file (the disk must grow) and answers once they are flushed.
+pattern_sha256=none
+[ -f /mnt/boot/pattern ] && pattern_sha256=$(sha256sum /mnt/boot/pattern | cut -d' ' -f1)
+echo "pattern_sha256=$pattern_sha256" >> /www/index.html
+echo "podvm-guest: pattern_sha256=$pattern_sha256"
+cat > /www/cgi-bin/pattern <<'EOF'
+#!/bin/sh
+. /www/cgi-bin/kib
+dd if=/dev/urandom of=/mnt/boot/pattern bs=1024 count="$kib" conv=fsync 2>/dev/null && sync
+printf 'Content-Type: text/plain\r\n\r\npattern_sha256=%s\n' "$(sha256sum /mnt/boot/pattern | cut -d' ' -f1)"
+EOF
+cat > /www/cgi-bin/churn <<'EOF'
+#!/bin/sh
+( while true; do dd if=/dev/urandom of=/mnt/boot/churn bs=64k count=32 conv=fsync 2>/dev/null; done ) \
+    </dev/null >/dev/null 2>&1 &
+printf 'Content-Type: text/plain\r\n\r\nchurning=1\n'
+EOF
+cat > /www/cgi-bin/fill <<'EOF'
+#!/bin/sh
+. /www/cgi-bin/kib
+file=$(mktemp /mnt/boot/fillXXXXXX)
+dd if=/dev/urandom of="$file" bs=1024 count="$kib" conv=fsync 2>/dev/null && sync
+printf 'Content-Type: text/plain\r\n\r\nfilled=%s\n' "$(wc -c < "$file")"
+EOF
+chmod +x /www/cgi-bin/pattern /www/cgi-bin/churn /www/cgi-bin/fill
+# ---- end of crash safety --------------------------------------------------------------------------------------
+
 httpd -h /www -p 80
 
 # --- consoles: a shell on the serial port and one on the screen (tty1), each restarted when it exits, so a line

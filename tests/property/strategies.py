@@ -69,11 +69,11 @@ def value_for(name: str, sandbox: Path) -> st.SearchStrategy[str]:
         "HOSTNAME": hostnames,
         "VM_MEMORY": sizes,
         "VM_DISK_SIZE": sizes,
+        "VM_DIR_MIN_FREE": sizes,
         "IMG_MAX_SIZE": sizes,
         "SHUTDOWN_TIMEOUT": durations,
         "HANDSHAKE_TIMEOUT": durations,
         "POD_WAIT_TIMEOUT": durations,
-        "NET_DRAIN_TIMEOUT": durations,
         "IMG_SOURCE": st.one_of(
             st.just("https://images.example.org/debian-12.qcow2"),
             st.just(f"{sandbox}/image/base.qcow2"),

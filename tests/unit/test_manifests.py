@@ -12,10 +12,13 @@ import yaml
 
 from netsidecar.config import read_settings
 from netsidecar.kernel import RUN_CAPABILITIES
-from shared.env import Env
+from shared import shutdown
+from shared.env import Env, parse_size
 from shared.figures import CATALOG, sample_name
+from shared.handshake import Ipv6
 from tests import samples
-from vmrunner.config import load
+from vmrunner import configdrive
+from vmrunner.config import DRIVE_KINDS, load
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 # The oldest release the native sidecar needs, and the newest the validator knows.
@@ -290,3 +293,64 @@ def test_network_policy_limits_vnc_and_leaves_the_vm_open() -> None:
     assert tcp == [(1, 5899), (5901, 9099), (9101, 65535)]
     for protocol in ("UDP", "SCTP"):
         assert [r for rule in open_rules for r in _port_ranges(rule, protocol)] == [(1, 65535)]
+
+
+def _timeout_specs() -> list[tuple[str, dict[str, Any]]]:
+    """Every pod spec in deploy/ that runs both containers, and the podman pod made from deploy/pod.yaml (with the
+    runner's SHUTDOWN_TIMEOUT changed, as `--env` does)."""
+    specs = []
+    for path in MANIFESTS:
+        for doc in _documents(path):
+            spec = doc.get("spec", {})
+            spec = spec.get("template", {}).get("spec", spec)  # a StatefulSet's pod template
+            names = {c["name"] for c in spec.get("containers", []) + spec.get("initContainers", [])}
+            if {"net", "vm"} <= names:
+                specs.append((f"{path.name}:{doc['kind']}", spec))
+    localpod = _localpod()
+    settings = localpod.LocalSettings(
+        "podvm-t2", Path("/tmp/podvm-t2"), "http://x/g.qcow2", env={"SHUTDOWN_TIMEOUT": "5m"}
+    )
+    specs.append(("localpod", localpod.plan(*localpod.cluster_manifests(), settings).manifest["spec"]))
+    return specs
+
+
+@pytest.mark.parametrize(("where", "spec"), _timeout_specs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_the_shutdown_timeouts_and_the_grace_period_agree(where: str, spec: dict[str, Any]) -> None:
+    """Both containers read SHUTDOWN_TIMEOUT the same way (shared.shutdown): the sidecar keeps the network for the
+    runner's whole shutdown, hard stop included, and the kubelet waits for both."""
+    runner = shutdown.shutdown_timeout(Env(_env(_container(spec, "vm"))))
+    sidecar_env = _env(_container(spec, "net"))
+    assert "NET_DRAIN_TIMEOUT" not in sidecar_env, f"{where}: a second timeout to keep in step"
+    assert read_settings(Env(sidecar_env)).drain_timeout == shutdown.network_hold(runner), where
+    assert spec["terminationGracePeriodSeconds"] >= shutdown.grace_period(runner), where
+
+
+def test_the_agreement_check_catches_a_disagreement() -> None:
+    spec = _kind("Pod")["spec"]
+    for container in spec["containers"]:
+        if container["name"] == "vm":
+            container["env"] = [*container["env"], {"name": "SHUTDOWN_TIMEOUT", "value": "5m"}]
+    with pytest.raises(AssertionError):
+        test_the_shutdown_timeouts_and_the_grace_period_agree("changed", spec)
+
+
+def test_the_demo_stops_its_pod_with_the_pods_grace_period() -> None:
+    demo = (DEPLOY.parent / "scripts" / "demo").read_text()
+    assert f"GRACE={_kind('Pod')['spec']['terminationGracePeriodSeconds']} " in demo
+
+
+@pytest.mark.parametrize("spec", _pod_specs(), ids=["pod", "statefulset"])
+def test_the_run_volume_holds_the_largest_config_drive(spec: dict[str, Any]) -> None:
+    """METADATA and USERDATA at their maxima, both OpenStack versions, IPv6 network data: the ISO and the run's
+    other files fit the run volume's sizeLimit (the runner checks the free space too, see configdrive.write)."""
+    metadata = {"meta": {"filler": "m" * (configdrive.MAX_SIZES["METADATA"] - 20)}}
+    userdata = b"#" * configdrive.MAX_SIZES["USERDATA"]
+    ipv6 = Ipv6("fd70:6f64:766d::ff:fe00:aa", "fd70:6f64:766d::1", "fe80::1", 64, "fd00::5", ("fd00::10",))
+    hs = samples.handshake(families=("ipv4", "ipv6"), ipv6=ipv6)
+    sizes = []
+    for kind in DRIVE_KINDS:
+        plan = configdrive.plan_drive(kind, "a" * 63, metadata, userdata)
+        assert plan is not None
+        sizes.append(len(configdrive.render(configdrive.with_network(plan, hs))))
+    run = next(v for v in spec["volumes"] if v["name"] == "run")["emptyDir"]
+    assert max(sizes) + configdrive.RUN_DIR_ROOM <= parse_size(run["sizeLimit"]), sizes

@@ -18,7 +18,7 @@ def settings(**extra: str) -> Settings:
 def test_defaults() -> None:
     s = settings()
     assert (str(s.vm_ip), str(s.gateway), s.no_vnc, s.tap_owner) == ("192.168.254.2", "192.168.254.1", False, 10001)
-    assert str(s.run_dir) == "/run/podvm" and s.pod_wait_timeout == 30 and s.drain_timeout == 30
+    assert str(s.run_dir) == "/run/podvm" and s.pod_wait_timeout == 30 and s.drain_timeout == 66
     assert str(s.state_dir) == "/run/netsidecar"
 
 
@@ -39,7 +39,7 @@ def test_defaults() -> None:
         ({"RUN_DIR": "run"}, "RUN_DIR"),
         ({"RESOLV_CONF": "resolv.conf"}, "RESOLV_CONF"),
         ({"POD_WAIT_TIMEOUT": "soon"}, "POD_WAIT_TIMEOUT"),
-        ({"NET_DRAIN_TIMEOUT": "-3"}, "NET_DRAIN_TIMEOUT"),
+        ({"SHUTDOWN_TIMEOUT": "-3"}, "SHUTDOWN_TIMEOUT"),
         ({"POD_IFACE": "a-name-far-too-long"}, "POD_IFACE"),
         ({"POD_IP": "10.0.0"}, "POD_IP"),
         ({"POD_MTU": "100"}, "POD_MTU"),
@@ -178,3 +178,9 @@ def test_search_list_fits_option_119(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_last_search_or_domain_line_wins() -> None:
     assert parse_resolv("search a.example\ndomain b.example\n").search == ("b.example",)
+
+
+def test_a_leftover_net_drain_timeout_is_said_to_be_unused(caplog: pytest.LogCaptureFixture) -> None:
+    settings = read_settings(Env({"HOSTNAME": "vm", "NET_DRAIN_TIMEOUT": "30s", "SHUTDOWN_TIMEOUT": "60s"}))
+    assert settings.drain_timeout > 60, "the network outlasts the runner's shutdown, whatever the old variable says"
+    assert "NET_DRAIN_TIMEOUT is no longer read" in caplog.text

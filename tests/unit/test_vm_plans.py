@@ -470,3 +470,32 @@ def test_duties_run_while_the_vm_runs_and_a_failing_one_does_not_stop_it(
     assert asyncio.run(Supervisor(plan, 1.0, duties=(lasting, failing)).run()) == 0
     assert seen == ["started", "cancelled"]
     assert any("broken duty" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
+
+
+def test_the_drive_holds_repeated_files_once_and_reads_them_back_everywhere() -> None:
+    """User data and meta data sit in both OpenStack version folders as hard links to one copy of their bytes."""
+    userdata = bytes(range(256)) * 1024  # 256 KiB that no other file holds
+    plan = configdrive.plan_drive("config-2", "vm-0", {"role": "db"}, userdata)
+    assert plan is not None
+    image = configdrive.render(plan)
+    assert len(userdata) < len(image) < 2 * len(userdata)
+    iso = pycdlib.PyCdlib()
+    iso.open_fp(io.BytesIO(image))
+    try:
+        for path, content in plan.files.items():
+            for kind in ("rr_path", "joliet_path"):
+                out = io.BytesIO()
+                iso.get_file_from_iso_fp(out, **{kind: path})
+                assert out.getvalue() == content, (path, kind)
+    finally:
+        iso.close()
+
+
+@pytest.mark.parametrize("variable", ["METADATA", "USERDATA"])
+def test_an_endless_input_is_read_no_further_than_its_maximum(variable: str) -> None:
+    """A ConfigMap key mounted over a device that never ends (or a huge file) costs one bounded read and one line."""
+    with pytest.raises(
+        ConfigError, match=f"^{variable}=/dev/zero: larger than {configdrive.MAX_SIZES[variable] >> 10} KiB"
+    ):
+        configdrive.read_input(Path("/dev/zero"), variable)
+    assert configdrive.read_input(Path("/nonexistent"), variable) is None

@@ -3,7 +3,8 @@
 The server sends a 16-byte challenge; the client answers with it encrypted by DES, keyed with the password padded to
 8 bytes and each key byte's bits reversed (RFB's own quirk). DES is ``cryptography``'s TripleDES with the key given
 three times, which is single DES. Run as a script (``python -m tests.vm.rfb PORT`` with the password on stdin) it
-prints ``OK`` or ``refused: <server's reason>``, so a test can log in from inside a network namespace.
+prints ``OK`` or ``refused: <server's reason>``, so a test can log in from inside a network namespace (``HOST`` after
+the port: another address than 127.0.0.1).
 """
 
 import socket
@@ -68,4 +69,4 @@ def login(host: str, port: int, password: bytes, timeout: float = 15.0) -> str:
 
 
 if __name__ == "__main__":
-    print(login("127.0.0.1", int(sys.argv[1]), sys.stdin.buffer.read()))
+    print(login(sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1", int(sys.argv[1]), sys.stdin.buffer.read()))

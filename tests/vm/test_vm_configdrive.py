@@ -10,11 +10,14 @@ from pathlib import Path
 import pycdlib
 import pytest
 
+from shared.env import parse_size
 from shared.handshake import Ipv6
 from tests import samples
 from tests.vm.conftest import REPO, VMRUNNER, require, runner_env
+from vmrunner import configdrive
 
 CLOUD_INIT_CACHE = REPO / ".cache" / "cloud-init"
+RUN_DIR_SIZE = parse_size("2Mi")  # the run volume's sizeLimit in deploy/ (tests/unit/test_manifests.py checks it)
 
 
 @pytest.fixture(scope="session")
@@ -165,8 +168,8 @@ def test_invalid_metadata_fails_with_one_line_and_writes_nothing(tmp_path: Path,
     assert not iso.exists() and not list(tmp_path.glob(".drive.iso*"))
 
 
-def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(shared_dir: Path) -> None:
-    """A real ENOSPC: the drive written to a 16 KiB tmpfs in a private mount namespace."""
+def test_a_full_disk_is_one_line_naming_the_directory_and_leaves_nothing(shared_dir: Path) -> None:
+    """A real small file system: the drive for a 16 KiB tmpfs in a private mount namespace is refused up front."""
     (shared_dir / "metadata").write_text("name: full\n")
     full = shared_dir / "full"
     full.mkdir()
@@ -181,7 +184,97 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(shared_dir: 
         text=True,
         check=False,
     )
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [done.stderr.strip()], "one line, no traceback"
-    assert done.stderr.strip().endswith(f"{full}/drive.iso: No space left on device")
+    assert f"{full}: 16 KiB free, the config drive needs " in done.stderr
     assert done.stdout == ""  # nothing left on the full file system, not even the temporary file
+
+
+def largest_inputs(root: Path) -> tuple[bytes, bytes]:
+    """METADATA and USERDATA of exactly the documented maxima (valid YAML both), written under ``root``."""
+    head = b"meta:\n  filler: "
+    metadata = head + b"m" * (configdrive.MAX_SIZES["METADATA"] - len(head) - 1) + b"\n"
+    head = b"#cloud-config\n# "
+    userdata = head + b"u" * (configdrive.MAX_SIZES["USERDATA"] - len(head) - 1) + b"\n"
+    (root / "metadata").write_bytes(metadata)
+    (root / "userdata").write_bytes(userdata)
+    return metadata, userdata
+
+
+def test_a_drive_at_the_documented_maxima_builds_and_cloud_init_reads_it(
+    tmp_path: Path, shared_dir: Path, cloud_init: Path
+) -> None:
+    _metadata, userdata = largest_inputs(shared_dir)
+    iso = tmp_path / "drive.iso"
+    subprocess.run([*VMRUNNER, "configdrive", str(iso)], env=runner_env(shared_dir, IMG_SOURCE="/x.qcow2"), check=True)
+    extract(iso, tmp_path / "drive")
+    reader = (
+        "import sys\nfrom cloudinit.sources.helpers.openstack import ConfigDriveReader\n"
+        "r = ConfigDriveReader(sys.argv[1]).read_v2()\n"
+        "sys.stdout.write(str(len(r['userdata'])) + ' ' + str(len(r['metadata']['meta']['filler'])))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", reader, str(tmp_path / "drive")],
+        env={**os.environ, "PYTHONPATH": str(cloud_init)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == str(len(userdata))
+    assert iso.stat().st_size + configdrive.RUN_DIR_ROOM <= RUN_DIR_SIZE, "the manifests' RUN_DIR holds it"
+
+
+@pytest.mark.parametrize("variable", ["METADATA", "USERDATA"])
+def test_one_byte_over_the_maximum_is_one_line_naming_the_variable(
+    tmp_path: Path, shared_dir: Path, variable: str
+) -> None:
+    largest_inputs(shared_dir)
+    name = variable.lower()
+    (shared_dir / name).write_bytes((shared_dir / name).read_bytes() + b"#")
+    iso = tmp_path / "drive.iso"
+    done = subprocess.run(
+        [*VMRUNNER, "configdrive", str(iso)],
+        env=runner_env(shared_dir, IMG_SOURCE="/x.qcow2"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()], "one line, no traceback"
+    limit = configdrive.MAX_SIZES[variable] >> 10
+    assert f"{variable}={shared_dir}/{name}: larger than {limit} KiB, the most a config drive carries" in done.stderr
+    assert not iso.exists()
+
+
+def test_run_refuses_a_drive_its_small_run_dir_cannot_hold_before_qemu(shared_dir: Path, qcow2_bytes: bytes) -> None:
+    """``vmrunner run`` with RUN_DIR on a real 256 KiB tmpfs and user data at the maximum: one line naming RUN_DIR,
+    exit 2, no ISO and no qemu (the handshake and the image are there, so it gets as far as the drive)."""
+    largest_inputs(shared_dir)
+    (shared_dir / "base.qcow2").write_bytes(qcow2_bytes)
+    staged = shared_dir / "staged"
+    staged.mkdir()
+    samples.handshake().write(staged)
+    run_dir = shared_dir / "run"
+    script = (
+        'mount -t tmpfs -o size=256k tmpfs "$1" && cp "$2/network.json" "$1/" && shift 2 && "$@"; status=$?; '
+        'ls -A "$0" >&2; exit $status'
+    )
+    done = subprocess.run(
+        [
+            *("unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(run_dir), str(run_dir)),
+            *(str(staged), *VMRUNNER, "run"),
+        ],
+        env=runner_env(shared_dir, IMG_SOURCE=str(shared_dir / "base.qcow2"), QEMU="/nonexistent/qemu"),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"RUN_DIR={run_dir}: " in errors[0], done.stderr
+    assert "the config drive needs" in errors[0] and "KiB for its other files" in errors[0]
+    listed = [line for line in done.stderr.splitlines() if " vmrunner: " not in line]  # ls of RUN_DIR
+    assert "network.json" in listed and not [n for n in listed if "config-drive" in n], "no ISO, not even a temporary"
+    assert "Traceback" not in done.stderr
