@@ -27,6 +27,7 @@ STDERR_TAIL = 20
 _CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")  # C0, C1 and line separators; not tab
 QMP_TIMEOUT = 5.0  # seconds one QMP call may take, connect and greeting included
 
+DUTY_GRACE = 2.0  # seconds a cancelled duty gets to clean up before the shutdown goes on without it
 Duty = Callable[[], Awaitable[None]]
 """Work that lives as long as qemu runs (a console broker, a backup schedule, a watch on the VM's state): started
 once qemu is up, cancelled before the shutdown begins and when qemu exits."""
@@ -85,6 +86,11 @@ async def _qmp_execute(socket: Path, command: str, refused: list[str]) -> object
         # After ``quit`` qemu closes the socket first; the library reports that as an error on disconnect.
         with contextlib.suppress(QMPError, OSError, EOFError):
             await client.disconnect()
+
+
+def _name(duty: Duty) -> str:
+    """A duty's name for the log: its qualified name, never its repr (which may show arguments, secrets too)."""
+    return getattr(duty, "__qualname__", type(duty).__name__)
 
 
 class Supervisor:
@@ -150,11 +156,9 @@ class Supervisor:
                 self.tracker.qemu_started(proc.pid)
             exited = asyncio.create_task(proc.wait())
             stopping = asyncio.create_task(stop.wait())
-            duties = [asyncio.create_task(self._duty(duty)) for duty in self.duties]
+            duties = [asyncio.create_task(self._duty(duty), name=_name(duty)) for duty in self.duties]
             await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            for task in duties:
-                task.cancel()
-            await asyncio.gather(*duties, return_exceptions=True)
+            await self._cancel(duties)
             if stopping.done() and not exited.done():
                 status = await self._shutdown(proc, exited)
                 await self._drain(reader)
@@ -171,6 +175,16 @@ class Supervisor:
                 path.unlink(missing_ok=True)
 
     @staticmethod
+    async def _cancel(duties: "list[asyncio.Task[None]]") -> None:
+        """Cancel the duties and give them DUTY_GRACE to clean up: one that lingers must not hold the shutdown."""
+        for task in duties:
+            task.cancel()
+        if duties:
+            _, lingering = await asyncio.wait(duties, timeout=DUTY_GRACE)
+            for task in lingering:
+                log.warning("%s did not stop within %gs; going on without it", task.get_name(), DUTY_GRACE)
+
+    @staticmethod
     async def _duty(duty: Duty) -> None:
         """One duty; its failure is logged and never takes the VM down with it."""
         try:
@@ -178,8 +192,8 @@ class Supervisor:
         except asyncio.CancelledError:
             raise
         except Exception as err:  # a duty's bug must not stop a pet VM; the traceback is there at DEBUG
-            log.error("%s stopped: %s", getattr(duty, "__qualname__", duty), err)
-            log.debug("%s stopped", duty, exc_info=True)
+            log.error("%s stopped: %s", _name(duty), err)
+            log.debug("%s stopped", _name(duty), exc_info=True)
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         stdin = asyncio.subprocess.DEVNULL if self.vnc_password is None else vnc.password_pipe(self.vnc_password)

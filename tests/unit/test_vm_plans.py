@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -467,9 +468,18 @@ def test_duties_run_while_the_vm_runs_and_a_failing_one_does_not_stop_it(
     async def failing() -> None:
         raise RuntimeError("broken duty")
 
-    assert asyncio.run(Supervisor(plan, 1.0, duties=(lasting, failing)).run()) == 0
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(60)  # ignores the first cancel; only the loop's final cancel ends it
+
+    started = time.monotonic()
+    assert asyncio.run(Supervisor(plan, 1.0, duties=(lasting, failing, stubborn)).run()) == 0
+    assert time.monotonic() - started < 30, "a duty that ignores its cancel held the supervisor"
     assert seen == ["started", "cancelled"]
     assert any("broken duty" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
+    assert any(r.getMessage().endswith("stubborn did not stop within 2s; going on without it") for r in caplog.records)
 
 
 def test_the_drive_holds_repeated_files_once_and_reads_them_back_everywhere() -> None:
