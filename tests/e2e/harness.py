@@ -123,6 +123,7 @@ def runner_env(
         "HOSTNAME": hostname,
         "ACCEL": "tcg",
         "VM_MEMORY": "256M",
+        "CONSOLE_ASSETS": str(REPO / "node_modules"),  # where `make deps` put the console's client libraries
     }
     return base_env(**{**defaults, **extra})
 

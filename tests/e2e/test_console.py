@@ -40,7 +40,7 @@ WAIT = 30.0
 TOKEN = "console-t0ken-e2e-planted"  # noqa: S105 planted to be looked for in the log
 VNC_PASSWORD = "vnc-pw-1"  # noqa: S105 a test password
 SCREENSHOTS = harness.REPO / "build" / "screenshots"
-ASSETS = harness.REPO / "node_modules"
+
 SHIFTED = {">": ".", "S": "s", "$": "4", "(": "9", ")": "0", "+": "="}  # the US keyboard's keys for these
 WS_KEY = base64.b64encode(b"podvm-console-16").decode()
 
@@ -80,7 +80,7 @@ def booted(name: str, ident: int, runner_env: dict[str, str], sidecar_env: dict[
         sidecars.append(sidecar)
         sidecar.start(timeout=20)
         procs.append(harness.serve_directory(bed.pod.ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
-        env = harness.volumes_env(IMAGE_PORT, dirs, f"pet-{name}", CONSOLE_ASSETS=str(ASSETS), **runner_env)
+        env = harness.volumes_env(IMAGE_PORT, dirs, f"pet-{name}", **runner_env)
         net = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
         tun = harness.make_tun_node(base)
 

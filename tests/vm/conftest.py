@@ -212,5 +212,6 @@ def runner_env(root: Path, **extra: str) -> dict[str, str]:
         "VM_MEMORY": "64M",
         "HANDSHAKE_TIMEOUT": "5s",
         "FETCH_RETRIES": "2",
+        "CONSOLE_ASSETS": str(REPO / "node_modules"),  # where `make deps` put the console's client libraries
         **extra,
     }
