@@ -15,6 +15,8 @@ log = logging.getLogger("vmrunner.qemu")
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
 KVM_API_VERSION = 12
+PET_NODE = "pet0"  # the pet's qcow2 node: its dirty bitmaps live there and backups read from it
+AGENT_PORT = "org.qemu.guest_agent.0"  # the virtio-serial port name qemu-guest-agent looks for
 
 
 @dataclass(frozen=True)
@@ -25,15 +27,19 @@ class RunPaths:
     console: Path
     console_log: Path
     monitor: Path  # a second QMP monitor for status queries and metrics, so they never hold up the shutdown
+    agent: Path  # the guest agent's virtio-serial channel (see vmrunner.agent)
 
     @classmethod
     def of(cls, run_dir: Path) -> "RunPaths":
         """The fixed names inside ``run_dir``; ``vmrunner console`` and ``status`` find them there."""
-        return cls(run_dir / "qmp.sock", run_dir / "console.sock", run_dir / "console.fifo", run_dir / "status.sock")
+        return cls(
+            run_dir / "qmp.sock", run_dir / "console.sock", run_dir / "console.fifo", run_dir / "status.sock",
+            run_dir / "agent.sock",
+        )  # fmt: skip
 
     def made(self) -> tuple[Path, ...]:
         """Everything qemu and the runner create here, removed before a start and after qemu exits."""
-        return (self.qmp, self.console, self.console_log, self.monitor)
+        return (self.qmp, self.console, self.console_log, self.monitor, self.agent)
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ def vnc_enabled(cfg: Config, hs: Handshake) -> bool:
 
 
 def _disk_args(bus: str, pet: Path) -> list[str]:
-    drive = ["-drive", f"file={pet},if=none,id=disk0,format=qcow2,discard=unmap"]
+    drive = ["-drive", f"file={pet},if=none,id=disk0,node-name={PET_NODE},format=qcow2,discard=unmap"]
     if bus == "virtio":
         return [*drive, "-device", "virtio-blk-pci,drive=disk0,bootindex=1"]
     if bus == "ide":
@@ -150,6 +156,12 @@ def plan_qemu(cfg: Config, hs: Handshake, accel: str, vnc: bool, drive: Path | N
         f"socket,id=monitor,path={paths.monitor},server=on,wait=off",
         "-mon",
         "chardev=monitor,mode=control",
+        "-chardev",
+        f"socket,id=agent,path={paths.agent},server=on,wait=off",
+        "-device",
+        "virtio-serial-pci,id=serial0",
+        "-device",
+        f"virtserialport,bus=serial0.0,chardev=agent,name={AGENT_PORT}",
         "-chardev",
         f"socket,id=console,path={paths.console},server=on,wait=off,logfile={paths.console_log}",
         "-serial",
