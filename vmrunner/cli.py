@@ -1,5 +1,5 @@
 """Command line of vmrunner: ``run``, ``plan``, ``prepare``, ``fetch``, ``rebase``, ``gc``, ``configdrive OUT``,
-``console`` and ``status``.
+``backup``, ``restore``, ``console`` and ``status``.
 
 Arguments after ``run`` are handed to qemu unchanged (the container's ``args:``), so they are not parsed here.
 """
@@ -40,6 +40,10 @@ USAGE = """usage: vmrunner COMMAND
   gc [--dry-run] [--grace DURATION]
                       remove cached bases no pet has referenced for DURATION (default 24h)
   configdrive OUT     write the config drive ISO to OUT only
+  backup [--full]     back the running VM's disk up into BACKUP_DIR now (incremental when its chain allows)
+  restore [POINT] [--name NAME] [--overwrite]
+                      make a standalone pet disk in VM_DIR from a backup point (CHAIN.SEQ, chain id or UTC
+                      time; default the newest), as <hostname>.qcow2 or NAME.qcow2; never over a disk unless told
   console             attach to the guest's serial console (Ctrl-] leaves)
   status              print the VM's run state from QMP, its pet disk's base and references, and the figures
                       of the metrics endpoint (JSON)
@@ -82,8 +86,15 @@ def cmd_run(cfg: Config) -> int:
     plan = plan_qemu(cfg, hs, choose_accel(cfg.accel, kvm_works()), vnc_enabled(cfg, hs), iso)
     log.info("qemu: %s", " ".join(plan.argv))
     tracker.set(phase="starting", accel=plan.accel)
+    duties = []
+    if cfg.backup_interval is not None:
+        from vmrunner.backupjob import schedule
+
+        log.info("backups every %gs into %s", cfg.backup_interval, cfg.backup_dir)
+        duties.append(schedule(cfg, cfg.backup_interval))
+    supervisor = Supervisor(plan, cfg.shutdown_timeout, password if plan.vnc else None, tracker, duties)
     with metrics.outcome(tracker):
-        return asyncio.run(Supervisor(plan, cfg.shutdown_timeout, password if plan.vnc else None, tracker).run())
+        return asyncio.run(supervisor.run())
 
 
 def _start_metrics(cfg: Config, hs: handshake.Handshake) -> metrics.Tracker:
@@ -226,6 +237,39 @@ def cmd_status(cfg: Config) -> int:
     return 0 if status == "running" else 1
 
 
+def cmd_backup(cfg: Config, args: list[str]) -> int:
+    """One backup of the running VM now (``kubectl exec POD -c vm -- vmrunner backup``); exit 0 when it completed."""
+    import asyncio
+
+    from vmrunner.backupjob import on_demand
+
+    if args not in ([], ["--full"]):
+        raise ConfigError(f"backup: unknown arguments {' '.join(args)!r} (expected nothing or --full)")
+    return 0 if asyncio.run(on_demand(cfg, want_full=bool(args))) is not None else 1
+
+
+def cmd_restore(cfg: Config, args: list[str]) -> int:
+    """Restore a backup point into VM_DIR; prints the restored disk's path."""
+    from vmrunner.backupjob import restore
+
+    wanted: str | None = None
+    name: str | None = None
+    overwrite = False
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--overwrite":
+            overwrite = True
+        elif arg == "--name" and rest:
+            name = rest.pop(0)
+        elif not arg.startswith("-") and wanted is None:
+            wanted = arg
+        else:
+            raise ConfigError(f"restore: unexpected argument {arg!r} (expected [POINT] [--name NAME] [--overwrite])")
+    print(restore(cfg, wanted, name, overwrite))
+    return 0
+
+
 def cmd_console(run_dir: Path) -> int:
     """Bridge this terminal to the guest's serial console until Ctrl-] or the socket closes."""
     path = RunPaths.of(run_dir).console
@@ -267,7 +311,8 @@ def volume_errors(cfg: Config) -> Iterator[None]:
     except OSError as err:
         where = Path(err.filename) if isinstance(err.filename, str) else None
         volume = next(
-            (f"{name}={root}" for name, root in (("IMAGE_DIR", cfg.image_dir), ("VM_DIR", cfg.vm_dir))
+            (f"{name}={root}" for name, root in (("IMAGE_DIR", cfg.image_dir), ("VM_DIR", cfg.vm_dir),
+                                                 ("BACKUP_DIR", cfg.backup_dir))
              if where is not None and where.is_relative_to(root)),
             "a volume",
         )  # fmt: skip
@@ -307,6 +352,12 @@ def dispatch(args: list[str]) -> int:
         cfg = load(env, image=False)
         with volume_errors(cfg):
             return cmd_gc(cfg, rest)
+    if command == "backup":
+        return cmd_backup(load(env, image=False), rest)
+    if command == "restore":
+        cfg = load(env, image=False)
+        with volume_errors(cfg):
+            return cmd_restore(cfg, rest)
     if command == "configdrive" and len(rest) == 1:
         return cmd_configdrive(load(env, image=False), rest[0])
     print(USAGE, file=sys.stderr)
