@@ -44,7 +44,7 @@ class Agent:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, socket: Path, timeout: float = SYNC_TIMEOUT) -> "Agent":
+    async def connect(cls, socket: Path, timeout: float) -> "Agent":
         """Connect and synchronise: the next line read is the answer to our next command.
 
         :raise AgentError: when nothing listens, or the agent does not echo the sync id in time.
@@ -129,7 +129,7 @@ class Agent:
 async def freeze(socket: Path) -> tuple[Agent | None, Freeze]:
     """Freeze the guest's file systems; the agent connection is kept open for :func:`thaw` when it answered."""
     try:
-        agent = await Agent.connect(socket)
+        agent = await Agent.connect(socket, SYNC_TIMEOUT)
     except AgentError as err:
         return None, Freeze(False, str(err))
     try:
