@@ -17,6 +17,7 @@ only taken when that bitmap is there, consistent, and the chain is intact; anyth
 full one, with the reason in the log.
 """
 
+import contextlib
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -412,3 +413,12 @@ def expected_backings(chain: Chain, point: Point) -> list[tuple[str, str | None]
     file is backed by the point before it, in the same directory, and the full backup by nothing."""
     files = [p.file for p in chain.points[: point.seq + 1]]
     return [(files[i], files[i - 1] if i else None) for i in range(len(files) - 1, -1, -1)]
+
+
+def read_last(root: Path) -> dict[str, dict[str, object]]:
+    """The backup figures record (empty when there is none, or a malformed one)."""
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(read_small(root / LAST, MANIFEST_MAX))
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k in ("last", "last_success") and isinstance(v, dict)}
+    return {}

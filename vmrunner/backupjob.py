@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from shared.errors import ConfigError, PodvmError
-from shared.files import open_directory, read_small, write_atomic
+from shared.files import open_directory, write_atomic
 from vmrunner import agent, backup
 from vmrunner.backup import JOB_ID, LAST, LOCK, MANIFEST, TARGET_NODE, BackupPlan, Chain, Point
 from vmrunner.config import Config
@@ -347,7 +347,7 @@ def _record(
 
 def write_last(root: Path, result: Result | None, *, ok: bool, error: str = "") -> None:
     """Record the last attempt (and keep the last success) for ``vmrunner status`` and the metrics."""
-    record = read_last(root)
+    record = backup.read_last(root)
     attempt: dict[str, object] = {"time": time.time(), "result": "ok" if ok else "failed", "error": error[:300]}
     if result is not None:
         attempt.update(
@@ -365,15 +365,6 @@ def write_last(root: Path, result: Result | None, *, ok: bool, error: str = "") 
         write_atomic(root / LAST, json.dumps(record).encode(), mode=0o644)
     except OSError as err:
         log.warning("%s: cannot record the backup's figures: %s", root / LAST, err.strerror)
-
-
-def read_last(root: Path) -> dict[str, dict[str, object]]:
-    """The backup figures record (empty when there is none, or a malformed one)."""
-    with contextlib.suppress(OSError, ValueError):
-        data = json.loads(read_small(root / LAST, 64 * 1024))
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if k in ("last", "last_success") and isinstance(v, dict)}
-    return {}
 
 
 async def backup_logged(cfg: Config, *, want_full: bool = False) -> Result | None:

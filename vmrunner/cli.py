@@ -115,7 +115,8 @@ def _start_metrics(cfg: Config, hs: handshake.Handshake) -> metrics.Tracker:
 
 
 def _sources(cfg: Config, monitor: Path) -> metrics.Sources:
-    return metrics.Sources(cfg.run_dir, cfg.image_dir, metrics.runs_file(cfg.vm_dir, cfg.hostname), monitor)
+    runs = metrics.runs_file(cfg.vm_dir, cfg.hostname)
+    return metrics.Sources(cfg.run_dir, cfg.image_dir, runs, monitor, cfg.backup_dir / cfg.hostname)
 
 
 def cmd_plan(cfg: Config) -> int:

@@ -111,6 +111,30 @@ printf 'Content-Type: text/plain\r\n\r\nwrote=%s\n' "$(wc -c < /mnt/boot/scratch
 EOF
 chmod +x /www/cgi-bin/bytes /www/cgi-bin/sink /www/cgi-bin/write
 
+# ---- Known data for the backup tests (one block) ----------------------------------------------------------------
+# /cgi-bin/put?NAME writes 256 KiB of the line "podvm-data NAME" to data/NAME on the boot disk and flushes it (NAME:
+# 1-16 lower-case letters and digits); /cgi-bin/files lists every data file as NAME:MD5, and the page does at boot
+# (data=...), so a test restoring a backup sees exactly which writes the disk holds.
+mkdir -p /mnt/boot/data
+cat > /www/cgi-bin/files <<'EOF'
+#!/bin/sh
+for f in /mnt/boot/data/*; do
+    [ -f "$f" ] && printf '%s:%s,' "${f##*/}" "$(md5sum < "$f" | cut -d' ' -f1)"
+done
+EOF
+cat > /www/cgi-bin/put <<'EOF'
+#!/bin/sh
+name=$QUERY_STRING
+case $name in ''|*[!a-z0-9]*) printf 'Status: 400\r\nContent-Type: text/plain\r\n\r\nbad name\n'; exit 0 ;; esac
+[ ${#name} -gt 16 ] && { printf 'Status: 400\r\nContent-Type: text/plain\r\n\r\nname too long\n'; exit 0; }
+yes "podvm-data $name" | head -c 262144 > /mnt/boot/data/.tmp && sync \
+    && mv /mnt/boot/data/.tmp "/mnt/boot/data/$name" && sync
+printf 'Content-Type: text/plain\r\n\r\nput=%s\n' "$name"
+EOF
+chmod +x /www/cgi-bin/files /www/cgi-bin/put
+echo "data=$(/bin/sh /www/cgi-bin/files)" >> /www/index.html
+# ---- end of the backup tests' block ------------------------------------------------------------------------------
+
 httpd -h /www -p 80
 
 echo "podvm-guest: ready ip=$ip"
