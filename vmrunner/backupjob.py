@@ -147,7 +147,7 @@ async def _wait_concluded(cfg: Config, timeout: float) -> dict[str, object] | No
 
 
 async def _job(cfg: Config) -> dict[str, object] | None:
-    jobs = await _qmp(cfg, "query-jobs")
+    jobs = await _qmp(cfg, "query-jobs", timeout=1.0)
     for job in jobs if isinstance(jobs, list) else []:
         if isinstance(job, dict) and job.get("id") == JOB_ID:
             return job
