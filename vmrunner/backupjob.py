@@ -33,8 +33,8 @@ from vmrunner.supervise import Duty, qmp_execute
 
 log = logging.getLogger("vmrunner.backup")
 PROGRESS_EVERY = 5.0  # seconds between progress lines
-POLL_EVERY = 0.5
-QMP_FAILURES = 6  # consecutive failed polls (about 3 s of a silent qemu) that end a backup
+POLL_EVERY = 0.2
+QMP_FAILURES = 8  # consecutive failed polls (a few seconds of a silent qemu) that end a backup
 ABANDON_TIMEOUT = 3.0  # what a cancelled backup may spend cancelling its job: it must not hold the shutdown
 TOOL_TIMEOUT = 60.0  # qemu-img create, info and check on the backup volume
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")

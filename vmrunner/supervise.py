@@ -67,7 +67,7 @@ async def qmp_execute(
 
 
 async def _qmp_execute(socket: Path, command: str, arguments: dict[str, object] | None, refused: list[str]) -> object:
-    from qemu.qmp import QMPClient, QMPError
+    from qemu.qmp import ExecuteError, QMPClient, QMPError
 
     # The library logs every failed connect at ERROR; the retry loop below is the normal way to wait for qemu.
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -82,6 +82,8 @@ async def _qmp_execute(socket: Path, command: str, arguments: dict[str, object] 
             await asyncio.sleep(0.1)
     try:
         return await client.execute(command, arguments)
+    except ExecuteError as err:  # qemu refused the command: its own one-line reason
+        raise PodvmError(f"{socket}: QMP {command} failed: {err}") from None
     except (QMPError, OSError, EOFError) as err:
         raise PodvmError(f"{socket}: QMP {command} failed: {err!r}") from None
     finally:
