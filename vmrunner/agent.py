@@ -138,6 +138,8 @@ async def freeze(socket: Path) -> tuple[Agent | None, Freeze]:
         return agent, Freeze(False, str(err))
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         return agent, Freeze(False, f"the guest agent answered the freeze with {str(count)[:80]!r}")
+    if count == 0:  # e.g. only FAT or other file systems without freeze support
+        return agent, Freeze(False, "the guest agent froze no file system (none of the guest's supports it)")
     return agent, Freeze(True, f"froze {count} file systems")
 
 

@@ -124,6 +124,13 @@ async def _silent_after_sync(peer: Peer) -> None:
     await peer.reader.read(-1)
 
 
+async def _froze_nothing(peer: Peer) -> None:
+    await peer.sync()
+    await peer.command()
+    await peer.send(b'{"return": 0}\n')
+    await peer.reader.read(-1)
+
+
 async def _odd_count(peer: Peer) -> None:
     await peer.sync()
     await peer.command()
@@ -142,6 +149,7 @@ async def _odd_count(peer: Peer) -> None:
         (_refuses_freeze, "refused: fsfreeze is disabled"),
         (_silent_after_sync, "did not answer guest-fsfreeze-freeze"),
         (_odd_count, "answered the freeze with 'True'"),
+        (_froze_nothing, "froze no file system"),
     ],
 )
 def test_a_hostile_agent_means_not_frozen_within_bounds(tmp_path: Path, handler: Handler, why: str) -> None:
