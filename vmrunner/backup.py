@@ -111,6 +111,8 @@ class BackupPlan:
     attach: dict[str, object]
     transaction: dict[str, object]
     remove_bitmaps: tuple[str, ...]
+    virtual_size: int
+    previous: tuple[Point, ...]  # the points this backup follows in its chain (none for a full backup)
 
     @property
     def final(self) -> Path:
@@ -343,6 +345,8 @@ def plan_backup(
         attach=attach,
         transaction={"actions": actions},
         remove_bitmaps=remove,
+        virtual_size=virtual_size,
+        previous=decision.chain.points if decision.chain is not None else (),
     )
 
 

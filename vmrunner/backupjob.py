@@ -19,7 +19,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -192,14 +192,12 @@ async def run_backup(cfg: Config, *, want_full: bool = False) -> Result:
             raise _volume(cfg, err) from None
 
 
-async def _locked_backup(cfg: Config, root: Path, want_full: bool) -> Result:
-    await _leftover_job(cfg)
+async def plan_next(cfg: Config, root: Path, *, want_full: bool) -> tuple[BackupPlan, list[Path]]:
+    """The next backup's plan from the volume and qemu's bitmaps, and what interrupted backups left on the volume
+    (removed before it runs); reads only, for ``vmrunner backup --plan`` as for the backup itself."""
     chains, broken = backup.read_chains(root)
     newest = root / chains[-1].id if chains else None
     interrupted = newest is not None and any(p.name.endswith(backup.PARTIAL) for p in newest.iterdir())
-    for path in backup.leftovers(root, chains, broken):
-        log.info("backup: removing %s, left by an interrupted backup", path)
-        _remove(path)
     nodes = await _qmp(cfg, "query-named-block-nodes", {"flat": True})
     bitmaps = backup.parse_bitmaps(nodes)
     size = _virtual_size(nodes)
@@ -215,6 +213,25 @@ async def _locked_backup(cfg: Config, root: Path, want_full: bool) -> Result:
     )
     chain_id = backup.new_chain_id(datetime.now(UTC), {c.id for c in chains} | {p.name for p in broken})
     plan = backup.plan_backup(root, decision, size, bitmaps, chain_id=chain_id, speed=cfg.backup_speed)
+    return plan, backup.leftovers(root, chains, broken)
+
+
+async def show_plan(cfg: Config, *, want_full: bool) -> dict[str, object]:
+    """``vmrunner backup --plan``: the next backup as data, changing nothing."""
+    root = backup.vm_root(cfg.backup_dir, cfg.hostname)
+    plan, leftovers = await plan_next(cfg, root, want_full=want_full)
+    document = asdict(plan)
+    document.update(directory=str(plan.directory), partial=str(plan.partial), final=str(plan.final))
+    document["leftovers"] = [str(p) for p in leftovers]
+    return document
+
+
+async def _locked_backup(cfg: Config, root: Path, want_full: bool) -> Result:
+    await _leftover_job(cfg)
+    plan, leftovers = await plan_next(cfg, root, want_full=want_full)
+    for path in leftovers:
+        log.info("backup: removing %s, left by an interrupted backup", path)
+        _remove(path)
     log.info("backup: %s backup into %s: %s", plan.kind, plan.directory, plan.reason)
     plan.directory.mkdir(exist_ok=True)
     await _tool(plan.create, f"BACKUP_DIR={cfg.backup_dir}: creating {plan.partial}")
@@ -238,7 +255,7 @@ async def _locked_backup(cfg: Config, root: Path, want_full: bool) -> Result:
     for name in plan.remove_bitmaps:
         log.info("backup: removing the pet's bitmap %s (its chain is no longer followed)", name)
         await _qmp(cfg, "block-dirty-bitmap-remove", {"node": PET_NODE, "name": name})
-    return _record(cfg, root, plan, chains, size=size, now=now, seconds=seconds, job=job, freeze=freeze)
+    return _record(cfg, root, plan, now=now, seconds=seconds, job=job, freeze=freeze)
 
 
 async def _start(cfg: Config, plan: BackupPlan) -> tuple[agent.Freeze, datetime, float]:
@@ -309,9 +326,7 @@ def _record(
     cfg: Config,
     root: Path,
     plan: BackupPlan,
-    chains: list[Chain],
     *,
-    size: int,
     now: datetime,
     seconds: float,
     job: dict[str, object],
@@ -332,12 +347,11 @@ def _record(
         seconds=round(seconds, 3),
         frozen=freeze.frozen,
     )
-    previous = next((c.points for c in chains if c.id == plan.chain_id), ()) if plan.kind == "incremental" else ()
-    chain = Chain(plan.chain_id, size, (*previous, point))
+    chain = Chain(plan.chain_id, plan.virtual_size, (*plan.previous, point))
     write_atomic(plan.directory / MANIFEST, backup.manifest_document(chain))
     result = Result(plan.kind, chain.point_id(point), point.copied, point.size, seconds, freeze.frozen, freeze.why)
     if plan.kind == "full":
-        for old in backup.plan_retention([*[c for c in chains if c.id != chain.id], chain], cfg.backup_keep):
+        for old in backup.plan_retention(backup.read_chains(root)[0], cfg.backup_keep):
             log.info("backup: removing chain %s (BACKUP_KEEP=%d)", old, cfg.backup_keep)
             shutil.rmtree(root / old)
     write_last(root, result, ok=True)

@@ -40,7 +40,9 @@ USAGE = """usage: vmrunner COMMAND
   gc [--dry-run] [--grace DURATION]
                       remove cached bases no pet has referenced for DURATION (default 24h)
   configdrive OUT     write the config drive ISO to OUT only
-  backup [--full]     back the running VM's disk up into BACKUP_DIR now (incremental when its chain allows)
+  backup [--full] [--plan]
+                      back the running VM's disk up into BACKUP_DIR now (incremental when its chain allows);
+                      --plan prints what it would do (JSON), changing nothing
   restore [POINT] [--name NAME] [--overwrite]
                       make a standalone pet disk in VM_DIR from a backup point (CHAIN.SEQ, chain id or UTC
                       time; default the newest), as <hostname>.qcow2 or NAME.qcow2; never over a disk unless told
@@ -242,11 +244,15 @@ def cmd_backup(cfg: Config, args: list[str]) -> int:
     """One backup of the running VM now (``kubectl exec POD -c vm -- vmrunner backup``); exit 0 when it completed."""
     import asyncio
 
-    from vmrunner.backupjob import on_demand
+    from vmrunner.backupjob import on_demand, show_plan
 
-    if args not in ([], ["--full"]):
-        raise ConfigError(f"backup: unknown arguments {' '.join(args)!r} (expected nothing or --full)")
-    return 0 if asyncio.run(on_demand(cfg, want_full=bool(args))) is not None else 1
+    unknown = [a for a in args if a not in ("--full", "--plan")]
+    if unknown:
+        raise ConfigError(f"backup: unknown argument {unknown[0]!r} (expected --full and/or --plan)")
+    if "--plan" in args:
+        print(json.dumps(asyncio.run(show_plan(cfg, want_full="--full" in args)), indent=2))
+        return 0
+    return 0 if asyncio.run(on_demand(cfg, want_full="--full" in args)) is not None else 1
 
 
 def cmd_restore(cfg: Config, args: list[str]) -> int:

@@ -149,6 +149,8 @@ def _scenario(world: World, env: dict[str, str], tun: Path) -> None:
     slow = {**env, "BACKUP_SPEED": "16K"}
     runner = _boot(world, env, tun, "boot1.log")
     _put(pod, "a")
+    runs["plan"] = _as_runner(env, "backup", "--plan")
+    world.notes["after_plan"] = sorted(p.name for p in world.dirs["backup"].rglob("*"))
     runs["full"] = _as_runner(env, "backup")
     _put(pod, "b")
     runs["inc1"] = _as_runner(env, "backup")
@@ -256,6 +258,16 @@ def test_full_then_incrementals_extend_one_chain_frozen_by_the_agent_until_it_we
     assert "frozen: no (the guest agent did not answer guest-sync-delimited within 2s)" in runs["inc2"].log
     points = _chain(world, chain)["points"]
     assert isinstance(points, list) and [p["frozen"] for p in points] == [True, True, False]
+
+
+def test_the_plan_says_what_the_backup_will_do_and_changes_nothing(world: World) -> None:
+    run = world.runs["plan"]
+    assert run.status == 0, run.log
+    plan = json.loads(run.log[run.log.index("{") :])
+    assert (plan["kind"], plan["reason"], plan["seq"]) == ("full", "no backup chain yet", 0)
+    assert plan["create"][:5] == ["qemu-img", "create", "-q", "-f", "qcow2"]
+    assert [a["type"] for a in plan["transaction"]["actions"]] == ["block-dirty-bitmap-add", "blockdev-backup"]
+    assert world.notes["after_plan"] == [], "nothing written to the backup volume"
 
 
 def test_every_backup_file_passes_qemu_img_check_and_is_a_plain_chain(world: World) -> None:

@@ -2,6 +2,7 @@
 manifest's checks, retention, leftovers, and which point a restore picks."""
 
 import json
+import re
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ConfigError
-from vmrunner import backup
+from vmrunner import backup, cli
 from vmrunner.backup import Bitmap, Chain, Point, decide, plan_backup
 from vmrunner.backupjob import Result
 from vmrunner.config import load
@@ -141,6 +142,7 @@ def test_incremental_plan_is_backed_by_the_previous_file_by_relative_name_and_us
         ]
     }
     assert plan.remove_bitmaps == ()
+    assert (plan.virtual_size, plan.previous) == (SIZE, chain(2).points), "the manifest is extended, not rewritten"
 
 
 def test_retention_keeps_the_newest_chains() -> None:
@@ -289,3 +291,22 @@ def test_result_line_says_kind_bytes_time_rate_and_freeze() -> None:
         "frozen: no (no guest agent channel)"
     )
     assert "frozen: yes" in Result("full", "c.0", 1, 1, 0.0, True, "froze 1 file systems").line()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["backup", "--fast"], "backup: unknown argument '--fast'"),
+        (["restore", "--bogus"], "restore: unexpected argument '--bogus'"),
+        (["restore", "a", "b"], "restore: unexpected argument 'b'"),
+        (["restore", "--name", "../etc"], "restore --name '../etc': expected up to 63"),
+    ],
+)
+def test_backup_and_restore_arguments_are_one_line_errors(
+    args: list[str], message: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HOSTNAME", "vm-0")
+    monkeypatch.setenv("BACKUP_DIR", str(tmp_path))
+    monkeypatch.setenv("VM_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        cli.dispatch(args)
