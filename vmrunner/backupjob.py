@@ -236,14 +236,12 @@ async def _locked_backup(cfg: Config, root: Path, want_full: bool) -> Result:
     plan.directory.mkdir(exist_ok=True)
     await _tool(plan.create, f"BACKUP_DIR={cfg.backup_dir}: creating {plan.partial}")
     await _qmp(cfg, "blockdev-add", plan.attach)
+    sent: list[bool] = []  # set once the transaction is on its way: from then on a job may exist
     try:
-        freeze, now, started = await _start(cfg, plan)
+        freeze, now, started = await _start(cfg, plan, sent)
         job = await _follow(cfg)
-    except asyncio.CancelledError:
-        await _abandon(cfg, plan)
-        raise
-    except PodvmError:
-        await _abandon(cfg, plan)
+    except (asyncio.CancelledError, PodvmError):
+        await _abandon(cfg, plan, started=bool(sent))
         raise
     seconds = time.monotonic() - started
     await _qmp(cfg, "job-dismiss", {"id": JOB_ID})
@@ -258,7 +256,7 @@ async def _locked_backup(cfg: Config, root: Path, want_full: bool) -> Result:
     return _record(cfg, root, plan, now=now, seconds=seconds, job=job, freeze=freeze)
 
 
-async def _start(cfg: Config, plan: BackupPlan) -> tuple[agent.Freeze, datetime, float]:
+async def _start(cfg: Config, plan: BackupPlan, sent: list[bool]) -> tuple[agent.Freeze, datetime, float]:
     """Freeze the guest (when its agent answers), start the transaction, thaw at once, whatever happened; the
     freeze's outcome and the backup's instant (wall clock and monotonic)."""
     conn, freeze = await agent.freeze(RunPaths.of(cfg.run_dir).agent)
@@ -266,6 +264,7 @@ async def _start(cfg: Config, plan: BackupPlan) -> tuple[agent.Freeze, datetime,
         log.info("backup: not freezing the guest's file systems: %s", freeze.why)
     try:
         now, started = datetime.now(UTC), time.monotonic()
+        sent.append(True)
         await _qmp(cfg, "transaction", plan.transaction)
     finally:
         await agent.thaw(conn)
@@ -299,17 +298,20 @@ async def _follow(cfg: Config) -> dict[str, object]:
                 log.info("backup: %d%% (%s of %s)", done * 100 // total, _mib(done), _mib(total))
 
 
-async def _abandon(cfg: Config, plan: BackupPlan) -> None:
+async def _abandon(cfg: Config, plan: BackupPlan, *, started: bool) -> None:
     """A backup stopped half-way: cancel its job and detach its target within ABANDON_TIMEOUT. The partial file is
-    removed only when the job is known to have ended without completing (its bitmap then kept every change);
-    otherwise it stays, and the next backup is a full one."""
+    removed only when no job was started, or the job is known to have ended without completing (its bitmap then
+    kept every change); otherwise it stays, and the next backup is a full one."""
     try:
         async with asyncio.timeout(ABANDON_TIMEOUT):
-            with contextlib.suppress(PodvmError):
-                await _qmp(cfg, "job-cancel", {"id": JOB_ID}, timeout=1.0)
-            job = await _wait_concluded(cfg, ABANDON_TIMEOUT)
+            job: dict[str, object] | None = {"error": "not started"}
+            if started:
+                with contextlib.suppress(PodvmError):
+                    await _qmp(cfg, "job-cancel", {"id": JOB_ID}, timeout=1.0)
+                job = await _wait_concluded(cfg, ABANDON_TIMEOUT)
             if job is not None and job.get("error") is not None:
-                await _qmp(cfg, "job-dismiss", {"id": JOB_ID}, timeout=1.0)
+                if started:
+                    await _qmp(cfg, "job-dismiss", {"id": JOB_ID}, timeout=1.0)
                 await _qmp(cfg, "blockdev-del", {"node-name": TARGET_NODE}, timeout=1.0)
                 plan.partial.unlink(missing_ok=True)
                 if plan.kind == "full":
