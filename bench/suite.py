@@ -1,9 +1,9 @@
 """``make bench``: every measurement on the namespace test bed, one table, JSON in bench/results/latest.json.
 
 Run as root from the project root: ``.venv/bin/python bench/suite.py [--quick] [--only SECTION ...]``.
-Sections: ready, packets, footprint, metrics, scale, overhead, console, fetch, check, coldstart. Each figure is compared
-with a reference measured in the same run (ratio = median / reference median). A section that fails is reported and
-the rest still run.
+Sections: ready, packets, footprint, metrics, scale, overhead, console, fetch, check, coldstart, backup. Each figure
+is compared with a reference measured in the same run (ratio = median / reference median). A section that fails is
+reported and the rest still run.
 """
 
 import argparse
@@ -17,11 +17,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import consolebench, metricsbench, netbench, vmbench
+from bench import backupbench, consolebench, metricsbench, netbench, vmbench
 from bench.table import Results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-SECTIONS = ("ready", "packets", "footprint", "metrics", "scale", "overhead", "console", "fetch", "check", "coldstart")
+SECTIONS = (
+    "ready",
+    "packets",
+    "footprint",
+    "metrics",
+    "scale",
+    "overhead",
+    "console",
+    "fetch",
+    "check",
+    "coldstart",
+    "backup",
+)
 
 
 def facts() -> dict[str, object]:
@@ -60,6 +72,7 @@ def main() -> int:
         "fetch": lambda: vmbench.bench_fetch(res, (256 << 20) if quick else (1 << 30), 1 if quick else 3),
         "check": lambda: vmbench.bench_check(res, (256 << 20) if quick else (1 << 30), 3 if quick else 7),
         "coldstart": lambda: vmbench.bench_coldstart(res, 1 if quick else 2),
+        "backup": lambda: backupbench.bench(res, 1 if quick else 3),
     }
     try:
         for name in SECTIONS:

@@ -166,6 +166,24 @@ RUNNER: tuple[Spec, ...] = (
         ("name", "digest"),
     ),
     Spec("podvm_image_cache_size_bytes", "gauge", "Bytes of regular files in the shared image cache"),
+    Spec("podvm_backup_last_attempt_timestamp_seconds", "gauge", "Unix time at which the last backup ended"),
+    Spec(
+        "podvm_backup_last_result",
+        "gauge",
+        "1 for the outcome of the last backup attempt (ok, failed), 0 for the other",
+        ("result",),
+    ),
+    Spec("podvm_backup_last_success_timestamp_seconds", "gauge", "Unix time at which the last successful backup ended"),
+    Spec(
+        "podvm_backup_last_success_kind",
+        "gauge",
+        "1 for the kind of the last successful backup (full, incremental), 0 for the other",
+        ("kind",),
+    ),
+    Spec("podvm_backup_last_success_copied_bytes", "gauge", "Bytes the last successful backup copied from the disk"),
+    Spec("podvm_backup_last_success_size_bytes", "gauge", "Bytes of the last successful backup's file"),
+    Spec("podvm_backup_last_success_duration_seconds", "gauge", "How long the last successful backup took"),
+    Spec("podvm_backup_last_success_frozen", "gauge", "1 when the guest's file systems were frozen for it"),
 )
 
 CATALOG: dict[str, Spec] = {spec.name: spec for spec in NETWORK + RUNNER}

@@ -1,5 +1,5 @@
 """Command line of vmrunner: ``run``, ``plan``, ``prepare``, ``fetch``, ``rebase``, ``gc``, ``configdrive OUT``,
-``console`` and ``status``.
+``backup``, ``restore``, ``console`` and ``status``.
 
 Arguments after ``run`` are handed to qemu unchanged (the container's ``args:``), so they are not parsed here.
 """
@@ -45,6 +45,12 @@ USAGE = """usage: vmrunner COMMAND
   gc [--dry-run] [--grace DURATION]
                       remove cached bases no pet has referenced for DURATION (default 24h)
   configdrive OUT     write the config drive ISO to OUT only
+  backup [--full] [--plan]
+                      back the running VM's disk up into BACKUP_DIR now (incremental when its chain allows);
+                      --plan prints what it would do (JSON), changing nothing
+  restore [POINT] [--name NAME] [--overwrite]
+                      make a standalone pet disk in VM_DIR from a backup point (CHAIN.SEQ, chain id or UTC
+                      time; default the newest), as <hostname>.qcow2 or NAME.qcow2; never over a disk unless told
   console             attach to the guest's serial console (Ctrl-] leaves)
   status              print the VM's run state from QMP, its pet disk's base and references, and the figures
                       of the metrics endpoint (JSON)
@@ -93,8 +99,13 @@ def cmd_run(cfg: Config) -> int:
     log.info("qemu: %s", " ".join(plan.argv))
     tracker.set(phase="starting", accel=plan.accel)
     duties = console_duties(plan, served, token)
+    duties.append(diskwatch.watch(plan.paths.monitor, cfg.vm_dir, cfg.vm_dir_min_free))
+    if cfg.backup_interval is not None:
+        from vmrunner.backupjob import schedule
+
+        log.info("backups every %gs into %s", cfg.backup_interval, cfg.backup_dir)
+        duties.append(schedule(cfg, cfg.backup_interval))
     with metrics.outcome(tracker):
-        duties.append(diskwatch.watch(plan.paths.monitor, cfg.vm_dir, cfg.vm_dir_min_free))
         supervisor = Supervisor(plan, cfg.shutdown_timeout, password if plan.secret else None, tracker, duties)
         return asyncio.run(supervisor.run())
 
@@ -174,7 +185,8 @@ def _start_metrics(cfg: Config, hs: handshake.Handshake) -> metrics.Tracker:
 
 
 def _sources(cfg: Config, monitor: Path) -> metrics.Sources:
-    return metrics.Sources(cfg.run_dir, cfg.image_dir, metrics.runs_file(cfg.vm_dir, cfg.hostname), monitor)
+    runs = metrics.runs_file(cfg.vm_dir, cfg.hostname)
+    return metrics.Sources(cfg.run_dir, cfg.image_dir, runs, monitor, cfg.backup_dir / cfg.hostname)
 
 
 def cmd_plan(cfg: Config) -> int:
@@ -307,6 +319,43 @@ def cmd_status(cfg: Config) -> int:
     return 0 if status == "running" else 1
 
 
+def cmd_backup(cfg: Config, args: list[str]) -> int:
+    """One backup of the running VM now (``kubectl exec POD -c vm -- vmrunner backup``); exit 0 when it completed."""
+    import asyncio
+
+    from vmrunner.backupjob import on_demand, show_plan
+
+    unknown = [a for a in args if a not in ("--full", "--plan")]
+    if unknown:
+        raise ConfigError(f"backup: unknown argument {unknown[0]!r} (expected --full and/or --plan)")
+    if "--plan" in args:
+        print(json.dumps(asyncio.run(show_plan(cfg, want_full="--full" in args)), indent=2))
+        return 0
+    return 0 if asyncio.run(on_demand(cfg, want_full="--full" in args)) is not None else 1
+
+
+def cmd_restore(cfg: Config, args: list[str]) -> int:
+    """Restore a backup point into VM_DIR; prints the restored disk's path."""
+    from vmrunner.backupjob import restore
+
+    wanted: str | None = None
+    name: str | None = None
+    overwrite = False
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--overwrite":
+            overwrite = True
+        elif arg == "--name" and rest:
+            name = rest.pop(0)
+        elif not arg.startswith("-") and wanted is None:
+            wanted = arg
+        else:
+            raise ConfigError(f"restore: unexpected argument {arg!r} (expected [POINT] [--name NAME] [--overwrite])")
+    print(restore(cfg, wanted, name, overwrite))
+    return 0
+
+
 def cmd_console(run_dir: Path) -> int:
     """Bridge this terminal to the guest's serial console until Ctrl-] or the socket closes."""
     path = RunPaths.of(run_dir).console
@@ -348,7 +397,8 @@ def volume_errors(cfg: Config) -> Iterator[None]:
     except OSError as err:
         where = Path(err.filename) if isinstance(err.filename, str) else None
         volume = next(
-            (f"{name}={root}" for name, root in (("IMAGE_DIR", cfg.image_dir), ("VM_DIR", cfg.vm_dir))
+            (f"{name}={root}" for name, root in (("IMAGE_DIR", cfg.image_dir), ("VM_DIR", cfg.vm_dir),
+                                                 ("BACKUP_DIR", cfg.backup_dir))
              if where is not None and where.is_relative_to(root)),
             "a volume",
         )  # fmt: skip
@@ -388,6 +438,12 @@ def dispatch(args: list[str]) -> int:
         cfg = load(env, image=False)
         with volume_errors(cfg):
             return cmd_gc(cfg, rest)
+    if command == "backup":
+        return cmd_backup(load(env, image=False), rest)
+    if command == "restore":
+        cfg = load(env, image=False)
+        with volume_errors(cfg):
+            return cmd_restore(cfg, rest)
     if command == "configdrive" and len(rest) == 1:
         return cmd_configdrive(load(env, image=False), rest[0])
     print(USAGE, file=sys.stderr)

@@ -119,6 +119,11 @@ class Config:
     metrics_port: int | None = None  # METRICS_PORT: the metrics endpoint's TCP port (the handshake decides)
     vm_dir_min_free: int = 128 << 20  # VM_DIR_MIN_FREE: free bytes at which a VM paused on a full VM_DIR resumes
     console: ConsoleConfig | None = None  # CONSOLE_*: the browser console (None: CONSOLE_PORT=off)
+    backup_dir: Path = Path("/backup")  # BACKUP_DIR: the backup volume; chains under <hostname>/
+    backup_interval: float | None = None  # BACKUP_INTERVAL: seconds between scheduled backups (None: no schedule)
+    backup_keep: int = 2  # BACKUP_KEEP: complete chains kept
+    backup_chain_length: int = 6  # BACKUP_CHAIN_LENGTH: incrementals in a chain before the next full backup
+    backup_speed: int = 0  # BACKUP_SPEED: bytes per second a backup job may read (0: no limit)
 
     @property
     def is_url(self) -> bool:
@@ -240,4 +245,20 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: boo
         metrics_port=metrics_port(env, no_vnc=env.flag("NO_VNC")),
         vm_dir_min_free=env.size("VM_DIR_MIN_FREE", 128 << 20, minimum=1 << 20),
         console=_console(env, env.flag("NO_VNC"), metrics_port(env, no_vnc=env.flag("NO_VNC"))),
+        backup_dir=env.path("BACKUP_DIR", "/backup"),
+        backup_interval=_interval(env),
+        backup_keep=env.integer("BACKUP_KEEP", 2, 1, 1000),
+        backup_chain_length=env.integer("BACKUP_CHAIN_LENGTH", 6, 0, 1000),
+        backup_speed=env.size("BACKUP_SPEED", 0),
     )
+
+
+def _interval(env: Env) -> float | None:
+    """BACKUP_INTERVAL: unset means no schedule; a schedule tighter than 10 s is refused (a backup of a busy
+    disk takes longer, and the next one would start at once)."""
+    if env.optional("BACKUP_INTERVAL") is None:
+        return None
+    interval = env.duration("BACKUP_INTERVAL", 0.0)
+    if interval < 10:
+        raise ConfigError(f"BACKUP_INTERVAL={env.optional('BACKUP_INTERVAL')!r}: expected at least 10s (or unset)")
+    return interval

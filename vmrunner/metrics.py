@@ -29,6 +29,7 @@ from shared import figures
 from shared.errors import ChildFailed, ImageRejected, PodvmError, StoppedHard
 from shared.figures import SHUTDOWN_OUTCOMES, VM_STATES, Figure, figure
 from shared.files import read_small, write_atomic
+from vmrunner.backup import read_last
 
 log = logging.getLogger("vmrunner")
 STATE_FILE = "vmrunner-state.json"
@@ -89,6 +90,7 @@ class Sources:
     image_dir: Path
     runs_file: Path  # the pet's record of boots and shutdowns, in VM_DIR
     monitor: Path  # the QMP monitor queried for the state and block statistics
+    backups: Path | None = None  # the VM's directory on the backup volume (its last.json)
 
 
 def runs_file(vm_dir: Path, hostname: str) -> Path:
@@ -373,6 +375,35 @@ def runner_figures(state: RunState, sources: Sources, cache_size: int) -> list[F
     return out + block_figures(blockstats)
 
 
+def _number(record: dict[str, object], key: str) -> float:
+    value = record.get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else 0.0
+
+
+def backup_figures(root: Path | None) -> list[Figure]:
+    """The last backup attempt and the last success, from ``last.json`` on the backup volume; none before the
+    first backup."""
+    if root is None:
+        return []
+    record = read_last(root)
+    out: list[Figure] = []
+    last = record.get("last")
+    if last is not None:
+        out.append(figure("podvm_backup_last_attempt_timestamp_seconds", _number(last, "time")))
+        out += _one_hot("podvm_backup_last_result", "result", str(last.get("result")), ("ok", "failed"))
+    success = record.get("last_success")
+    if success is not None:
+        out += [
+            figure("podvm_backup_last_success_timestamp_seconds", _number(success, "time")),
+            *_one_hot("podvm_backup_last_success_kind", "kind", str(success.get("kind")), ("full", "incremental")),
+            figure("podvm_backup_last_success_copied_bytes", _number(success, "copied")),
+            figure("podvm_backup_last_success_size_bytes", _number(success, "size")),
+            figure("podvm_backup_last_success_duration_seconds", _number(success, "seconds")),
+            figure("podvm_backup_last_success_frozen", 1 if success.get("frozen") is True else 0),
+        ]
+    return out
+
+
 def network_figures(run_dir: Path) -> list[Figure]:
     """The sidecar's figures from RUN_DIR; none (and a debug line) when absent or malformed."""
     try:
@@ -384,8 +415,10 @@ def network_figures(run_dir: Path) -> list[Figure]:
 
 
 def gather(state: RunState, sources: Sources, cache_size: int) -> list[Figure]:
-    """All the pod's figures: the runner's and the sidecar's."""
-    return runner_figures(state, sources, cache_size) + network_figures(sources.run_dir)
+    """All the pod's figures: the runner's (its backups' too) and the sidecar's."""
+    return (
+        runner_figures(state, sources, cache_size) + backup_figures(sources.backups) + network_figures(sources.run_dir)
+    )
 
 
 def _values(spec: figures.Spec, sample: Figure) -> list[str]:

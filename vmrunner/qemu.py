@@ -15,6 +15,8 @@ log = logging.getLogger("vmrunner.qemu")
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
 KVM_API_VERSION = 12
+PET_NODE = "pet0"  # the pet's qcow2 node: its dirty bitmaps live there and backups read from it
+AGENT_PORT = "org.qemu.guest_agent.0"  # the virtio-serial port name qemu-guest-agent looks for
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class RunPaths:
     monitor: Path  # a second QMP monitor for status queries and metrics, so they never hold up the shutdown
     serial: Path  # qemu's serial port: one client at a time, the console broker
     display: Path  # qemu's screen as VNC on a Unix socket, for the browser console
+    agent: Path  # the guest agent's virtio-serial channel (see vmrunner.agent)
 
     @classmethod
     def of(cls, run_dir: Path) -> "RunPaths":
@@ -38,11 +41,12 @@ class RunPaths:
             run_dir / "status.sock",
             run_dir / "serial.sock",
             run_dir / "display.sock",
+            run_dir / "agent.sock",
         )
 
     def made(self) -> tuple[Path, ...]:
         """Everything qemu and the runner create here, removed before a start and after qemu exits."""
-        return (self.qmp, self.console, self.console_log, self.monitor, self.serial, self.display)
+        return (self.qmp, self.console, self.console_log, self.monitor, self.serial, self.display, self.agent)
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ DISK_DATA = "cache=writeback,werror=enospc,rerror=report"
 
 
 def _disk_args(bus: str, pet: Path) -> list[str]:
-    drive = ["-drive", f"file={pet},if=none,id=disk0,format=qcow2,discard=unmap,{DISK_DATA}"]
+    drive = ["-drive", f"file={pet},if=none,id=disk0,node-name={PET_NODE},format=qcow2,discard=unmap,{DISK_DATA}"]
     if bus == "virtio":
         return [*drive, "-device", "virtio-blk-pci,drive=disk0,bootindex=1"]
     if bus == "ide":
@@ -172,6 +176,12 @@ def plan_qemu(cfg: Config, hs: Handshake, accel: str, vnc: bool, drive: Path | N
         f"socket,id=monitor,path={paths.monitor},server=on,wait=off",
         "-mon",
         "chardev=monitor,mode=control",
+        "-chardev",
+        f"socket,id=agent,path={paths.agent},server=on,wait=off",
+        "-device",
+        "virtio-serial-pci,id=serial0",
+        "-device",
+        f"virtserialport,bus=serial0.0,chardev=agent,name={AGENT_PORT}",
         "-chardev",
         f"socket,id=console,path={paths.serial},server=on,wait=off,logfile={paths.console_log}",
         "-serial",

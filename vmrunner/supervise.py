@@ -46,9 +46,12 @@ def prepare_run_dir(plan: QemuPlan) -> None:
     os.mkfifo(plan.paths.console_log, 0o600)
 
 
-async def qmp_execute(socket: Path, command: str, timeout: float = QMP_TIMEOUT) -> object:
-    """Run one QMP command over ``socket`` with the qemu.qmp library, all of it (connect, greeting, capabilities
-    negotiation, the command, the disconnect) within ``timeout`` seconds; the connect is retried while qemu starts.
+async def qmp_execute(
+    socket: Path, command: str, timeout: float = QMP_TIMEOUT, arguments: dict[str, object] | None = None
+) -> object:
+    """Run one QMP command (with ``arguments``) over ``socket`` with the qemu.qmp library, all of it (connect,
+    greeting, capabilities negotiation, the command, the disconnect) within ``timeout`` seconds; the connect is
+    retried while qemu starts.
 
     A qemu whose monitor accepts connections but never greets (hung, stopped, or something else on the socket)
     would otherwise hold the caller forever, and a SIGTERM with it until the kubelet kills the pod.
@@ -58,14 +61,14 @@ async def qmp_execute(socket: Path, command: str, timeout: float = QMP_TIMEOUT) 
     refused: list[str] = []  # why the last connect failed; empty while qemu has accepted and not yet answered
     try:
         async with asyncio.timeout(timeout):
-            return await _qmp_execute(socket, command, refused)
+            return await _qmp_execute(socket, command, arguments, refused)
     except TimeoutError:
         why = refused[-1] if refused else "the monitor accepted the connection but never answered"
         raise PodvmError(f"{socket}: no qemu answers QMP {command} within {timeout:g}s: {why}") from None
 
 
-async def _qmp_execute(socket: Path, command: str, refused: list[str]) -> object:
-    from qemu.qmp import QMPClient, QMPError
+async def _qmp_execute(socket: Path, command: str, arguments: dict[str, object] | None, refused: list[str]) -> object:
+    from qemu.qmp import ExecuteError, QMPClient, QMPError
 
     # The library logs every failed connect at ERROR; the retry loop below is the normal way to wait for qemu.
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -79,7 +82,9 @@ async def _qmp_execute(socket: Path, command: str, refused: list[str]) -> object
             refused.append(str(err))
             await asyncio.sleep(0.1)
     try:
-        return await client.execute(command)
+        return await client.execute(command, arguments)
+    except ExecuteError as err:  # qemu refused the command: its own one-line reason
+        raise PodvmError(f"{socket}: QMP {command} failed: {err}") from None
     except (QMPError, OSError, EOFError) as err:
         raise PodvmError(f"{socket}: QMP {command} failed: {err!r}") from None
     finally:

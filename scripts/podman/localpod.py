@@ -82,7 +82,7 @@ def plan(pod: dict[str, Any], configmap: dict[str, Any], settings: LocalSettings
     config["metadata"]["name"] = f"{settings.name}-config"
     config["data"] = settings.config or config["data"]
     state = settings.state
-    runner_dirs = {name: state / name for name in ("images", "vm", "tmp")}
+    runner_dirs = {name: state / name for name in ("images", "vm", "tmp", "backup")}
     shared = state / "run"
     private = state / "net-state"
     tun = state / "dev" / "tun"
@@ -90,6 +90,7 @@ def plan(pod: dict[str, Any], configmap: dict[str, Any], settings: LocalSettings
         "net-state": {"hostPath": {"path": str(private), "type": "Directory"}},
         "images": {"hostPath": {"path": str(runner_dirs["images"]), "type": "Directory"}},
         "disk": {"hostPath": {"path": str(runner_dirs["vm"]), "type": "Directory"}},
+        "backup": {"hostPath": {"path": str(runner_dirs["backup"]), "type": "Directory"}},
         "run": {"hostPath": {"path": str(shared), "type": "Directory"}},
         "tmp": {"hostPath": {"path": str(runner_dirs["tmp"]), "type": "Directory"}},
         "tun": {"hostPath": {"path": str(tun), "type": "CharDevice"}},

@@ -46,6 +46,22 @@ MODULES = (
     "nls_ascii",
     "button",
     "evdev",
+    "virtio_console",
+    "loop",
+)
+
+# qemu-guest-agent from Debian with the shared libraries it links (its ``ldd``), run from the initramfs so backups
+# can freeze the guest's file systems; the libraries by soname, each found in one of these packages.
+AGENT_PACKAGES = ("qemu-guest-agent", "libglib2.0-0", "libpcre2-8-0", "libudev1", "libnuma1", "liburing2", "libc6")
+AGENT_LIBS = (
+    "libudev.so.1",
+    "libnuma.so.1",
+    "liburing.so.2",
+    "libglib-2.0.so.0",
+    "libgmodule-2.0.so.0",
+    "libpcre2-8.so.0",
+    "libm.so.6",
+    "libc.so.6",
 )
 
 SYSLINUX_CFG = f"""DEFAULT podvm
@@ -128,7 +144,24 @@ def _cpio_newc(tree: Path, out: Path) -> None:
     out.write_bytes(gzip.compress(done.stdout, compresslevel=6))
 
 
-def _initramfs(kernel_root: Path, busybox_root: Path, work: Path) -> Path:
+def _agent(agent_root: Path, tree: Path) -> None:
+    """qemu-ga and its libraries (symbolic links resolved) into the initramfs ``tree``."""
+    (tree / "usr" / "sbin").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(agent_root / "usr" / "sbin" / "qemu-ga", tree / "usr" / "sbin" / "qemu-ga")
+    (tree / "usr" / "sbin" / "qemu-ga").chmod(0o755)
+    libs = tree / "lib" / "x86_64-linux-gnu"
+    libs.mkdir(parents=True, exist_ok=True)
+    for name in AGENT_LIBS:
+        found = [p for d in ("lib", "usr/lib") if (p := agent_root / d / "x86_64-linux-gnu" / name).exists()]
+        if not found:
+            raise RuntimeError(f"guest build: {name} is in none of {', '.join(AGENT_PACKAGES)}")
+        shutil.copyfile(found[0].resolve(), libs / name)
+    (tree / "lib64").mkdir(exist_ok=True)
+    shutil.copyfile((agent_root / "lib64" / "ld-linux-x86-64.so.2").resolve(), tree / "lib64" / "ld-linux-x86-64.so.2")
+    (tree / "lib64" / "ld-linux-x86-64.so.2").chmod(0o755)
+
+
+def _initramfs(kernel_root: Path, busybox_root: Path, agent_root: Path, work: Path) -> Path:
     tree = work / "initramfs"
     for sub in ("bin", "lib/modules", "etc/acpi/PWRF"):
         (tree / sub).mkdir(parents=True, exist_ok=True)
@@ -138,6 +171,7 @@ def _initramfs(kernel_root: Path, busybox_root: Path, work: Path) -> Path:
     for name in order:
         shutil.copyfile(index[name], tree / "lib" / "modules" / f"{name}.ko")
     (tree / "lib" / "modules" / "order").write_text("\n".join(order) + "\n")
+    _agent(agent_root, tree)
     for source, target in (
         ("init.sh", "init"),
         ("udhcpc.script", "etc/udhcpc.script"),
@@ -175,17 +209,18 @@ def _inputs_hash(debs: list[Path]) -> str:
 def ensure_guest(cache: Path = CACHE) -> Path:
     """Path of the guest qcow2, built on first use and reused while its inputs are unchanged."""
     debs = [download(kernel_package(), cache / "debs"), download("busybox-static", cache / "debs")]
+    debs += [download(package, cache / "debs") for package in AGENT_PACKAGES]
     out = cache / f"podvm-guest-{_inputs_hash(debs)}.qcow2"
     if out.exists():
         return out
     with tempfile.TemporaryDirectory(prefix="podvm-guest-") as tmp:
         work = Path(tmp)
-        for deb, name in zip(debs, ("kernel", "busybox"), strict=True):
+        for deb, name in zip(debs, ("kernel", "busybox", *["agent"] * len(AGENT_PACKAGES)), strict=True):
             _run(["dpkg-deb", "-x", str(deb), str(work / name)])
         kernels = sorted((work / "kernel" / "boot").glob("vmlinuz-*"))
         if not kernels:
             raise RuntimeError(f"guest build: no /boot/vmlinuz-* in {debs[0].name}")
-        initrd = _initramfs(work / "kernel", work / "busybox", work)
+        initrd = _initramfs(work / "kernel", work / "busybox", work / "agent", work)
         _disk(kernels[-1], initrd, work, out)
     return out
 

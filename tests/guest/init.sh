@@ -142,6 +142,52 @@ printf 'Content-Type: text/plain\r\n\r\nfilled=%s\n' "$(wc -c < "$file")"
 EOF
 chmod +x /www/cgi-bin/pattern /www/cgi-bin/churn /www/cgi-bin/fill
 # ---- end of crash safety --------------------------------------------------------------------------------------
+# ---- Known data for the backup tests (one block) ----------------------------------------------------------------
+# /cgi-bin/put?NAME writes 256 KiB of the line "podvm-data NAME" to data/NAME on the boot disk and flushes it (NAME:
+# 1-16 lower-case letters and digits); /cgi-bin/files lists every data file as NAME:MD5, and the page does at boot
+# (data=...), so a test restoring a backup sees exactly which writes the disk holds.
+mkdir -p /mnt/boot/data
+cat > /www/cgi-bin/files <<'EOF'
+#!/bin/sh
+for f in /mnt/boot/data/*; do
+    [ -f "$f" ] && printf '%s:%s,' "${f##*/}" "$(md5sum < "$f" | cut -d' ' -f1)"
+done
+EOF
+cat > /www/cgi-bin/put <<'EOF'
+#!/bin/sh
+name=$QUERY_STRING
+case $name in ''|*[!a-z0-9]*) printf 'Status: 400\r\nContent-Type: text/plain\r\n\r\nbad name\n'; exit 0 ;; esac
+[ ${#name} -gt 16 ] && { printf 'Status: 400\r\nContent-Type: text/plain\r\n\r\nname too long\n'; exit 0; }
+yes "podvm-data $name" | head -c 262144 > /mnt/boot/data/.tmp && sync \
+    && mv /mnt/boot/data/.tmp "/mnt/boot/data/$name" && sync
+printf 'Content-Type: text/plain\r\n\r\nput=%s\n' "$name"
+EOF
+chmod +x /www/cgi-bin/files /www/cgi-bin/put
+echo "data=$(/bin/sh /www/cgi-bin/files)" >> /www/index.html
+# qemu-guest-agent on its virtio-serial port (found by name: no udev here), so a backup can freeze the file systems.
+agent_port=
+for port in /sys/class/virtio-ports/*; do
+    [ "$(cat "$port/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && agent_port=/dev/${port##*/}
+done
+# FAT, the boot disk's file system, cannot be frozen: a small ext2 in RAM (on a loop device) gives the agent one that
+# can. /cgi-bin/agent?stop stops the agent (SIGSTOP: it holds its port and never answers), ?cont resumes it.
+dd if=/dev/zero of=/run/freezable.img bs=1M count=4 2>/dev/null && losetup /dev/loop0 /run/freezable.img \
+    && mke2fs -q /dev/loop0 >/dev/null && mkdir -p /mnt/freezable && mount -t ext2 /dev/loop0 /mnt/freezable \
+    || echo "podvm-guest: no ext2"
+cat > /www/cgi-bin/agent <<'EOF'
+#!/bin/sh
+case $QUERY_STRING in stop) kill -STOP "$(cat /run/qga.pid)" ;; cont) kill -CONT "$(cat /run/qga.pid)" ;; esac
+printf 'Content-Type: text/plain\r\n\r\nagent=%s\n' "$QUERY_STRING"
+EOF
+chmod +x /www/cgi-bin/agent
+if [ -n "$agent_port" ]; then
+    mkdir -p /var/run
+    qemu-ga -d -m virtio-serial -p "$agent_port" -t /run -f /run/qga.pid -l /var/log/qga.log \
+        && echo "podvm-guest: agent on $agent_port" || echo "podvm-guest: agent failed"
+else
+    echo "podvm-guest: no agent port"
+fi
+# ---- end of the backup tests' block ------------------------------------------------------------------------------
 
 httpd -h /www -p 80
 

@@ -21,6 +21,7 @@ from shared.errors import ChildFailed, ImageRejected, StoppedHard
 from shared.figures import CATALOG, FiguresError, figure, parse_document, read_document
 from tests import samples
 from vmrunner import cli, metrics
+from vmrunner.backupjob import Result, write_last
 from vmrunner.config import load
 
 NETWORK = figures.NETWORK_NAMES
@@ -369,3 +370,28 @@ def test_vetting_and_outcome_are_recorded_on_the_way_out(tmp_path: Path) -> None
         pass
     assert metrics.read_runs(tracker.sources.runs_file) == {"boots": 0, "clean": 1, "hard": 1, "crashed": 1}
     assert tracker.state.phase == "stopped"
+
+
+def test_backup_figures_come_from_the_last_record_and_a_bad_record_gives_none(tmp_path: Path) -> None:
+    root = tmp_path / "backup" / "vm-0"
+    assert metrics.backup_figures(root) == [], "no backup yet: no figures"
+    root.mkdir(parents=True)
+    write_last(root, Result("incremental", "c.3", 3 << 20, 4 << 20, 2.5, True, "froze 1 file systems"), ok=True)
+    write_last(root, None, ok=False, error="QMP: qemu stopped answering")
+    got = {(f.name, f.labels): f.value for f in metrics.backup_figures(root)}
+    assert got[("podvm_backup_last_result", (("result", "failed"),))] == 1
+    assert got[("podvm_backup_last_result", (("result", "ok"),))] == 0
+    assert got[("podvm_backup_last_success_kind", (("kind", "incremental"),))] == 1
+    assert got[("podvm_backup_last_success_copied_bytes", ())] == 3 << 20
+    assert got[("podvm_backup_last_success_size_bytes", ())] == 4 << 20
+    assert got[("podvm_backup_last_success_duration_seconds", ())] == 2.5
+    assert got[("podvm_backup_last_success_frozen", ())] == 1
+    assert got[("podvm_backup_last_success_timestamp_seconds", ())] > 0
+    assert all(name in CATALOG for name, _ in got)
+    (root / "last.json").write_text('{"last": {"time": -5, "result": "ok"}, "last_success": "x"}')
+    bad = {(f.name, f.labels): f.value for f in metrics.backup_figures(root)}
+    assert bad == {
+        ("podvm_backup_last_attempt_timestamp_seconds", ()): 0.0,  # a negative time is not reported as such
+        ("podvm_backup_last_result", (("result", "ok"),)): 1.0,
+        ("podvm_backup_last_result", (("result", "failed"),)): 0.0,
+    }, "a malformed last success is left out"

@@ -154,7 +154,7 @@ def test_statefulset_runs_the_network_as_a_native_sidecar() -> None:
     assert net in spec["template"]["spec"]["initContainers"]
     assert net["restartPolicy"] == "Always"
     assert "/run/podvm/network.json" in net["startupProbe"]["exec"]["command"]
-    assert [t["metadata"]["name"] for t in spec["volumeClaimTemplates"]] == ["disk"]
+    assert [t["metadata"]["name"] for t in spec["volumeClaimTemplates"]] == ["disk", "backup"]
     claims = {
         v["persistentVolumeClaim"]["claimName"]
         for v in spec["template"]["spec"]["volumes"]

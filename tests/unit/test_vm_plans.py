@@ -284,7 +284,7 @@ def test_qemu_plan_tcg_virtio_vnc_and_extra_args_last() -> None:
     assert argv[-2:] == ["-usb", "-S"]
     assert "-nodefaults -no-user-config -machine pc -accel tcg -smp 2 -m 512M -display none" in line
     assert "-cpu" not in argv
-    assert "-drive file=/vm/vm-0.qcow2,if=none,id=disk0,format=qcow2" in line
+    assert "-drive file=/vm/vm-0.qcow2,if=none,id=disk0,node-name=pet0,format=qcow2" in line
     assert "-device virtio-blk-pci,drive=disk0,bootindex=1" in line
     assert "file=/r/config-drive.iso,if=none,id=cd0,format=raw,readonly=on,media=cdrom" in line
     assert "-netdev tap,id=net0,ifname=podvm-tap0,script=no,downscript=no" in line
@@ -294,6 +294,9 @@ def test_qemu_plan_tcg_virtio_vnc_and_extra_args_last() -> None:
     assert "-vnc unix:/r/display.sock,id=web " in line  # the browser console's screen, only on a Unix socket
     # qemu's serial port has one client, the console broker; vmrunner console attaches to the broker's console.sock
     assert "socket,id=console,path=/r/serial.sock,server=on,wait=off,logfile=/r/console.fifo" in line
+    # the guest agent's channel, for the freeze around a backup
+    assert "-chardev socket,id=agent,path=/r/agent.sock,server=on,wait=off" in line
+    assert "-device virtserialport,bus=serial0.0,chardev=agent,name=org.qemu.guest_agent.0" in line
 
 
 def test_qemu_plan_kvm_legacy_buses_password_and_no_vnc() -> None:

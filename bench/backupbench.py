@@ -1,0 +1,171 @@
+"""Backup figures: full and incremental backup throughput against ``qemu-img convert`` of the same disk, and the
+guest's disk writes during a backup against without one (all in the same run)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.table import Figure, Results
+from tests.e2e import harness
+from tests.e2e.harness import PodNet, Proc
+from tests.guest.build import ensure_guest
+from tests.netbed import Bed, Sidecar
+
+SEC = "7. live backups"
+DISK = 1 << 30
+FILLED = 512 << 20  # random data in the first half of the disk: a full backup copies it, zeros cost nothing
+CHANGED = 16 << 20  # rewritten before each incremental: 1.6 % of the disk
+VMRUNNER = [sys.executable, "-c", "from vmrunner.cli import main; main()"]
+IMAGE_PORT = 8643
+WRITE_KIB = 4096
+SETPRIV = ["setpriv", "--reuid", "10001", "--regid", "10001", "--clear-groups", "--"]  # qemu's uid, as kubectl exec
+
+
+def _qemu(root: Path, pet: Path) -> subprocess.Popen[bytes]:
+    """qemu with its vCPU stopped (-S): the pet disk as vmrunner names it, the monitor in RUN_DIR."""
+    return subprocess.Popen(
+        [
+            "qemu-system-x86_64", "-nodefaults", "-display", "none", "-accel", "tcg", "-m", "64M", "-S",
+            "-drive", f"file={pet},if=none,id=disk0,node-name=pet0,format=qcow2",
+            "-device", "virtio-blk-pci,drive=disk0",
+            "-chardev", f"socket,id=qmp,path={root / 'run' / 'qmp.sock'},server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def _hmp(root: Path, line: str) -> str:
+    """An HMP command through vmrunner's own QMP client (qemu-io writes into the running disk, as the guest would:
+    through the drive, so the dirty bitmap sees them); its answer (empty when it worked)."""
+    code = (
+        "import asyncio, sys; from pathlib import Path; from vmrunner.supervise import qmp_execute; "
+        "print(asyncio.run(qmp_execute(Path(sys.argv[1]), 'human-monitor-command', 60, {'command-line': sys.argv[2]})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(root / "run" / "qmp.sock"), line], check=True, capture_output=True, text=True
+    )
+    return done.stdout
+
+
+def _backup(env: dict[str, str], *args: str) -> dict[str, object]:
+    """One ``vmrunner backup``; the point it recorded."""
+    subprocess.run([*VMRUNNER, "backup", *args], env=env, check=True, capture_output=True)
+    root = Path(env["BACKUP_DIR"]) / env["HOSTNAME"]
+    last = json.loads((root / "last.json").read_text())["last_success"]
+    chain, seq = str(last["point"]).split(".")
+    point: dict[str, object] = json.loads((root / chain / "manifest.json").read_text())["points"][int(seq)]
+    return point
+
+
+def bench_throughput(res: Results, runs: int) -> None:
+    """Full and incremental backups of a running qemu's 1 GiB disk (512 MiB of data) against qemu-img convert."""
+    root = Path(tempfile.mkdtemp(prefix="podvm-bench-backup-"))
+    qemu = None
+    full, incremental, convert, inc_bytes = [], [], [], []
+    try:
+        for name in ("run", "vm", "backup"):
+            (root / name).mkdir()
+        raw = root / "data.raw"
+        with raw.open("wb") as data:
+            data.truncate(DISK)
+            for _ in range(FILLED >> 20):
+                data.write(os.urandom(1 << 20))
+        pet = root / "vm" / "bench.qcow2"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(pet)], check=True)
+        raw.unlink()
+        qemu = _qemu(root, pet)
+        env = {**os.environ, "RUN_DIR": str(root / "run"), "BACKUP_DIR": str(root / "backup"), "HOSTNAME": "bench"}
+        env |= {"VM_DIR": str(root / "vm"), "BACKUP_KEEP": "1", "LOG_LEVEL": "WARNING"}
+        for run in range(runs):
+            begin = time.perf_counter()
+            out = root / "convert.qcow2"
+            subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", str(pet), str(out)], check=True)
+            convert.append(FILLED / (time.perf_counter() - begin) / 1e6)
+            out.unlink()
+            point = _backup(env, "--full")
+            full.append(FILLED / float(str(point["seconds"])) / 1e6)
+            wrote = _hmp(root, f'qemu-io disk0 "write -P {run + 1} {run * CHANGED} {CHANGED}"')
+            assert wrote.strip() == "", wrote  # qemu-io prints its report on qemu's stdout, errors here
+            point = _backup(env)
+            assert point["kind"] == "incremental", point
+            incremental.append(float(str(point["seconds"])))
+            inc_bytes.append(int(str(point["size"])) / (1 << 20))
+    finally:
+        if qemu is not None:
+            qemu.kill()
+            qemu.wait()
+        shutil.rmtree(root, ignore_errors=True)
+    ref = "qemu-img convert of the same disk (512 MiB of data)"
+    res.add(Figure(SEC, ref, "MB/s", convert))
+    res.add(Figure(SEC, "full live backup (job time, guest agent absent)", "MB/s", full, ref))
+    res.add(Figure(SEC, f"incremental after {CHANGED >> 20} MiB changed: job time", "s", incremental))
+    res.add(Figure(SEC, f"incremental after {CHANGED >> 20} MiB changed: file size", "MiB", inc_bytes))
+
+
+def _write(pod: PodNet) -> float:
+    """Seconds the guest takes to write and flush WRITE_KIB KiB to its disk (dd conv=fsync, timed by curl)."""
+    done = harness.in_ns(
+        pod.client_ns,
+        ["curl", "-sf", "-o", "/dev/null", "-w", "%{time_total}", f"http://{pod.pod_ip}/cgi-bin/write?{WRITE_KIB}"],
+        timeout=120,
+    )
+    assert done.returncode == 0, done
+    return float(done.stdout)
+
+
+def bench_guest_writes(res: Results, runs: int) -> None:
+    """The tiny guest's disk writes while a full backup runs (held at 2 MB/s so that it lasts), against without."""
+    image = ensure_guest()
+    base = Path(tempfile.mkdtemp(prefix="podvm-bench-backup-guest-"))
+    base.chmod(0o755)
+    bed = Bed(1 + (os.getpid() * 7 + 170) % 200)
+    procs: list[Proc] = []
+    sidecars: list[Sidecar] = []
+    quiet, during = [], []
+    with harness.dismantled(base, bed, procs, sidecars):
+        dirs = harness.volumes(base)
+        (base / "backup").mkdir()
+        os.chown(base / "backup", harness.RUNNER_UID, harness.RUNNER_UID)
+        shutil.copyfile(image, dirs["srv"] / "guest.qcow2")
+        bed.setup()
+        pod = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
+        sidecar = Sidecar(bed, {"HOSTNAME": "bench-backup", "TAP_OWNER": str(harness.RUNNER_UID)}, dirs["run"])
+        sidecars.append(sidecar)
+        sidecar.write_resolv("nameserver 10.96.0.10\n")
+        sidecar.start(timeout=20)
+        procs.append(harness.serve_directory(pod.pod_ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
+        env = harness.volumes_env(IMAGE_PORT, dirs, "bench-backup", BACKUP_DIR=str(base / "backup"))
+        argv = [str(harness.BIN / "vmrunner"), "run"]
+        runner = harness.start_runner(pod, argv, env, harness.make_tun_node(base), base / "runner.log")
+        procs.append(runner)
+        runner.wait_for(harness.READY, 120)
+        for _ in range(runs):
+            quiet.append(WRITE_KIB / 1024 / _write(pod))
+            offset = len(procs[-1].text()) if procs[-1].name == "backup" else 0
+            backup = harness.start(
+                "backup", [*SETPRIV, str(harness.BIN / "vmrunner"), "backup", "--full"], {**env, "BACKUP_SPEED": "2M"},
+                base / "backup.log",
+            )  # fmt: skip
+            procs.append(backup)
+            backup.wait_for(r"backup: full backup into", 30, after=offset)
+            time.sleep(2.5)  # past the agent's sync timeout: the job runs
+            during.append(WRITE_KIB / 1024 / _write(pod))
+            assert backup.popen.poll() is None, "the backup ran during the whole write"
+            backup.popen.wait(120)
+        runner.terminate(40)
+    ref = f"guest writes {WRITE_KIB >> 10} MiB + fsync, no backup"
+    res.add(Figure(SEC, ref, "MiB/s", quiet))
+    res.add(Figure(SEC, "the same during a full backup (copy-before-write)", "MiB/s", during, ref))
+
+
+def bench(res: Results, runs: int) -> None:
+    """The section: throughput first, then the guest's writes."""
+    bench_throughput(res, runs)
+    bench_guest_writes(res, runs)

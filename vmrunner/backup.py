@@ -1,0 +1,454 @@
+"""Backups of the pet as plain qcow2 chains, planned as data: the layout, the manifest, which kind of backup comes
+next and why, the qemu-img and QMP documents that make it, what retention removes, and how a point is restored.
+
+Layout (documented for users in docs/backups.md)::
+
+    BACKUP_DIR/<hostname>/
+        .lock                              held while a backup runs (one at a time, schedule and kubectl exec alike)
+        last.json                          the last attempt's figures (status, metrics)
+        <chain id>/                        a chain: one full backup and the incrementals after it
+            manifest.json                  the points, written atomically after each completed backup
+            0000-full.qcow2                a standalone copy of the disk at that instant
+            0001-incremental.qcow2         the clusters changed since the point before, backed by it (relative name)
+            .0002-incremental.qcow2.partial  a backup in progress (or interrupted): never part of the chain
+
+The pet carries one persistent dirty bitmap named after its chain (``podvm-<chain id>``). An incremental backup is
+only taken when that bitmap is there, consistent, and the chain is intact; anything else makes the next backup a
+full one, with the reason in the log.
+"""
+
+import contextlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from shared.errors import ConfigError
+from shared.files import read_small
+from vmrunner.qemu import PET_NODE
+
+Argv = tuple[str, ...]
+BITMAP_PREFIX = "podvm-"
+JOB_ID = "podvm-backup"
+TARGET_NODE = "podvm-backup-target"
+MANIFEST = "manifest.json"
+LAST = "last.json"
+LOCK = ".lock"
+PARTIAL = ".partial"
+MANIFEST_MAX = 1 << 20
+MANIFEST_VERSION = 1
+KINDS = ("full", "incremental")
+_CHAIN_ID = re.compile(r"^\d{8}T\d{6}Z(-\d{1,3})?$")
+_POINT_FILE = re.compile(r"^(\d{4})-(full|incremental)\.qcow2$")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One completed backup: a file of its chain and the figures of the job that wrote it."""
+
+    seq: int
+    kind: str  # full or incremental
+    file: str  # name inside the chain's directory
+    time: str  # UTC, ISO 8601, the instant the backup started (its consistency point)
+    unix: float
+    copied: int  # bytes the job copied (the whole disk for a full backup, the changed clusters otherwise)
+    size: int  # bytes of the file on the backup volume
+    seconds: float
+    frozen: bool  # the guest's file systems were frozen by its agent for that instant
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A full backup and the incrementals after it, as the chain's manifest lists them."""
+
+    id: str
+    virtual_size: int
+    points: tuple[Point, ...]
+
+    @property
+    def bitmap(self) -> str:
+        """The pet's dirty bitmap that follows this chain."""
+        return f"{BITMAP_PREFIX}{self.id}"
+
+    def point_id(self, point: Point) -> str:
+        """The name users give ``vmrunner restore``: ``<chain id>.<seq>``."""
+        return f"{self.id}.{point.seq}"
+
+
+@dataclass(frozen=True)
+class Bitmap:
+    """A dirty bitmap of the pet, as QMP reports it."""
+
+    name: str
+    inconsistent: bool
+    recording: bool
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The next backup: its kind, the chain it extends (incremental) and why a full one is needed (full)."""
+
+    kind: str
+    reason: str
+    chain: Chain | None
+
+
+@dataclass(frozen=True)
+class BackupPlan:
+    """Everything one backup does, in order: remove stale bitmaps, create the target, attach it, start the job in
+    one transaction, then (applied once the job completed) rename the target, record the point and remove the
+    bitmaps of the chains no longer followed (only then: a failed full backup leaves the last chain extendable)."""
+
+    kind: str
+    reason: str
+    chain_id: str
+    seq: int
+    directory: Path
+    file: str
+    partial: Path
+    create: Argv
+    attach: dict[str, object]
+    transaction: dict[str, object]
+    remove_bitmaps: tuple[str, ...]
+    virtual_size: int
+    previous: tuple[Point, ...]  # the points this backup follows in its chain (none for a full backup)
+
+    @property
+    def final(self) -> Path:
+        """Where the target is renamed once the job completed."""
+        return self.directory / self.file
+
+
+def vm_root(backup_dir: Path, hostname: str) -> Path:
+    """This VM's directory on the backup volume."""
+    return backup_dir / hostname
+
+
+def new_chain_id(now: datetime, taken: set[str]) -> str:
+    """A sortable id from the UTC time of the chain's full backup, suffixed when one is already taken."""
+    stem = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    candidate, n = stem, 1
+    while candidate in taken:
+        candidate, n = f"{stem}-{n}", n + 1
+    return candidate
+
+
+def point_file(seq: int, kind: str) -> str:
+    """The file name of a point: its sequence number first, so a directory listing shows the chain in order."""
+    return f"{seq:04d}-{kind}.qcow2"
+
+
+def manifest_document(chain: Chain) -> bytes:
+    """The manifest's JSON."""
+    doc = {
+        "version": MANIFEST_VERSION,
+        "chain": chain.id,
+        "bitmap": chain.bitmap,
+        "virtual_size": chain.virtual_size,
+        "points": [asdict(p) for p in chain.points],
+    }
+    return json.dumps(doc, indent=2).encode()
+
+
+def _int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a whole number >= 0")
+    return value
+
+
+def _point(raw: object, expected_seq: int) -> Point:
+    if not isinstance(raw, dict):
+        raise ValueError("a point must be an object")
+    try:
+        point = Point(**raw)
+    except TypeError as err:
+        raise ValueError(f"a point has unexpected fields: {err}") from None
+    _int(point.seq, "seq")
+    _int(point.copied, "copied")
+    _int(point.size, "size")
+    match = _POINT_FILE.match(point.file) if isinstance(point.file, str) else None
+    if point.seq != expected_seq or match is None or int(match.group(1)) != point.seq or match.group(2) != point.kind:
+        raise ValueError(f"point {expected_seq}: expected the file {point_file(expected_seq, str(point.kind))}")
+    if (point.kind == "full") != (expected_seq == 0):
+        raise ValueError(f"point {expected_seq}: a chain is one full backup followed by incrementals")
+    if not isinstance(point.time, str) or not isinstance(point.frozen, bool):
+        raise ValueError(f"point {expected_seq}: time must be text and frozen true or false")
+    if isinstance(point.unix, bool) or not isinstance(point.unix, int | float):
+        raise ValueError(f"point {expected_seq}: unix must be a number")
+    if isinstance(point.seconds, bool) or not isinstance(point.seconds, int | float):
+        raise ValueError(f"point {expected_seq}: seconds must be a number")
+    return point
+
+
+def parse_manifest(data: bytes, directory_name: str) -> Chain:
+    """A chain from its manifest, every field checked (a manifest is read before any file it names is opened).
+
+    :raise ValueError: saying what is wrong.
+    """
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"not JSON: {err}") from None
+    if not isinstance(doc, dict) or doc.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"expected a version {MANIFEST_VERSION} manifest")
+    if doc.get("chain") != directory_name or not _CHAIN_ID.match(directory_name):
+        raise ValueError(f"the manifest is of chain {str(doc.get('chain'))[:40]!r}, in directory {directory_name}")
+    points = doc.get("points")
+    if not isinstance(points, list) or not points:
+        raise ValueError("a manifest lists at least the full backup")
+    return Chain(
+        directory_name,
+        _int(doc.get("virtual_size"), "virtual_size"),
+        tuple(_point(raw, seq) for seq, raw in enumerate(points)),
+    )
+
+
+def read_chain(directory: Path) -> Chain:
+    """The chain in ``directory``.
+
+    :raise ValueError: when its manifest is missing, too large or malformed.
+    """
+    try:
+        data = read_small(directory / MANIFEST, MANIFEST_MAX)
+    except OSError as err:
+        raise ValueError(f"{directory / MANIFEST}: {err.strerror}") from None
+    return parse_manifest(data, directory.name)
+
+
+def read_chains(root: Path) -> tuple[list[Chain], list[Path]]:
+    """The complete chains under ``root`` in time order, and the chain directories that have no usable manifest
+    (an interrupted first backup, or damage)."""
+    chains: list[Chain] = []
+    broken: list[Path] = []
+    try:
+        entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and _CHAIN_ID.match(p.name))
+    except FileNotFoundError:
+        return [], []
+    for directory in entries:
+        try:
+            chains.append(read_chain(directory))
+        except ValueError:
+            broken.append(directory)
+    return chains, broken
+
+
+def parse_bitmaps(nodes: object, node: str = PET_NODE) -> list[Bitmap]:
+    """The dirty bitmaps of ``node`` from QMP ``query-named-block-nodes``."""
+    out: list[Bitmap] = []
+    for entry in nodes if isinstance(nodes, list) else []:
+        if not isinstance(entry, dict) or entry.get("node-name") != node:
+            continue
+        for raw in entry.get("dirty-bitmaps") or []:
+            if isinstance(raw, dict) and isinstance(raw.get("name"), str):
+                out.append(Bitmap(raw["name"], bool(raw.get("inconsistent")), bool(raw.get("recording", True))))
+    return out
+
+
+def decide(
+    chains: list[Chain],
+    bitmaps: list[Bitmap],
+    virtual_size: int,
+    *,
+    want_full: bool,
+    interrupted: bool,
+    chain_length: int,
+    missing: tuple[str, ...] = (),
+) -> Decision:
+    """Full or incremental, and why: an incremental only extends the newest chain when the pet's bitmap for that
+    chain is there and consistent, the chain is whole, not yet at its length, and no earlier backup into it ended at
+    an unknown point (its job may have cleared the bitmap before the file was recorded). Pure, for unit tests.
+
+    ``missing`` lists files of the newest chain that are gone from the volume.
+    """
+    chain = chains[-1] if chains else None
+    if want_full:
+        return Decision("full", "a full backup was asked for", None)
+    if chain is None:
+        return Decision("full", "no backup chain yet", None)
+    named = {b.name: b for b in bitmaps}
+    bitmap = named.get(chain.bitmap)
+    if bitmap is None:
+        why = "a new or restored disk, or qemu stopped before saving it"
+        return Decision("full", f"the pet has no bitmap {chain.bitmap} ({why})", None)
+    if bitmap.inconsistent:
+        return Decision(
+            "full", f"bitmap {chain.bitmap} is inconsistent: qemu stopped without saving it (a crash or kill)", None
+        )
+    if not bitmap.recording:
+        return Decision("full", f"bitmap {chain.bitmap} is not recording", None)
+    if interrupted:
+        return Decision("full", f"an earlier backup into chain {chain.id} was interrupted at an unknown point", None)
+    if missing:
+        return Decision("full", f"chain {chain.id} lost its files {', '.join(missing)}", None)
+    if chain.virtual_size != virtual_size:
+        return Decision("full", f"the disk's size changed from {chain.virtual_size} to {virtual_size} bytes", None)
+    if len(chain.points) - 1 >= chain_length:
+        return Decision("full", f"chain {chain.id} has {chain_length} incrementals (BACKUP_CHAIN_LENGTH)", None)
+    return Decision("incremental", f"changes since {chain.point_id(chain.points[-1])}", chain)
+
+
+def plan_backup(
+    root: Path, decision: Decision, virtual_size: int, bitmaps: list[Bitmap], *, chain_id: str, speed: int
+) -> BackupPlan:
+    """The qemu-img and QMP documents of the backup ``decision`` chose. ``chain_id`` names a new chain (full);
+    every other ``podvm-`` bitmap of the pet is removed after a full backup (its chain is no longer followed)."""
+    if decision.kind == "incremental":
+        assert decision.chain is not None
+        chain = decision.chain
+        seq, chain_id = len(chain.points), chain.id
+        backing: tuple[str, ...] = ("-F", "qcow2", "-b", chain.points[-1].file)
+    else:
+        seq, backing = 0, ()
+    directory = root / chain_id
+    file = point_file(seq, decision.kind)
+    partial = directory / f".{file}{PARTIAL}"
+    bitmap = f"{BITMAP_PREFIX}{chain_id}"
+    create = ("qemu-img", "create", "-q", "-f", "qcow2", *backing, str(partial), str(virtual_size))
+    attach: dict[str, object] = {
+        "driver": "qcow2",
+        "node-name": TARGET_NODE,
+        "file": {"driver": "file", "filename": str(partial)},
+        "backing": None,  # the job writes only; earlier files of the chain stay closed and unlocked
+    }
+    job: dict[str, object] = {
+        "job-id": JOB_ID,
+        "device": PET_NODE,
+        "target": TARGET_NODE,
+        "auto-dismiss": False,  # a finished job stays until dismissed, so its outcome is read, not guessed
+    }
+    if speed:
+        job["speed"] = speed
+    actions: list[dict[str, object]] = []
+    remove: tuple[str, ...] = ()
+    if decision.kind == "full":
+        remove = tuple(b.name for b in bitmaps if b.name.startswith(BITMAP_PREFIX) and b.name != bitmap)
+        if any(b.name == bitmap for b in bitmaps):
+            actions.append({"type": "block-dirty-bitmap-clear", "data": {"node": PET_NODE, "name": bitmap}})
+        else:
+            actions.append(
+                {"type": "block-dirty-bitmap-add", "data": {"node": PET_NODE, "name": bitmap, "persistent": True}}
+            )
+        job["sync"] = "full"
+    else:
+        job.update({"sync": "incremental", "bitmap": bitmap, "bitmap-mode": "on-success"})
+    actions.append({"type": "blockdev-backup", "data": job})
+    return BackupPlan(
+        kind=decision.kind,
+        reason=decision.reason,
+        chain_id=chain_id,
+        seq=seq,
+        directory=directory,
+        file=file,
+        partial=partial,
+        create=create,
+        attach=attach,
+        transaction={"actions": actions},
+        remove_bitmaps=remove,
+        virtual_size=virtual_size,
+        previous=decision.chain.points if decision.chain is not None else (),
+    )
+
+
+def plan_retention(chains: list[Chain], keep: int) -> list[str]:
+    """The chains to remove once a new one is complete: all but the newest ``keep``."""
+    return [chain.id for chain in chains[: max(0, len(chains) - keep)]]
+
+
+def leftovers(root: Path, chains: list[Chain], broken: list[Path]) -> list[Path]:
+    """What interrupted backups left: ``.partial`` files in complete chains, and chain directories without a
+    usable manifest (removed whole only when they hold nothing but backup files and partials)."""
+    out: list[Path] = []
+    for chain in chains:
+        out += sorted(p for p in (root / chain.id).iterdir() if p.name.endswith(PARTIAL))
+    for directory in broken:
+        names = [p.name for p in directory.iterdir()]
+        if all(_POINT_FILE.match(n) or n.endswith(PARTIAL) or n.startswith(f".{MANIFEST}") for n in names):
+            out.append(directory)
+    return out
+
+
+def select_point(chains: list[Chain], wanted: str | None) -> tuple[Chain, Point]:
+    """The point ``wanted`` names: ``<chain>.<seq>``, a chain id (its newest point), a UTC time (the newest point
+    taken at or before it: ``2026-11-28T04:00:00Z`` or a prefix such as ``2026-11-28``), or the newest of all.
+
+    :raise ConfigError: when nothing matches.
+    """
+    if not chains:
+        raise ConfigError("no backup to restore: the backup volume holds no complete chain for this VM")
+    if wanted is None:
+        return chains[-1], chains[-1].points[-1]
+    for chain in chains:
+        if wanted == chain.id:
+            return chain, chain.points[-1]
+        for point in chain.points:
+            if wanted == chain.point_id(point):
+                return chain, point
+    moment = _moment(wanted)
+    if moment is None:
+        raise ConfigError(f"restore {wanted!r}: no such point; expected CHAIN.SEQ, a chain id or a UTC time")
+    found = [(c, p) for c in chains for p in c.points if p.unix <= moment]
+    if not found:
+        raise ConfigError(f"restore {wanted!r}: no backup was taken at or before that time")
+    return max(found, key=lambda cp: cp[1].unix)
+
+
+def _moment(text: str) -> float | None:
+    """Unix time of a UTC time written in ISO 8601 (date, or date and time, ``Z`` optional)."""
+    try:
+        when = datetime.fromisoformat(text.removesuffix("Z"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    if len(text.removesuffix("Z")) == 10:  # a date alone means the end of that day
+        return when.timestamp() + 86400 - 1e-6
+    return when.timestamp()
+
+
+def plan_restore(chain_dir: Path, point: Point, staging: Path) -> Argv:
+    """``qemu-img convert`` of the point, read through its chain, into one standalone qcow2 at ``staging``."""
+    source = chain_dir / point.file
+    return ("qemu-img", "convert", "-p", "-f", "qcow2", "-O", "qcow2", str(source), str(staging))
+
+
+def expected_backings(chain: Chain, point: Point) -> list[tuple[str, str | None]]:
+    """The files a point is read through, newest first, each with the backing name its header must hold: every
+    file is backed by the point before it, in the same directory, and the full backup by nothing."""
+    files = [p.file for p in chain.points[: point.seq + 1]]
+    return [(files[i], files[i - 1] if i else None) for i in range(len(files) - 1, -1, -1)]
+
+
+def read_last(root: Path) -> dict[str, dict[str, object]]:
+    """The backup figures record (empty when there is none, or a malformed one)."""
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(read_small(root / LAST, MANIFEST_MAX))
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k in ("last", "last_success") and isinstance(v, dict)}
+    return {}
+
+
+BOOT_SETTLE = 60.0  # seconds a freshly started guest boots undisturbed (less when BACKUP_INTERVAL is shorter)
+RETRY_AFTER = 900.0  # seconds after a failed scheduled backup before the next try (less when BACKUP_INTERVAL is)
+
+
+def next_backup_in(record: Mapping[str, Mapping[str, object]], now: float, interval: float, *, first: bool) -> float:
+    """Seconds until the scheduled backup is due: ``interval`` after the last success, so restarting the pod more
+    often than the interval never postpones it; not sooner than a retry pause after a failed attempt, nor while a
+    fresh guest boots. Times in the record come from the backup volume: one in the future counts as now, so a bad
+    clock or a forged record cannot hold the backups off for longer than ``interval``."""
+
+    def at(entry: Mapping[str, object] | None) -> float | None:
+        value = entry.get("time") if entry is not None else None
+        return min(float(value), now) if isinstance(value, int | float) and value >= 0 else None
+
+    success = at(record.get("last_success"))
+    due = now if success is None else success + interval
+    last = record.get("last")
+    failed = at(last) if last is not None and last.get("result") == "failed" else None
+    if failed is not None:
+        due = max(due, failed + min(interval, RETRY_AFTER))
+    if first:
+        due = max(due, now + min(interval, BOOT_SETTLE))
+    return max(0.0, due - now)

@@ -1,0 +1,524 @@
+"""Backups and restores applied: the plans of :mod:`vmrunner.backup` carried out through qemu-img and short QMP
+calls, one backup at a time (a lock on the VM's backup directory), with a progress line every few seconds and one
+result line per backup.
+
+QMP calls are short (one connection per command, bounded by a timeout) so that a backup never holds the monitor
+the shutdown needs. A backup whose outcome is unknown (the process killed, qemu gone mid-job) leaves its target
+under a ``.partial`` name: the previous chain stays usable, and the next backup removes it and starts a new chain.
+"""
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from shared.errors import ConfigError, PodvmError
+from shared.files import open_directory, write_atomic
+from vmrunner import agent, backup
+from vmrunner.backup import JOB_ID, LAST, LOCK, MANIFEST, TARGET_NODE, BackupPlan, Chain, Point
+from vmrunner.config import Config
+from vmrunner.qemu import PET_NODE, RunPaths
+from vmrunner.supervise import Duty, qmp_execute
+
+log = logging.getLogger("vmrunner.backup")
+PROGRESS_EVERY = 5.0  # seconds between progress lines
+POLL_EVERY = 0.2
+QMP_FAILURES = 8  # consecutive failed polls (a few seconds of a silent qemu) that end a backup
+ABANDON_TIMEOUT = 3.0  # what a cancelled backup may spend cancelling its job: it must not hold the shutdown
+TOOL_TIMEOUT = 60.0  # qemu-img create, info and check on the backup volume
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+@dataclass(frozen=True)
+class Result:
+    """One backup's outcome, as its result line and ``last.json`` report it."""
+
+    kind: str
+    point: str
+    copied: int
+    size: int
+    seconds: float
+    frozen: bool
+    why_not_frozen: str
+
+    def line(self) -> str:
+        """The result line."""
+        rate = self.copied / self.seconds / 1e6 if self.seconds > 0 else 0.0
+        frozen = "yes" if self.frozen else f"no ({self.why_not_frozen})"
+        return (
+            f"backup {self.point} done: {self.kind}, copied {_mib(self.copied)} (file {_mib(self.size)}) "
+            f"in {self.seconds:.1f} s, {rate:.1f} MB/s, frozen: {frozen}"
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _volume(cfg: Config, err: OSError) -> PodvmError:
+    error = ConfigError if isinstance(err, PermissionError) else PodvmError
+    return error(f"BACKUP_DIR={cfg.backup_dir}: {err.strerror}: {err.filename}")
+
+
+@contextlib.contextmanager
+def locked(cfg: Config, root: Path) -> Iterator[None]:
+    """Hold the VM's backup lock; a second backup (schedule or ``kubectl exec``) is refused, not queued.
+
+    :raise PodvmError: when another backup holds it.
+    """
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        raise _volume(cfg, err) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PodvmError(f"{root}: another backup is running; this one is not started") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+async def _qmp(cfg: Config, command: str, arguments: dict[str, object] | None = None, timeout: float = 5.0) -> object:
+    return await qmp_execute(RunPaths.of(cfg.run_dir).qmp, command, timeout, arguments)
+
+
+async def _tool(argv: tuple[str, ...], what: str) -> str:
+    """Run a qemu-img command within TOOL_TIMEOUT; its last error line on failure."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
+        )
+    except FileNotFoundError:
+        raise PodvmError("qemu-img is not installed (it is part of qemu-utils)") from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), TOOL_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise PodvmError(f"{what}: qemu-img {argv[1]} did not finish within {TOOL_TIMEOUT:g}s") from None
+    if proc.returncode != 0:
+        last = (err.decode(errors="replace").strip().splitlines() or ["(no error output)"])[-1]
+        raise PodvmError(f"{what}: qemu-img {argv[1]}: {last}")
+    return out.decode(errors="replace")
+
+
+async def _leftover_job(cfg: Config) -> None:
+    """Cancel and dismiss a job and detach a target an interrupted backup left in this qemu."""
+    jobs = await _qmp(cfg, "query-jobs")
+    for job in jobs if isinstance(jobs, list) else []:
+        if isinstance(job, dict) and job.get("id") == JOB_ID:
+            log.warning("backup: an interrupted backup's job is still in qemu (%s); removing it", job.get("status"))
+            if job.get("status") != "concluded":
+                with contextlib.suppress(PodvmError):
+                    await _qmp(cfg, "job-cancel", {"id": JOB_ID})
+                await _wait_concluded(cfg, ABANDON_TIMEOUT * 3)
+            with contextlib.suppress(PodvmError):
+                await _qmp(cfg, "job-dismiss", {"id": JOB_ID})
+    nodes = await _qmp(cfg, "query-named-block-nodes", {"flat": True})
+    names = [n.get("node-name") for n in nodes if isinstance(n, dict)] if isinstance(nodes, list) else []
+    if TARGET_NODE in names:
+        await _qmp(cfg, "blockdev-del", {"node-name": TARGET_NODE})
+
+
+async def _wait_concluded(cfg: Config, timeout: float) -> dict[str, object] | None:
+    """The backup job once concluded, or None when it is gone or still running after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = await _job(cfg)
+        if job is None or job.get("status") == "concluded":
+            return job
+        await asyncio.sleep(POLL_EVERY)
+    return None
+
+
+async def _job(cfg: Config) -> dict[str, object] | None:
+    jobs = await _qmp(cfg, "query-jobs", timeout=1.0)
+    for job in jobs if isinstance(jobs, list) else []:
+        if isinstance(job, dict) and job.get("id") == JOB_ID:
+            return job
+    return None
+
+
+def _virtual_size(nodes: object) -> int:
+    for entry in nodes if isinstance(nodes, list) else []:
+        if isinstance(entry, dict) and entry.get("node-name") == PET_NODE:
+            size = (entry.get("image") or {}).get("virtual-size")
+            if isinstance(size, int) and size > 0:
+                return size
+    raise PodvmError(f"QMP: qemu reports no node {PET_NODE} (the pet disk): is this qemu started by vmrunner?")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = open_directory(path)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def run_backup(cfg: Config, *, want_full: bool = False) -> Result:
+    """One backup of the running VM: decide its kind, make and attach the target, freeze the guest, start the job
+    in one transaction, thaw, follow the job, then record the point.
+
+    :raise PodvmError: naming what failed; the chains on the volume are as they were before.
+    """
+    root = backup.vm_root(cfg.backup_dir, cfg.hostname)
+    with locked(cfg, root):
+        try:
+            return await _locked_backup(cfg, root, want_full)
+        except OSError as err:
+            raise _volume(cfg, err) from None
+
+
+async def plan_next(cfg: Config, root: Path, *, want_full: bool) -> tuple[BackupPlan, list[Path]]:
+    """The next backup's plan from the volume and qemu's bitmaps, and what interrupted backups left on the volume
+    (removed before it runs); reads only, for ``vmrunner backup --plan`` as for the backup itself."""
+    chains, broken = backup.read_chains(root)
+    newest = root / chains[-1].id if chains else None
+    interrupted = newest is not None and any(p.name.endswith(backup.PARTIAL) for p in newest.iterdir())
+    nodes = await _qmp(cfg, "query-named-block-nodes", {"flat": True})
+    bitmaps = backup.parse_bitmaps(nodes)
+    size = _virtual_size(nodes)
+    missing = tuple(p.file for p in chains[-1].points if not (root / chains[-1].id / p.file).exists()) if chains else ()
+    decision = backup.decide(
+        chains,
+        bitmaps,
+        size,
+        want_full=want_full,
+        interrupted=interrupted,
+        chain_length=cfg.backup_chain_length,
+        missing=missing,
+    )
+    chain_id = backup.new_chain_id(datetime.now(UTC), {c.id for c in chains} | {p.name for p in broken})
+    plan = backup.plan_backup(root, decision, size, bitmaps, chain_id=chain_id, speed=cfg.backup_speed)
+    return plan, backup.leftovers(root, chains, broken)
+
+
+async def show_plan(cfg: Config, *, want_full: bool) -> dict[str, object]:
+    """``vmrunner backup --plan``: the next backup as data, changing nothing."""
+    root = backup.vm_root(cfg.backup_dir, cfg.hostname)
+    plan, leftovers = await plan_next(cfg, root, want_full=want_full)
+    document = asdict(plan)
+    document.update(directory=str(plan.directory), partial=str(plan.partial), final=str(plan.final))
+    document["leftovers"] = [str(p) for p in leftovers]
+    return document
+
+
+async def _locked_backup(cfg: Config, root: Path, want_full: bool) -> Result:
+    await _leftover_job(cfg)
+    plan, leftovers = await plan_next(cfg, root, want_full=want_full)
+    for path in leftovers:
+        log.info("backup: removing %s, left by an interrupted backup", path)
+        _remove(path)
+    log.info("backup: %s backup into %s: %s", plan.kind, plan.directory, plan.reason)
+    plan.directory.mkdir(exist_ok=True)
+    await _tool(plan.create, f"BACKUP_DIR={cfg.backup_dir}: creating {plan.partial}")
+    await _qmp(cfg, "blockdev-add", plan.attach)
+    sent: list[bool] = []  # set once the transaction is on its way: from then on a job may exist
+    try:
+        freeze, now, started = await _start(cfg, plan, sent)
+        job = await _follow(cfg)
+    except (asyncio.CancelledError, PodvmError):
+        await _abandon(cfg, plan, started=bool(sent))
+        raise
+    seconds = time.monotonic() - started
+    await _qmp(cfg, "job-dismiss", {"id": JOB_ID})
+    await _qmp(cfg, "blockdev-del", {"node-name": TARGET_NODE})
+    error = job.get("error")
+    if error is not None:
+        plan.partial.unlink(missing_ok=True)  # the job failed: its bitmap kept every change (on-success)
+        raise PodvmError(f"backup into {plan.partial} failed: {str(error)[:300]}")
+    for name in plan.remove_bitmaps:
+        log.info("backup: removing the pet's bitmap %s (its chain is no longer followed)", name)
+        await _qmp(cfg, "block-dirty-bitmap-remove", {"node": PET_NODE, "name": name})
+    return _record(cfg, root, plan, now=now, seconds=seconds, job=job, freeze=freeze)
+
+
+async def _start(cfg: Config, plan: BackupPlan, sent: list[bool]) -> tuple[agent.Freeze, datetime, float]:
+    """Freeze the guest (when its agent answers), start the transaction, thaw at once, whatever happened; the
+    freeze's outcome and the backup's instant (wall clock and monotonic)."""
+    conn, freeze = await agent.freeze(RunPaths.of(cfg.run_dir).agent)
+    if not freeze.frozen:
+        log.info("backup: not freezing the guest's file systems: %s", freeze.why)
+    try:
+        now, started = datetime.now(UTC), time.monotonic()
+        sent.append(True)
+        await _qmp(cfg, "transaction", plan.transaction)
+    finally:
+        await agent.thaw(conn)
+    return freeze, now, started
+
+
+async def _follow(cfg: Config) -> dict[str, object]:
+    """Poll the job until it concluded, with a progress line every PROGRESS_EVERY seconds.
+
+    :raise PodvmError: when the job vanished or qemu stopped answering.
+    """
+    failures, last_line = 0, time.monotonic()
+    while True:
+        await asyncio.sleep(POLL_EVERY)
+        try:
+            job = await _job(cfg)
+        except PodvmError as err:
+            failures += 1
+            if failures >= QMP_FAILURES:
+                raise PodvmError(f"backup: qemu stopped answering during the backup: {err}") from None
+            continue
+        failures = 0
+        if job is None:
+            raise PodvmError("backup: the backup job vanished from qemu (qemu restarted?)")
+        if job.get("status") == "concluded":
+            return job
+        if time.monotonic() - last_line >= PROGRESS_EVERY:
+            last_line = time.monotonic()
+            done, total = job.get("current-progress"), job.get("total-progress")
+            if isinstance(done, int) and isinstance(total, int) and total > 0:
+                log.info("backup: %d%% (%s of %s)", done * 100 // total, _mib(done), _mib(total))
+
+
+async def _abandon(cfg: Config, plan: BackupPlan, *, started: bool) -> None:
+    """A backup stopped half-way: cancel its job and detach its target within ABANDON_TIMEOUT. The partial file is
+    removed only when no job was started, or the job is known to have ended without completing (its bitmap then
+    kept every change); otherwise it stays, and the next backup is a full one."""
+    try:
+        async with asyncio.timeout(ABANDON_TIMEOUT):
+            job: dict[str, object] | None = {"error": "not started"}
+            if started:
+                with contextlib.suppress(PodvmError):
+                    await _qmp(cfg, "job-cancel", {"id": JOB_ID}, timeout=1.0)
+                job = await _wait_concluded(cfg, ABANDON_TIMEOUT)
+            if job is not None and job.get("error") is not None:
+                if started:
+                    await _qmp(cfg, "job-dismiss", {"id": JOB_ID}, timeout=1.0)
+                await _qmp(cfg, "blockdev-del", {"node-name": TARGET_NODE}, timeout=1.0)
+                plan.partial.unlink(missing_ok=True)
+                if plan.kind == "full":
+                    with contextlib.suppress(OSError):
+                        plan.directory.rmdir()
+                log.warning("backup: cancelled; the chain ends at its last complete point")
+                return
+    except (TimeoutError, PodvmError):
+        pass
+    log.warning("backup: interrupted at an unknown point; %s stays until the next (full) backup", plan.partial)
+
+
+def _record(
+    cfg: Config,
+    root: Path,
+    plan: BackupPlan,
+    *,
+    now: datetime,
+    seconds: float,
+    job: dict[str, object],
+    freeze: agent.Freeze,
+) -> Result:
+    """Rename the completed target into the chain, write the manifest, apply retention, record the figures."""
+    os.rename(plan.partial, plan.final)
+    _fsync_dir(plan.directory)
+    copied = job.get("total-progress")
+    point = Point(
+        seq=plan.seq,
+        kind=plan.kind,
+        file=plan.file,
+        time=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        unix=now.timestamp(),
+        copied=copied if isinstance(copied, int) else 0,
+        size=plan.final.stat().st_size,
+        seconds=round(seconds, 3),
+        frozen=freeze.frozen,
+    )
+    chain = Chain(plan.chain_id, plan.virtual_size, (*plan.previous, point))
+    write_atomic(plan.directory / MANIFEST, backup.manifest_document(chain))
+    result = Result(plan.kind, chain.point_id(point), point.copied, point.size, seconds, freeze.frozen, freeze.why)
+    if plan.kind == "full":
+        for old in backup.plan_retention(backup.read_chains(root)[0], cfg.backup_keep):
+            log.info("backup: removing chain %s (BACKUP_KEEP=%d)", old, cfg.backup_keep)
+            shutil.rmtree(root / old)
+    write_last(root, result, ok=True)
+    log.info("%s", result.line())
+    return result
+
+
+def write_last(root: Path, result: Result | None, *, ok: bool, error: str = "") -> None:
+    """Record the last attempt (and keep the last success) for ``vmrunner status`` and the metrics."""
+    record = backup.read_last(root)
+    attempt: dict[str, object] = {"time": time.time(), "result": "ok" if ok else "failed", "error": error[:300]}
+    if result is not None:
+        attempt.update(
+            kind=result.kind,
+            point=result.point,
+            copied=result.copied,
+            size=result.size,
+            seconds=result.seconds,
+            frozen=result.frozen,
+        )
+    record["last"] = attempt
+    if ok:
+        record["last_success"] = attempt
+    try:
+        write_atomic(root / LAST, json.dumps(record).encode(), mode=0o644)
+    except OSError as err:
+        log.warning("%s: cannot record the backup's figures: %s", root / LAST, err.strerror)
+
+
+async def backup_logged(cfg: Config, *, want_full: bool = False) -> Result | None:
+    """A backup whose failure is one log line and a failed figure (the schedule's way: it must go on)."""
+    try:
+        return await run_backup(cfg, want_full=want_full)
+    except PodvmError as err:
+        log.error("backup failed: %s", err)
+        if "another backup is running" not in str(err):
+            write_last(backup.vm_root(cfg.backup_dir, cfg.hostname), None, ok=False, error=str(err))
+        return None
+
+
+async def on_demand(cfg: Config, *, want_full: bool) -> Result | None:
+    """``vmrunner backup``: SIGTERM or Ctrl-C cancels the backup cleanly (its job cancelled, the chain as it was)."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await backup_logged(cfg, want_full=want_full)
+    except asyncio.CancelledError:
+        log.error("backup interrupted by a signal; the chain ends at its last complete point")
+        return None
+
+
+def schedule(cfg: Config, interval: float) -> Duty:
+    """The Supervisor duty of BACKUP_INTERVAL: a backup every ``interval`` seconds while qemu runs, counted from the
+    last success recorded on the backup volume (see :func:`vmrunner.backup.next_backup_in`)."""
+    root = backup.vm_root(cfg.backup_dir, cfg.hostname)
+
+    async def backup_schedule() -> None:
+        first = True
+        while True:
+            delay = backup.next_backup_in(backup.read_last(root), time.time(), interval, first=first)
+            if first:
+                log.info("next scheduled backup in %.0fs", delay)
+            first = False
+            await asyncio.sleep(delay)
+            await backup_logged(cfg)
+
+    return backup_schedule
+
+
+def _check_chain(cfg: Config, chain_dir: Path, chain: Chain, point: Point) -> None:
+    """Every file the point is read through exists, passes ``qemu-img check``, and is backed by exactly the point
+    before it in the same directory (a tampered header cannot make the restore read another file).
+
+    :raise PodvmError: naming the file at fault.
+    """
+    for name, backing in backup.expected_backings(chain, point):
+        path = chain_dir / name
+        if not path.is_file() or path.is_symlink():
+            raise PodvmError(f"{path}: missing from the backup volume; point {chain.point_id(point)} cannot be read")
+        argv = ("qemu-img", "info", "-f", "qcow2", "--output=json", str(path))
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT, check=False)
+            info = json.loads(done.stdout) if done.returncode == 0 else None
+        except (subprocess.TimeoutExpired, ValueError):
+            info = None
+        if not isinstance(info, dict):
+            raise PodvmError(f"{path}: not a readable qcow2; point {chain.point_id(point)} cannot be restored")
+        got = info.get("backing-filename")
+        fmt = info.get("backing-filename-format")
+        if got != backing or (backing is not None and fmt != "qcow2") or info.get("data-file"):
+            raise PodvmError(f"{path}: its header names the backing file {got!r}, expected {backing!r}; refused")
+        check = subprocess.run(
+            ("qemu-img", "check", "-q", "-f", "qcow2", str(path)), capture_output=True, text=True, check=False
+        )
+        if check.returncode != 0:
+            last = (check.stderr.strip().splitlines() or check.stdout.strip().splitlines() or ["damaged"])[-1]
+            raise PodvmError(f"{path}: qemu-img check found damage ({last}); point {chain.point_id(point)} refused")
+
+
+def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) -> Path:
+    """Make a standalone pet from a backup point: into VM_DIR as ``<hostname>.qcow2`` (or ``<name>.qcow2``),
+    never over an existing disk unless ``overwrite``.
+
+    :raise ConfigError: for an unknown point, a bad name, or an existing disk without ``overwrite``.
+    :raise PodvmError: for a damaged chain, a disk in use, or a failed copy.
+    """
+    if name is not None and not _NAME.match(name):
+        raise ConfigError(f"restore --name {name!r}: expected up to 63 letters, digits and '-'")
+    root = backup.vm_root(cfg.backup_dir, cfg.hostname)
+    chains, _ = backup.read_chains(root)
+    chain, point = backup.select_point(chains, wanted)
+    chain_dir = root / chain.id
+    dest = cfg.vm_dir / f"{name or cfg.hostname}.qcow2"
+    if dest.exists() and not overwrite:
+        raise ConfigError(
+            f"{dest} exists: restore beside it with --name NAME, or replace it with --overwrite (with the VM stopped)"
+        )
+    _check_chain(cfg, chain_dir, chain, point)
+    if dest.exists():
+        in_use = subprocess.run(
+            ("qemu-img", "info", "-f", "qcow2", str(dest)), capture_output=True, text=True, check=False
+        )
+        if "lock" in in_use.stderr:
+            raise PodvmError(f"{dest}: in use by a running qemu; stop the VM before restoring over it")
+    staging = cfg.vm_dir / f".{dest.name}.restore.tmp"
+    log.info("restore: point %s (%s, taken %s) into %s", chain.point_id(point), point.kind, point.time, dest)
+    started = time.monotonic()
+    try:
+        _convert(backup.plan_restore(chain_dir, point, staging), dest)
+        os.rename(staging, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    if overwrite:
+        (cfg.vm_dir / f".{dest.name}.base.json").unlink(missing_ok=True)  # the old disk's base record
+    log.info(
+        "restore done: %s from point %s in %.1f s (%s); boot it with vmrunner run",
+        dest,
+        chain.point_id(point),
+        time.monotonic() - started,
+        _mib(dest.stat().st_size),
+    )
+    return dest
+
+
+def _convert(argv: tuple[str, ...], dest: Path) -> None:
+    """Run ``qemu-img convert -p`` with a progress line every PROGRESS_EVERY seconds."""
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise PodvmError("qemu-img is not installed (it is part of qemu-utils)") from None
+    assert proc.stdout is not None and proc.stderr is not None
+    last = time.monotonic()
+    while chunk := os.read(proc.stdout.fileno(), 4096):
+        found = _PROGRESS.findall(chunk)
+        if found and time.monotonic() - last >= PROGRESS_EVERY:
+            last = time.monotonic()
+            log.info("restore: %s%%", found[-1].decode())
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.wait() != 0:
+        if "No space left on device" in err:
+            raise PodvmError(f"VM_DIR={dest.parent}: no space left on device while restoring")
+        line = (err.strip().splitlines() or ["(no error output)"])[-1]
+        raise PodvmError(f"restore into {dest} failed: qemu-img convert: {line}")
