@@ -26,6 +26,7 @@ BIN = Path(sys.executable).parent
 READY = "podvm-guest: ready"
 ACPI_LINE = "podvm-guest: ACPI power button, shutting down"
 GRACEFUL_EXIT = 0
+AS_RUNNER = ("setpriv", "--reuid", str(RUNNER_UID), "--regid", str(RUNNER_UID), "--clear-groups", "--")  # kubectl exec
 
 _DROP_PRIVILEGES = (
     'mount --bind "$PODVM_TUN" /dev/net/tun && '
@@ -129,9 +130,9 @@ def runner_env(
 
 
 def volumes(base: Path) -> dict[str, Path]:
-    """A runner's directories under ``base`` (its volumes, RUN_DIR shared with the root sidecar, the image server's
-    files, the ConfigMap), owned by the runner's uid."""
-    dirs = {name: base / name for name in ("image", "vm", "run", "srv", "config")}
+    """A runner's directories under ``base`` (its volumes, the backup volume, RUN_DIR shared with the root sidecar,
+    the image server's files, the ConfigMap), owned by the runner's uid."""
+    dirs = {name: base / name for name in ("image", "vm", "backup", "run", "srv", "config")}
     for path in dirs.values():
         path.mkdir(exist_ok=True)
         os.chown(path, RUNNER_UID, RUNNER_UID)
@@ -147,7 +148,7 @@ def volumes_env(image_port: int, dirs: Mapping[str, Path], hostname: str, **extr
         run_dir=dirs["run"],
         config_dir=dirs["config"],
         hostname=hostname,
-        **extra,
+        **{"BACKUP_DIR": str(dirs["backup"]), **extra},
     )
 
 

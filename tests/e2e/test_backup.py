@@ -44,7 +44,6 @@ BOOT_TIMEOUT = 120.0
 STOP_TIMEOUT = 40.0
 DATA_SIZE = 262144
 PROGRESS = r"backup: \d+% \("
-SETPRIV = ["setpriv", "--reuid", "10001", "--regid", "10001", "--clear-groups", "--"]
 
 
 def data_md5(name: str) -> str:
@@ -96,7 +95,7 @@ class World:
 def _as_runner(env: Mapping[str, str], *args: str, timeout: float = 180) -> Run:
     """``vmrunner ARGS`` as uid 10001, as ``kubectl exec POD -c vm -- vmrunner ARGS`` runs it."""
     done = subprocess.run(
-        [*SETPRIV, str(harness.BIN / "vmrunner"), *args],
+        [*harness.AS_RUNNER, str(harness.BIN / "vmrunner"), *args],
         env=dict(env),
         capture_output=True,
         text=True,
@@ -109,7 +108,7 @@ def _as_runner(env: Mapping[str, str], *args: str, timeout: float = 180) -> Run:
 def _interrupted(env: Mapping[str, str], log: Path, sig: int, *args: str) -> Run:
     """A slow ``vmrunner backup`` (BACKUP_SPEED) sent ``sig`` once its job reported progress: half-way, by
     construction, since at that speed the job needs many seconds more."""
-    proc = harness.start("backup", [*SETPRIV, str(harness.BIN / "vmrunner"), "backup", *args], env, log)
+    proc = harness.start("backup", [*harness.AS_RUNNER, str(harness.BIN / "vmrunner"), "backup", *args], env, log)
     try:
         proc.wait_for(PROGRESS, 60)
         os.killpg(proc.popen.pid, sig) if sig == signal.SIGKILL else proc.popen.send_signal(sig)
@@ -167,10 +166,8 @@ def _scenario(world: World, env: dict[str, str], tun: Path) -> None:
     world.notes["after_sigkill"] = sorted(p.name for p in world.chains.glob("*/.*.partial"))
     runs["after_kill"] = _as_runner(env, "backup")
     # A restart of the runner while a full backup runs.
-    backup = harness.start(
-        "restart", [*SETPRIV, str(harness.BIN / "vmrunner"), "backup", "--full"], {**env, "BACKUP_SPEED": "1M"},
-        world.dirs["base"] / "restart.log",
-    )  # fmt: skip
+    argv = [*harness.AS_RUNNER, str(harness.BIN / "vmrunner"), "backup", "--full"]
+    backup = harness.start("restart", argv, {**env, "BACKUP_SPEED": "1M"}, world.dirs["base"] / "restart.log")
     backup.wait_for(PROGRESS, 60)
     world.notes["runner_stop"] = harness.graceful_stop(runner, STOP_TIMEOUT)
     runs["restart"] = Run(backup.popen.wait(30), backup.text())
@@ -216,9 +213,6 @@ def world() -> Iterator[World]:
     sidecars: list[Sidecar] = []
     with harness.dismantled(base, bed, procs, sidecars):
         dirs = {**harness.volumes(base), "base": base}
-        dirs["backup"] = base / "backup"
-        dirs["backup"].mkdir()
-        os.chown(dirs["backup"], harness.RUNNER_UID, harness.RUNNER_UID)
         shutil.copyfile(image, dirs["srv"] / "guest.qcow2")
         bed.setup()
         pod = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
@@ -227,9 +221,7 @@ def world() -> Iterator[World]:
         sidecar.write_resolv("nameserver 10.96.0.10\n")
         sidecar.start(timeout=20)
         procs.append(harness.serve_directory(pod.pod_ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
-        env = harness.volumes_env(
-            IMAGE_PORT, dirs, HOSTNAME, SHUTDOWN_TIMEOUT="30s", BACKUP_DIR=str(dirs["backup"]), BACKUP_KEEP="3"
-        )
+        env = harness.volumes_env(IMAGE_PORT, dirs, HOSTNAME, SHUTDOWN_TIMEOUT="30s", BACKUP_KEEP="3")
         world = World(pod, dirs, logs=procs)
         try:
             _scenario(world, env, harness.make_tun_node(base))
@@ -355,7 +347,7 @@ def test_the_schedule_backs_the_vm_up_by_itself(world: World) -> None:
 
 
 def test_restore_refuses_to_overwrite_a_pet_and_names_a_bad_point(world: World) -> None:
-    env = harness.volumes_env(IMAGE_PORT, world.dirs, HOSTNAME, BACKUP_DIR=str(world.dirs["backup"]))
+    env = harness.volumes_env(IMAGE_PORT, world.dirs, HOSTNAME)
     env["VM_DIR"] = str(world.dirs["base"] / "vm-r0")
     before = sorted(os.listdir(env["VM_DIR"]))
     refused = _as_runner(env, "restore")

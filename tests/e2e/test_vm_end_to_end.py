@@ -8,6 +8,7 @@ find the same pet disk (the guest's counter grew) and the metrics must count bot
 import asyncio
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -103,9 +104,10 @@ def _client(pod: PodNet, *argv: str) -> str:
     return harness.in_ns(pod.client_ns, argv, timeout=60).stdout.decode()
 
 
-def _exercise(pod: PodNet, base: Path, run_dir: Path) -> Exercise:
-    """Pings, a TCP upload and download of known size and a disk write in the guest, with scrapes around them;
-    then qemu paused and resumed through its QMP monitor."""
+def _exercise(pod: PodNet, base: Path, env: dict[str, str]) -> Exercise:
+    """Pings, a TCP upload and download of known size, a disk write in the guest and a backup (``vmrunner backup``
+    as ``kubectl exec`` runs it), with scrapes around them; then qemu paused and resumed through its QMP monitor."""
+    run_dir = Path(env["RUN_DIR"])
     before = _fresh_scrape(pod, time.time())
     upload = base / "upload.bin"
     upload.write_bytes(os.urandom(KIB * 1024))
@@ -117,6 +119,9 @@ def _exercise(pod: PodNet, base: Path, run_dir: Path) -> Exercise:
         _client(pod, "curl", "-sf", "-o", "/dev/null", "-w", "%{size_download}", f"{url}/bytes?{KIB}"),
         _client(pod, "curl", "-sf", f"{url}/write?{KIB}"),
     ]
+    argv = [*harness.AS_RUNNER, str(harness.BIN / "vmrunner"), "backup"]
+    backup = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert backup.returncode == 0, backup.stderr
     after = _fresh_scrape(pod, time.time())
     asyncio.run(_qmp(run_dir / "qmp.sock", "stop"))
     paused = _scrape_until(pod, "paused")
@@ -181,7 +186,7 @@ def _boot(pod: PodNet, env: dict[str, str], tun: Path, log: Path, procs: list[Pr
     page = harness.guest_page(pod)
     vnc = harness.vnc_banner(pod)
     metrics = scrape(pod)
-    exercised = _exercise(pod, log.parent, Path(env["RUN_DIR"])) if exercise else None
+    exercised = _exercise(pod, log.parent, env) if exercise else None
     offset = len(runner.text())
     status = harness.graceful_stop(runner, STOP_TIMEOUT)
     return Boot(runner, identities, page, vnc, status, runner.text()[offset:], metrics, exercised)
@@ -328,6 +333,15 @@ def test_boots_and_shutdowns_of_the_pet_are_counted(world: World) -> None:
     assert second.value("podvm_image_fetched_bytes_total") == 0, "the second found it in the cache"
     assert second.value("podvm_image_vetting", result="accepted") == 1
     assert second.value("podvm_image_cache_size_bytes") >= first.value("podvm_image_fetched_bytes_total")
+
+
+def test_a_backup_shows_in_the_scrape(world: World) -> None:
+    ex = world.first.exercise
+    assert ex is not None
+    assert ex.after.value("podvm_backup_last_result", result="ok") == 1
+    assert ex.after.value("podvm_backup_last_success_kind", kind="full") == 1, "the pet's first backup is a full one"
+    assert ex.after.value("podvm_backup_last_success_size_bytes") > KIB * 1024, "it holds at least the write"
+    assert "podvm_backup_last_result" not in {s.name for s in ex.before.samples}, "no figures before any backup"
 
 
 def test_every_name_the_dashboard_queries_is_in_a_real_scrape(world: World) -> None:

@@ -21,7 +21,7 @@ import pytest
 
 from netsidecar import plan
 from netsidecar.kernel import RUN_CAPABILITIES, RUN_CAPABILITIES_IPV6
-from shared.handshake import Handshake, Ipv6
+from shared.handshake import VERSION, Handshake, Ipv6
 from tests.netbed import (
     NETSIDECAR,
     Bed,
@@ -152,7 +152,7 @@ def world(request: pytest.FixtureRequest) -> Iterator[World]:
 
 def test_handshake_says_which_families_the_vm_has(world: World) -> None:
     hs, bed = world.handshake, world.bed
-    assert hs.version == "1.2"
+    assert hs.version == VERSION
     assert hs.families == (("ipv4", "ipv6") if bed.v4 else ("ipv6",))
     assert (hs.pod_ip is not None) == bed.v4 and (hs.vm_ip is not None) == bed.v4
     assert world.v6.pod_ip == bed.pod_ip6 and world.v6.router == "fe80::1" and world.v6.dns == (NS6,)

@@ -108,12 +108,12 @@ def test_fetch_follows_the_shared_cache_layout_and_hides_secrets(
 ) -> None:
     """sha256/<hex> (0444), names/<name> pointing to it, this pet's reference, the pet bound to sha256/<hex>."""
     served.served.files["/img/base.qcow2"] = qcow2_bytes
-    served.served.auth, served.served.query = "alice:PASSWORD", "token=SECRET"
-    url = served.url("/img/base.qcow2?token=SECRET").replace("http://", "http://alice:PASSWORD@")
+    served.served.auth, served.served.query = "alice:Pl4nted-pw", "token=Pl4nted-token"
+    url = served.url("/img/base.qcow2?token=Pl4nted-token").replace("http://", "http://alice:Pl4nted-pw@")
     env = env_for(with_handshake(shared_dir), url)
     done = run(env)
     assert done.returncode == 0, done.stderr
-    assert "SECRET" not in done.stderr and "PASSWORD" not in done.stderr, done.stderr
+    assert "Pl4nted-token" not in done.stderr and "Pl4nted-pw" not in done.stderr, done.stderr
     hexdigest = hashlib.sha256(qcow2_bytes).hexdigest()
     base = shared_dir / "image" / "sha256" / hexdigest
     assert base.read_bytes() == qcow2_bytes and base.stat().st_mode & 0o777 == 0o444
