@@ -4,14 +4,13 @@ broker for ``vmrunner console`` only), alternated in one run on the same cached 
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from bench.netbench import rss_mib
-from bench.runner import VMRUNNER, netns_with_tap, time_to_running
+from bench.runner import VMRUNNER, netns_with_tap, stop, time_to_running
 from bench.table import Figure, Results
 from tests import samples
 from tests.vm.conftest import runner_env
@@ -30,12 +29,7 @@ def _rss_when_up(argv: list[str], env: dict[str, str], sock: Path) -> float:
         time.sleep(SETTLE)
         return rss_mib(proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 10)
 
 
 def bench_console(res: Results, runs: int) -> None:

@@ -8,7 +8,6 @@ runs on the namespace test bed with a stand-in holding its lease, publishing its
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 from bench.netbench import Pod, cpu_ticks, rss_mib
-from bench.runner import VMRUNNER, _until_running, netns_with_tap
+from bench.runner import VMRUNNER, _until_running, netns_with_tap, stop
 from bench.table import Figure, Results
 from tests import samples
 from tests.vm.conftest import runner_env
@@ -81,12 +80,7 @@ def _runner_once(root: Path, ns: str, metrics: bool, idle: float) -> tuple[float
             scrapes = [[float(t) for t in line.split()] for line in done.stdout.splitlines()]
         return rss, cpu, scrapes
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 15)
 
 
 def bench_runner(res: Results, rounds: int, idle: float = 5.0) -> None:

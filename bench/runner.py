@@ -39,6 +39,16 @@ async def _until_running(sock: Path, deadline: float) -> None:
     raise TimeoutError(f"{sock}: qemu not running in time")
 
 
+def stop(proc: "subprocess.Popen[bytes]", grace: float) -> None:
+    """SIGTERM ``proc`` and wait; kill it when it is still there after ``grace`` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def time_to_running(argv: list[str], env: dict[str, str], sock: Path) -> float:
     """Seconds from spawning ``argv`` to QMP reporting ``running``; the process is stopped afterwards."""
     sock.unlink(missing_ok=True)
@@ -48,12 +58,7 @@ def time_to_running(argv: list[str], env: dict[str, str], sock: Path) -> float:
         asyncio.run(_until_running(sock, started + 30))
         return time.monotonic() - started
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 10)
 
 
 @contextlib.contextmanager
