@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.runner import VMRUNNER
 from bench.table import Figure, Results
 from tests.e2e import harness
 from tests.e2e.harness import PodNet, Proc
@@ -20,10 +21,8 @@ SEC = "7. live backups"
 DISK = 1 << 30
 FILLED = 512 << 20  # random data in the first half of the disk: a full backup copies it, zeros cost nothing
 CHANGED = 16 << 20  # rewritten before each incremental: 1.6 % of the disk
-VMRUNNER = [sys.executable, "-c", "from vmrunner.cli import main; main()"]
 IMAGE_PORT = 8643
 WRITE_KIB = 4096
-SETPRIV = ["setpriv", "--reuid", "10001", "--regid", "10001", "--clear-groups", "--"]  # qemu's uid, as kubectl exec
 
 
 def _qemu(root: Path, pet: Path) -> subprocess.Popen[bytes]:
@@ -131,8 +130,6 @@ def bench_guest_writes(res: Results, runs: int) -> None:
     quiet, during = [], []
     with harness.dismantled(base, bed, procs, sidecars):
         dirs = harness.volumes(base)
-        (base / "backup").mkdir()
-        os.chown(base / "backup", harness.RUNNER_UID, harness.RUNNER_UID)
         shutil.copyfile(image, dirs["srv"] / "guest.qcow2")
         bed.setup()
         pod = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
@@ -141,7 +138,7 @@ def bench_guest_writes(res: Results, runs: int) -> None:
         sidecar.write_resolv("nameserver 10.96.0.10\n")
         sidecar.start(timeout=20)
         procs.append(harness.serve_directory(pod.pod_ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
-        env = harness.volumes_env(IMAGE_PORT, dirs, "bench-backup", BACKUP_DIR=str(base / "backup"))
+        env = harness.volumes_env(IMAGE_PORT, dirs, "bench-backup")
         argv = [str(harness.BIN / "vmrunner"), "run"]
         runner = harness.start_runner(pod, argv, env, harness.make_tun_node(base), base / "runner.log")
         procs.append(runner)
@@ -149,10 +146,8 @@ def bench_guest_writes(res: Results, runs: int) -> None:
         for _ in range(runs):
             quiet.append(WRITE_KIB / 1024 / _write(pod))
             offset = len(procs[-1].text()) if procs[-1].name == "backup" else 0
-            backup = harness.start(
-                "backup", [*SETPRIV, str(harness.BIN / "vmrunner"), "backup", "--full"], {**env, "BACKUP_SPEED": "2M"},
-                base / "backup.log",
-            )  # fmt: skip
+            argv = [*harness.AS_RUNNER, str(harness.BIN / "vmrunner"), "backup", "--full"]
+            backup = harness.start("backup", argv, {**env, "BACKUP_SPEED": "2M"}, base / "backup.log")
             procs.append(backup)
             backup.wait_for(r"backup: full backup into", 30, after=offset)
             time.sleep(2.5)  # past the agent's sync timeout: the job runs
