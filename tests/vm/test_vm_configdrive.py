@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pycdlib
 import pytest
@@ -61,6 +62,26 @@ def extract(iso_path: Path, into: Path) -> dict[str, bytes]:
     return files
 
 
+def read_with_cloud_init(drive: Path, cloud_init: Path) -> dict[str, Any]:
+    """What cloud-init's own reader (``ConfigDriveReader.read_v2``) makes of an extracted config-2 drive."""
+    reader = (
+        "import json, sys\n"
+        "from cloudinit.sources.helpers.openstack import ConfigDriveReader\n"
+        "r = ConfigDriveReader(sys.argv[1]).read_v2()\n"
+        "print(json.dumps({'meta': r['metadata'], 'ud': r['userdata'].decode(), 'version': r['version']}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", reader, str(drive)],
+        env={**os.environ, "PYTHONPATH": str(cloud_init)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
 def test_config2_drive_is_read_by_cloud_init(tmp_path: Path, shared_dir: Path, cloud_init: Path) -> None:
     (shared_dir / "metadata").write_text("name: db-server\nmeta:\n  role: db\npublic_keys:\n  k: ssh-ed25519 AAAA x\n")
     userdata = b"#cloud-config\nruncmd:\n  - [touch, /tmp/ok]\n"
@@ -71,21 +92,7 @@ def test_config2_drive_is_read_by_cloud_init(tmp_path: Path, shared_dir: Path, c
     assert iso.stat().st_mode & 0o777 == 0o600
     files = extract(iso, tmp_path / "drive")
     assert files["label"] == b"config-2"
-    reader = (
-        "import json, sys\n"
-        "from cloudinit.sources.helpers.openstack import ConfigDriveReader\n"
-        "r = ConfigDriveReader(sys.argv[1]).read_v2()\n"
-        "print(json.dumps({'meta': r['metadata'], 'ud': r['userdata'].decode(), 'version': r['version']}))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", reader, str(tmp_path / "drive")],
-        env={**os.environ, "PYTHONPATH": str(cloud_init)},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
+    result = read_with_cloud_init(tmp_path / "drive", cloud_init)
     assert result["version"] == 2
     assert result["ud"] == userdata.decode()
     meta = result["meta"]
@@ -204,24 +211,13 @@ def largest_inputs(root: Path) -> tuple[bytes, bytes]:
 def test_a_drive_at_the_documented_maxima_builds_and_cloud_init_reads_it(
     tmp_path: Path, shared_dir: Path, cloud_init: Path
 ) -> None:
-    _metadata, userdata = largest_inputs(shared_dir)
+    metadata, userdata = largest_inputs(shared_dir)
     iso = tmp_path / "drive.iso"
     subprocess.run([*VMRUNNER, "configdrive", str(iso)], env=runner_env(shared_dir, IMG_SOURCE="/x.qcow2"), check=True)
     extract(iso, tmp_path / "drive")
-    reader = (
-        "import sys\nfrom cloudinit.sources.helpers.openstack import ConfigDriveReader\n"
-        "r = ConfigDriveReader(sys.argv[1]).read_v2()\n"
-        "sys.stdout.write(str(len(r['userdata'])) + ' ' + str(len(r['metadata']['meta']['filler'])))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", reader, str(tmp_path / "drive")],
-        env={**os.environ, "PYTHONPATH": str(cloud_init)},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[0] == str(len(userdata))
+    result = read_with_cloud_init(tmp_path / "drive", cloud_init)
+    assert len(result["ud"].encode()) == len(userdata)
+    assert b"filler: " + result["meta"]["meta"]["filler"].encode() + b"\n" == metadata.split(b"\n  ", 1)[1]
     assert iso.stat().st_size + configdrive.RUN_DIR_ROOM <= RUN_DIR_SIZE, "the manifests' RUN_DIR holds it"
 
 
