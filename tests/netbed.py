@@ -211,6 +211,15 @@ class Bed:
             ns.cleanup()
 
 
+def _written_since(path: Path, since_ns: int) -> bool:
+    """True once ``path`` exists with a modification time of at least ``since_ns``; a restarted sidecar removes the
+    stale handshake while this looks, so the file may vanish between the checks."""
+    try:
+        return path.stat().st_mtime_ns >= since_ns
+    except FileNotFoundError:
+        return False
+
+
 class Sidecar:
     """The real `netsidecar run` as a process in the pod namespace."""
 
@@ -259,7 +268,7 @@ class Sidecar:
             argv = [*self.prefix, *NETSIDECAR, "run"]
             self.proc = ns_popen(self.bed.pod.ns, argv, env=self._env(), stdout=out, stderr=out)
         deadline = time.monotonic() + timeout
-        while not (handshake.exists() and handshake.stat().st_mtime_ns >= started):
+        while not _written_since(handshake, started):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"netsidecar run gave no handshake (rc={self.proc.poll()}):\n{self.log()}")
             time.sleep(0.02)
