@@ -3,6 +3,7 @@
 import ipaddress
 import json
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -197,17 +198,23 @@ def _matches(match: dict[str, Any], packet: dict[str, Any]) -> bool:
     return bool((got in wanted) == (match["op"] == "=="))
 
 
-def verdict(table: dict[str, Any], chain: str, packet: dict[str, Any]) -> tuple[str, str | None]:
-    """(accept|drop|continue, comment of the deciding rule) for ``packet`` in ``chain``."""
+Matcher = Callable[[dict[str, Any], dict[str, Any]], bool]
+
+
+def verdict(
+    table: dict[str, Any], chain: str, packet: dict[str, Any], matches: Matcher = _matches
+) -> tuple[str, str | None]:
+    """(accept|drop|continue, comment of the deciding rule) for ``packet`` in ``chain``; ``matches`` reads one match
+    expression (IPv6 rules need :func:`_matches6`). Mangle statements (MSS clamping) do not decide."""
     for rule in table[chain]["rules"]:
         exprs = rule["expr"]
-        if not all(_matches(e["match"], packet) for e in exprs if "match" in e):
+        if not all(matches(e["match"], packet) for e in exprs if "match" in e):
             continue
         if {"counter": None} in exprs:
             assert {"drop": None} in exprs, "only drops are counted"
         for e in exprs:
             if "jump" in e:
-                result = verdict(table, e["jump"]["target"], packet)
+                result = verdict(table, e["jump"]["target"], packet, matches)
                 if result[0] != "continue":
                     return result
             elif "accept" in e or "drop" in e:
@@ -382,20 +389,8 @@ def _matches6(match: dict[str, Any], packet: dict[str, Any]) -> bool:
 
 
 def verdict6(table: dict[str, Any], chain: str, packet: dict[str, Any]) -> tuple[str, str | None]:
-    """verdict() for chains with IPv6 rules; mangle statements (MSS clamping) do not decide."""
-    for rule in table[chain]["rules"]:
-        exprs = rule["expr"]
-        if not all(_matches6(e["match"], packet) for e in exprs if "match" in e):
-            continue
-        for e in exprs:
-            if "jump" in e:
-                result = verdict6(table, e["jump"]["target"], packet)
-                if result[0] != "continue":
-                    return result
-            elif "accept" in e or "drop" in e:
-                assert ("drop" not in e) or {"counter": None} in exprs, f"uncounted drop: {rule}"
-                return ("accept" if "accept" in e else "drop"), rule.get("comment")
-    return table[chain]["base"].get("policy", "continue"), None
+    """verdict() for chains with IPv6 rules."""
+    return verdict(table, chain, packet, _matches6)
 
 
 def doc6(pod: PodFacts = DUAL, env: dict[str, str] | None = None) -> dict[str, Any]:
