@@ -24,24 +24,20 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.e2e import harness
-from tests.e2e.harness import PodNet, Proc
 from tests.guest.build import ensure_guest
-from tests.netbed import Bed, Sidecar
+from tests.harness import pod as harness
+from tests.harness.pod import PodNet, Proc
+from tests.harness.scenario import STOP_TIMEOUT, Scenario, pod_scenario
 
 pytestmark = pytest.mark.guest
 
 HOSTNAME = "pet-backup"
-IMAGE_PORT = 8641
-BOOT_TIMEOUT = 120.0
-STOP_TIMEOUT = 40.0
 DATA_SIZE = 262144
 PROGRESS = r"backup: \d+% \("
 
@@ -74,6 +70,7 @@ class Run:
 class World:
     """Everything the scenario saw."""
 
+    scenario: Scenario
     pod: PodNet
     dirs: dict[str, Path]
     runs: dict[str, Run] = field(default_factory=dict)
@@ -129,12 +126,8 @@ def data_of(page: Mapping[str, str]) -> dict[str, str]:
     return dict(item.split(":", 1) for item in page.get("data", "").split(",") if item)
 
 
-def _boot(world: World, env: Mapping[str, str], tun: Path, name: str) -> Proc:
-    runner = harness.start_runner(
-        world.pod, [str(harness.BIN / "vmrunner"), "run"], env, tun, world.dirs["base"] / name
-    )
-    world.logs.append(runner)
-    runner.wait_for(harness.READY, BOOT_TIMEOUT)
+def _boot(world: World, env: Mapping[str, str], name: str) -> Proc:
+    runner = world.scenario.boot(name, env)
     world.pages[name] = harness.guest_page(world.pod)
     return runner
 
@@ -143,10 +136,10 @@ def _qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False, timeout=60)
 
 
-def _scenario(world: World, env: dict[str, str], tun: Path) -> None:
+def _scenario(world: World, env: dict[str, str]) -> None:
     pod, runs = world.pod, world.runs
     slow = {**env, "BACKUP_SPEED": "16K"}
-    runner = _boot(world, env, tun, "boot1.log")
+    runner = _boot(world, env, "boot1.log")
     _put(pod, "a")
     runs["plan"] = _as_runner(env, "backup", "--plan")
     world.notes["after_plan"] = sorted(p.name for p in world.dirs["backup"].rglob("*"))
@@ -173,13 +166,13 @@ def _scenario(world: World, env: dict[str, str], tun: Path) -> None:
     runs["restart"] = Run(backup.popen.wait(30), backup.text())
     world.notes["pet_check"] = _qemu_img("check", "-f", "qcow2", str(world.dirs["vm"] / f"{HOSTNAME}.qcow2"))
 
-    runner = _boot(world, env, tun, "boot2.log")
+    runner = _boot(world, env, "boot2.log")
     runs["after_restart"] = _as_runner(env, "backup")
     qemu = harness.children(runner.popen.pid)
     os.kill(qemu[0], signal.SIGKILL)
     world.notes["crash_status"] = runner.popen.wait(30)
 
-    runner = _boot(world, env, tun, "boot3.log")
+    runner = _boot(world, env, "boot3.log")
     runs["after_crash"] = _as_runner(env, "backup")
     runs["status"] = _as_runner(env, "status")
     harness.graceful_stop(runner, STOP_TIMEOUT)
@@ -196,7 +189,7 @@ def _scenario(world: World, env: dict[str, str], tun: Path) -> None:
             sched.mkdir()
             os.chown(sched, harness.RUNNER_UID, harness.RUNNER_UID)
             restored.update(BACKUP_DIR=str(sched), BACKUP_INTERVAL="10s")
-        runner = _boot(world, restored, tun, f"restored{seq}.log")
+        runner = _boot(world, restored, f"restored{seq}.log")
         if seq == 2:
             runner.wait_for(r"backup \S+ done: full", 120)
         harness.graceful_stop(runner, STOP_TIMEOUT)
@@ -205,26 +198,11 @@ def _scenario(world: World, env: dict[str, str], tun: Path) -> None:
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     """The whole scenario once; everything is removed afterwards, also on failure."""
-    image = ensure_guest()
-    base = Path(tempfile.mkdtemp(prefix="podvm-backup-"))
-    base.chmod(0o755)
-    bed = Bed(1 + (os.getpid() * 7 + 150) % 200)
-    procs: list[Proc] = []
-    sidecars: list[Sidecar] = []
-    with harness.dismantled(base, bed, procs, sidecars):
-        dirs = {**harness.volumes(base), "base": base}
-        shutil.copyfile(image, dirs["srv"] / "guest.qcow2")
-        bed.setup()
-        pod = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
-        sidecar = Sidecar(bed, {"HOSTNAME": HOSTNAME, "TAP_OWNER": str(harness.RUNNER_UID)}, dirs["run"])
-        sidecars.append(sidecar)
-        sidecar.write_resolv("nameserver 10.96.0.10\n")
-        sidecar.start(timeout=20)
-        procs.append(harness.serve_directory(pod.pod_ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
-        env = harness.volumes_env(IMAGE_PORT, dirs, HOSTNAME, SHUTDOWN_TIMEOUT="30s", BACKUP_KEEP="3")
-        world = World(pod, dirs, logs=procs)
+    with pod_scenario("e2e-backup", hostname=HOSTNAME, image=ensure_guest(), resolv="nameserver 10.96.0.10\n") as pod:
+        dirs = {**pod.dirs, "base": pod.base}
+        world = World(pod, pod.net, dirs, logs=pod.procs)
         try:
-            _scenario(world, env, harness.make_tun_node(base))
+            _scenario(world, pod.env(SHUTDOWN_TIMEOUT="30s", BACKUP_KEEP="3"))
         except BaseException:
             print(world.report())
             raise
@@ -347,7 +325,7 @@ def test_the_schedule_backs_the_vm_up_by_itself(world: World) -> None:
 
 
 def test_restore_refuses_to_overwrite_a_pet_and_names_a_bad_point(world: World) -> None:
-    env = harness.volumes_env(IMAGE_PORT, world.dirs, HOSTNAME)
+    env = world.scenario.env()
     env["VM_DIR"] = str(world.dirs["base"] / "vm-r0")
     before = sorted(os.listdir(env["VM_DIR"]))
     refused = _as_runner(env, "restore")
@@ -366,7 +344,7 @@ def test_restore_refuses_a_damaged_missing_or_redirected_point(world: World, tmp
     shutil.copytree(world.chains, backup_dir / HOSTNAME)
     vm_dir = tmp_path / "vm"
     vm_dir.mkdir()
-    env = {**harness.volumes_env(IMAGE_PORT, world.dirs, HOSTNAME), "BACKUP_DIR": str(backup_dir)}
+    env = {**world.scenario.env(), "BACKUP_DIR": str(backup_dir)}
     env["VM_DIR"] = str(vm_dir)
     copy = backup_dir / HOSTNAME / chain
     top = str(copy / "0002-incremental.qcow2")

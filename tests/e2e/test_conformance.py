@@ -1,6 +1,6 @@
 """The runner contract, checked the same way for every runner: ``vmrunner`` and ``runners/qemu-runner.sh``.
 
-The real sidecar runs in a test bed pod; each runner runs as uid 10001 without capabilities (tests.e2e.harness)
+The real sidecar runs in a test bed pod; each runner runs as uid 10001 without capabilities (tests.harness.pod)
 and boots the tiny guest under TCG on the sidecar's tap. It must: use the handshake's MAC (the guest gets its
 lease, ``netsidecar probe all`` is healthy), make the guest answer HTTP on the pod IP, serve VNC on 5900, put the
 serial console in its log, power the guest off through ACPI on SIGTERM and exit 0, reuse the pet disk on the next
@@ -13,10 +13,8 @@ hangs here) and the CPU count (the tiny guest boots on one vCPU of a shared two-
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,17 +24,15 @@ import pytest
 import yaml
 
 from shared.handshake import Handshake
-from tests.e2e import harness
-from tests.e2e.harness import PodNet, Proc
 from tests.guest.build import ensure_guest
-from tests.netbed import Bed, Sidecar
+from tests.harness import pod as harness
+from tests.harness.netbed import Sidecar
+from tests.harness.pod import PodNet, Proc
+from tests.harness.scenario import BOOT_TIMEOUT, STOP_TIMEOUT, Scenario, pod_scenario
 
 pytestmark = pytest.mark.guest
 
 HOSTNAME = "pet-conformance"
-IMAGE_PORT = 8641
-BOOT_TIMEOUT = 120.0
-STOP_TIMEOUT = 40.0
 RUNNERS = {
     "vmrunner": [str(harness.BIN / "vmrunner"), "run"],
     "qemu-runner.sh": ["sh", str(harness.REPO / "runners" / "qemu-runner.sh")],
@@ -58,6 +54,7 @@ MANIFEST = _manifest_settings()
 class Pod:
     """The bed pod with the real sidecar, its handshake, and where runners keep their volumes."""
 
+    scenario: Scenario
     net: PodNet
     handshake: Handshake
     sidecar: Sidecar
@@ -75,29 +72,8 @@ def _owned_dir(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def pod() -> Iterator[Pod]:
     """One bed, the real sidecar and an image server for the module; removed afterwards, also on failure."""
-    image = ensure_guest()
-    base = Path(tempfile.mkdtemp(prefix="podvm-conf-"))
-    base.chmod(0o755)
-    bed = Bed(1 + (os.getpid() * 7 + 150) % 200)
-    sidecar: Sidecar | None = None
-    server: Proc | None = None
-    try:
-        srv = _owned_dir(base / "srv")
-        shutil.copyfile(image, srv / "guest.qcow2")
-        run_dir = _owned_dir(base / "run")
-        bed.setup()
-        net = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
-        sidecar = Sidecar(bed, {"HOSTNAME": HOSTNAME, "TAP_OWNER": str(harness.RUNNER_UID)}, run_dir)
-        handshake = sidecar.start(timeout=20)
-        server = harness.serve_directory(net.pod_ns, srv, IMAGE_PORT, base / "http.log")
-        yield Pod(net, handshake, sidecar, base, run_dir, harness.make_tun_node(base))
-    finally:
-        if server is not None:
-            server.kill()
-        if sidecar is not None:
-            sidecar.cleanup()
-        bed.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
+    with pod_scenario("conformance", hostname=HOSTNAME, image=ensure_guest()) as pod:
+        yield Pod(pod, pod.net, pod.handshake, pod.sidecar, pod.base, pod.dirs["run"], pod.tun)
 
 
 def _env(pod: Pod, name: str, run_dir: Path, **extra: str) -> dict[str, str]:
@@ -107,21 +83,13 @@ def _env(pod: Pod, name: str, run_dir: Path, **extra: str) -> dict[str, str]:
         volumes.mkdir()
         _owned_dir(volumes / "image")
         _owned_dir(volumes / "vm")
-    return harness.runner_env(
-        IMAGE_PORT,
-        image_dir=volumes / "image",
-        vm_dir=volumes / "vm",
-        run_dir=run_dir,
-        config_dir=volumes,
-        hostname=HOSTNAME,
-        **{**MANIFEST, **extra},
-    )
+    return pod.scenario.env(volumes, RUN_DIR=str(run_dir), **{**MANIFEST, **extra})
 
 
 def _vnc_login(pod: Pod, password: bytes) -> str:
-    """A viewer's RFB login on pod IP:5900 from the client namespace (tests/vm/rfb.py): ``OK`` or the refusal."""
+    """A viewer's RFB login on pod IP:5900 from the client namespace (tests/harness/rfb.py): ``OK`` or the refusal."""
     done = subprocess.run(
-        ["ip", "netns", "exec", pod.net.client_ns, sys.executable, "-m", "tests.vm.rfb", "5900", pod.net.pod_ip],
+        ["ip", "netns", "exec", pod.net.client_ns, sys.executable, "-m", "tests.harness.rfb", "5900", pod.net.pod_ip],
         input=password,
         capture_output=True,
         cwd=harness.REPO,
@@ -155,7 +123,7 @@ def test_runner_honours_the_contract(pod: Pod, name: str) -> None:
     env = _env(pod, name, pod.run_dir, VNC_PASSWORD_FILE=str(secret))
     procs: list[Proc] = []
     try:
-        first = harness.start_runner(pod.net, RUNNERS[name], env, pod.tun, pod.base / f"{name}-1.log")
+        first = pod.scenario.start(f"{name}-1.log", env, RUNNERS[name])
         procs.append(first)
         first.wait_for(harness.READY, BOOT_TIMEOUT)
         page = harness.guest_page(pod.net)
@@ -172,7 +140,7 @@ def test_runner_honours_the_contract(pod: Pod, name: str) -> None:
         assert harness.graceful_stop(first, STOP_TIMEOUT) == harness.GRACEFUL_EXIT
         assert harness.ACPI_LINE in first.text()[offset:], "the guest was not powered off through ACPI"
 
-        second = harness.start_runner(pod.net, RUNNERS[name], env, pod.tun, pod.base / f"{name}-2.log")
+        second = pod.scenario.start(f"{name}-2.log", env, RUNNERS[name])
         procs.append(second)
         second.wait_for(harness.READY, BOOT_TIMEOUT)
         assert harness.counter(harness.guest_page(pod.net)) == harness.counter(page) + 1, "pet disk not reused"
@@ -197,7 +165,7 @@ def test_runner_refuses_an_unknown_major_version(pod: Pod, name: str) -> None:
     if not run_dir.exists():
         _owned_dir(run_dir)
     (run_dir / "network.json").unlink(missing_ok=True)
-    runner = harness.start_runner(pod.net, RUNNERS[name], _env(pod, name, run_dir), pod.tun, run_dir / "out.log")
+    runner = pod.scenario.start(f"{run_dir.name}/out.log", _env(pod, name, run_dir), RUNNERS[name])
     try:
         time.sleep(1.0)
         future = {**pod.handshake.to_dict(), "version": "2.0"}
@@ -216,7 +184,7 @@ def test_runner_gives_up_waiting_for_the_handshake(pod: Pod, name: str) -> None:
     if not run_dir.exists():
         _owned_dir(run_dir)
     env = _env(pod, name, run_dir, HANDSHAKE_TIMEOUT="1500ms")
-    runner = harness.start_runner(pod.net, RUNNERS[name], env, pod.tun, run_dir / "out.log")
+    runner = pod.scenario.start(f"{run_dir.name}/out.log", env, RUNNERS[name])
     try:
         assert runner.popen.wait(60) == 4, runner.text()
     finally:

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +24,16 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from tests.e2e import harness
-from tests.e2e.harness import PodNet, Proc
 from tests.guest.build import ensure_guest
-from tests.netbed import Bed, Sidecar
-from tests.portforward import PortForward, free_port
+from tests.harness import pod as harness
+from tests.harness import wait
+from tests.harness.pod import PodNet, Proc
+from tests.harness.portforward import PortForward, free_port
+from tests.harness.scenario import BOOT_TIMEOUT, pod_scenario
 
 pytestmark = pytest.mark.guest
 
 CONSOLE_PORT = 6080
-IMAGE_PORT = 8643
-BOOT_TIMEOUT = 120.0
 WAIT = 30.0
 TOKEN = "console-t0ken-e2e-planted"  # noqa: S105 planted to be looked for in the log
 VNC_PASSWORD = "vnc-pw-1"  # noqa: S105 a test password
@@ -62,36 +60,16 @@ class Pod:
 
 
 @contextlib.contextmanager
-def booted(name: str, ident: int, runner_env: dict[str, str], sidecar_env: dict[str, str]) -> Iterator[Pod]:
+def booted(name: str, runner_env: dict[str, str], sidecar_env: dict[str, str]) -> Iterator[Pod]:
     """The guest booted behind the sidecar with these variables, and a port-forward to its console; all removed
     afterwards, also when a test fails."""
-    image = ensure_guest()
-    base = Path(tempfile.mkdtemp(prefix=f"podvm-console-{name}-"))
-    base.chmod(0o755)
-    bed = Bed(ident)
-    procs: list[Proc] = []
-    sidecars: list[Sidecar] = []
-    with harness.dismantled(base, bed, procs, sidecars):
-        dirs = harness.volumes(base)
-        shutil.copyfile(image, dirs["srv"] / "guest.qcow2")
-        bed.setup()
-        sidecar = Sidecar(bed, {"HOSTNAME": f"pet-{name}", "TAP_OWNER": str(harness.RUNNER_UID), **sidecar_env},
-                          dirs["run"])  # fmt: skip
-        sidecars.append(sidecar)
-        sidecar.start(timeout=20)
-        procs.append(harness.serve_directory(bed.pod.ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
-        env = harness.volumes_env(IMAGE_PORT, dirs, f"pet-{name}", **runner_env)
-        net = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
-        tun = harness.make_tun_node(base)
-
+    with pod_scenario(f"console-{name}", hostname=f"pet-{name}", image=ensure_guest(), sidecar_env=sidecar_env) as pod:
+        env = pod.env(**runner_env)
         current: list[Proc] = []
 
         def start_runner() -> Proc:
-            log = base / f"runner-{len(current) + 1}.log"
-            runner = harness.start_runner(net, [str(harness.BIN / "vmrunner"), "run"], env, tun, log)
-            procs.append(runner)
+            runner = pod.boot(f"runner-{len(current) + 1}.log", env)
             current.append(runner)
-            runner.wait_for(harness.READY, BOOT_TIMEOUT)
             runner.wait_for("console: http://localhost", WAIT)
             return runner
 
@@ -100,16 +78,16 @@ def booted(name: str, ident: int, runner_env: dict[str, str], sidecar_env: dict[
             return start_runner()
 
         runner = start_runner()
-        forward = PortForward(bed.pod.ns, CONSOLE_PORT, base / "port-forward.log").setup()
+        forward = PortForward(pod.bed.pod.ns, CONSOLE_PORT, pod.base / "port-forward.log").setup()
         assert forward.proc is not None
-        procs.append(forward.proc)
-        yield Pod(runner, net, forward.local, dirs["run"], restart)
+        pod.procs.append(forward.proc)
+        yield Pod(runner, pod.net, forward.local, pod.dirs["run"], restart)
 
 
 @pytest.fixture(scope="module")
 def local() -> Iterator[Pod]:
     """The default: the console on the pod's localhost only, VNC on 5900 without a password."""
-    with booted("local", 1 + (os.getpid() * 7 + 60) % 200, {}, {}) as pod:
+    with booted("local", {}, {}) as pod:
         yield pod
 
 
@@ -125,7 +103,7 @@ def exposed() -> Iterator[Pod]:
     port = {"CONSOLE_POD_PORT": str(CONSOLE_PORT)}
     try:
         runner_env = {**port, "CONSOLE_PASSWORD_FILE": str(token_file), "VNC_PASSWORD_FILE": str(vnc_file)}
-        with booted("exposed", 1 + (os.getpid() * 7 + 110) % 200, runner_env, port) as pod:
+        with booted("exposed", runner_env, port) as pod:
             yield pod
     finally:
         shutil.rmtree(secrets, ignore_errors=True)
@@ -146,14 +124,8 @@ def browser() -> Iterator[WebDriver]:
 
 
 def until(what: str, check: Callable[[], object], timeout: float = WAIT) -> object:
-    """Poll ``check`` until it returns something true; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
-        time.sleep(0.2)
+    """``wait.until`` with this module's patience for a browser."""
+    return wait.until(what, check, timeout, 0.2)
 
 
 def state(driver: WebDriver, which: str) -> str:

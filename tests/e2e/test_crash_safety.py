@@ -16,10 +16,8 @@ clean shutdown the pet passes ``qemu-img check``.
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,17 +25,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import harness
-from tests.e2e.harness import PodNet, Proc
 from tests.guest.build import ensure_guest
-from tests.netbed import Bed, Sidecar
+from tests.harness import pod as harness
+from tests.harness.pod import PodNet, Proc
+from tests.harness.scenario import STOP_TIMEOUT, Scenario, pod_scenario
+from tests.harness.wait import until
 
 pytestmark = pytest.mark.guest
 
 HOSTNAME = "pet-crash"
-IMAGE_PORT = 8641
-BOOT_TIMEOUT = 120.0
-STOP_TIMEOUT = 40.0
 PATTERN_KIB = 2048
 FULL_TMPFS_MIB = 40
 ROOM_LEFT_MIB = 4  # what the ballast leaves free on VM_DIR: less than the guest's next write
@@ -51,21 +47,25 @@ NODE_LOST = "ended without a shutdown"
 class Pod:
     """The test bed pod with its sidecar and image server, shared by the scenarios."""
 
-    net: PodNet
-    base: Path
-    dirs: dict[str, Path]
-    tun: Path
-    procs: list[Proc]
+    scenario: Scenario
+
+    @property
+    def net(self) -> PodNet:
+        return self.scenario.net
+
+    @property
+    def base(self) -> Path:
+        return self.scenario.base
+
+    @property
+    def dirs(self) -> dict[str, Path]:
+        return self.scenario.dirs
 
     def env(self, **extra: str) -> dict[str, str]:
-        return harness.volumes_env(IMAGE_PORT, self.dirs, HOSTNAME, SHUTDOWN_TIMEOUT="30s", **extra)
+        return self.scenario.env(SHUTDOWN_TIMEOUT="30s", **extra)
 
     def boot(self, log: str, **extra: str) -> Proc:
-        runner = harness.start_runner(self.net, [str(harness.BIN / "vmrunner"), "run"], self.env(**extra), self.tun,
-                                      self.base / log)  # fmt: skip
-        self.procs.append(runner)
-        runner.wait_for(harness.READY, BOOT_TIMEOUT)
-        return runner
+        return self.scenario.boot(log, self.env(**extra))
 
     def get(self, path: str, timeout: float = 60) -> dict[str, str]:
         """A ``key=value`` answer of the guest's web server, from the client namespace through the pod IP."""
@@ -123,33 +123,15 @@ def kill_mid_write(pod: Pod, runner: Proc, whole_pod: bool) -> tuple[str, int]:
     else:
         os.kill(qemu, signal.SIGKILL)
     code = runner.popen.wait(30)
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{qemu}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not Path(f"/proc/{qemu}").exists(), "qemu outlived the kill"
+    until("qemu gone after the kill", lambda: not Path(f"/proc/{qemu}").exists(), 10)
     return written, code
 
 
 @pytest.fixture(scope="module")
 def pod() -> Iterator[Pod]:
     """The test bed pod, its sidecar and the image server; removed afterwards, also on failure."""
-    image = ensure_guest()
-    base = Path(tempfile.mkdtemp(prefix="podvm-crash-"))
-    base.chmod(0o755)
-    bed = Bed(1 + (os.getpid() * 7 + 60) % 200)
-    procs: list[Proc] = []
-    sidecars: list[Sidecar] = []
-    with harness.dismantled(base, bed, procs, sidecars):
-        dirs = harness.volumes(base)
-        shutil.copyfile(image, dirs["srv"] / "guest.qcow2")
-        bed.setup()
-        net = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
-        sidecar = Sidecar(bed, {"HOSTNAME": HOSTNAME, "TAP_OWNER": str(harness.RUNNER_UID)}, dirs["run"])
-        sidecars.append(sidecar)
-        sidecar.write_resolv("nameserver 10.96.0.10\n")
-        sidecar.start(timeout=20)
-        procs.append(harness.serve_directory(net.pod_ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
-        yield Pod(net, base, dirs, harness.make_tun_node(base), procs)
+    with pod_scenario("e2e-crash", hostname=HOSTNAME, image=ensure_guest(), resolv="nameserver 10.96.0.10\n") as base:
+        yield Pod(base)
 
 
 @dataclass

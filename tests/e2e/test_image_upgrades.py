@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +19,13 @@ from typing import Any
 
 import pytest
 
-from tests.e2e import harness
-from tests.e2e.harness import PodNet, Proc
 from tests.guest.build import ensure_guest
-from tests.netbed import Bed, Sidecar
+from tests.harness import pod as harness
+from tests.harness.scenario import IMAGE_PORT, Scenario, pod_scenario
 
 pytestmark = pytest.mark.guest
 
 HOSTNAME = "pet-upgrade"
-IMAGE_PORT = 8641
-BOOT_TIMEOUT = 120.0
-STOP_TIMEOUT = 40.0
 UID = str(harness.RUNNER_UID)
 
 
@@ -110,13 +105,12 @@ class World:
     cache_after_gc: list[str] = field(default_factory=list)
 
 
-class Scenario:
-    """The pod, its volumes and the runner commands the scenario uses."""
+class Upgrades:
+    """The pod and the runner commands the scenario uses."""
 
-    def __init__(self, base: Path, pod: PodNet, env: dict[str, str], procs: list[Proc]) -> None:
-        self.base, self.pod, self.env, self.procs = base, pod, env, procs
+    def __init__(self, scenario: Scenario, env: dict[str, str]) -> None:
+        self.scenario, self.base, self.pod, self.env = scenario, scenario.base, scenario.net, env
         self.image_dir, self.pet = Path(env["IMAGE_DIR"]), Path(env["VM_DIR"]) / f"{HOSTNAME}.qcow2"
-        self.tun = harness.make_tun_node(base)
 
     def argv(self, *args: str) -> list[str]:
         """A vmrunner command as uid 10001 in the pod's network namespace (the image server is there)."""
@@ -139,17 +133,11 @@ class Scenario:
         errors = [line for line in done.stderr.splitlines() if " ERROR " in line or "Traceback" in line]
         return Step(done.returncode, errors, done.stderr, marker(self.pet), backing(self.pet))
 
-    def start(self, name: str, **change: str) -> Proc:
-        log = self.base / f"runner-{name}.log"
-        runner = harness.start_runner(
-            self.pod, [str(harness.BIN / "vmrunner"), "run"], {**self.env, **change}, self.tun, log
-        )
-        self.procs.append(runner)
-        runner.wait_for(harness.READY, BOOT_TIMEOUT)
-        return runner
+    def start(self, name: str, **change: str) -> harness.Proc:
+        return self.scenario.boot(f"runner-{name}.log", {**self.env, **change})
 
-    def stop(self, runner: Proc) -> None:
-        status = harness.graceful_stop(runner, STOP_TIMEOUT)
+    def stop(self, runner: harness.Proc) -> None:
+        status = self.scenario.stop(runner)
         assert status == harness.GRACEFUL_EXIT, runner.text()
 
 
@@ -190,7 +178,7 @@ def _empty(directory: Path) -> None:
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
-def _run_scenario(s: Scenario, srv: Path, v1_image: Path, v2_image: Path, world: World) -> None:
+def _run_scenario(s: Upgrades, srv: Path, v1_image: Path, v2_image: Path, world: World) -> None:
     served = srv / "guest.qcow2"
     # Boot 1: a pet of the old layout is migrated and boots; the guest writes counter 1 on its disk.
     runner = s.start("legacy")
@@ -262,29 +250,16 @@ def _run_scenario(s: Scenario, srv: Path, v1_image: Path, v2_image: Path, world:
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     image = ensure_guest()
-    base = Path(tempfile.mkdtemp(prefix="podvm-upgrade-"))
-    base.chmod(0o755)
-    bed = Bed(1 + (os.getpid() * 11 + 37) % 200)
-    procs: list[Proc] = []
-    sidecars: list[Sidecar] = []
-    with harness.dismantled(base, bed, procs, sidecars):
-        dirs = harness.volumes(base)
+    with pod_scenario("e2e-upgrades", hostname=HOSTNAME, image=None) as pod:
+        base, dirs = pod.base, pod.dirs
         v1_image, v2_image = base / "v1.qcow2", base / "v2.qcow2"
         shutil.copyfile(image, v1_image)
         variant(image, v2_image)
         shutil.copyfile(v1_image, dirs["srv"] / "guest.qcow2")
         shutil.copyfile(v2_image, dirs["srv"] / "guest-v2.qcow2")
-        pet = dirs["vm"] / f"{HOSTNAME}.qcow2"
-        _legacy_pet(v1_image, dirs["image"], pet)
-        bed.setup()
-        pod = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
-        sidecar = Sidecar(bed, {"HOSTNAME": HOSTNAME, "TAP_OWNER": UID}, dirs["run"])
-        sidecars.append(sidecar)
-        sidecar.start(timeout=20)
-        procs.append(harness.serve_directory(pod.pod_ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
-        env = harness.volumes_env(IMAGE_PORT, dirs, HOSTNAME, SHUTDOWN_TIMEOUT="30s")
+        _legacy_pet(v1_image, dirs["image"], dirs["vm"] / f"{HOSTNAME}.qcow2")
         world = World(sha(v1_image), sha(v2_image), dirs["image"])
-        _run_scenario(Scenario(base, pod, env, procs), dirs["srv"], v1_image, v2_image, world)
+        _run_scenario(Upgrades(pod, pod.env(SHUTDOWN_TIMEOUT="30s")), dirs["srv"], v1_image, v2_image, world)
         yield world
 
 

@@ -7,10 +7,9 @@ find the same pet disk (the guest's counter grew) and the metrics must count bot
 
 import asyncio
 import os
-import shutil
 import subprocess
-import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +20,13 @@ from prometheus_client.samples import Sample
 from qemu.qmp import QMPClient
 
 from shared.handshake import Handshake
-from tests import samples
-from tests.e2e import harness
-from tests.e2e.harness import PodNet, Proc
 from tests.guest.build import ensure_guest
-from tests.netbed import Bed, Sidecar
+from tests.harness import pod as harness
+from tests.harness import samples
+from tests.harness.netbed import Sidecar
+from tests.harness.pod import PodNet, Proc
+from tests.harness.scenario import IMAGE_PORT, Scenario, pod_scenario
+from tests.harness.wait import until
 
 pytestmark = pytest.mark.guest
 
@@ -33,9 +34,6 @@ HOSTNAME = "pet-e2e"
 METADATA_HOSTNAME = "guest-from-metadata"
 DNS = ["10.96.0.10", "10.96.0.11"]
 SEARCH = ["default.svc.cluster.local", "svc.cluster.local", "cluster.local"]
-IMAGE_PORT = 8639
-BOOT_TIMEOUT = 120.0
-STOP_TIMEOUT = 40.0
 METRICS_PORT = 9100
 PINGS = 20
 KIB = 1024
@@ -90,13 +88,12 @@ async def _qmp(socket: Path, command: str) -> None:
 
 def _fresh_scrape(pod: PodNet, since: float) -> Scrape:
     """A scrape whose network figures the sidecar gathered after ``since`` (it hands them over every second)."""
-    deadline = time.monotonic() + 15
-    while True:
+
+    def fresh() -> Scrape | None:
         got = scrape(pod)
-        if got.value("podvm_network_figures_timestamp_seconds") > since:
-            return got
-        assert time.monotonic() < deadline, "the sidecar's figures did not refresh"
-        time.sleep(0.3)
+        return got if got.value("podvm_network_figures_timestamp_seconds") > since else None
+
+    return until("the sidecar's figures refreshed", fresh, 15, 0.3)
 
 
 def _client(pod: PodNet, *argv: str) -> str:
@@ -130,13 +127,13 @@ def _exercise(pod: PodNet, base: Path, env: dict[str, str]) -> Exercise:
 
 
 def _scrape_until(pod: PodNet, state: str) -> Scrape:
-    """The first scrape that shows ``state`` (the endpoint gathers at most once a second), or the last one."""
-    deadline = time.monotonic() + 10
-    while True:
+    """The first scrape that shows ``state`` (the endpoint gathers at most once a second)."""
+
+    def showing() -> Scrape | None:
         got = scrape(pod)
-        if got.value("podvm_vm_state", state=state) == 1 or time.monotonic() > deadline:
-            return got
-        time.sleep(0.3)
+        return got if got.value("podvm_vm_state", state=state) == 1 else None
+
+    return until(f"a scrape showing the VM {state}", showing, 10, 0.3)
 
 
 @dataclass
@@ -168,57 +165,35 @@ class World:
         return f"{harness.report(self.first.runner, self.second.runner)}\n----- sidecar -----\n{self.sidecar.log()}"
 
 
-def _dirs(base: Path) -> dict[str, Path]:
-    """The runner's volumes, with the ConfigMap's metadata and user data."""
-    dirs = harness.volumes(base)
-    (dirs["config"] / "metadata").write_text(f"hostname: {METADATA_HOSTNAME}\nmeta:\n  role: e2e\n")
-    (dirs["config"] / "userdata").write_text("#cloud-config\nruncmd: [echo hello]\n")
-    return dirs
-
-
-def _boot(pod: PodNet, env: dict[str, str], tun: Path, log: Path, procs: list[Proc], *, exercise: bool = False) -> Boot:
+def _boot(scenario: Scenario, env: dict[str, str], log: str, *, exercise: bool = False) -> Boot:
     """Start the runner, wait for the guest, look at it from the client, then stop it with SIGTERM."""
-    runner = harness.start_runner(pod, [str(harness.BIN / "vmrunner"), "run"], env, tun, log)
-    procs.append(runner)
-    runner.wait_for(harness.READY, BOOT_TIMEOUT)
+    pod = scenario.net
+    runner = scenario.boot(log, env)
     pids = [runner.popen.pid, *harness.children(runner.popen.pid)]
     identities = [harness.identity(pid) for pid in pids]
     page = harness.guest_page(pod)
     vnc = harness.vnc_banner(pod)
     metrics = scrape(pod)
-    exercised = _exercise(pod, log.parent, env) if exercise else None
+    exercised = _exercise(pod, scenario.base, env) if exercise else None
     offset = len(runner.text())
-    status = harness.graceful_stop(runner, STOP_TIMEOUT)
+    status = scenario.stop(runner)
     return Boot(runner, identities, page, vnc, status, runner.text()[offset:], metrics, exercised)
 
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     """Build the pod, start the sidecar, boot the guest twice; everything is removed afterwards, also on failure."""
-    image = ensure_guest()
-    base = Path(tempfile.mkdtemp(prefix="podvm-e2e-"))
-    base.chmod(0o755)
-    bed = Bed(1 + (os.getpid() * 7 + 100) % 200)
-    procs: list[Proc] = []
-    sidecars: list[Sidecar] = []
-    with harness.dismantled(base, bed, procs, sidecars):
-        dirs = _dirs(base)
-        shutil.copyfile(image, dirs["srv"] / "guest.qcow2")
-        bed.setup()
-        pod = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
-        sidecar_env = {"HOSTNAME": HOSTNAME, "TAP_OWNER": str(harness.RUNNER_UID), "METRICS_PORT": str(METRICS_PORT)}
-        sidecar = Sidecar(bed, {**sidecar_env, "METRICS_INTERVAL": "1s"}, dirs["run"])
-        sidecars.append(sidecar)
-        sidecar.write_resolv(f"nameserver {DNS[0]}\nnameserver {DNS[1]}\nsearch {' '.join(SEARCH)}\n")
-        handshake = sidecar.start(timeout=20)
-        procs.append(harness.serve_directory(pod.pod_ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
-        env = harness.volumes_env(IMAGE_PORT, dirs, HOSTNAME, SHUTDOWN_TIMEOUT="30s", METRICS_PORT=str(METRICS_PORT))
+    resolv = f"nameserver {DNS[0]}\nnameserver {DNS[1]}\nsearch {' '.join(SEARCH)}\n"
+    sidecar_env = {"METRICS_PORT": str(METRICS_PORT), "METRICS_INTERVAL": "1s"}
+    with pod_scenario("e2e", hostname=HOSTNAME, image=ensure_guest(), sidecar_env=sidecar_env, resolv=resolv) as pod:
+        (pod.dirs["config"] / "metadata").write_text(f"hostname: {METADATA_HOSTNAME}\nmeta:\n  role: e2e\n")
+        (pod.dirs["config"] / "userdata").write_text("#cloud-config\nruncmd: [echo hello]\n")
         # Credentials and a presigned token in the URL: the metrics must show neither.
-        env["IMG_SOURCE"] = f"http://podvm:{SECRET}@127.0.0.1:{IMAGE_PORT}/guest.qcow2?X-Amz-Signature={TOKEN}"
-        tun = harness.make_tun_node(base)
-        first = _boot(pod, env, tun, base / "runner1.log", procs, exercise=True)
-        second = _boot(pod, env, tun, base / "runner2.log", procs)
-        yield World(pod, handshake, first, second, sidecar)
+        source = f"http://podvm:{SECRET}@127.0.0.1:{IMAGE_PORT}/guest.qcow2?X-Amz-Signature={TOKEN}"
+        env = pod.env(SHUTDOWN_TIMEOUT="30s", METRICS_PORT=str(METRICS_PORT), IMG_SOURCE=source)
+        first = _boot(pod, env, "runner1.log", exercise=True)
+        second = _boot(pod, env, "runner2.log")
+        yield World(pod.net, pod.handshake, first, second, pod.sidecar)
 
 
 def test_the_runner_and_qemu_run_as_uid_10001_without_capabilities(world: World) -> None:
@@ -231,7 +206,8 @@ def test_http_to_the_pod_ip_reaches_the_guest_with_its_metadata(world: World) ->
     assert page["hostname"] == METADATA_HOSTNAME, world.logs()
     assert page["ip"] == world.handshake.vm_ip
     assert page["user_data"] == "present"
-    assert page["uuid"]
+    # the config drive's instance uuid: stable for the pod's hostname, so cloud-init does not redo its first boot
+    assert page["uuid"] == str(uuid.UUID(page["uuid"])) == str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{HOSTNAME}.podvm"))
 
 
 def test_the_guest_got_the_pods_dns_settings_and_mtu(world: World) -> None:

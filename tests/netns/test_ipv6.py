@@ -22,7 +22,7 @@ import pytest
 from netsidecar import plan
 from netsidecar.kernel import RUN_CAPABILITIES, RUN_CAPABILITIES_IPV6
 from shared.handshake import VERSION, Handshake, Ipv6
-from tests.netbed import (
+from tests.harness.netbed import (
     NETSIDECAR,
     Bed,
     BedFactory,

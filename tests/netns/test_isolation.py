@@ -21,7 +21,7 @@ import pytest
 
 from netsidecar import plan
 from shared.handshake import Handshake
-from tests.netbed import (
+from tests.harness.netbed import (
     Bed,
     GuestSender,
     Sidecar,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from netsidecar.kernel import RUN_CAPABILITIES
-from tests.netbed import NETSIDECAR, Bed, BedFactory, Sidecar, ns_run, tcp_request
+from tests.harness.netbed import NETSIDECAR, Bed, BedFactory, Sidecar, ns_run, tcp_request
 
 pytestmark = pytest.mark.netns
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shared.shutdown import network_hold
-from tests.netbed import BedFactory, Conversation, Sidecar, ns_popen, ns_run, tcp_request, udp_request
+from tests.harness.netbed import BedFactory, Conversation, Sidecar, ns_popen, ns_run, tcp_request, udp_request
 
 pytestmark = pytest.mark.netns
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from shared.handshake import Handshake
-from tests.netbed import Bed, Sidecar, VmStandIn, ns_run, tcp_request
+from tests.harness.netbed import Bed, Sidecar, VmStandIn, ns_run, tcp_request
 
 pytestmark = pytest.mark.netns
 

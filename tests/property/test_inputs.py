@@ -27,8 +27,8 @@ from netsidecar.config import SEARCH_LIMIT, parse_resolv, read_resolv, read_sett
 from shared import handshake
 from shared.env import Env, pod_hostname
 from shared.handshake import Handshake
-from tests import samples
-from tests.property.strategies import (
+from tests.harness import samples
+from tests.harness.strategies import (
     ENV_CHARS,
     any_value,
     garbage,

@@ -19,7 +19,7 @@ from shared import figures
 from shared.env import Env
 from shared.errors import ChildFailed, ImageRejected, StoppedHard
 from shared.figures import CATALOG, FiguresError, figure, parse_document, read_document
-from tests import samples
+from tests.harness import samples
 from vmrunner import cli, metrics
 from vmrunner.backupjob import Result, write_last
 from vmrunner.config import load

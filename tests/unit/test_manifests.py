@@ -16,7 +16,7 @@ from shared import shutdown
 from shared.env import Env, parse_size
 from shared.figures import CATALOG, sample_name
 from shared.handshake import Ipv6
-from tests import samples
+from tests.harness import samples
 from vmrunner import configdrive
 from vmrunner.config import DRIVE_KINDS, load
 

@@ -16,7 +16,7 @@ from shared.cli import run_main
 from shared.env import Env, pod_hostname
 from shared.errors import ConfigError, HandshakeError
 from shared.log import configure
-from tests import samples
+from tests.harness import samples
 
 SAMPLE = samples.handshake()
 

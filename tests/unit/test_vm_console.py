@@ -15,8 +15,8 @@ from aiohttp import web as aioweb
 from aiohttp.test_utils import TestClient, TestServer
 
 from shared.errors import ConfigError
-from tests import samples
-from tests.portforward import free_port
+from tests.harness import samples
+from tests.harness.portforward import free_port
 from vmrunner import console, web
 from vmrunner.cli import console_duties, dispatch, web_plan
 from vmrunner.config import ConsoleConfig, load

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import samples
+from tests.harness import samples
 from vmrunner import diskwatch, metrics
 from vmrunner.config import load
 from vmrunner.diskwatch import Seen, step

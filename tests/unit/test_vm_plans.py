@@ -18,7 +18,7 @@ import yaml
 
 from shared.errors import ConfigError, ImageRejected
 from shared.handshake import Ipv6
-from tests import samples
+from tests.harness import samples
 from vmrunner import configdrive
 from vmrunner.config import Checksum, Config, load, parse_checksum
 from vmrunner.image import Progress

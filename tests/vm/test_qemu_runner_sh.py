@@ -16,8 +16,9 @@ import pytest
 
 from shared.env import Env, parse_size
 from shared.errors import ConfigError
-from tests import samples
-from tests.vm.conftest import REPO, Server
+from tests.harness import samples
+from tests.harness.httpserver import Server
+from tests.harness.paths import REPO
 
 SCRIPT = REPO / "runners" / "qemu-runner.sh"
 HOSTNAME = "vm-0"

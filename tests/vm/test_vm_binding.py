@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ImageRejected, PodvmError
-from tests.vm.conftest import VMRUNNER, Server, runner_env
+from tests.harness.httpserver import Server
+from tests.harness.paths import VMRUNNER
+from tests.harness.pod import runner_env
 from vmrunner import vet
 from vmrunner.binding import prepare, read_trust, rebase, trust_path
 from vmrunner.cache import Layout, collect, ensure_image, locked, references

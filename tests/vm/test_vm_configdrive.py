@@ -13,8 +13,9 @@ import pytest
 
 from shared.env import parse_size
 from shared.handshake import Ipv6
-from tests import samples
-from tests.vm.conftest import REPO, VMRUNNER, require, runner_env
+from tests.harness import samples
+from tests.harness.paths import REPO, VMRUNNER
+from tests.harness.pod import require, runner_env
 from vmrunner import configdrive
 
 CLOUD_INIT_CACHE = REPO / ".cache" / "cloud-init"

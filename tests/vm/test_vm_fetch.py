@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ConfigError, ImageRejected, PodvmError
-from tests.vm.conftest import VMRUNNER, Server, runner_env
+from tests.harness.httpserver import Server
+from tests.harness.paths import VMRUNNER
+from tests.harness.pod import runner_env
 from vmrunner.cache import Layout, ensure_image, read_name
 from vmrunner.config import Config, load
 from vmrunner.metrics import FETCH, ImageFigures

@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 
-from tests import samples
-from tests.vm.conftest import REPO, VMRUNNER, require, runner_env
+from tests.harness import samples
+from tests.harness.paths import REPO, VMRUNNER
+from tests.harness.pod import require, runner_env
+from tests.harness.wait import until
 
 UID = 10001
 pytestmark = pytest.mark.netns
@@ -78,13 +80,14 @@ def start(ns: str, root: Path, *extra: str, **env: str) -> subprocess.Popen[str]
 
 
 def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
+    """Wait for ``path`` to appear; fail at once if the runner exited."""
+
+    def there() -> bool:
         if proc.poll() is not None:
             pytest.fail(f"runner exited with {proc.returncode}: {proc.communicate()[1]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{path} did not appear within {timeout}s")
-        time.sleep(0.05)
+        return path.exists()
+
+    until(str(path), there, timeout, 0.05)
 
 
 def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
@@ -206,9 +209,9 @@ def test_status_without_qemu_and_a_missing_qemu_are_one_line(pod: Path) -> None:
 
 
 def vnc_login(ns: str, password: bytes) -> str:
-    """Log in to VNC on 127.0.0.1:5900 inside ``ns`` as a viewer would (tests/vm/rfb.py); ``OK`` or the refusal."""
+    """Log in to VNC on 127.0.0.1:5900 inside ``ns`` as a viewer would (tests/harness/rfb.py); ``OK`` or the refusal."""
     done = subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.vm.rfb", "5900"],
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.harness.rfb", "5900"],
         input=password,
         capture_output=True,
         cwd=REPO,

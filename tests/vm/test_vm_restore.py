@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ConfigError, PodvmError
-from tests.vm.conftest import VMRUNNER, runner_env
+from tests.harness.paths import VMRUNNER
+from tests.harness.pod import runner_env
 from vmrunner import backup
 from vmrunner.backup import Chain, Point
 from vmrunner.backupjob import locked, restore

@@ -1,7 +1,7 @@
 """Relay Ethernet frames between the sidecar's tap and a tap of the VM stand-in, so the stand-in takes qemu's path.
 
-Run inside the pod namespace (``ip netns exec POD python tests/taprelay.py POD_TAP VM_NETNS VM_TAP``): it attaches
-to the sidecar's persistent tap there, enters VM_NETNS and creates VM_TAP in it, prints ``ready``, then copies
+Run inside the pod namespace (``ip netns exec POD python tests/harness/taprelay.py POD_TAP VM_NETNS VM_TAP``): it
+attaches to the sidecar's persistent tap there, enters VM_NETNS and creates VM_TAP in it, prints ``ready``, then copies
 frames both ways until it is killed (one process per direction; the child dies with its parent).
 
 Both taps use virtio-net headers with checksum and TSO offloads, as qemu's virtio-net does: a frame whose checksum

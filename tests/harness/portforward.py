@@ -10,7 +10,7 @@ import socket
 import time
 from pathlib import Path
 
-from tests.e2e.harness import Proc, base_env, start
+from tests.harness.pod import Proc, base_env, start
 
 
 def free_port() -> int:

@@ -4,7 +4,7 @@ Everything is derived from one short id (``Bed(ident)``): namespace names ``pv<i
 ``pv<id>-cli``, ``pv<id>-vm`` and veth names, so parallel beds never collide. Each object has ``setup()`` and
 ``cleanup()``, both safe to call twice; ``cleanup`` kills the processes left in the namespace before deleting it.
 
-Topology (addresses from the id ``n``, 1..200)::
+Topology (addresses from the id ``n``, 1..250, given by ``tests.harness.ids.fresh_id``)::
 
     client 10.<n>.9.2/24 --- 10.<n>.9.1 node 10.<n>.0.1 --- pod (calico: 10.<n>.0.5/32 via 169.254.1.1;
                                                               bridge: 10.<n>.0.5/24 via 10.<n>.0.1), MTU 1440
@@ -21,16 +21,15 @@ API (all in this module):
   waits for the handshake (returns it); ``.term()`` (SIGTERM, waits), ``.kill()`` (SIGKILL); ``.log()`` its output;
   ``.cli('status')`` runs another subcommand with the same environment; ``.write_resolv(text)`` before ``start``;
   ``NET_STATE_DIR`` is a private temporary directory (``.state_dir``) unless ``env`` names one.
-- ``VmStandIn(bed, mac)``: a namespace behind the sidecar's tap, as qemu's guest is: ``tests/taprelay.py`` copies
-  frames between ``podvm-tap0`` and the stand-in's own tap ``eth0`` (with ``mac``), so every rule keyed on the tap
-  sees the stand-in's frames; ``.relay`` is that process (it holds the tap, so the tap has carrier); ``.dhcp()``
+- ``VmStandIn(bed, mac)``: a namespace behind the sidecar's tap, as qemu's guest is: ``tests/harness/taprelay.py``
+  copies frames between ``podvm-tap0`` and the stand-in's own tap ``eth0`` (with ``mac``), so every rule keyed on the
+  tap sees the stand-in's frames; ``.relay`` is that process (it holds the tap, so the tap has carrier); ``.dhcp()``
   runs busybox udhcpc (``-O search -O mtu``) and returns what it received (dict of the script's environment);
   ``.serve_tcp(port, reply)`` / ``.serve_udp(port, reply)`` start small servers; ``.ns`` for anything else.
 - ``GuestSender(vm)``: ``.send(*frames)`` puts scapy frames on the stand-in's NIC, as a hostile guest would;
   ``guard_counters(pod_ns)``: the packets each named guard rule dropped.
-- ``fresh_id()``: a bed id unlikely to collide with another pytest process or another bed of this one.
-- the pytest fixture ``bed_factory`` (its ``.bed()`` makes a bed) is defined here and registered for every tier by
-  ``tests/conftest.py``.
+- ``fresh_id()`` (from ``tests.harness.ids``): a bed id no other live bed uses, in this process or another.
+- ``BedFactory``: what the fixture ``bed_factory`` of ``tests/conftest.py`` yields (its ``.bed()`` makes a bed).
 
 A real guest can replace the stand-in: start the sidecar with ``Sidecar`` and attach qemu to the tap
 ``podvm-tap0`` inside ``bed.pod.ns`` (the tap is owned by uid 10001 unless ``TAP_OWNER`` says otherwise).
@@ -46,15 +45,16 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
-
 from shared.handshake import Handshake, wait
+from tests.harness import ids
+from tests.harness.ids import fresh_id
+from tests.harness.paths import NETSIDECAR, REPO
+from tests.harness.wait import until
 
-ROOT = Path(__file__).resolve().parent.parent
-NETSIDECAR = [sys.executable, "-c", "from netsidecar.cli import main; main()"]
+__all__ = ["NETSIDECAR", "Bed", "BedFactory", "Sidecar", "VmStandIn", "fresh_id", "ns_popen", "ns_run"]
 
 
 def ns_prefix(ns: str | None) -> list[str]:
@@ -140,7 +140,7 @@ class Bed:
     """Node, client and pod namespaces wired like a cluster; see the module docstring."""
 
     def __init__(self, ident: int, style: str = "calico", mtu: int = 1440, families: str = "ipv4") -> None:
-        assert 1 <= ident <= 200, ident
+        assert ids.FIRST <= ident <= ids.LAST, ident
         assert style in ("calico", "bridge"), style
         assert families in ("ipv4", "dual", "ipv6"), families
         self.ident, self.style, self.mtu, self.families = ident, style, mtu, families
@@ -156,7 +156,9 @@ class Bed:
         self._cli_veth = Veth(self.node.ns, f"pv{ident}cli", self.client.ns, "eth0")
 
     def setup(self) -> None:
-        """Build the three namespaces and their routes for the families asked for."""
+        """Build the three namespaces and their routes for the families asked for (holding the id meanwhile)."""
+        if not (ids.held(self.ident) or ids.claim(self.ident)):
+            raise RuntimeError(f"test bed id {self.ident} is in use by another process")
         for ns in (self.node, self.pod, self.client):
             ns.setup()
         self._pod_veth.setup()
@@ -206,9 +208,10 @@ class Bed:
             ns_run(pod, "ip", "route", "add", "default", "via", f"10.{n}.0.1")
 
     def cleanup(self) -> None:
-        """Remove everything, in reverse order."""
+        """Remove everything, in reverse order, and give the id back."""
         for ns in (self.client, self.pod, self.node):
             ns.cleanup()
+        ids.release(self.ident)
 
 
 def _written_since(path: Path, since_ns: int) -> bool:
@@ -267,11 +270,17 @@ class Sidecar:
         with self._out.open("ab") as out:
             argv = [*self.prefix, *NETSIDECAR, "run"]
             self.proc = ns_popen(self.bed.pod.ns, argv, env=self._env(), stdout=out, stderr=out)
-        deadline = time.monotonic() + timeout
-        while not _written_since(handshake, started):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"netsidecar run gave no handshake (rc={self.proc.poll()}):\n{self.log()}")
-            time.sleep(0.02)
+        proc = self.proc
+
+        def written() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"netsidecar run exited ({proc.returncode}) before its handshake:\n{self.log()}")
+            return _written_since(handshake, started)
+
+        try:
+            until("netsidecar run's handshake", written, timeout, interval=0.02)
+        except AssertionError as err:
+            raise RuntimeError(f"{err}:\n{self.log()}") from None
         return wait(self.run_dir, 1)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -279,7 +288,7 @@ class Sidecar:
         return ns_run(self.bed.pod.ns, *NETSIDECAR, *args, env=self._env(), check=False)
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
+        return {**os.environ, "PYTHONPATH": str(REPO), **self.env}
 
     def log(self) -> str:
         """Everything the sidecar printed so far."""
@@ -308,7 +317,7 @@ class Sidecar:
 
 
 class VmStandIn:
-    """A namespace standing in for the VM behind the sidecar's tap, with the VM's MAC (see tests/taprelay.py)."""
+    """A namespace standing in for the VM behind the sidecar's tap, with the VM's MAC (tests/harness/taprelay.py)."""
 
     def __init__(self, bed: Bed, mac: str) -> None:
         self.bed, self.mac = bed, mac
@@ -327,7 +336,7 @@ class VmStandIn:
         # ip netns exec bind-mounts this over /etc/resolv.conf, so no DHCP client here can rewrite the host's.
         self.resolv.parent.mkdir(parents=True, exist_ok=True)
         self.resolv.write_text("")
-        relay = [sys.executable, str(ROOT / "tests" / "taprelay.py"), "podvm-tap0", self.ns, "eth0"]
+        relay = [sys.executable, str(REPO / "tests" / "harness" / "taprelay.py"), "podvm-tap0", self.ns, "eth0"]
         self.relay = ns_popen(self.bed.pod.ns, relay, stdout=subprocess.PIPE)
         assert self.relay.stdout is not None
         ready, _, _ = select.select([self.relay.stdout], [], [], timeout)
@@ -396,10 +405,12 @@ class VmStandIn:
         script.chmod(0o755)
         base.with_suffix(".leases").unlink(missing_ok=True)
         # dhclient gives up at once while the link-local address is still tentative (duplicate detection).
-        deadline = time.monotonic() + 10
-        while "tentative" in ns_run(self.ns, "ip", "-6", "addr", "show", "dev", "eth0", "scope", "link").stdout:
-            assert time.monotonic() < deadline, "the stand-in's link-local address stays tentative"
-            time.sleep(0.1)
+        show = ("ip", "-6", "addr", "show", "dev", "eth0", "scope", "link")
+        until(
+            "the stand-in's link-local address leaving tentative",
+            lambda: "tentative" not in ns_run(self.ns, *show).stdout,
+            10,
+        )
         ns_run(
             self.ns,
             "dhclient",
@@ -559,30 +570,6 @@ class Conversation:
         """End the client."""
         self.proc.kill()
         self.proc.wait()
-
-
-_next_id = [0]
-
-
-def fresh_id() -> int:
-    """A bed id unlikely to collide with another pytest process (pid-based) or another bed in this one."""
-    _next_id[0] += 1
-    return 1 + (os.getpid() * 7 + _next_id[0]) % 200
-
-
-@pytest.fixture
-def bed_factory(request: pytest.FixtureRequest) -> Iterator["BedFactory"]:
-    """Make beds, sidecars and stand-ins; everything is cleaned up in reverse order, logs printed on failure."""
-    made: list[Bed | Sidecar | VmStandIn] = []
-
-    factory = BedFactory(made)
-    try:
-        yield factory
-    finally:
-        for item in reversed(made):
-            if isinstance(item, Sidecar) and item.log():
-                sys.stderr.write(f"--- sidecar log (pv{item.bed.ident}) ---\n{item.log()}\n")
-            item.cleanup()
 
 
 class BedFactory:

@@ -2,7 +2,7 @@
 
 The server sends a 16-byte challenge; the client answers with it encrypted by DES, keyed with the password padded to
 8 bytes and each key byte's bits reversed (RFB's own quirk). DES is ``cryptography``'s TripleDES with the key given
-three times, which is single DES. Run as a script (``python -m tests.vm.rfb PORT`` with the password on stdin) it
+three times, which is single DES. Run as a script (``python -m tests.harness.rfb PORT`` with the password on stdin) it
 prints ``OK`` or ``refused: <server's reason>``, so a test can log in from inside a network namespace (``HOST`` after
 the port: another address than 127.0.0.1).
 """

@@ -1,4 +1,4 @@
-"""End-to-end harness: a VM runner (any program honouring the runner contract) in a test bed pod, and checks.
+"""A VM runner (any program honouring the runner contract) as a process, in a test bed pod, and checks of its guest.
 
 A runner runs as it would in its container: uid 10001 without capabilities, in the pod's network namespace, with
 a usable ``/dev/net/tun``. The host's tun node stays untouched: the runner gets a private mount namespace where a
@@ -13,16 +13,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.netbed import Bed, Sidecar
+import pytest
+
+from tests.harness.paths import BIN, REPO
+from tests.harness.wait import until
+
+__all__ = ["BIN", "REPO"]
 
 RUNNER_UID = 10001
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 READY = "podvm-guest: ready"
 ACPI_LINE = "podvm-guest: ACPI power button, shutting down"
 GRACEFUL_EXIT = 0
@@ -37,7 +39,7 @@ _DROP_PRIVILEGES = (
 
 @dataclass(frozen=True)
 class PodNet:
-    """What the harness needs of a test bed pod (``tests.netbed.Bed``): pod and client namespaces, pod IP."""
+    """What the harness needs of a test bed pod (``tests.harness.netbed.Bed``): pod and client namespaces, pod IP."""
 
     pod_ns: str
     client_ns: str
@@ -59,17 +61,15 @@ class Proc:
 
     def wait_for(self, pattern: str, timeout: float, after: int = 0) -> re.Match[str]:
         """Wait until ``pattern`` appears in the log (past offset ``after``); fail early if the process died."""
-        deadline = time.monotonic() + timeout
         regex = re.compile(pattern)
-        while True:
+
+        def seen() -> re.Match[str] | None:
             match = regex.search(self.text(), after)
-            if match:
-                return match
-            if self.popen.poll() is not None:
+            if match is None and self.popen.poll() is not None:
                 raise AssertionError(f"{self.name} exited ({self.popen.returncode}) before {pattern!r}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: no {pattern!r} within {timeout:.0f} s")
-            time.sleep(0.1)
+            return match
+
+        return until(f"{self.name}: {pattern!r}", seen, timeout)
 
     def terminate(self, timeout: float) -> int:
         """SIGTERM, wait up to ``timeout``, then kill the whole process group; return the exit status."""
@@ -108,25 +108,36 @@ def base_env(**extra: str) -> dict[str, str]:
     return {"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", **extra}
 
 
+def require(tool: str) -> str:
+    """The tool's path; a missing tool fails the test with a clear message (never a skip)."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed: run ./scripts/install-system-deps")
+    return path
+
+
 def runner_env(
-    image_port: int, *, image_dir: Path, vm_dir: Path, run_dir: Path, config_dir: Path, hostname: str, **extra: str
+    root: Path, *, config_dir: Path | str | None = None, hostname: str = "vm-0", **extra: str
 ) -> dict[str, str]:
-    """What every runner under test is given: the guest image served on ``image_port`` of the pod, its volumes,
-    ``config_dir``'s metadata/userdata (absent files: no config drive), TCG and a small guest; ``extra`` adds or
-    overrides."""
-    defaults = {
-        "IMG_SOURCE": f"http://127.0.0.1:{image_port}/guest.qcow2",
-        "IMAGE_DIR": str(image_dir),
-        "VM_DIR": str(vm_dir),
-        "RUN_DIR": str(run_dir),
-        "METADATA": str(config_dir / "metadata"),
-        "USERDATA": str(config_dir / "userdata"),
-        "HOSTNAME": hostname,
-        "ACCEL": "tcg",
-        "VM_MEMORY": "256M",
-        "CONSOLE_ASSETS": str(REPO / "node_modules"),  # where `make deps` put the console's client libraries
-    }
-    return base_env(**{**defaults, **extra})
+    """The one environment of a runner under test: ``root``'s ``image``, ``vm`` and ``run`` directories as its
+    volumes, ``config_dir``'s (default ``root``'s) metadata and userdata (absent files: no config drive), TCG, a
+    small guest, a short wait for the handshake and few fetch retries; ``extra`` adds or overrides."""
+    config = Path(config_dir or root)  # str only so that callers may pass **dict[str, str]
+    return base_env(
+        PYTHONPATH=str(REPO),
+        IMAGE_DIR=str(root / "image"),
+        VM_DIR=str(root / "vm"),
+        RUN_DIR=str(root / "run"),
+        METADATA=str(config / "metadata"),
+        USERDATA=str(config / "userdata"),
+        HOSTNAME=hostname,
+        ACCEL="tcg",
+        VM_MEMORY="64M",
+        HANDSHAKE_TIMEOUT="5s",
+        FETCH_RETRIES="2",
+        CONSOLE_ASSETS=str(REPO / "node_modules"),  # where `make deps` put the console's client libraries
+        **extra,
+    )
 
 
 def volumes(base: Path) -> dict[str, Path]:
@@ -137,40 +148,6 @@ def volumes(base: Path) -> dict[str, Path]:
         path.mkdir(exist_ok=True)
         os.chown(path, RUNNER_UID, RUNNER_UID)
     return dirs
-
-
-def volumes_env(image_port: int, dirs: Mapping[str, Path], hostname: str, **extra: str) -> dict[str, str]:
-    """``runner_env`` for the directories ``volumes`` made."""
-    return runner_env(
-        image_port,
-        image_dir=dirs["image"],
-        vm_dir=dirs["vm"],
-        run_dir=dirs["run"],
-        config_dir=dirs["config"],
-        hostname=hostname,
-        **{"BACKUP_DIR": str(dirs["backup"]), **extra},
-    )
-
-
-@contextlib.contextmanager
-def dismantled(base: Path, bed: Bed, procs: list[Proc], sidecars: list[Sidecar]) -> Iterator[None]:
-    """Remove everything a pod scenario made when the block ends, also when it fails; on failure print every log
-    first (processes last started are stopped first)."""
-    try:
-        yield
-    except BaseException:
-        print(report(*procs))
-        for sidecar in sidecars:
-            print(f"----- sidecar -----\n{sidecar.log()}")
-        raise
-    finally:
-        for proc in reversed(procs):
-            if proc.popen.poll() is None:
-                proc.kill()
-        for sidecar in sidecars:
-            sidecar.cleanup()
-        bed.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def make_tun_node(directory: Path) -> Path:
@@ -197,17 +174,13 @@ def serve_directory(namespace: str, directory: Path, port: int, log: Path) -> Pr
     subprocess.run(["ip", "-n", namespace, "link", "set", "lo", "up"], check=True)
     argv = ["ip", "netns", "exec", namespace, sys.executable, "-m", "http.server", "--bind", "127.0.0.1"]
     server = start("http", [*argv, "--directory", str(directory), str(port)], base_env(), log)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        probe = subprocess.run(
-            ["ip", "netns", "exec", namespace, "curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/"],
-            check=False,
-        )
-        if probe.returncode == 0:
-            return server
-        time.sleep(0.1)
-    server.kill()
-    raise AssertionError(f"image server on 127.0.0.1:{port} in {namespace} did not come up: {server.text()}")
+    probe = ["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/"]
+    try:
+        until(f"image server on 127.0.0.1:{port} in {namespace}", lambda: in_ns(namespace, probe).returncode == 0, 10)
+    except AssertionError as err:
+        server.kill()
+        raise AssertionError(f"{err}: {server.text()}") from None
+    return server
 
 
 def in_ns(namespace: str, argv: Sequence[str], timeout: float = 15) -> subprocess.CompletedProcess[bytes]:
@@ -217,15 +190,15 @@ def in_ns(namespace: str, argv: Sequence[str], timeout: float = 15) -> subproces
 
 def guest_page(pod: PodNet, timeout: float = 30) -> dict[str, str]:
     """The guest's ``key=value`` status page, fetched from the client namespace through the pod IP."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done = in_ns(pod.client_ns, ["curl", "-sf", "--max-time", "3", f"http://{pod.pod_ip}/"])
-        if done.returncode == 0:
-            lines = done.stdout.decode().splitlines()
-            return dict(line.split("=", 1) for line in lines if "=" in line)
-        if time.monotonic() > deadline:
-            raise AssertionError(f"http://{pod.pod_ip}/ from {pod.client_ns}: curl exit {done.returncode}")
-        time.sleep(0.5)
+    argv = ["curl", "-sf", "--max-time", "3", f"http://{pod.pod_ip}/"]
+    done = until(
+        f"http://{pod.pod_ip}/ from {pod.client_ns}", lambda: _answered(in_ns(pod.client_ns, argv)), timeout, 0.5
+    )
+    return dict(line.split("=", 1) for line in done.stdout.decode().splitlines() if "=" in line)
+
+
+def _answered(done: subprocess.CompletedProcess[bytes]) -> subprocess.CompletedProcess[bytes] | None:
+    return done if done.returncode == 0 else None
 
 
 def vnc_banner(pod: PodNet, port: int = 5900) -> str:
