@@ -12,10 +12,10 @@ from pathlib import Path
 
 from bench.runner import VMRUNNER
 from bench.table import Figure, Results
-from tests.e2e import harness
-from tests.e2e.harness import PodNet, Proc
 from tests.guest.build import ensure_guest
-from tests.netbed import Bed, Sidecar
+from tests.harness import pod as harness
+from tests.harness.netbed import Bed, Sidecar
+from tests.harness.pod import PodNet, Proc
 
 SEC = "7. live backups"
 DISK = 1 << 30

@@ -17,8 +17,8 @@ from pathlib import Path
 from bench.netbench import Pod, cpu_ticks, rss_mib
 from bench.runner import VMRUNNER, _until_running, netns_with_tap, stop
 from bench.table import Figure, Results
-from tests import samples
-from tests.vm.conftest import runner_env
+from tests.harness import samples
+from tests.harness.pod import runner_env
 
 PORT = 9100
 SCRAPES = 8

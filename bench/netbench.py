@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.table import Figure, Results
 from shared.handshake import FILE_NAME
-from tests.netbed import Bed, Sidecar, VmStandIn, ns_popen, ns_prefix, ns_run
+from tests.harness.netbed import Bed, Sidecar, VmStandIn, ns_popen, ns_prefix, ns_run
 
 READY = "network ready"
 VM_NET = "192.168.254.0/30"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
-from tests import samples
-from tests.vm.conftest import runner_env
+from tests.harness import samples
+from tests.harness.pod import runner_env
 
 VMRUNNER = [sys.executable, "-c", "from vmrunner.cli import main; main()"]
 

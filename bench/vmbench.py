@@ -17,11 +17,10 @@ from typing import BinaryIO, ClassVar
 from bench.netbench import first, fresh_id, log_times, rss_mib
 from bench.runner import QuietHandler, make_image, overhead_samples
 from bench.table import Figure, Results
-from tests.e2e import harness
-from tests.e2e.harness import PodNet, Proc
 from tests.guest.build import ensure_guest
-from tests.netbed import Bed, Sidecar
-from tests.vm.conftest import runner_env
+from tests.harness import pod as harness
+from tests.harness.netbed import Bed, Sidecar
+from tests.harness.pod import PodNet, Proc, runner_env
 from vmrunner import pet
 from vmrunner.binding import check_bound, prepare
 from vmrunner.config import load

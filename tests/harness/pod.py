@@ -123,21 +123,21 @@ def runner_env(
     volumes, ``config_dir``'s (default ``root``'s) metadata and userdata (absent files: no config drive), TCG, a
     small guest, a short wait for the handshake and few fetch retries; ``extra`` adds or overrides."""
     config = Path(config_dir or root)  # str only so that callers may pass **dict[str, str]
-    return base_env(
-        PYTHONPATH=str(REPO),
-        IMAGE_DIR=str(root / "image"),
-        VM_DIR=str(root / "vm"),
-        RUN_DIR=str(root / "run"),
-        METADATA=str(config / "metadata"),
-        USERDATA=str(config / "userdata"),
-        HOSTNAME=hostname,
-        ACCEL="tcg",
-        VM_MEMORY="64M",
-        HANDSHAKE_TIMEOUT="5s",
-        FETCH_RETRIES="2",
-        CONSOLE_ASSETS=str(REPO / "node_modules"),  # where `make deps` put the console's client libraries
-        **extra,
-    )
+    defaults = {
+        "PYTHONPATH": str(REPO),
+        "IMAGE_DIR": str(root / "image"),
+        "VM_DIR": str(root / "vm"),
+        "RUN_DIR": str(root / "run"),
+        "METADATA": str(config / "metadata"),
+        "USERDATA": str(config / "userdata"),
+        "HOSTNAME": hostname,
+        "ACCEL": "tcg",
+        "VM_MEMORY": "64M",
+        "HANDSHAKE_TIMEOUT": "5s",
+        "FETCH_RETRIES": "2",
+        "CONSOLE_ASSETS": str(REPO / "node_modules"),  # where `make deps` put the console's client libraries
+    }
+    return base_env(**{**defaults, **extra})
 
 
 def volumes(base: Path) -> dict[str, Path]:

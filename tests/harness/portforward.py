@@ -7,10 +7,10 @@ pod IP, exactly as on a cluster.
 """
 
 import socket
-import time
 from pathlib import Path
 
 from tests.harness.pod import Proc, base_env, start
+from tests.harness.wait import until
 
 
 def free_port() -> int:
@@ -36,13 +36,15 @@ class PortForward:
         inner = f"ip netns exec {self.namespace} socat STDIO TCP\\:127.0.0.1\\:{self.remote}"  # socat's escaped colons
         argv = ["socat", f"TCP-LISTEN:{self.local},bind=127.0.0.1,reuseaddr,fork", f"EXEC:{inner}"]
         self.proc = start("port-forward", argv, base_env(), self.log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", self.local)) == 0:
-                    return self
-            time.sleep(0.05)
-        raise AssertionError(f"port-forward on 127.0.0.1:{self.local} did not come up: {self.proc.text()}")
+        try:
+            until(f"port-forward on 127.0.0.1:{self.local}", self._accepts, 10, 0.05)
+        except AssertionError as err:
+            raise AssertionError(f"{err}: {self.proc.text()}") from None
+        return self
+
+    def _accepts(self) -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", self.local)) == 0
 
     def cleanup(self) -> None:
         """Stop forwarding (safe to call twice)."""

@@ -97,13 +97,13 @@ class Scenario:
         return f"{pod.report(*self.procs)}\n----- sidecar -----\n{self.sidecar.log()}"
 
     def keep_logs(self, test: str) -> Path:
-        """Copy every log of the scenario to build/test-logs/<test>/<scenario>/ and return that directory."""
+        """Copy every log of the scenario (the sidecar's, the image server's, each runner's with the guest's serial
+        console) to build/test-logs/<test>/<scenario>/ and return that directory."""
         kept = LOGS / _safe(test) / _safe(self.name)
         kept.mkdir(parents=True, exist_ok=True)
         for log in self.base.rglob("*.log"):
             with contextlib.suppress(OSError):
                 shutil.copyfile(log, kept / "-".join(log.relative_to(self.base).parts))
-        (kept / "sidecar.log").write_text(self.sidecar.log())
         return kept
 
     def cleanup(self) -> None:

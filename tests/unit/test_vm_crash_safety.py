@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.errors import ConfigError
 from tests.harness import samples
 from vmrunner import diskwatch, metrics
 from vmrunner.config import load
@@ -81,7 +82,7 @@ def test_the_drive_pauses_on_enospc_and_flushes_through_the_host_cache() -> None
 def test_vm_dir_min_free_is_a_size() -> None:
     assert load(ENV).vm_dir_min_free == 128 * MIB
     assert load({**ENV, "VM_DIR_MIN_FREE": "1G"}).vm_dir_min_free == 1 << 30
-    with pytest.raises(Exception, match="VM_DIR_MIN_FREE"):
+    with pytest.raises(ConfigError, match="VM_DIR_MIN_FREE"):
         load({**ENV, "VM_DIR_MIN_FREE": "lots"})
 
 

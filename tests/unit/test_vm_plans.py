@@ -275,42 +275,61 @@ def test_iso_keeps_names_label_and_bytes() -> None:
         iso.close()
 
 
+def runs_in(argv: list[str], *run: str) -> bool:
+    """True when ``run`` stands in ``argv`` as consecutive arguments (a flag and its value, or several flags)."""
+    return any(argv[i : i + len(run)] == list(run) for i in range(len(argv) - len(run) + 1))
+
+
+def values(argv: list[str], flag: str) -> list[str]:
+    """Every value given to ``flag`` (the argument right after each occurrence)."""
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == flag]
+
+
 def test_qemu_plan_tcg_virtio_vnc_and_extra_args_last() -> None:
     c = load({**BASE, "ACCEL": "tcg", "VM_CPUS": "2", "VM_MEMORY": "512M", "RUN_DIR": "/r"}, ("-usb", "-S"))
     plan = plan_qemu(c, HS, "tcg", True, Path("/r/config-drive.iso"))
     argv = list(plan.argv)
-    line = " ".join(argv)
     assert argv[:2] == ["qemu-system-x86_64", "-name"]
     assert argv[-2:] == ["-usb", "-S"]
-    assert "-nodefaults -no-user-config -machine pc -accel tcg -smp 2 -m 512M -display none" in line
+    assert runs_in(argv, "-nodefaults", "-no-user-config", "-machine", "pc", "-accel", "tcg", "-smp", "2", "-m", "512M")
+    assert runs_in(argv, "-m", "512M", "-display", "none")
     assert "-cpu" not in argv
-    assert "-drive file=/vm/vm-0.qcow2,if=none,id=disk0,node-name=pet0,format=qcow2" in line
-    assert "-device virtio-blk-pci,drive=disk0,bootindex=1" in line
-    assert "file=/r/config-drive.iso,if=none,id=cd0,format=raw,readonly=on,media=cdrom" in line
-    assert "-netdev tap,id=net0,ifname=podvm-tap0,script=no,downscript=no" in line
-    assert "-device virtio-net-pci,netdev=net0,mac=0a:58:c0:a8:fe:02" in line
-    assert "-vnc :0 " in line
-    assert "socket,id=qmp,path=/r/qmp.sock,server=on,wait=off" in line
-    assert "-vnc unix:/r/display.sock,id=web " in line  # the browser console's screen, only on a Unix socket
+    pet = "file=/vm/vm-0.qcow2,if=none,id=disk0,node-name=pet0,format=qcow2"
+    pet += ",discard=unmap,cache=writeback,werror=enospc,rerror=report"
+    assert runs_in(argv, "-drive", pet, "-device", "virtio-blk-pci,drive=disk0,bootindex=1")
+    assert runs_in(argv, "-drive", "file=/r/config-drive.iso,if=none,id=cd0,format=raw,readonly=on,media=cdrom")
+    assert runs_in(argv, "-netdev", "tap,id=net0,ifname=podvm-tap0,script=no,downscript=no")
+    assert runs_in(argv, "-device", "virtio-net-pci,netdev=net0,mac=0a:58:c0:a8:fe:02")
+    assert runs_in(argv, "-vnc", ":0")
+    assert "socket,id=qmp,path=/r/qmp.sock,server=on,wait=off" in values(argv, "-chardev")
+    assert runs_in(argv, "-vnc", "unix:/r/display.sock,id=web")  # the browser console's screen, only on a Unix socket
+    assert values(argv, "-vnc") == [":0", "unix:/r/display.sock,id=web"]
     # qemu's serial port has one client, the console broker; vmrunner console attaches to the broker's console.sock
-    assert "socket,id=console,path=/r/serial.sock,server=on,wait=off,logfile=/r/console.fifo" in line
+    assert "socket,id=console,path=/r/serial.sock,server=on,wait=off,logfile=/r/console.fifo" in values(
+        argv, "-chardev"
+    )
     # the guest agent's channel, for the freeze around a backup
-    assert "-chardev socket,id=agent,path=/r/agent.sock,server=on,wait=off" in line
-    assert "-device virtserialport,bus=serial0.0,chardev=agent,name=org.qemu.guest_agent.0" in line
+    assert runs_in(argv, "-chardev", "socket,id=agent,path=/r/agent.sock,server=on,wait=off")
+    assert runs_in(argv, "-device", "virtserialport,bus=serial0.0,chardev=agent,name=org.qemu.guest_agent.0")
 
 
 def test_qemu_plan_kvm_legacy_buses_password_and_no_vnc() -> None:
     c = cfg(VM_DISK_BUS="ide", VM_NIC_MODEL="e1000", VNC_PASSWORD_FILE="/secret/vnc")  # noqa: S106 a path, not a password
-    line = " ".join(plan_qemu(c, HS, "kvm", True, None).argv)
-    assert "-accel kvm -cpu host" in line
-    assert "-device ide-hd,drive=disk0,bus=ide.0,unit=0,bootindex=1" in line
-    assert "-device e1000,netdev=net0,mac=0a:58:c0:a8:fe:02" in line
-    assert "-object secret,id=vncpass,file=/dev/stdin,format=raw -vnc :0,password-secret=vncpass" in line
-    assert "-vnc unix:/run/podvm/display.sock,id=web,password-secret=vncpass" in line  # the same password
-    assert "/secret/vnc" not in line  # qemu gets the cleaned password on its stdin, not the raw Secret
-    assert "cd0" not in line
-    scsi = " ".join(plan_qemu(cfg(VM_DISK_BUS="scsi", CONSOLE_PORT="off"), HS, "tcg", False, None).argv)
-    assert "-device virtio-scsi-pci,id=scsi0 -device scsi-hd,drive=disk0,bus=scsi0.0" in scsi
+    argv = list(plan_qemu(c, HS, "kvm", True, None).argv)
+    assert runs_in(argv, "-accel", "kvm", "-cpu", "host")
+    assert runs_in(argv, "-device", "ide-hd,drive=disk0,bus=ide.0,unit=0,bootindex=1")
+    assert runs_in(argv, "-device", "e1000,netdev=net0,mac=0a:58:c0:a8:fe:02")
+    assert runs_in(
+        argv, "-object", "secret,id=vncpass,file=/dev/stdin,format=raw", "-vnc", ":0,password-secret=vncpass"
+    )
+    assert runs_in(argv, "-vnc", "unix:/run/podvm/display.sock,id=web,password-secret=vncpass")  # the same password
+    # qemu gets the cleaned password on its stdin, not the raw Secret
+    assert not any("/secret/vnc" in arg for arg in argv)
+    assert not any("cd0" in arg for arg in argv)
+    scsi = list(plan_qemu(cfg(VM_DISK_BUS="scsi", CONSOLE_PORT="off"), HS, "tcg", False, None).argv)
+    assert runs_in(
+        scsi, "-device", "virtio-scsi-pci,id=scsi0", "-device", "scsi-hd,drive=disk0,bus=scsi0.0,bootindex=1"
+    )
     assert "-vnc" not in scsi
 
 

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from shared.errors import ConfigError
 from tests.harness import samples
 from tests.harness.httpserver import Server
 from tests.harness.paths import REPO
+from tests.harness.wait import until
 
 SCRIPT = REPO / "runners" / "qemu-runner.sh"
 HOSTNAME = "vm-0"
@@ -184,10 +184,7 @@ def test_sigterm_during_a_download_leaves_nothing(served: Server, shared_dir: Pa
     env = env_for(with_handshake(shared_dir), served.url("/disk.qcow2"))
     proc = subprocess.Popen(["sh", str(SCRIPT)], env=env, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 10
-        while not files(shared_dir, "tmp") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert files(shared_dir, "tmp"), "the download never started"
+        until("the download started", lambda: files(shared_dir, "tmp"), 10, 0.05)
         proc.send_signal(signal.SIGTERM)
         _, log = proc.communicate(timeout=10)
     finally:

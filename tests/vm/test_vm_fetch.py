@@ -7,7 +7,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from shared.errors import ConfigError, ImageRejected, PodvmError
 from tests.harness.httpserver import Server
 from tests.harness.paths import VMRUNNER
 from tests.harness.pod import runner_env
+from tests.harness.wait import until
 from vmrunner.cache import Layout, ensure_image, read_name
 from vmrunner.config import Config, load
 from vmrunner.metrics import FETCH, ImageFigures
@@ -274,9 +274,7 @@ def test_sigterm_during_a_download_leaves_nothing(served: Server, qcow2_bytes: b
     env = runner_env(shared_dir, IMG_SOURCE=served.url("/base.qcow2"))
     proc = subprocess.Popen([*VMRUNNER, "fetch"], env=env, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 10
-        while not list((shared_dir / "image" / "tmp").glob("*.part")) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        until("the download started", lambda: list((shared_dir / "image" / "tmp").glob("*.part")), 10, 0.02)
         proc.send_signal(signal.SIGTERM)
         _, log = proc.communicate(timeout=10)
     finally:
