@@ -3,9 +3,9 @@
 import dataclasses
 import json
 import re
-from pathlib import Path
 
 from shared.handshake import Handshake
+from tests.harness.paths import REPO
 
 _HANDSHAKE = Handshake(
     tap="podvm-tap0",
@@ -31,7 +31,7 @@ def handshake(**changes: object) -> Handshake:
 
 def dashboard_metrics() -> set[str]:
     """Every podvm metric name the Grafana dashboard in deploy/ queries."""
-    dashboard = json.loads((Path(__file__).resolve().parents[2] / "deploy" / "grafana-dashboard.json").read_text())
+    dashboard = json.loads((REPO / "deploy" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     exprs += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
     return {name for expr in exprs for name in re.findall(r"\bpodvm_[a-z0-9_]+", expr)}

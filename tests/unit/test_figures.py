@@ -1,5 +1,6 @@
 """The metrics: the catalog's names, the checked hand-over from the sidecar, and what each figure is made from."""
 
+import ast
 import ipaddress
 import json
 import math
@@ -14,12 +15,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from netsidecar import plan
 from netsidecar.config import PodFacts, read_settings
-from netsidecar.figures import DhcpFigures, rule_figures, tap_figures
+from netsidecar.figures import DhcpFigures, dhcp_figures, rule_figures, tap_figures
 from shared import figures
 from shared.env import Env
 from shared.errors import ChildFailed, ImageRejected, StoppedHard
 from shared.figures import CATALOG, FiguresError, figure, parse_document, read_document
 from tests.harness import samples
+from tests.harness.paths import REPO
 from vmrunner import cli, metrics
 from vmrunner.backupjob import Result, write_last
 from vmrunner.config import load
@@ -395,3 +397,58 @@ def test_backup_figures_come_from_the_last_record_and_a_bad_record_gives_none(tm
         ("podvm_backup_last_result", (("result", "ok"),)): 1.0,
         ("podvm_backup_last_result", (("result", "failed"),)): 0.0,
     }, "a malformed last success is left out"
+
+
+def _producers() -> dict[Path, set[str]]:
+    """Every module of the product that makes figures (it imports ``figure`` or ``Figure`` from shared.figures),
+    with every metric name written in it."""
+    found: dict[Path, set[str]] = {}
+    for package in ("netsidecar", "vmrunner"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            imports = {
+                alias.name
+                for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module == "shared.figures"
+                for alias in node.names
+            }
+            if imports & {"figure", "Figure"}:
+                found[path.relative_to(REPO)] = {
+                    node.value
+                    for node in ast.walk(tree)
+                    if isinstance(node, ast.Constant)
+                    and isinstance(node.value, str)
+                    and re.fullmatch(r"podvm_[a-z0-9_]+", node.value)
+                }
+    return found
+
+
+def test_every_figure_a_producer_makes_has_its_catalog_entry() -> None:
+    """A figure missing from the catalog would be dropped by the runner (a sidecar figure outside NETWORK even
+    takes the whole network document with it): that is this test's failure, not a silent gap in the scrape."""
+    producers = _producers()
+    assert {path.parts[0] for path in producers} == {"netsidecar", "vmrunner"}, producers
+    for path, names in producers.items():
+        assert names, f"{path} makes figures under no name this test can see"
+        allowed = figures.NETWORK_NAMES if path.parts[0] == "netsidecar" else set(CATALOG)
+        assert names <= allowed, f"{path}: no catalog entry for {sorted(names - allowed)}"
+
+
+def test_every_catalog_entry_has_a_producer() -> None:
+    made = set().union(*_producers().values())
+    assert set(CATALOG) - made == set(), "catalog entries nothing makes"
+
+
+def test_the_sidecars_whole_document_passes_the_runners_check() -> None:
+    """Everything the sidecar's producers make for a planned ruleset, as one document: the runner keeps it all."""
+    pod = PodFacts("eth0", ipaddress.IPv4Address("10.1.2.3"), ipaddress.IPv4Network("10.1.2.3/32"), 1440)
+    ruleset = plan.ruleset(read_settings(Env({"HOSTNAME": "vm", "METRICS_PORT": "9100"})), pod)
+    rules = [
+        {**rule, "expr": [_count(1, 1) if e == {"counter": None} else e for e in rule["expr"]]}
+        for command in ruleset["nftables"]
+        if (rule := command.get("add", {}).get("rule"))
+    ]
+    made = tap_figures({"rx_bytes": 1}) + rule_figures(rules) + dhcp_figures(DhcpFigures(1, 2.0, 0))
+    made.append(figure("podvm_network_figures_timestamp_seconds", 3.0))
+    when, kept = parse_document(json.dumps(figures.document(made, 3.0)).encode(), figures.NETWORK_NAMES)
+    assert (when, kept) == (3.0, made)
