@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,9 +18,8 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 
 from tests.harness import samples
+from tests.harness.paths import VMRUNNER
 from tests.harness.pod import runner_env
-
-VMRUNNER = [sys.executable, "-c", "from vmrunner.cli import main; main()"]
 
 
 async def _until_running(sock: Path, deadline: float) -> None:

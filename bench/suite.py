@@ -1,9 +1,10 @@
 """``make bench``: every measurement on the namespace test bed, one table, JSON in bench/results/latest.json.
 
 Run as root from the project root: ``.venv/bin/python bench/suite.py [--quick] [--only SECTION ...]``.
-Sections: ready, packets, footprint, metrics, scale, overhead, console, fetch, check, coldstart, backup. Each figure
-is compared with a reference measured in the same run (ratio = median / reference median). A section that fails is
-reported and the rest still run.
+Sections, each in the module of its name: ready, packets, footprint, metrics, scale, overhead, console, fetch,
+check, coldstart, backup (the pod with a VM stand-in several share is in ``pods``, the runner's helpers in
+``runner``). Each figure is compared with a reference measured in the same run (ratio = median / reference median).
+A section that fails is reported and the rest still run.
 """
 
 import argparse
@@ -17,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import backupbench, consolebench, metricsbench, netbench, vmbench
+from bench import backup, check, coldstart, console, fetch, footprint, metrics, overhead, packets, ready, scale
+from bench.pods import Pod
 from bench.table import Results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -62,17 +64,17 @@ def main() -> int:
     res = Results()
     res.facts = facts()
     begin = time.monotonic()
-    pod: netbench.Pod | None = None
+    pod: Pod | None = None
     steps = {
-        "ready": lambda: netbench.bench_ready(res, 3 if quick else 10),
-        "metrics": lambda: metricsbench.bench(res, 1 if quick else 2, 10.0 if quick else 20.0),
-        "scale": lambda: netbench.bench_scale(res, (1, 4) if quick else (1, 4, 16), 1 if quick else 2),
-        "overhead": lambda: vmbench.bench_overhead(res, 3 if quick else 7),
-        "console": lambda: consolebench.bench_console(res, 3 if quick else 6),
-        "fetch": lambda: vmbench.bench_fetch(res, (256 << 20) if quick else (1 << 30), 1 if quick else 3),
-        "check": lambda: vmbench.bench_check(res, (256 << 20) if quick else (1 << 30), 3 if quick else 7),
-        "coldstart": lambda: vmbench.bench_coldstart(res, 1 if quick else 2),
-        "backup": lambda: backupbench.bench(res, 1 if quick else 3),
+        "ready": lambda: ready.bench_ready(res, 3 if quick else 10),
+        "metrics": lambda: metrics.bench(res, 1 if quick else 2, 10.0 if quick else 20.0),
+        "scale": lambda: scale.bench_scale(res, (1, 4) if quick else (1, 4, 16), 1 if quick else 2),
+        "overhead": lambda: overhead.bench_overhead(res, 3 if quick else 7),
+        "console": lambda: console.bench_console(res, 3 if quick else 6),
+        "fetch": lambda: fetch.bench_fetch(res, (256 << 20) if quick else (1 << 30), 1 if quick else 3),
+        "check": lambda: check.bench_check(res, (256 << 20) if quick else (1 << 30), 3 if quick else 7),
+        "coldstart": lambda: coldstart.bench_coldstart(res, 1 if quick else 2),
+        "backup": lambda: backup.bench(res, 1 if quick else 3),
     }
     try:
         for name in SECTIONS:
@@ -81,12 +83,12 @@ def main() -> int:
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             try:
                 if name == "packets":
-                    pod = netbench.bench_packets(res, 1 if quick else 3, 1 if quick else 2)
+                    pod = packets.bench_packets(res, 1 if quick else 3, 1 if quick else 2)
                 elif name == "footprint":
                     if pod is None:
-                        pod = netbench.Pod()
+                        pod = Pod()
                         pod.up()
-                    netbench.bench_footprint(res, pod)
+                    footprint.bench_footprint(res, pod)
                 else:
                     if pod is not None:
                         pod.close()

@@ -65,6 +65,11 @@ class Scenario:
         """The runner's private /dev/net/tun."""
         return pod.make_tun_node(self.base)
 
+    def start_sidecar(self, timeout: float = 20) -> Handshake:
+        """`netsidecar prepare` and `run`, waiting for the handshake."""
+        self.started = self.sidecar.start(timeout=timeout)
+        return self.started
+
     def env(self, volumes: Path | str | None = None, **extra: str) -> dict[str, str]:
         """The runner's environment on this pod's volumes (or a runner's own image and vm directories and metadata
         under ``volumes``, with no backup volume), image server and hostname; ``extra`` adds or overrides."""
@@ -134,10 +139,12 @@ def pod_scenario(
     sidecar_env: Mapping[str, str] | None = None,
     resolv: str | None = None,
     families: str = "ipv4",
+    sidecar_first: bool = True,
 ) -> Iterator[Scenario]:
-    """A pod named ``name`` (the logs' directory) with its sidecar started and, when ``image`` is given, an image
-    server in the pod serving it as ``guest.qcow2`` (more files can be put in ``dirs["srv"]``); removed when the
-    block ends. A failure inside the block keeps the logs and prints where."""
+    """A pod named ``name`` (the logs' directory) with an image server in the pod serving ``image`` (when given) as
+    ``guest.qcow2`` (more files can be put in ``dirs["srv"]``) and its sidecar started (unless ``sidecar_first`` is
+    false: the caller calls ``start_sidecar``, e.g. with the runner already started); removed when the block ends.
+    A failure inside the block keeps the logs and prints where."""
     base = Path(tempfile.mkdtemp(prefix=f"podvm-{_safe(name)}-"))
     base.chmod(0o755)
     bed = Bed(fresh_id(), families=families)
@@ -151,8 +158,9 @@ def pod_scenario(
         bed.setup()
         if resolv is not None:
             scenario.sidecar.write_resolv(resolv)
-        scenario.started = scenario.sidecar.start(timeout=20)
         scenario.procs.append(pod.serve_directory(bed.pod.ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
+        if sidecar_first:
+            scenario.start_sidecar()
         yield scenario
     except BaseException:
         print(f"{scenario.report()}\nlogs kept in {scenario.keep_logs(name)}")

@@ -10,18 +10,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.runner import VMRUNNER
 from bench.table import Figure, Results
 from tests.guest.build import ensure_guest
 from tests.harness import pod as harness
-from tests.harness.netbed import Bed, Sidecar
-from tests.harness.pod import PodNet, Proc
+from tests.harness.paths import VMRUNNER
+from tests.harness.pod import PodNet
+from tests.harness.scenario import pod_scenario
 
 SEC = "7. live backups"
 DISK = 1 << 30
 FILLED = 512 << 20  # random data in the first half of the disk: a full backup copies it, zeros cost nothing
 CHANGED = 16 << 20  # rewritten before each incremental: 1.6 % of the disk
-IMAGE_PORT = 8643
+RESOLV = "nameserver 10.96.0.10\n"
 WRITE_KIB = 4096
 
 
@@ -121,33 +121,16 @@ def _write(pod: PodNet) -> float:
 
 def bench_guest_writes(res: Results, runs: int) -> None:
     """The tiny guest's disk writes while a full backup runs (held at 2 MB/s so that it lasts), against without."""
-    image = ensure_guest()
-    base = Path(tempfile.mkdtemp(prefix="podvm-bench-backup-guest-"))
-    base.chmod(0o755)
-    bed = Bed(1 + (os.getpid() * 7 + 170) % 200)
-    procs: list[Proc] = []
-    sidecars: list[Sidecar] = []
     quiet, during = [], []
-    with harness.dismantled(base, bed, procs, sidecars):
-        dirs = harness.volumes(base)
-        shutil.copyfile(image, dirs["srv"] / "guest.qcow2")
-        bed.setup()
-        pod = PodNet(bed.pod.ns, bed.client.ns, bed.pod_ip)
-        sidecar = Sidecar(bed, {"HOSTNAME": "bench-backup", "TAP_OWNER": str(harness.RUNNER_UID)}, dirs["run"])
-        sidecars.append(sidecar)
-        sidecar.write_resolv("nameserver 10.96.0.10\n")
-        sidecar.start(timeout=20)
-        procs.append(harness.serve_directory(pod.pod_ns, dirs["srv"], IMAGE_PORT, base / "http.log"))
-        env = harness.volumes_env(IMAGE_PORT, dirs, "bench-backup")
-        argv = [str(harness.BIN / "vmrunner"), "run"]
-        runner = harness.start_runner(pod, argv, env, harness.make_tun_node(base), base / "runner.log")
-        procs.append(runner)
-        runner.wait_for(harness.READY, 120)
+    with pod_scenario("bench-backup", hostname="bench-backup", image=ensure_guest(), resolv=RESOLV) as scenario:
+        pod, env = scenario.net, scenario.env()
+        runner = scenario.boot("runner.log", env)
         for _ in range(runs):
             quiet.append(WRITE_KIB / 1024 / _write(pod))
+            procs = scenario.procs
             offset = len(procs[-1].text()) if procs[-1].name == "backup" else 0
             argv = [*harness.AS_RUNNER, str(harness.BIN / "vmrunner"), "backup", "--full"]
-            backup = harness.start("backup", argv, {**env, "BACKUP_SPEED": "2M"}, base / "backup.log")
+            backup = harness.start("backup", argv, {**env, "BACKUP_SPEED": "2M"}, scenario.base / "backup.log")
             procs.append(backup)
             backup.wait_for(r"backup: full backup into", 30, after=offset)
             time.sleep(2.5)  # past the agent's sync timeout: the job runs

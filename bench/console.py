@@ -9,13 +9,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.netbench import rss_mib
-from bench.runner import VMRUNNER, netns_with_tap, stop, time_to_running
+from bench.pods import rss_mib
+from bench.runner import netns_with_tap, stop, time_to_running
 from bench.table import Figure, Results
 from tests.harness import samples
+from tests.harness.paths import REPO, VMRUNNER
 from tests.harness.pod import runner_env
 
-REPO = Path(__file__).resolve().parents[1]
 SETTLE = 2.0  # seconds after qemu runs before the RSS is read: the duties (aiohttp imported, sockets bound) are up
 
 

@@ -14,10 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.netbench import Pod, cpu_ticks, rss_mib
-from bench.runner import VMRUNNER, _until_running, netns_with_tap, stop
+from bench.pods import Pod, cpu_ticks, rss_mib
+from bench.runner import _until_running, netns_with_tap, stop
 from bench.table import Figure, Results
 from tests.harness import samples
+from tests.harness.paths import VMRUNNER
 from tests.harness.pod import runner_env
 
 PORT = 9100
