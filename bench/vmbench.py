@@ -22,9 +22,9 @@ from tests.e2e.harness import PodNet, Proc
 from tests.guest.build import ensure_guest
 from tests.netbed import Bed, Sidecar
 from tests.vm.conftest import runner_env
-from vmrunner import pet
-from vmrunner.binding import check_bound, prepare
 from vmrunner.config import load
+from vmrunner.pet import disk
+from vmrunner.pet.binding import check_bound, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 VMRUNNER = [sys.executable, "-c", "from vmrunner.cli import main; main()"]
@@ -136,7 +136,7 @@ def bench_check(res: Results, size: int, runs: int) -> None:
         env = runner_env(root, IMG_SOURCE=str(image), IMG_FORMAT="raw", LOG_LEVEL="WARNING")
         cfg = load(env)
         prepare(cfg)
-        info = pet.info(cfg, cfg.pet_path)
+        info = disk.info(cfg, cfg.pet_path)
         cheap, full, sums = [], [], []
         for _ in range(runs):
             begin = time.perf_counter()

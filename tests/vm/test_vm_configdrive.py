@@ -15,7 +15,7 @@ from shared.env import parse_size
 from shared.handshake import Ipv6
 from tests import samples
 from tests.vm.conftest import REPO, VMRUNNER, require, runner_env
-from vmrunner import configdrive
+from vmrunner.run import configdrive
 
 CLOUD_INIT_CACHE = REPO / ".cache" / "cloud-init"
 RUN_DIR_SIZE = parse_size("2Mi")  # the run volume's sizeLimit in deploy/ (tests/unit/test_manifests.py checks it)

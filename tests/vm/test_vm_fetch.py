@@ -15,9 +15,11 @@ import pytest
 
 from shared.errors import ConfigError, ImageRejected, PodvmError
 from tests.vm.conftest import VMRUNNER, Server, runner_env
-from vmrunner.cache import Layout, ensure_image, read_name
 from vmrunner.config import Config, load
-from vmrunner.metrics import FETCH, ImageFigures
+from vmrunner.images.download import FETCH, ImageFigures
+from vmrunner.images.layout import Layout
+from vmrunner.images.names import read_name
+from vmrunner.images.store import ensure_image
 
 
 def cache_names(root: Path) -> list[str]:
