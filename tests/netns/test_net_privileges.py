@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from netsidecar.kernel import RUN_CAPABILITIES
+from netsidecar.capabilities import RUN_CAPABILITIES
 from tests.netbed import NETSIDECAR, Bed, BedFactory, Sidecar, ns_run, tcp_request
 
 pytestmark = pytest.mark.netns

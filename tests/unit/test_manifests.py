@@ -10,8 +10,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from netsidecar.capabilities import RUN_CAPABILITIES
 from netsidecar.config import read_settings
-from netsidecar.kernel import RUN_CAPABILITIES
 from shared import shutdown
 from shared.env import Env, parse_size
 from shared.figures import CATALOG, sample_name
