@@ -79,10 +79,11 @@ def teardown(settings: Settings) -> None:
 def prepare_command(settings: Settings) -> int:
     """The privileged one-shot step: forwarding on in the pod's namespace, NET_STATE_DIR made the sidecar's own."""
     current = sysctl.prepare_snapshot()
-    for name in plan.FORWARDING.values():
-        log.info("%s is %s", name, current.get(name, "absent: the pod has no IPv6"))
-    for change in plan.prepare_sysctls(current):
+    changes = plan.prepare_sysctls(current)
+    for change in changes:
         sysctl.write(change)
+    for name in (name for name in plan.FORWARDING.values() if name not in {change.name for change in changes}):
+        log.info("%s is %s", name, "already 1" if name in current else "absent: the pod has no IPv6")
     paths.claim_state_dir(settings.state_dir)
     log.info("prepared: forwarding on, %s private", settings.state_dir)
     return 0
