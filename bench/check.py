@@ -9,9 +9,9 @@ from pathlib import Path
 from bench.runner import make_image
 from bench.table import Figure, Results
 from tests.harness.pod import runner_env
-from vmrunner import pet
-from vmrunner.binding import check_bound, prepare
 from vmrunner.config import load
+from vmrunner.pet import disk
+from vmrunner.pet.binding import check_bound, prepare
 
 
 def bench_check(res: Results, size: int, runs: int) -> None:
@@ -26,7 +26,7 @@ def bench_check(res: Results, size: int, runs: int) -> None:
         env = runner_env(root, IMG_SOURCE=str(image), IMG_FORMAT="raw", LOG_LEVEL="WARNING")
         cfg = load(env)
         prepare(cfg)
-        info = pet.info(cfg, cfg.pet_path)
+        info = disk.info(cfg, cfg.pet_path)
         cheap, full, sums = [], [], []
         for _ in range(runs):
             begin = time.perf_counter()

@@ -2,7 +2,8 @@
 
 ``prepare`` is the one-shot privileged step (an init container): it turns on forwarding in the pod's namespace and
 makes NET_STATE_DIR the sidecar's own. ``run`` then needs only a few network capabilities (deploy/README.md).
-``plan`` needs no root and changes nothing: it reads the pod interface from the kernel when it can; ``POD_IFACE``,
+``plan`` needs no root and changes nothing: it shows what ``prepare`` (the sysctls it would change, from their
+values now), ``run`` and ``down`` do. It reads the pod interface from the kernel when it can; ``POD_IFACE``,
 ``POD_IP`` and ``POD_MTU`` override those facts (so it also works away from a pod).
 """
 
@@ -14,16 +15,17 @@ import os
 import signal
 import sys
 import time
+from dataclasses import asdict
 from types import FrameType
 
-from netsidecar import config, figures, paths
+from netsidecar import config, figures, paths, plan, sysctl
 from netsidecar.config import PodFacts, Settings
-from netsidecar.figures import DHCP_FILE, DhcpFigures
-from netsidecar.plan import LEASE_FILE, Plan, build, rule_count
+from netsidecar.figures import DhcpFigures
+from netsidecar.plan import LEASE_FILE, RECORD_FILE, Plan, build, record, rule_count
 from shared.cli import run_main
 from shared.env import Env
 from shared.errors import ConfigError, PodvmError
-from shared.figures import NETWORK_FILE
+from shared.files import write_atomic
 from shared.handshake import FILE_NAME
 from shared.log import configure
 
@@ -37,7 +39,7 @@ def _facts(settings: Settings) -> PodFacts:
         facts = config.pod_from(settings, settings.pod_iface, settings.pod_mtu, None, None)
         if facts is not None:
             return facts
-    from netsidecar.kernel import pod_facts  # noqa: PLC0415 - pyroute2 only when the kernel is asked
+    from netsidecar.links import pod_facts  # noqa: PLC0415 - pyroute2 only when the kernel is asked
 
     return pod_facts(settings)
 
@@ -50,32 +52,38 @@ def _plan(settings: Settings, pod: PodFacts) -> Plan:
 
 
 def plan_command(settings: Settings) -> int:
-    """Print the plan as JSON."""
-    print(json.dumps(_plan(settings, _facts(settings)).to_dict(), indent=2))
+    """Print as JSON what `prepare` (from the sysctls' values now), `run` and `down` do."""
+    prepare = {"sysctls": [asdict(change) for change in plan.prepare_sysctls(sysctl.prepare_snapshot())]}
+    run = _plan(settings, _facts(settings)).to_dict()
+    print(json.dumps({"prepare": prepare, **run, "down": plan.teardown().to_dict()}, indent=2))
     return 0
 
 
 def teardown(settings: Settings) -> None:
-    """Remove everything the sidecar makes: handshake, dnsmasq, table, tap, bridge."""
-    from netsidecar import dhcp, kernel  # noqa: PLC0415 - keeps `plan` free of pyroute2 and nftables
+    """Remove everything the sidecar makes (the teardown plan): handshake, dnsmasq, its files, tables, tap, bridge."""
+    from netsidecar import dhcp, links, nft  # noqa: PLC0415 - keeps `plan` free of pyroute2 and nftables
 
+    steps = plan.teardown()
     # unlink removes a symbolic link the runner may have put there, never what it points to.
-    (settings.run_dir / FILE_NAME).unlink(missing_ok=True)
-    (settings.run_dir / NETWORK_FILE).unlink(missing_ok=True)
+    for name in steps.run_files:
+        (settings.run_dir / name).unlink(missing_ok=True)
     if paths.state_dir(settings.state_dir, create=False):
         dhcp.stop_stale(settings.state_dir)
-        (settings.state_dir / LEASE_FILE).unlink(missing_ok=True)
-        (settings.state_dir / DHCP_FILE).unlink(missing_ok=True)
-    kernel.remove_ruleset()
-    kernel.remove_links()
+        for name in steps.state_files:
+            (settings.state_dir / name).unlink(missing_ok=True)
+    nft.remove_ruleset(steps.ruleset)
+    links.remove_links(steps.links)
     log.info("network removed")
 
 
 def prepare_command(settings: Settings) -> int:
     """The privileged one-shot step: forwarding on in the pod's namespace, NET_STATE_DIR made the sidecar's own."""
-    from netsidecar import kernel  # noqa: PLC0415 - keeps `plan` free of pyroute2 and nftables
-
-    kernel.enable_forwarding()
+    current = sysctl.prepare_snapshot()
+    changes = plan.prepare_sysctls(current)
+    for change in changes:
+        sysctl.write(change)
+    for name in (name for name in plan.FORWARDING.values() if name not in {change.name for change in changes}):
+        log.info("%s is %s", name, "already 1" if name in current else "absent: the pod has no IPv6")
     paths.claim_state_dir(settings.state_dir)
     log.info("prepared: forwarding on, %s private", settings.state_dir)
     return 0
@@ -83,7 +91,7 @@ def prepare_command(settings: Settings) -> int:
 
 def run_command(settings: Settings) -> int:
     """Put the network in place, publish the handshake, supervise dnsmasq until SIGTERM, then tear down."""
-    from netsidecar import dhcp, kernel  # noqa: PLC0415 - keeps `plan` free of pyroute2 and nftables
+    from netsidecar import capabilities, dhcp, links, nft  # noqa: PLC0415 - keeps `plan` free of pyroute2, nftables
 
     stop: list[int] = []
 
@@ -92,24 +100,29 @@ def run_command(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    kernel.check_capabilities(())
-    kernel.check_tap_device()
+    capabilities.check_capabilities(())
+    links.check_tap_device()
     pod = _facts(settings)
-    kernel.check_capabilities(pod.families)
-    kernel.check_forwarding(pod.families)
-    plan = _plan(settings, pod)
+    capabilities.check_capabilities(pod.families)
+    sysctl.check_forwarding(pod.families)
+    planned = _plan(settings, pod)
     paths.check_run_dir(settings.run_dir)
     paths.state_dir(settings.state_dir, create=True)
     # A handshake left by a killed sidecar is withdrawn until this one has checked everything again.
     (settings.run_dir / FILE_NAME).unlink(missing_ok=True)
-    kernel.ensure_links(plan.links)
-    kernel.apply_ruleset(plan.ruleset)
-    log.info("rules: %d in tables %s %s", rule_count(plan.ruleset), "/".join(config.TABLE_FAMILIES), config.TABLE)
-    server = dhcp.Dnsmasq(plan.dnsmasq, settings.state_dir)
-    server.start()
-    server.wait_listening(plan.handshake.families)
+    links.ensure_links(planned.links)
+    nft.apply_ruleset(planned.ruleset)
+    log.info("rules: %d in tables %s %s", rule_count(planned.ruleset), "/".join(config.TABLE_FAMILIES), config.TABLE)
+    # The sidecar's own record of what it made, where the runner cannot write: what the probe holds the handshake to.
     try:
-        path = plan.handshake.write(settings.run_dir)
+        write_atomic(settings.state_dir / RECORD_FILE, json.dumps(record(planned.handshake)).encode(), mode=0o600)
+    except OSError as err:
+        raise PodvmError(f"NET_STATE_DIR={settings.state_dir}: cannot record the links: {err.strerror}") from err
+    server = dhcp.Dnsmasq(planned.dnsmasq, settings.state_dir)
+    server.start()
+    server.wait_listening(planned.handshake.families)
+    try:
+        path = planned.handshake.write(settings.run_dir)
     except OSError as err:
         raise PodvmError(f"RUN_DIR={settings.run_dir}: cannot publish the handshake: {err.strerror}") from err
     log.info("network ready: handshake %s", path)
@@ -127,7 +140,7 @@ def run_command(settings: Settings) -> int:
     )
     (settings.run_dir / FILE_NAME).unlink(missing_ok=True)
     deadline = time.monotonic() + settings.drain_timeout
-    while kernel.tap_carrier() and time.monotonic() < deadline:
+    while links.tap_carrier() and time.monotonic() < deadline:
         server.poll()
         time.sleep(0.2)
     server.stop()
@@ -144,14 +157,14 @@ def _publish_figures(settings: Settings, dhcp: DhcpFigures) -> None:
 
 def status_command(settings: Settings) -> int:
     """Print what is in place: links, rules with counters, dnsmasq, the lease."""
-    from netsidecar import dhcp, kernel  # noqa: PLC0415 - keeps `plan` free of pyroute2 and nftables
+    from netsidecar import dhcp, links, nft  # noqa: PLC0415 - keeps `plan` free of pyroute2 and nftables
 
     lease = settings.state_dir / LEASE_FILE
     have_state = paths.state_dir(settings.state_dir, create=False)
     saved = DhcpFigures.load(settings.state_dir) if have_state else DhcpFigures()
     report = {
-        "links": kernel.link_status(),
-        "rules": kernel.ruleset_status(),
+        "links": links.link_status(),
+        "rules": nft.podvm_rules(),
         "dnsmasq_pid": dhcp.is_running(settings.state_dir) if have_state else None,
         "leases": lease.read_text().splitlines() if have_state and lease.exists() else [],
         "handshake": (settings.run_dir / FILE_NAME).exists(),

@@ -29,6 +29,8 @@ DEFAULT_PREFIX6 = "fd70:6f64:766d::/64"
 ROUTER6 = ipaddress.IPv6Address("fe80::1")
 LINK_LOCAL = ipaddress.IPv6Network("fe80::/64")
 IPV4, IPV6 = "ipv4", "ipv6"
+RUN_DIR = "/run/podvm"  # RUN_DIR's default: shared with the runner
+STATE_DIR = "/run/netsidecar"  # NET_STATE_DIR's default: the sidecar's own
 FAMILY_CHOICES = {"auto": (), "ipv4": (IPV4,), "ipv6": (IPV6,), "dual": (IPV4, IPV6)}
 VNC_PORT = 5900
 DEFAULT_TAP_OWNER = 10001
@@ -247,8 +249,8 @@ def read_settings(env: Env) -> Settings:
     hostname = pod_hostname(env)
     if env.optional("NET_DRAIN_TIMEOUT") is not None:  # a manifest written for an earlier release
         log.warning("NET_DRAIN_TIMEOUT is no longer read: the network is kept for SHUTDOWN_TIMEOUT, as the runner's")
-    run_dir = env.path("RUN_DIR", "/run/podvm")
-    state_dir = env.path("NET_STATE_DIR", "/run/netsidecar")
+    run_dir = env.path("RUN_DIR", RUN_DIR)
+    state_dir = env.path("NET_STATE_DIR", STATE_DIR)
     if _overlap(run_dir, state_dir):
         raise ConfigError(f"NET_STATE_DIR={state_dir}: must lie outside RUN_DIR={run_dir}, which the runner can write")
     return Settings(

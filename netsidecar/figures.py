@@ -14,14 +14,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from netsidecar import nft
 from netsidecar.config import TAP
-from netsidecar.plan import NAT_IN, NAT_OUT, Json
+from netsidecar.plan import DHCP_FILE, NAT_IN, NAT_OUT, Json
 from shared import figures
 from shared.figures import Figure, figure
 from shared.files import write_atomic
 
 log = logging.getLogger("netsidecar")
-DHCP_FILE = "dhcp-figures.json"
 # A DHCPACK line as dnsmasq logs it with --log-dhcp ("dnsmasq-dhcp[PID]: XID DHCPACK(podvm0) ADDR MAC [NAME]"):
 # anchored at the start, so a name the guest chose (at the end of the line) cannot fake one.
 _ACK = re.compile(rb"^dnsmasq-dhcp\[\d+\]: (?:\d+ )?DHCPACK\(")
@@ -74,35 +74,16 @@ def tap_figures(stats: dict[str, int] | None) -> list[Figure]:
     return [figure(name, stats.get(key, 0), interface=TAP) for key, name in _TAP.items()]
 
 
-def _counter(rule: Json) -> dict[str, int] | None:
-    for expr in rule.get("expr", []):
-        if isinstance(expr, dict) and isinstance(expr.get("counter"), dict):
-            return {"packets": int(expr["counter"].get("packets", 0)), "bytes": int(expr["counter"].get("bytes", 0))}
-    return None
-
-
-def _verdicts(rule: Json) -> set[str]:
-    return {key for expr in rule.get("expr", []) if isinstance(expr, dict) for key in expr}
-
-
-def _kept_port(rule: Json) -> int | None:
-    for expr in rule.get("expr", []):
-        match = expr.get("match", {}) if isinstance(expr, dict) else {}
-        if match.get("left") == {"payload": {"protocol": "tcp", "field": "dport"}} and isinstance(match["right"], int):
-            return int(match["right"])
-    return None
-
-
 def rule_figures(rules: list[Json]) -> list[Figure]:
     """Figures from the podvm tables' rules as nftables lists them: the accounting rules by their comment, the NAT
     rules by what they do, and every counted drop (the isolation guards) by its comment. IPv4's and IPv6's NAT
     tables count into the same series."""
     out: list[Figure] = []
     for rule in rules:
-        counter = _counter(rule)
+        counter = nft.counter(rule)
         if counter is None:
             continue
-        comment, chain, verdicts = rule.get("comment"), rule.get("chain", ""), _verdicts(rule)
+        comment, chain, verdicts = rule.get("comment"), rule.get("chain", ""), nft.verdicts(rule)
         if comment in (NAT_IN, NAT_OUT):
             direction = "in" if comment == NAT_IN else "out"
             out.append(figure("podvm_nat_packets_total", counter["packets"], direction=direction))
@@ -118,7 +99,7 @@ def rule_figures(rules: list[Json]) -> list[Figure]:
             elif "snat" in verdicts:
                 name = "snat"
             else:
-                name = f"in_pod{local}_tcp_{_kept_port(rule)}"
+                name = f"in_pod{local}_tcp_{nft.kept_port(rule)}"
             out.append(figure("podvm_nat_connections_total", counter["packets"], rule=name))
     return _merge(out)
 
@@ -143,10 +124,10 @@ def dhcp_figures(dhcp: DhcpFigures) -> list[Figure]:
 
 def gather(dhcp: DhcpFigures) -> dict[str, Any]:
     """All network figures as a document, read from the kernel now."""
-    from netsidecar import kernel  # noqa: PLC0415 - keeps `plan` free of pyroute2 and nftables
+    from netsidecar import links  # noqa: PLC0415 - keeps `plan` free of pyroute2
 
     now = time.time()
-    items = tap_figures(kernel.tap_stats()) + rule_figures(kernel.ruleset_status()) + dhcp_figures(dhcp)
+    items = tap_figures(links.tap_stats()) + rule_figures(nft.podvm_rules()) + dhcp_figures(dhcp)
     items.append(figure("podvm_network_figures_timestamp_seconds", now))
     return figures.document(items, now)
 

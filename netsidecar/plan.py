@@ -1,28 +1,90 @@
 """Pure functions that compute what the sidecar will do, as plain data that `plan` prints and `run` applies."""
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from netsidecar.config import (
     BRIDGE,
+    IPV4,
+    IPV6,
     LINK_LOCAL,
     PREFIX,
     PREFIX6,
     ROUTER6,
     TABLE,
+    TABLE_FAMILIES,
     TAP,
     VNC_PORT,
     PodFacts,
     Resolv,
     Settings,
 )
-from shared.handshake import Handshake, Ipv6
+from shared.figures import NETWORK_FILE
+from shared.handshake import FILE_NAME, Handshake, Ipv6
 
 Json = dict[str, Any]
 LEASE_FILE = "dnsmasq.leases"
 PID_FILE = "dnsmasq.pid"
+DHCP_FILE = "dhcp-figures.json"
+# The sidecar's own record of the links and addresses it made, in NET_STATE_DIR: the probe, root with NET_RAW,
+# trusts the handshake in RUN_DIR (which the runner can write) only where it agrees with this record.
+RECORD_FILE = "made.json"
+
+
+@dataclass(frozen=True)
+class SysctlChange:
+    """One sysctl of the pod's namespace to be written, and why."""
+
+    name: str
+    value: str
+    why: str
+
+
+# The forwarding switch of each family.
+FORWARDING = {IPV4: "net.ipv4.ip_forward", IPV6: "net.ipv6.conf.all.forwarding"}
+# Router advertisements from a bridge port never configure the pod: new links (the bridge, the tap) start with
+# these, and forwarding on makes the kernel ignore RAs wherever accept_ra stays 1.
+IPV6_DEFAULTS = ("net.ipv6.conf.default.accept_ra", "net.ipv6.conf.default.autoconf")
+_NOT_POD_LINKS = ("all", "default", "lo")
+
+
+def prepare_sysctls(current: Mapping[str, str]) -> tuple[SysctlChange, ...]:
+    """What `netsidecar prepare` writes, given the sysctls as they are (``current``; a name the kernel lacks is
+    absent): forwarding on for IPv4 and, where the pod has IPv6 at all, IPv6 (Calico leaves it off in pods); new
+    links accept no router advertisements.
+
+    IPv6 forwarding, once on, makes the kernel ignore router advertisements where accept_ra is 1: a pod interface
+    that takes its IPv6 route from the node's RAs (some bridge-style CNIs do) gets accept_ra=2 so it keeps doing so.
+    """
+    changes: list[SysctlChange] = []
+    for name in FORWARDING.values():
+        if current.get(name, "1") == "1":
+            continue
+        changes.append(SysctlChange(name, "1", "the VM's traffic is routed between the bridge and the pod interface"))
+        if name.startswith("net.ipv6"):
+            for key, value in sorted(current.items()):
+                parts = key.split(".")
+                if parts[-1] == "accept_ra" and parts[3] not in _NOT_POD_LINKS and value == "1":
+                    changes.append(SysctlChange(key, "2", "keeps taking router advertisements with forwarding on"))
+    for name in IPV6_DEFAULTS:
+        if current.get(name, "0") != "0":
+            changes.append(SysctlChange(name, "0", "links made later never configure themselves from an RA"))
+    return tuple(changes)
+
+
+def link_sysctls(link: str, served: bool) -> tuple[SysctlChange, ...]:
+    """A link's IPv6 sysctls: no router advertisement or autoconfiguration taken, and IPv6 off unless ``served``
+    (the bridge where the pod has IPv6). The nftables drops are the main defence; these keep the pod from
+    configuring itself from a router advertisement if those rules were ever gone."""
+    conf = f"net.ipv6.conf.{link}"
+    return (
+        SysctlChange(f"{conf}.accept_ra", "0", "no router advertisement configures the pod"),
+        SysctlChange(f"{conf}.autoconf", "0", "no address made up from an advertised prefix"),
+        SysctlChange(f"{conf}.disable_ipv6", "0" if served else "1", "IPv6 only where the VM is served it"),
+    )
 
 
 @dataclass(frozen=True)
@@ -37,6 +99,63 @@ class LinkPlan:
     mac: str
     mtu: int
 
+    def bridge_sysctls(self) -> tuple[SysctlChange, ...]:
+        """The bridge's IPv6 sysctls (IPv6 on where it carries IPv6 addresses)."""
+        return link_sysctls(self.bridge, bool(self.bridge_addresses6))
+
+    def tap_sysctls(self) -> tuple[SysctlChange, ...]:
+        """The tap's IPv6 sysctls (never IPv6 of its own: it is only a bridge port)."""
+        return link_sysctls(self.tap, served=False)
+
+    def to_dict(self) -> Json:
+        """The links as JSON-ready data, with the sysctls set on them."""
+        sysctls = [asdict(change) for change in (*self.bridge_sysctls(), *self.tap_sysctls())]
+        return {**asdict(self), "sysctls": sysctls}
+
+
+@dataclass(frozen=True)
+class Teardown:
+    """What `down` (and `run` at its end) removes: files, the podvm tables (deleting only those that exist, in one
+    transaction), then the links."""
+
+    run_files: tuple[str, ...]
+    state_files: tuple[str, ...]
+    ruleset: Json
+    links: tuple[str, ...]
+
+    def to_dict(self) -> Json:
+        """The teardown as JSON-ready data."""
+        return asdict(self)
+
+
+def teardown() -> Teardown:
+    """The teardown: it depends on nothing but the names the sidecar always uses."""
+    commands = [command for family in TABLE_FAMILIES for command in _Table(family, present=False).commands]
+    return Teardown(
+        run_files=(FILE_NAME, NETWORK_FILE),
+        state_files=(LEASE_FILE, DHCP_FILE, RECORD_FILE),
+        ruleset={"nftables": commands},
+        links=(TAP, BRIDGE),
+    )
+
+
+def record(hs: Handshake) -> Json:
+    """What the probe needs to trust in a handshake, as one comparable record: the sidecar keeps the one of the
+    handshake it published in NET_STATE_DIR, and the probe compares it with the one of the handshake it read."""
+    ipv6 = hs.ipv6
+    return {
+        "bridge": hs.bridge,
+        "tap": hs.tap,
+        "tap_owner": hs.tap_owner,
+        "mac": hs.mac,
+        "vm_ip": hs.vm_ip,
+        "gateway": hs.gateway,
+        "pod_ip": hs.pod_ip,
+        "vm_ip6": None if ipv6 is None else ipv6.vm_ip,
+        "gateway6": None if ipv6 is None else ipv6.gateway,
+        "pod_ip6": None if ipv6 is None else ipv6.pod_ip,
+    }
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -50,7 +169,7 @@ class Plan:
     def to_dict(self) -> Json:
         """The plan as JSON-ready data."""
         return {
-            "links": asdict(self.links),
+            "links": self.links.to_dict(),
             "nftables": self.ruleset,
             "dnsmasq": self.dnsmasq,
             "handshake": self.handshake.to_dict(),

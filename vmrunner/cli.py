@@ -26,14 +26,19 @@ from shared.cli import run_main
 from shared.env import Env
 from shared.errors import ConfigError, PodvmError
 from shared.log import configure
-from vmrunner import configdrive, metrics
 from vmrunner.config import Config, load, redact
-from vmrunner.qemu import QemuPlan, RunPaths, choose_accel, kvm_works, plan_qemu, vnc_enabled
-from vmrunner.vnc import read_password
+from vmrunner.metrics.endpoint import serve
+from vmrunner.metrics.runs import runs_file
+from vmrunner.metrics.sources import Sources, directory_size, gather
+from vmrunner.metrics.state import RunState, load_state
+from vmrunner.metrics.tracker import Tracker, base_in_use, fetching, outcome
+from vmrunner.run import configdrive
+from vmrunner.run.argv import QemuPlan, RunPaths, choose_accel, kvm_works, plan_qemu, vnc_enabled
+from vmrunner.run.vnc import read_password
 
 if TYPE_CHECKING:
-    from vmrunner.supervise import Duty
-    from vmrunner.web import WebPlan
+    from vmrunner.console.web import WebPlan
+    from vmrunner.run.supervisor import Duty
 
 log = logging.getLogger("vmrunner")
 USAGE = """usage: vmrunner COMMAND
@@ -67,10 +72,10 @@ def cmd_run(cfg: Config) -> int:
     """The container's main command."""
     import asyncio
 
-    from vmrunner import diskwatch
-    from vmrunner.binding import prepare
-    from vmrunner.supervise import Supervisor
-    from vmrunner.web import read_token
+    from vmrunner.console.web import read_token
+    from vmrunner.pet.binding import prepare
+    from vmrunner.run import diskwatch
+    from vmrunner.run.supervisor import Supervisor
 
     password = read_password(cfg.vnc_password_file)
     token = read_token(cfg.console.password_file) if cfg.console is not None else None
@@ -84,9 +89,9 @@ def cmd_run(cfg: Config) -> int:
     served = web_plan(cfg, hs, RunPaths.of(cfg.run_dir), token is not None)
     tracker = _start_metrics(cfg, hs)
     # The short name, not img_name: that one carries a hash of the URL with its query, which may hold a token.
-    with volume_errors(cfg), metrics.fetching(tracker, cfg.img_target):
+    with volume_errors(cfg), fetching(tracker, cfg.img_target):
         started = prepare(cfg)
-    metrics.base_in_use(tracker, started.digest)
+    base_in_use(tracker, started.digest)
     iso = None
     if drive is not None:
         iso = drive_path(cfg)
@@ -101,11 +106,11 @@ def cmd_run(cfg: Config) -> int:
     duties = console_duties(plan, served, token)
     duties.append(diskwatch.watch(plan.paths.monitor, cfg.vm_dir, cfg.vm_dir_min_free))
     if cfg.backup_interval is not None:
-        from vmrunner.backupjob import schedule
+        from vmrunner.backups.job import schedule
 
         log.info("backups every %gs into %s", cfg.backup_interval, cfg.backup_dir)
         duties.append(schedule(cfg, cfg.backup_interval))
-    with metrics.outcome(tracker):
+    with outcome(tracker):
         supervisor = Supervisor(plan, cfg.shutdown_timeout, password if plan.secret else None, tracker, duties)
         return asyncio.run(supervisor.run())
 
@@ -116,7 +121,7 @@ def web_plan(cfg: Config, hs: handshake.Handshake, paths: RunPaths, token: bool)
 
     :raise ConfigError: when the handshake keeps a console port in the pod but no token is configured.
     """
-    from vmrunner.web import plan_web
+    from vmrunner.console.web import plan_web
 
     if cfg.console is None:
         if hs.console_port is not None:
@@ -150,15 +155,16 @@ def console_duties(plan: QemuPlan, served: "WebPlan | None", token: bytes | None
     """The console broker, its socket for ``vmrunner console`` and, unless ``CONSOLE_PORT=off``, the web server:
     all three live as long as qemu runs. Named closures, not partials: a failing duty is logged by its name, and a
     partial's name would show its arguments, the token among them."""
-    from vmrunner import console, web
+    from vmrunner.console import web
+    from vmrunner.console.broker import Broker, serve
 
-    broker = console.Broker(plan.paths.serial)
+    broker = Broker(plan.paths.serial)
 
     async def console_broker() -> None:
         await broker.run()
 
     async def console_socket() -> None:
-        await console.serve(broker, plan.paths.console)
+        await serve(broker, plan.paths.console)
 
     async def web_console() -> None:
         assert served is not None
@@ -167,7 +173,7 @@ def console_duties(plan: QemuPlan, served: "WebPlan | None", token: bytes | None
     return [console_broker, console_socket, *([web_console] if served is not None else [])]
 
 
-def _start_metrics(cfg: Config, hs: handshake.Handshake) -> metrics.Tracker:
+def _start_metrics(cfg: Config, hs: handshake.Handshake) -> Tracker:
     """The run's tracker, and the endpoint where the handshake keeps a port in the pod (a mismatch is warned about,
     as for NO_VNC: a port the sidecar sends to the VM would be the guest's, not ours)."""
     if cfg.metrics_port != hs.metrics_port:
@@ -176,24 +182,25 @@ def _start_metrics(cfg: Config, hs: handshake.Handshake) -> metrics.Tracker:
             cfg.metrics_port or "unset",
             hs.metrics_port or "unset",
         )
-    tracker = metrics.Tracker(_sources(cfg, RunPaths.of(cfg.run_dir).monitor), hs.hostname)
+    tracker = Tracker(_sources(cfg, RunPaths.of(cfg.run_dir).monitor), hs.hostname)
     tracker.set(phase="fetching")
     atexit.register(tracker.forget)
     if hs.metrics_port is not None:
-        metrics.serve(hs.metrics_port, tracker)
+        serve(hs.metrics_port, tracker)
     return tracker
 
 
-def _sources(cfg: Config, monitor: Path) -> metrics.Sources:
-    runs = metrics.runs_file(cfg.vm_dir, cfg.hostname)
-    return metrics.Sources(cfg.run_dir, cfg.image_dir, runs, monitor, cfg.backup_dir / cfg.hostname)
+def _sources(cfg: Config, monitor: Path) -> Sources:
+    runs = runs_file(cfg.vm_dir, cfg.hostname)
+    return Sources(cfg.run_dir, cfg.image_dir, runs, monitor, cfg.backup_dir / cfg.hostname)
 
 
 def cmd_plan(cfg: Config) -> int:
     """Print the actions of ``run`` as JSON; reads the handshake and the cache if they are there, writes nothing."""
-    from vmrunner.binding import describe
-    from vmrunner.cache import Layout, matches_checksum, read_name
-    from vmrunner.web import read_token
+    from vmrunner.console.web import read_token
+    from vmrunner.images.layout import Layout
+    from vmrunner.images.names import matches_checksum, read_name
+    from vmrunner.pet.binding import describe
 
     path = cfg.run_dir / handshake.FILE_NAME
     hs = handshake.read(path) if path.exists() else None
@@ -239,7 +246,7 @@ def cmd_plan(cfg: Config) -> int:
 
 def cmd_prepare(cfg: Config) -> int:
     """Everything ``run`` does to the disks, without the network or qemu (e.g. an init container)."""
-    from vmrunner.binding import prepare
+    from vmrunner.pet.binding import prepare
 
     started = prepare(cfg)
     print(json.dumps({"pet": str(started.path), "digest": f"sha256:{started.digest}" if started.digest else None}))
@@ -248,7 +255,7 @@ def cmd_prepare(cfg: Config) -> int:
 
 def cmd_fetch(cfg: Config) -> int:
     """Fetch and vet only (e.g. an init container warming the cache); prints the digest."""
-    from vmrunner.cache import ensure_image
+    from vmrunner.images.store import ensure_image
 
     print(f"sha256:{ensure_image(cfg).hex}")
     return 0
@@ -256,7 +263,7 @@ def cmd_fetch(cfg: Config) -> int:
 
 def cmd_rebase(cfg: Config, wanted: str) -> int:
     """Move the stopped pet onto another cached base."""
-    from vmrunner.binding import rebase
+    from vmrunner.pet.binding import rebase
 
     print(f"sha256:{rebase(cfg, wanted)}")
     return 0
@@ -264,7 +271,7 @@ def cmd_rebase(cfg: Config, wanted: str) -> int:
 
 def cmd_gc(cfg: Config, args: list[str]) -> int:
     """Remove unreferenced bases after the grace period; ``--dry-run`` only says what it would remove."""
-    from vmrunner.cache import collect
+    from vmrunner.images.gc import collect
 
     dry_run, grace = False, 24 * 3600.0
     rest = list(args)
@@ -297,8 +304,8 @@ def cmd_status(cfg: Config) -> int:
     metrics endpoint, as JSON."""
     import asyncio
 
-    from vmrunner.binding import describe
-    from vmrunner.supervise import qmp_execute
+    from vmrunner.pet.binding import describe
+    from vmrunner.run.supervisor import qmp_execute
 
     qmp = RunPaths.of(cfg.run_dir).qmp
     try:
@@ -308,12 +315,12 @@ def cmd_status(cfg: Config) -> int:
         log.info("%s", err)
         status = "not running"
     # The figures the metrics endpoint serves: the run's own state when a vmrunner runs here, else qemu's monitor.
-    state = metrics.load_state(cfg.run_dir)
+    state = load_state(cfg.run_dir)
     paths = RunPaths.of(cfg.run_dir)
     monitor = paths.qmp if state is None else paths.monitor
     if state is None:
-        state = metrics.RunState(phase="running" if status == "running" else "stopped", vm=cfg.hostname)
-    items = metrics.gather(state, _sources(cfg, monitor), metrics.directory_size(cfg.image_dir))
+        state = RunState(phase="running" if status == "running" else "stopped", vm=cfg.hostname)
+    items = gather(state, _sources(cfg, monitor), directory_size(cfg.image_dir))
     figures = [item.to_dict() for item in items]
     print(json.dumps({"state": status, "pet": describe(cfg), "figures": figures}, indent=2))
     return 0 if status == "running" else 1
@@ -323,7 +330,7 @@ def cmd_backup(cfg: Config, args: list[str]) -> int:
     """One backup of the running VM now (``kubectl exec POD -c vm -- vmrunner backup``); exit 0 when it completed."""
     import asyncio
 
-    from vmrunner.backupjob import on_demand, show_plan
+    from vmrunner.backups.job import on_demand, show_plan
 
     unknown = [a for a in args if a not in ("--full", "--plan")]
     if unknown:
@@ -336,7 +343,7 @@ def cmd_backup(cfg: Config, args: list[str]) -> int:
 
 def cmd_restore(cfg: Config, args: list[str]) -> int:
     """Restore a backup point into VM_DIR; prints the restored disk's path."""
-    from vmrunner.backupjob import restore
+    from vmrunner.backups.restore import restore
 
     wanted: str | None = None
     name: str | None = None

@@ -7,7 +7,6 @@ which it removes again. Verdicts come from the pure functions in :mod:`netsideca
 import contextlib
 import dataclasses
 import ipaddress
-import json
 import os
 import secrets
 import socket
@@ -17,7 +16,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import nftables
 from pyroute2 import Conntrack, IPRoute
 from scapy.arch import get_if_hwaddr
 from scapy.config import conf
@@ -41,7 +39,8 @@ from scapy.packet import NoPayload
 from scapy.sendrecv import AsyncSniffer, sendp, srp
 from scapy.utils6 import in6_getnsma, in6_getnsmac
 
-from netsidecar.plan import GUARDS
+from netsidecar import nft, sysctl
+from netsidecar.plan import FORWARDING, GUARDS
 from netsidecar.probe.report import (
     Advert,
     Check,
@@ -58,6 +57,7 @@ from netsidecar.probe.report import (
     judge_rules,
     rules_from_ruleset,
 )
+from shared.errors import PodvmError
 from shared.handshake import Handshake
 
 TIMEOUT = 1.5
@@ -290,16 +290,10 @@ def port(hs: Handshake, number: int, protocol: str) -> list[Check]:
     return checks
 
 
-_FORWARDING = {
-    "ipv4": ("ip_forward", Path("/proc/sys/net/ipv4/ip_forward")),
-    "ipv6": ("ipv6 forwarding", Path("/proc/sys/net/ipv6/conf/all/forwarding")),
-}
-
-
 def _forwarding(family: str) -> Check:
-    name, path = _FORWARDING[family]
+    name = "ip_forward" if family == "ipv4" else "ipv6 forwarding"
     label = "IPv4" if family == "ipv4" else "IPv6"
-    if path.exists() and path.read_text().strip() == "1":
+    if sysctl.enabled(FORWARDING[family]):
         return Check("path", name, Status.OK, f"{label} forwarding is on")
     return Check("path", name, Status.FAIL, f"{label} forwarding is off: the VM cannot be reached from outside")
 
@@ -322,12 +316,10 @@ def _tap(hs: Handshake) -> Check:
 
 
 def _nft_rules(hs: Handshake) -> list[Check]:
-    nft = nftables.Nftables()
-    nft.set_json_output(True)
-    rc, output, error = nft.cmd("list ruleset")
-    if rc != 0:
-        return [Check("path", "nft dnat", Status.FAIL, f"cannot list the nftables ruleset: {error.strip()}")]
-    rules = rules_from_ruleset(json.loads(output or '{"nftables": []}'))
+    try:
+        rules = rules_from_ruleset(nft.ruleset())
+    except PodvmError as err:
+        return [Check("path", "nft dnat", Status.FAIL, str(err))]
     nat = [check for family, vm_ip, _gw, _pod in _families(hs) for check in judge_rules(rules, vm_ip, _suffix(family))]
     return [*nat, judge_isolation(rules, GUARDS)]
 

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from netsidecar import nft
+
 PROBES = ("dhcp", "arp", "ra", "nd", "port", "path", "all")
 USAGE = "usage: netsidecar probe dhcp|arp|ra|nd|path|all [--json] | netsidecar probe port PORT[/udp] [--json]"
 _PORT = re.compile(r"^(\d{1,5})(?:/(tcp|udp))?$")
@@ -297,32 +299,21 @@ class Rule:
 
 def rules_from_ruleset(document: Mapping[str, Any]) -> list[Rule]:
     """Pick the rules out of ``nft -j list ruleset`` output (the nftables JSON API's document)."""
-    rules: list[Rule] = []
-    for item in document.get("nftables", []):
-        rule = item.get("rule")
-        if not isinstance(rule, dict):
-            continue
-        dnat_to: str | None = None
-        nat_out = False
-        packets: int | None = None
-        for expr in rule.get("expr", []):
-            if not isinstance(expr, dict):
-                continue
-            if isinstance(expr.get("dnat"), dict):
-                addr = expr["dnat"].get("addr")
-                dnat_to = addr if isinstance(addr, str) else None
-            if "masquerade" in expr or "snat" in expr:
-                nat_out = True
-            if isinstance(expr.get("counter"), dict):
-                packets = int(expr["counter"].get("packets", 0))
-        comment = rule.get("comment")
-        table = f"{rule.get('family')} {rule.get('table')}"
-        rules.append(
-            Rule(
-                table, str(rule.get("chain")), dnat_to, nat_out, packets, comment if isinstance(comment, str) else None
-            )
-        )
-    return rules
+    return [_rule(rule) for rule in nft.rules(document)]
+
+
+def _rule(rule: dict[str, Any]) -> Rule:
+    """The probe's view of one listed rule, read by the one parser of nftables rules."""
+    counter = nft.counter(rule)
+    comment = rule.get("comment")
+    return Rule(
+        f"{rule.get('family')} {rule.get('table')}",
+        str(rule.get("chain")),
+        nft.dnat_address(rule),
+        bool(nft.verdicts(rule) & {"masquerade", "snat"}),
+        None if counter is None else counter["packets"],
+        comment if isinstance(comment, str) else None,
+    )
 
 
 def judge_rules(rules: Sequence[Rule], vm_ip: str, suffix: str = "") -> list[Check]:
@@ -363,3 +354,46 @@ def judge_isolation(rules: Sequence[Rule], guards: Sequence[str]) -> Check:
     dropped = ", ".join(f"{name}: {count}" for name, count in drops.items() if count)
     detail = f"{len(guards)} guest-isolation drop rules loaded; dropped so far: {dropped or 'nothing'}"
     return Check("path", "isolation", Status.OK, detail, data)
+
+
+def _kernel_mismatches(recorded: Mapping[str, Any], kernel: Mapping[str, Any]) -> list[str]:
+    """Where the kernel differs from what the sidecar recorded making: a bridge, a tap as its port, the tap's owner."""
+    bridge, tap = recorded.get("bridge"), recorded.get("tap")
+    out = []
+    if kernel.get("bridge_kind") != "bridge":
+        out.append(f"{bridge} is {_kind(kernel.get('bridge_kind'))} in the kernel, not a bridge")
+    if kernel.get("tap_kind") != "tun":
+        out.append(f"{tap} is {_kind(kernel.get('tap_kind'))} in the kernel, not a tap")
+    elif kernel.get("tap_master") != bridge:
+        out.append(f"tap {tap} is a port of {kernel.get('tap_master') or 'no bridge'}, not of {bridge}")
+    if kernel.get("tap_kind") == "tun" and kernel.get("tap_owner") != recorded.get("tap_owner"):
+        out.append(f"tap {tap} is owned by uid {kernel.get('tap_owner')}, recorded {recorded.get('tap_owner')}")
+    return out
+
+
+def _kind(kind: object) -> str:
+    return "missing" if kind is None else f"a {kind} link"
+
+
+def judge_handshake(
+    claimed: Mapping[str, Any], recorded: Mapping[str, Any] | None, kernel: Mapping[str, Any] | None
+) -> Check | None:
+    """Whether the probe may act on a handshake: RUN_DIR is writable by the runner, so the handshake's links and
+    addresses (``claimed``, as :func:`netsidecar.plan.record` gives them) must equal the sidecar's own record in
+    NET_STATE_DIR (``recorded``; None: there is none), and the kernel's facts of the recorded links (``kernel``)
+    must show the bridge, its tap and the tap's owner as recorded. None when all agree; else one failed check that
+    names every mismatch, and no probe sends a frame."""
+    if recorded is None:
+        detail = "the sidecar has no record of its links in NET_STATE_DIR (is `netsidecar run` running?)"
+        return Check("handshake", "trusted", Status.FAIL, detail)
+    keys = sorted({*claimed, *recorded})
+    mismatches = [
+        f"{key} {claimed.get(key)!r} is not the sidecar's {recorded.get(key)!r}"
+        for key in keys
+        if claimed.get(key) != recorded.get(key)
+    ]
+    mismatches += _kernel_mismatches(recorded, kernel or {})
+    if not mismatches:
+        return None
+    detail = f"the handshake is not what the sidecar made, no frame sent: {'; '.join(mismatches)}"
+    return Check("handshake", "trusted", Status.FAIL, detail, {"mismatches": mismatches})

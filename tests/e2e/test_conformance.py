@@ -107,7 +107,7 @@ def _probe_all(pod: Pod) -> dict[str, object]:
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "RUN_DIR": str(pod.run_dir)},
+        env={**os.environ, "RUN_DIR": str(pod.run_dir), "NET_STATE_DIR": str(pod.sidecar.state_dir)},
         check=False,
     )
     report: dict[str, object] = json.loads(done.stdout)

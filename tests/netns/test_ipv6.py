@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from netsidecar import plan
-from netsidecar.kernel import RUN_CAPABILITIES, RUN_CAPABILITIES_IPV6
+from netsidecar.capabilities import RUN_CAPABILITIES, RUN_CAPABILITIES_IPV6
 from shared.handshake import VERSION, Handshake, Ipv6
 from tests.harness.netbed import (
     NETSIDECAR,

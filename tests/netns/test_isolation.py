@@ -403,7 +403,7 @@ def test_status_and_probe_show_the_guards_with_counters(bed: Isolated) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "RUN_DIR": str(bed.sidecar.run_dir)},
+        env={**os.environ, "RUN_DIR": str(bed.sidecar.run_dir), "NET_STATE_DIR": str(bed.sidecar.state_dir)},
         check=False,
     )
     report = json.loads(done.stdout)

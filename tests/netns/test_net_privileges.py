@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from netsidecar.kernel import RUN_CAPABILITIES
+from netsidecar.capabilities import RUN_CAPABILITIES
 from tests.harness.netbed import NETSIDECAR, Bed, BedFactory, Sidecar, ns_run, tcp_request
 
 pytestmark = pytest.mark.netns
@@ -235,7 +235,8 @@ def test_a_runner_planting_symlinks_in_run_dir_redirects_no_write(bed_factory: B
             "dhcp-figures.json",
             "dnsmasq.leases",
             "dnsmasq.pid",
-        ]
+            "made.json",
+        ], "dnsmasq's files and the sidecar's record of its links"
         assert sorted(p.name for p in run_dir.iterdir()) == sorted(PLANTED), "nothing else in RUN_DIR"
         assert not any((run_dir / n).is_symlink() for n in REPLACED), "the handshake and figures replaced the links"
         vm.cleanup()

@@ -72,7 +72,7 @@ def probe(bed: Probed, *args: str) -> tuple[int, dict[str, Any]]:
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "RUN_DIR": str(bed.sidecar.run_dir)},
+        env={**os.environ, "RUN_DIR": str(bed.sidecar.run_dir), "NET_STATE_DIR": str(bed.sidecar.state_dir)},
         check=False,
     )
     assert done.stdout, done.stderr
@@ -194,3 +194,97 @@ def test_unknown_major_version_is_refused(bed: Probed) -> None:
     assert code == 1
     assert report["checks"][0]["probe"] == "handshake"
     assert "version 2.0 is not supported" in report["checks"][0]["detail"]
+
+
+FORGED_TARGET = "192.0.2.77"  # TEST-NET-1: nothing in the bed sends there but a probe obeying a forged handshake
+WITNESS = "podvm-witness"
+
+
+def _witness(bed: Probed) -> dict[str, int]:
+    """Frames towards FORGED_TARGET (ARP for it, IPv4 to it) that reached the node from the pod's eth0, counted
+    at the node end's ingress: every frame the pod puts on eth0 arrives there."""
+    listed = json.loads(ns_run(bed.bed.node.ns, "nft", "-j", "list", "table", "netdev", WITNESS).stdout)
+    return {
+        item["rule"]["comment"]: next(e["counter"]["packets"] for e in item["rule"]["expr"] if "counter" in e)
+        for item in listed["nftables"]
+        if "rule" in item
+    }
+
+
+@pytest.fixture
+def witness(bed: Probed) -> Iterator[None]:
+    """The witness table on the node end of the pod's eth0, removed again."""
+    node, device = bed.bed.node.ns, f"pv{bed.bed.ident}pod"
+    script = f"""
+        table netdev {WITNESS} {{
+            chain seen {{
+                type filter hook ingress device "{device}" priority 0; policy accept;
+                arp operation request arp daddr ip {FORGED_TARGET} counter comment "arp"
+                ip daddr {FORGED_TARGET} counter comment "ip"
+            }}
+        }}
+    """
+    subprocess.run(["ip", "netns", "exec", node, "nft", "-f", "-"], input=script, text=True, check=True)
+    try:
+        yield
+    finally:
+        ns_run(node, "nft", "delete", "table", "netdev", WITNESS, check=False)
+
+
+def _send_on_eth0(bed: Probed) -> None:
+    """The control: one ARP request for FORGED_TARGET and one SYN to it, put on the pod's eth0 as a probe would."""
+    code = (
+        "from scapy.all import ARP, IP, TCP, Ether, get_if_hwaddr, sendp\n"
+        "mac = get_if_hwaddr('eth0')\n"
+        f"sendp(Ether(src=mac, dst='ff:ff:ff:ff:ff:ff') / ARP(op=1, hwsrc=mac, pdst='{FORGED_TARGET}'),"
+        " iface='eth0', verbose=0)\n"
+        f"sendp(Ether(src=mac) / IP(dst='{FORGED_TARGET}') / TCP(dport=22, flags='S'), iface='eth0', verbose=0)\n"
+    )
+    ns_run(bed.bed.pod.ns, sys.executable, "-c", code)
+
+
+def test_the_sidecar_keeps_its_own_record_of_what_it_made(bed: Probed) -> None:
+    made = bed.sidecar.state_dir / "made.json"
+    assert oct(made.stat().st_mode & 0o777) == "0o600" and made.stat().st_uid == 0
+    assert json.loads(made.read_text()) == {
+        "bridge": "podvm0",
+        "tap": "podvm-tap0",
+        "tap_owner": bed.handshake.tap_owner,
+        "mac": MAC,
+        "vm_ip": bed.handshake.vm_ip,
+        "gateway": bed.handshake.gateway,
+        "pod_ip": bed.bed.pod_ip,
+        "vm_ip6": None,
+        "gateway6": None,
+        "pod_ip6": None,
+    }
+
+
+@pytest.mark.usefixtures("witness")
+@pytest.mark.parametrize("args", [("arp",), ("port", "22"), ("all",)])
+def test_a_forged_handshake_naming_eth0_fails_and_sends_no_frame(bed: Probed, args: tuple[str, ...]) -> None:
+    """The runner can rewrite network.json: pointed at the pod's eth0 and an address of its choice, the probe
+    (root, NET_RAW) refuses it as one failed check and puts nothing on eth0. The control shows the witness counts
+    exactly such frames."""
+    path = bed.sidecar.run_dir / "network.json"
+    good = path.read_text()
+    before = _witness(bed)
+    _send_on_eth0(bed)
+    control = _witness(bed)
+    assert control == {"arp": before["arp"] + 1, "ip": before["ip"] + 1}, "the witness sees frames put on eth0"
+    forged = {**json.loads(good), "bridge": "eth0", "vm_ip": FORGED_TARGET}
+    path.write_text(json.dumps(forged))
+    try:
+        code, report = probe(bed, *args)
+    finally:
+        path.write_text(good)
+    assert _witness(bed) == control, "no frame left through eth0"
+    assert code == 1, report
+    assert [(c["probe"], c["check"], c["status"]) for c in report["checks"]] == [("handshake", "trusted", "fail")]
+    mismatches = report["checks"][0]["data"]["mismatches"]
+    assert mismatches == [
+        "bridge 'eth0' is not the sidecar's 'podvm0'",
+        f"vm_ip '{FORGED_TARGET}' is not the sidecar's '{bed.handshake.vm_ip}'",
+    ]
+    code, report = probe(bed, "arp")
+    assert code == 0, "the handshake restored is trusted again"

@@ -37,9 +37,9 @@ from tests.harness.strategies import (
     one_line_or_nothing,
     value_for,
 )
-from vmrunner import configdrive
 from vmrunner.cli import cmd_plan
 from vmrunner.config import load
+from vmrunner.run import configdrive
 
 SANDBOX = Path(tempfile.gettempdir()) / f"podvm-property-{os.getpid()}"  # the strategies need it before the tests
 NET_VARS = (

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vmrunner import agent
+from vmrunner.run import agent
 
 
 class Peer:

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ConfigError
-from vmrunner import backup, cli
-from vmrunner.backup import Bitmap, Chain, Point, decide, plan_backup
-from vmrunner.backupjob import Result
+from vmrunner import cli
+from vmrunner.backups import plans
+from vmrunner.backups.job import Result
+from vmrunner.backups.plans import Bitmap, Chain, Point, decide, plan_backup
 from vmrunner.config import load
 
 SIZE = 64 << 20
@@ -21,7 +22,7 @@ T0 = datetime(2026, 11, 28, 4, 0, 0, tzinfo=UTC).timestamp()
 
 def point(seq: int, unix: float = T0) -> Point:
     kind = "full" if seq == 0 else "incremental"
-    return Point(seq, kind, backup.point_file(seq, kind), "2026-11-28T04:00:00Z", unix, 1 << 20, 1 << 19, 1.0, False)
+    return Point(seq, kind, plans.point_file(seq, kind), "2026-11-28T04:00:00Z", unix, 1 << 20, 1 << 19, 1.0, False)
 
 
 def chain(n: int = 2, cid: str = "20261128T040000Z", size: int = SIZE) -> Chain:
@@ -32,7 +33,7 @@ def ok(name: str = "podvm-20261128T040000Z") -> Bitmap:
     return Bitmap(name, inconsistent=False, recording=True)
 
 
-def decision(chains: list[Chain], bitmaps: list[Bitmap], **kw: object) -> backup.Decision:
+def decision(chains: list[Chain], bitmaps: list[Bitmap], **kw: object) -> plans.Decision:
     args: dict[str, object] = {"want_full": False, "interrupted": False, "chain_length": 6, **kw}
     size = int(str(args.pop("size", SIZE)))
     return decide(chains, bitmaps, size, **args)  # type: ignore[arg-type]
@@ -147,24 +148,24 @@ def test_incremental_plan_is_backed_by_the_previous_file_by_relative_name_and_us
 
 def test_retention_keeps_the_newest_chains() -> None:
     chains = [chain(1, f"2026112{d}T040000Z") for d in range(5)]
-    assert backup.plan_retention(chains, 2) == ["20261120T040000Z", "20261121T040000Z", "20261122T040000Z"]
-    assert backup.plan_retention(chains, 5) == []
-    assert backup.plan_retention(chains[:1], 1) == []
+    assert plans.plan_retention(chains, 2) == ["20261120T040000Z", "20261121T040000Z", "20261122T040000Z"]
+    assert plans.plan_retention(chains, 5) == []
+    assert plans.plan_retention(chains[:1], 1) == []
 
 
 def test_chain_ids_sort_by_time_and_never_collide() -> None:
     now = datetime(2026, 11, 28, 4, 5, 6, tzinfo=UTC)
-    assert backup.new_chain_id(now, set()) == "20261128T040506Z"
-    assert backup.new_chain_id(now, {"20261128T040506Z", "20261128T040506Z-1"}) == "20261128T040506Z-2"
+    assert plans.new_chain_id(now, set()) == "20261128T040506Z"
+    assert plans.new_chain_id(now, {"20261128T040506Z", "20261128T040506Z-1"}) == "20261128T040506Z-2"
 
 
 def test_manifest_round_trips() -> None:
     c = chain(3)
-    assert backup.parse_manifest(backup.manifest_document(c), c.id) == c
+    assert plans.parse_manifest(plans.manifest_document(c), c.id) == c
 
 
 def _doc(c: Chain, **changes: object) -> bytes:
-    doc = json.loads(backup.manifest_document(c))
+    doc = json.loads(plans.manifest_document(c))
     doc.update(changes)
     return json.dumps(doc).encode()
 
@@ -182,7 +183,7 @@ def _doc(c: Chain, **changes: object) -> bytes:
 )
 def test_a_bad_manifest_is_refused(data: bytes, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        backup.parse_manifest(data, "20261128T040000Z")
+        plans.parse_manifest(data, "20261128T040000Z")
 
 
 @pytest.mark.parametrize(
@@ -198,13 +199,13 @@ def test_a_bad_manifest_is_refused(data: bytes, message: str) -> None:
 def test_a_point_naming_another_file_is_refused(bad: Point) -> None:
     c = Chain("20261128T040000Z", SIZE, (point(0), bad))
     with pytest.raises(ValueError):
-        backup.parse_manifest(backup.manifest_document(c), c.id)
+        plans.parse_manifest(plans.manifest_document(c), c.id)
 
 
 def test_chains_and_leftovers_on_disk(tmp_path: Path) -> None:
     good = chain(2)
     (tmp_path / good.id).mkdir()
-    (tmp_path / good.id / backup.MANIFEST).write_bytes(backup.manifest_document(good))
+    (tmp_path / good.id / plans.MANIFEST).write_bytes(plans.manifest_document(good))
     (tmp_path / good.id / ".0002-incremental.qcow2.partial").write_bytes(b"x")
     half = tmp_path / "20261128T050000Z"  # an interrupted first backup: no manifest
     half.mkdir()
@@ -213,11 +214,11 @@ def test_chains_and_leftovers_on_disk(tmp_path: Path) -> None:
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     (tmp_path / "not-a-chain").mkdir()
-    chains, broken = backup.read_chains(tmp_path)
+    chains, broken = plans.read_chains(tmp_path)
     assert chains == [good]
     assert broken == [half, foreign]
-    assert backup.leftovers(tmp_path, chains, broken) == [tmp_path / good.id / ".0002-incremental.qcow2.partial", half]
-    assert backup.read_chains(tmp_path / "absent") == ([], [])
+    assert plans.leftovers(tmp_path, chains, broken) == [tmp_path / good.id / ".0002-incremental.qcow2.partial", half]
+    assert plans.read_chains(tmp_path / "absent") == ([], [])
 
 
 def test_bitmaps_are_read_from_the_pet_node_only() -> None:
@@ -226,38 +227,38 @@ def test_bitmaps_are_read_from_the_pet_node_only() -> None:
         {"node-name": "other", "dirty-bitmaps": [{"name": "podvm-b"}]},
         "junk",
     ]
-    assert backup.parse_bitmaps(nodes) == [Bitmap("podvm-a", inconsistent=True, recording=True)]
-    assert backup.parse_bitmaps(None) == []
+    assert plans.parse_bitmaps(nodes) == [Bitmap("podvm-a", inconsistent=True, recording=True)]
+    assert plans.parse_bitmaps(None) == []
 
 
 def test_restore_selects_points_by_id_chain_or_time() -> None:
     old, new = chain(2, "20261127T040000Z"), chain(3, "20261128T040000Z")
     old = Chain(old.id, SIZE, tuple(replace(p, unix=p.unix - 86400) for p in old.points))
     chains = [old, new]
-    assert backup.select_point(chains, None) == (new, new.points[2])
-    assert backup.select_point(chains, "20261127T040000Z") == (old, old.points[1])
-    assert backup.select_point(chains, "20261128T040000Z.1") == (new, new.points[1])
-    assert backup.select_point(chains, "2026-11-28T04:01:30Z") == (new, new.points[1])
-    assert backup.select_point(chains, "2026-11-27") == (old, old.points[1])  # a date: the end of that day
+    assert plans.select_point(chains, None) == (new, new.points[2])
+    assert plans.select_point(chains, "20261127T040000Z") == (old, old.points[1])
+    assert plans.select_point(chains, "20261128T040000Z.1") == (new, new.points[1])
+    assert plans.select_point(chains, "2026-11-28T04:01:30Z") == (new, new.points[1])
+    assert plans.select_point(chains, "2026-11-27") == (old, old.points[1])  # a date: the end of that day
     for wanted, message in [
         ("2026-11-01", "no backup was taken at or before"),
         ("20261128T040000Z.9", "no such point"),
         ("../x", "no such point"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            backup.select_point(chains, wanted)
+            plans.select_point(chains, wanted)
     with pytest.raises(ConfigError, match="holds no complete chain"):
-        backup.select_point([], None)
+        plans.select_point([], None)
 
 
 def test_restore_plan_converts_through_the_chain_into_one_standalone_file() -> None:
     c = chain(3)
-    argv = backup.plan_restore(Path("/b/vm/c"), c.points[1], Path("/vm/.vm-0.qcow2.restore.tmp"))
+    argv = plans.plan_restore(Path("/b/vm/c"), c.points[1], Path("/vm/.vm-0.qcow2.restore.tmp"))
     assert argv == (
         "qemu-img", "convert", "-p", "-f", "qcow2", "-O", "qcow2",
         "/b/vm/c/0001-incremental.qcow2", "/vm/.vm-0.qcow2.restore.tmp",
     )  # fmt: skip
-    assert backup.expected_backings(c, c.points[2]) == [
+    assert plans.expected_backings(c, c.points[2]) == [
         ("0002-incremental.qcow2", "0001-incremental.qcow2"),
         ("0001-incremental.qcow2", "0000-full.qcow2"),
         ("0000-full.qcow2", None),
@@ -317,14 +318,14 @@ def test_the_schedule_counts_from_the_last_success_not_from_the_start() -> None:
     a time from the future (bad clock, forged record) cannot hold the backups off."""
     day, now = 86400.0, 1_000_000.0
     ok = {"last": {"time": now - 3600, "result": "ok"}, "last_success": {"time": now - 3600, "result": "ok"}}
-    assert backup.next_backup_in(ok, now, day, first=True) == day - 3600, "a restart does not start the day over"
+    assert plans.next_backup_in(ok, now, day, first=True) == day - 3600, "a restart does not start the day over"
     overdue = {"last_success": {"time": now - 2 * day}}
-    assert backup.next_backup_in(overdue, now, day, first=True) == backup.BOOT_SETTLE, "after the boot settles"
-    assert backup.next_backup_in(overdue, now, day, first=False) == 0
-    assert backup.next_backup_in({}, now, day, first=True) == backup.BOOT_SETTLE, "never backed up: soon"
-    assert backup.next_backup_in({}, now, 10.0, first=True) == 10.0, "a short interval settles for less"
+    assert plans.next_backup_in(overdue, now, day, first=True) == plans.BOOT_SETTLE, "after the boot settles"
+    assert plans.next_backup_in(overdue, now, day, first=False) == 0
+    assert plans.next_backup_in({}, now, day, first=True) == plans.BOOT_SETTLE, "never backed up: soon"
+    assert plans.next_backup_in({}, now, 10.0, first=True) == 10.0, "a short interval settles for less"
     failed: dict[str, dict[str, object]] = {"last_success": {"time": now - 2 * day}}
     failed["last"] = {"time": now - 60, "result": "failed"}
-    assert backup.next_backup_in(failed, now, day, first=False) == backup.RETRY_AFTER - 60
+    assert plans.next_backup_in(failed, now, day, first=False) == plans.RETRY_AFTER - 60
     future: dict[str, dict[str, object]] = {"last_success": {"time": now + 10 * day}, "last": {"time": "x"}}
-    assert backup.next_backup_in(future, now, day, first=False) == day
+    assert plans.next_backup_in(future, now, day, first=False) == day

@@ -22,9 +22,12 @@ from shared.errors import ChildFailed, ImageRejected, StoppedHard
 from shared.figures import CATALOG, FiguresError, figure, parse_document, read_document
 from tests.harness import samples
 from tests.harness.paths import REPO
-from vmrunner import cli, metrics
-from vmrunner.backupjob import Result, write_last
+from vmrunner import cli
+from vmrunner.backups.job import Result, write_last
 from vmrunner.config import load
+from vmrunner.metrics import endpoint, runs, sources, state
+from vmrunner.metrics import tracker as tracking
+from vmrunner.metrics.tracker import Tracker
 
 NETWORK = figures.NETWORK_NAMES
 
@@ -232,13 +235,13 @@ BLOCKSTATS = [
 
 
 def test_block_figures_per_drive() -> None:
-    got = {(f.name, dict(f.labels)["drive"]): f.value for f in metrics.block_figures(BLOCKSTATS)}
+    got = {(f.name, dict(f.labels)["drive"]): f.value for f in sources.block_figures(BLOCKSTATS)}
     assert got[("podvm_vm_storage_write_traffic_bytes_total", "disk0")] == 2048
     assert got[("podvm_vm_storage_read_times_seconds_total", "disk0")] == 1.5
     assert got[("podvm_vm_storage_flush_requests_total", "disk0")] == 3
     assert got[("podvm_vm_storage_read_traffic_bytes_total", "#block123")] == 1
     assert ("podvm_vm_storage_read_traffic_bytes_total", "cd0") not in got
-    assert metrics.block_figures(None) == []
+    assert sources.block_figures(None) == []
 
 
 @pytest.mark.parametrize(
@@ -254,21 +257,21 @@ def test_block_figures_per_drive() -> None:
     ],
 )
 def test_vm_state(phase: str, qmp: object, state: str) -> None:
-    assert metrics.vm_state(phase, qmp) == state
+    assert sources.vm_state(phase, qmp) == state
 
 
-def _tracker(tmp_path: Path) -> metrics.Tracker:
+def _tracker(tmp_path: Path) -> Tracker:
     for name in ("run", "image", "vm"):
         (tmp_path / name).mkdir()
-    sources = metrics.Sources(
-        tmp_path / "run", tmp_path / "image", metrics.runs_file(tmp_path / "vm", "vm-0"), tmp_path / "run" / "no.sock"
+    found = sources.Sources(
+        tmp_path / "run", tmp_path / "image", runs.runs_file(tmp_path / "vm", "vm-0"), tmp_path / "run" / "no.sock"
     )
-    return metrics.Tracker(sources, "vm-0")
+    return Tracker(found, "vm-0")
 
 
-def scrape(tracker: metrics.Tracker) -> str:
+def scrape(tracker: Tracker) -> str:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(metrics.Collector(tracker))
+    registry.register(endpoint.Collector(tracker))
     return generate_latest(registry).decode()
 
 
@@ -298,24 +301,24 @@ def test_boots_and_shutdowns_are_recorded_beside_the_pet(tmp_path: Path) -> None
     tracker.qemu_started(os.getpid())
     tracker.finished("hard")
     tracker.qemu_started(os.getpid())
-    record = metrics.read_runs(tracker.sources.runs_file)
+    record = runs.read_runs(tracker.sources.runs_file)
     assert record == {"boots": 2, "clean": 0, "hard": 1, "crashed": 0}
     tracker.sources.runs_file.write_text('{"boots": -3, "clean": "x", "hard": true}')
-    assert metrics.read_runs(tracker.sources.runs_file) == {"boots": 0, "clean": 0, "hard": 0, "crashed": 0}
+    assert runs.read_runs(tracker.sources.runs_file) == {"boots": 0, "clean": 0, "hard": 0, "crashed": 0}
 
 
 def test_the_run_state_is_saved_for_status_and_removed_at_the_end(tmp_path: Path) -> None:
     tracker = _tracker(tmp_path)
     tracker.state.image.name = "base.qcow2"
     tracker.set(phase="running", qemu_pid=os.getpid(), started=1.0, accel="tcg")
-    saved = metrics.load_state(tmp_path / "run")
+    saved = state.load_state(tmp_path / "run")
     assert saved is not None and saved.phase == "running" and saved.image.name == "base.qcow2"
-    own = {f.name for f in metrics.process_figures(os.getpid())}
+    own = {f.name for f in sources.process_figures(os.getpid())}
     assert {"podvm_vm_cpu_usage_seconds_total", "podvm_vm_memory_resident_bytes"} <= own
     tracker.forget()
-    assert metrics.load_state(tmp_path / "run") is None
-    (tmp_path / "run" / metrics.STATE_FILE).write_text('{"phase": 1, "image": []}')
-    assert metrics.load_state(tmp_path / "run") is None
+    assert state.load_state(tmp_path / "run") is None
+    (tmp_path / "run" / state.STATE_FILE).write_text('{"phase": 1, "image": []}')
+    assert state.load_state(tmp_path / "run") is None
 
 
 def test_the_runner_follows_the_handshake_on_the_metrics_port(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -327,7 +330,7 @@ def test_the_runner_follows_the_handshake_on_the_metrics_port(tmp_path: Path, ca
     assert "METRICS_PORT=9100 but the sidecar's handshake says metrics_port=unset; following the handshake" in (
         caplog.text
     )
-    assert tracker.state.phase == "fetching" and metrics.load_state(tmp_path) is not None
+    assert tracker.state.phase == "fetching" and state.load_state(tmp_path) is not None
     tracker.forget()
     caplog.clear()
     cli._start_metrics(load(env), samples.handshake(metrics_port=None))
@@ -338,49 +341,49 @@ def test_a_flood_of_scrapes_gathers_once_a_second(tmp_path: Path, monkeypatch: p
     """Anyone who reaches the pod IP can scrape: the figures (a QMP query among them) are gathered at most once per
     GATHER_EVERY however many requests arrive."""
     calls: list[float] = []
-    real = metrics.gather
+    real = sources.gather
 
     def counting(*args: Any) -> list[figures.Figure]:
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(metrics, "gather", counting)
+    monkeypatch.setattr(endpoint, "gather", counting)
     tracker = _tracker(tmp_path)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(metrics.Collector(tracker))
+    registry.register(endpoint.Collector(tracker))
     for _ in range(20):
         generate_latest(registry)
     assert len(calls) == 1
-    monkeypatch.setattr(metrics, "GATHER_EVERY", 0.0)
+    monkeypatch.setattr(endpoint, "GATHER_EVERY", 0.0)
     generate_latest(registry)
     assert len(calls) == 2
 
 
 def test_vetting_and_outcome_are_recorded_on_the_way_out(tmp_path: Path) -> None:
     tracker = _tracker(tmp_path)
-    with pytest.raises(ImageRejected), metrics.fetching(tracker, "base.qcow2"):
+    with pytest.raises(ImageRejected), tracking.fetching(tracker, "base.qcow2"):
         raise ImageRejected("refused")
     assert tracker.state.image.vetting == "refused"
-    with metrics.fetching(tracker, "base.qcow2"):
+    with tracking.fetching(tracker, "base.qcow2"):
         pass
     assert tracker.state.image.vetting == "accepted"
     for raised, outcome in ((StoppedHard("x"), "hard"), (ChildFailed("x"), "crashed")):
-        with pytest.raises(type(raised)), metrics.outcome(tracker):
+        with pytest.raises(type(raised)), tracking.outcome(tracker):
             raise raised
-        assert metrics.read_runs(tracker.sources.runs_file)[outcome] == 1
-    with metrics.outcome(tracker):
+        assert runs.read_runs(tracker.sources.runs_file)[outcome] == 1
+    with tracking.outcome(tracker):
         pass
-    assert metrics.read_runs(tracker.sources.runs_file) == {"boots": 0, "clean": 1, "hard": 1, "crashed": 1}
+    assert runs.read_runs(tracker.sources.runs_file) == {"boots": 0, "clean": 1, "hard": 1, "crashed": 1}
     assert tracker.state.phase == "stopped"
 
 
 def test_backup_figures_come_from_the_last_record_and_a_bad_record_gives_none(tmp_path: Path) -> None:
     root = tmp_path / "backup" / "vm-0"
-    assert metrics.backup_figures(root) == [], "no backup yet: no figures"
+    assert sources.backup_figures(root) == [], "no backup yet: no figures"
     root.mkdir(parents=True)
     write_last(root, Result("incremental", "c.3", 3 << 20, 4 << 20, 2.5, True, "froze 1 file systems"), ok=True)
     write_last(root, None, ok=False, error="QMP: qemu stopped answering")
-    got = {(f.name, f.labels): f.value for f in metrics.backup_figures(root)}
+    got = {(f.name, f.labels): f.value for f in sources.backup_figures(root)}
     assert got[("podvm_backup_last_result", (("result", "failed"),))] == 1
     assert got[("podvm_backup_last_result", (("result", "ok"),))] == 0
     assert got[("podvm_backup_last_success_kind", (("kind", "incremental"),))] == 1
@@ -391,7 +394,7 @@ def test_backup_figures_come_from_the_last_record_and_a_bad_record_gives_none(tm
     assert got[("podvm_backup_last_success_timestamp_seconds", ())] > 0
     assert all(name in CATALOG for name, _ in got)
     (root / "last.json").write_text('{"last": {"time": -5, "result": "ok"}, "last_success": "x"}')
-    bad = {(f.name, f.labels): f.value for f in metrics.backup_figures(root)}
+    bad = {(f.name, f.labels): f.value for f in sources.backup_figures(root)}
     assert bad == {
         ("podvm_backup_last_attempt_timestamp_seconds", ()): 0.0,  # a negative time is not reported as such
         ("podvm_backup_last_result", (("result", "ok"),)): 1.0,
@@ -400,8 +403,8 @@ def test_backup_figures_come_from_the_last_record_and_a_bad_record_gives_none(tm
 
 
 def _producers() -> dict[Path, set[str]]:
-    """Every module of the product that makes figures (it imports ``figure`` or ``Figure`` from shared.figures),
-    with every metric name written in it."""
+    """Every module of the product that makes figures (it calls ``figure`` or ``Figure`` of shared.figures; a module
+    that only names the type is not one), with every metric name written in it."""
     found: dict[Path, set[str]] = {}
     for package in ("netsidecar", "vmrunner"):
         for path in sorted((REPO / package).rglob("*.py")):
@@ -412,7 +415,12 @@ def _producers() -> dict[Path, set[str]]:
                 if isinstance(node, ast.ImportFrom) and node.module == "shared.figures"
                 for alias in node.names
             }
-            if imports & {"figure", "Figure"}:
+            calls = {
+                node.func.id
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            }
+            if imports & calls & {"figure", "Figure"}:
                 found[path.relative_to(REPO)] = {
                     node.value
                     for node in ast.walk(tree)

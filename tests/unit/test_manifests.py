@@ -10,15 +10,15 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from netsidecar.capabilities import RUN_CAPABILITIES
 from netsidecar.config import read_settings
-from netsidecar.kernel import RUN_CAPABILITIES
 from shared import shutdown
 from shared.env import Env, parse_size
 from shared.figures import CATALOG, sample_name
 from shared.handshake import Ipv6
 from tests.harness import samples
-from vmrunner import configdrive
 from vmrunner.config import DRIVE_KINDS, load
+from vmrunner.run import configdrive
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 # The oldest release the native sidecar needs, and the newest the validator knows.

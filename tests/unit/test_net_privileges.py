@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from netsidecar import paths
-from netsidecar.kernel import RUN_CAPABILITIES, missing_capabilities
+from netsidecar.capabilities import RUN_CAPABILITIES, missing_capabilities
 from shared.errors import ConfigError
 from shared.files import write_atomic
 

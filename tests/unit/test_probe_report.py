@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from netsidecar.figures import rule_figures
 from netsidecar.probe.report import (
     Advert,
     Check,
@@ -216,3 +217,13 @@ def test_nd_verdicts_report_duplicates() -> None:
 def test_ipv6_rules_are_named_apart() -> None:
     rules = [Rule("ip6 podvm", "prerouting", "fd00::2", False, 3), Rule("ip6 podvm", "postrouting", None, True, 1)]
     assert [c.name for c in judge_rules(rules, "fd00::2", "6")] == ["nft dnat6", "nft snat6"]
+
+
+def test_the_probe_and_the_figures_read_a_guard_counter_alike() -> None:
+    """One parser of nftables rules serves both: the probe's drop count is the figure the metrics serve."""
+    rule = {"family": "netdev", "table": "podvm", "chain": "from-tap", "comment": "guest: a",
+            "expr": [{"counter": {"packets": 5, "bytes": 300}}, {"drop": None}]}  # fmt: skip
+    (probed,) = rules_from_ruleset({"nftables": [{"rule": rule}]})
+    served = {f.name: f.value for f in rule_figures([rule])}
+    assert probed.packets == served["podvm_guard_dropped_packets_total"] == 5
+    assert served["podvm_guard_dropped_bytes_total"] == 300

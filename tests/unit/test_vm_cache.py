@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ConfigError
-from vmrunner.binding import Trust, doubt
-from vmrunner.cache import DigestFacts, Layout, NameRecord, Ref, judge_digest, lock_problem, locked, matches_checksum
 from vmrunner.config import load, name_key, redact
+from vmrunner.images.gc import DigestFacts, judge_digest
+from vmrunner.images.layout import Layout, lock_problem, locked
+from vmrunner.images.names import NameRecord, matches_checksum
+from vmrunner.images.refs import Ref
+from vmrunner.pet.binding import Trust, doubt
 
 HEX = "ab" * 32
 OTHER = "cd" * 32

@@ -17,11 +17,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from shared.errors import ConfigError
 from tests.harness import samples
 from tests.harness.portforward import free_port
-from vmrunner import console, web
 from vmrunner.cli import console_duties, dispatch, web_plan
 from vmrunner.config import ConsoleConfig, load
-from vmrunner.qemu import RunPaths, plan_qemu
-from vmrunner.supervise import Supervisor
+from vmrunner.console import web
+from vmrunner.console.broker import REPLAY_BYTES, VIEWER_BACKLOG, Broker, serve
+from vmrunner.run.argv import RunPaths, plan_qemu
+from vmrunner.run.supervisor import Supervisor
 
 BASE = {"IMG_SOURCE": "https://example.org/images/debian-12.qcow2", "HOSTNAME": "vm-0"}
 TOKEN = "a-token-of-24-characters"  # noqa: S105 a test token
@@ -184,12 +185,12 @@ async def eventually(check: Callable[[], bool]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_broker(tmp_path: Path) -> AsyncIterator[tuple[FakeSerial, console.Broker, Path]]:
+async def running_broker(tmp_path: Path) -> AsyncIterator[tuple[FakeSerial, Broker, Path]]:
     serial = FakeSerial()
     server = await asyncio.start_unix_server(serial.connected, tmp_path / "serial.sock")
-    broker = console.Broker(tmp_path / "serial.sock")
+    broker = Broker(tmp_path / "serial.sock")
     sock = tmp_path / "console.sock"
-    tasks = [asyncio.create_task(broker.run()), asyncio.create_task(console.serve(broker, sock))]
+    tasks = [asyncio.create_task(broker.run()), asyncio.create_task(serve(broker, sock))]
     try:
         await eventually(lambda: bool(serial.clients) and sock.exists())
         yield serial, broker, sock
@@ -234,11 +235,11 @@ def test_a_stalled_viewer_is_dropped_and_the_others_keep_up(tmp_path: Path) -> N
                     got.extend(data)
 
             reader = asyncio.create_task(read())
-            for sent in range(1, console.VIEWER_BACKLOG + 10):
+            for sent in range(1, VIEWER_BACKLOG + 10):
                 serial.say(b"x" * 100)  # one chunk at a time, each read by the active viewer before the next
                 await eventually(lambda: len(got) >= sent * 100)  # noqa: B023 awaited within the iteration
             assert stalled not in broker.viewers and active in broker.viewers
-            assert broker.recent_size < console.REPLAY_BYTES + 100  # the replay stays small whatever the guest says
+            assert broker.recent_size < REPLAY_BYTES + 100  # the replay stays small whatever the guest says
             reader.cancel()
 
     asyncio.run(scenario())
@@ -255,7 +256,7 @@ def serve_app(tmp_path: Path, token: bytes | None, check: Callable[[Client], Awa
                         display=tmp_path / "display.sock")  # fmt: skip
 
     async def scenario() -> None:
-        app = web.ConsoleServer(plan, console.Broker(tmp_path / "none.sock"), token).app()
+        app = web.ConsoleServer(plan, Broker(tmp_path / "none.sock"), token).app()
         async with TestClient(TestServer(app)) as client:
             await check(client)
 
@@ -335,7 +336,7 @@ def test_the_serial_websocket_is_a_broker_viewer(tmp_path: Path) -> None:
 def test_missing_client_libraries_are_named(tmp_path: Path) -> None:
     plan = web.plan_web(6080, None, pod_addresses=(), token=False, assets=tmp_path, display=tmp_path / "d.sock")
     with pytest.raises(ConfigError, match=rf"^CONSOLE_ASSETS={tmp_path}: no @novnc/novnc there"):
-        asyncio.run(web.serve(plan, console.Broker(tmp_path / "s.sock"), None))
+        asyncio.run(web.serve(plan, Broker(tmp_path / "s.sock"), None))
     assert not os.listdir(tmp_path)
 
 

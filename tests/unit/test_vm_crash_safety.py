@@ -9,10 +9,12 @@ import pytest
 
 from shared.errors import ConfigError
 from tests.harness import samples
-from vmrunner import diskwatch, metrics
 from vmrunner.config import load
-from vmrunner.diskwatch import Seen, step
-from vmrunner.qemu import plan_qemu
+from vmrunner.metrics import runs, sources
+from vmrunner.metrics.tracker import Tracker
+from vmrunner.run import diskwatch
+from vmrunner.run.argv import plan_qemu
+from vmrunner.run.diskwatch import Seen, step
 
 MIB = 1 << 20
 VM_DIR = Path("/vm")
@@ -86,10 +88,10 @@ def test_vm_dir_min_free_is_a_size() -> None:
         load({**ENV, "VM_DIR_MIN_FREE": "lots"})
 
 
-def tracker(tmp_path: Path) -> metrics.Tracker:
+def tracker(tmp_path: Path) -> Tracker:
     (tmp_path / "run").mkdir(exist_ok=True)
-    sources = metrics.Sources(tmp_path / "run", tmp_path, metrics.runs_file(tmp_path, "vm-0"), tmp_path / "no.sock")
-    return metrics.Tracker(sources, "vm-0")
+    found = sources.Sources(tmp_path / "run", tmp_path, runs.runs_file(tmp_path, "vm-0"), tmp_path / "no.sock")
+    return Tracker(found, "vm-0")
 
 
 @pytest.mark.parametrize(
@@ -114,14 +116,14 @@ def test_the_next_start_says_how_the_previous_run_ended(
     if said is None:
         assert warnings == []
     else:
-        assert len(warnings) == 1 and said in warnings[0] and str(metrics.runs_file(tmp_path, "vm-0")) in warnings[0]
-    assert metrics.read_runs(metrics.runs_file(tmp_path, "vm-0"))["boots"] == 2
+        assert len(warnings) == 1 and said in warnings[0] and str(runs.runs_file(tmp_path, "vm-0")) in warnings[0]
+    assert runs.read_runs(runs.runs_file(tmp_path, "vm-0"))["boots"] == 2
 
 
 def test_a_first_boot_and_an_older_record_say_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     tracker(tmp_path).qemu_started(os.getpid())
-    metrics.runs_file(tmp_path, "vm-0").write_text('{"boots": 3, "clean": 2, "hard": 0, "crashed": 0}')
+    runs.runs_file(tmp_path, "vm-0").write_text('{"boots": 3, "clean": 2, "hard": 0, "crashed": 0}')
     tracker(tmp_path).qemu_started(os.getpid())
-    metrics.runs_file(tmp_path, "vm-0").write_text('{"boots": 3, "last": ["running"]}')
+    runs.runs_file(tmp_path, "vm-0").write_text('{"boots": 3, "last": ["running"]}')
     tracker(tmp_path).qemu_started(os.getpid())
     assert [r for r in caplog.records if r.levelno == logging.WARNING] == []

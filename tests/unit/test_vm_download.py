@@ -7,7 +7,7 @@ import pytest
 
 from shared.errors import ConfigError, ImageRejected
 from vmrunner.config import load, redact
-from vmrunner.image import Entity, NotTheSameFile, Part, WriteFailed, entity_of, judge_answer
+from vmrunner.images.download import Entity, NotTheSameFile, Part, WriteFailed, entity_of, judge_answer
 
 FILE = Entity(length=1000, etag='"abc"', last_modified="Tue, 14 Nov 2023 22:13:20 GMT")
 BY_DATE = Entity(length=1000, etag=None, last_modified="Tue, 14 Nov 2023 22:13:20 GMT")

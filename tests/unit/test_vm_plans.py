@@ -19,14 +19,14 @@ import yaml
 from shared.errors import ConfigError, ImageRejected
 from shared.handshake import Ipv6
 from tests.harness import samples
-from vmrunner import configdrive
 from vmrunner.config import Checksum, Config, load, parse_checksum
-from vmrunner.image import Progress
-from vmrunner.pet import plan_create, plan_flatten, plan_grow, plan_rebase, plan_repoint
-from vmrunner.qemu import choose_accel, plan_qemu, vnc_enabled
-from vmrunner.supervise import Supervisor, escape_controls
-from vmrunner.vet import judge
-from vmrunner.vnc import read_password
+from vmrunner.images.download import Progress
+from vmrunner.images.vet import judge
+from vmrunner.pet.disk import plan_create, plan_flatten, plan_grow, plan_rebase, plan_repoint
+from vmrunner.run import configdrive
+from vmrunner.run.argv import choose_accel, plan_qemu, vnc_enabled
+from vmrunner.run.supervisor import Supervisor, escape_controls
+from vmrunner.run.vnc import read_password
 
 BASE = {"IMG_SOURCE": "https://example.org/images/debian-12.qcow2", "HOSTNAME": "vm-0"}
 HS = samples.handshake(dns=("10.96.0.10",), search=("svc.cluster.local",))

@@ -17,10 +17,13 @@ from shared.errors import ImageRejected, PodvmError
 from tests.harness.httpserver import Server
 from tests.harness.paths import VMRUNNER
 from tests.harness.pod import runner_env
-from vmrunner import vet
-from vmrunner.binding import prepare, read_trust, rebase, trust_path
-from vmrunner.cache import Layout, collect, ensure_image, locked, references
 from vmrunner.config import Config, load
+from vmrunner.images import vet
+from vmrunner.images.gc import collect
+from vmrunner.images.layout import Layout, locked
+from vmrunner.images.refs import references
+from vmrunner.images.store import ensure_image
+from vmrunner.pet.binding import prepare, read_trust, rebase, trust_path
 
 
 def qemu_img(*args: str) -> str:

@@ -16,7 +16,7 @@ from shared.handshake import Ipv6
 from tests.harness import samples
 from tests.harness.paths import REPO, VMRUNNER
 from tests.harness.pod import require, runner_env
-from vmrunner import configdrive
+from vmrunner.run import configdrive
 
 CLOUD_INIT_CACHE = REPO / ".cache" / "cloud-init"
 RUN_DIR_SIZE = parse_size("2Mi")  # the run volume's sizeLimit in deploy/ (tests/unit/test_manifests.py checks it)

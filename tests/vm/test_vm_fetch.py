@@ -17,9 +17,11 @@ from tests.harness.httpserver import Server
 from tests.harness.paths import VMRUNNER
 from tests.harness.pod import runner_env
 from tests.harness.wait import until
-from vmrunner.cache import Layout, ensure_image, read_name
 from vmrunner.config import Config, load
-from vmrunner.metrics import FETCH, ImageFigures
+from vmrunner.images.download import FETCH, ImageFigures
+from vmrunner.images.layout import Layout
+from vmrunner.images.names import read_name
+from vmrunner.images.store import ensure_image
 
 
 def cache_names(root: Path) -> list[str]:

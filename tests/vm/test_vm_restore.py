@@ -12,9 +12,10 @@ import pytest
 from shared.errors import ConfigError, PodvmError
 from tests.harness.paths import VMRUNNER
 from tests.harness.pod import runner_env
-from vmrunner import backup
-from vmrunner.backup import Chain, Point
-from vmrunner.backupjob import locked, restore
+from vmrunner.backups import plans
+from vmrunner.backups.job import locked
+from vmrunner.backups.plans import Chain, Point
+from vmrunner.backups.restore import restore
 from vmrunner.config import Config, load
 
 CHAIN = "20261128T040000Z"
@@ -48,14 +49,14 @@ def chain(tmp_path: Path) -> Iterator[tuple[Config, list[str]]]:
     digests: list[str] = []
     for seq, offset in enumerate(("0", "4M", "8M")):
         kind = "full" if seq == 0 else "incremental"
-        name = backup.point_file(seq, kind)
+        name = plans.point_file(seq, kind)
         backing = ["-F", "qcow2", "-b", points[-1].file] if points else []
         qemu("qemu-img", "create", "-q", "-f", "qcow2", *backing, str(directory / name), str(SIZE))
         for target in (directory / name, reference):
             qemu("qemu-io", "-f", "qcow2", "-c", f"write -P {seq + 1} {offset} 1M", str(target))
         points.append(Point(seq, kind, name, f"2026-11-28T04:0{seq}:00Z", 1795838400.0 + 60 * seq, 1, 1, 0.1, False))
         digests.append(raw_digest(reference))
-    (directory / backup.MANIFEST).write_bytes(backup.manifest_document(Chain(CHAIN, SIZE, tuple(points))))
+    (directory / plans.MANIFEST).write_bytes(plans.manifest_document(Chain(CHAIN, SIZE, tuple(points))))
     yield cfg, digests
 
 
@@ -102,7 +103,7 @@ def test_the_command_line_says_one_line_for_a_missing_chain(tmp_path: Path) -> N
 
 def test_two_backups_never_run_at_once(tmp_path: Path) -> None:
     cfg = load(runner_env(tmp_path, BACKUP_DIR=str(tmp_path / "backup")), image=False)
-    root = backup.vm_root(cfg.backup_dir, cfg.hostname)
+    root = plans.vm_root(cfg.backup_dir, cfg.hostname)
     with locked(cfg, root):
         done = subprocess.run(
             [*VMRUNNER, "backup"], env=runner_env(tmp_path, BACKUP_DIR=str(tmp_path / "backup")),

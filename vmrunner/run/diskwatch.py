@@ -1,7 +1,7 @@
 """The watch on a full VM_DIR: a VM that qemu paused because its pet disk could not grow is named in one log line,
 and resumed by the runner once VM_DIR has room again.
 
-The pet's drive runs with ``werror=enospc`` (:mod:`vmrunner.qemu`): when a write of the guest cannot get space on
+The pet's drive runs with ``werror=enospc`` (:mod:`vmrunner.run.argv`): when a write of the guest cannot get space on
 VM_DIR, qemu stops the VM (run state ``io-error``) and keeps the failed request to retry it on ``cont``; the guest
 sees a pause, not an I/O error, and its disk stays consistent. Without a watch the VM would stay paused until someone
 typed ``cont`` into qemu's monitor. The watch is a Supervisor duty: every few seconds one short QMP call on the
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import PodvmError
-from vmrunner.supervise import Duty, qmp_execute
+from vmrunner.run.supervisor import Duty, qmp_execute
 
 log = logging.getLogger("vmrunner")
 POLL_EVERY = 3.0  # seconds between two looks; a paused VM waits at most this long after space was freed

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from shared.errors import ConfigError
 from shared.files import read_small
-from vmrunner.qemu import PET_NODE
+from vmrunner.run.argv import PET_NODE
 
 Argv = tuple[str, ...]
 BITMAP_PREFIX = "podvm-"

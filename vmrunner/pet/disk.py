@@ -2,7 +2,7 @@
 
 A pet is an overlay on a cached base (``VM_DISK_MODE=overlay``) or a standalone qcow2 without a backing file.
 Every change that touches which base it uses (create, re-point, rebase, flatten) is planned here and applied by
-``vmrunner.binding``, which checks the base first.
+``vmrunner.pet.binding``, which checks the base first.
 """
 
 import json

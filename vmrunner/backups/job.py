@@ -1,11 +1,10 @@
-"""Backups and restores applied: the plans of :mod:`vmrunner.backup` carried out through qemu-img and short QMP
+"""Backups applied: the plans of :mod:`vmrunner.backups.plans` carried out through qemu-img and short QMP
 calls, one backup at a time (a lock on the VM's backup directory), with a progress line every few seconds and one
 result line per backup.
 
 QMP calls are short (one connection per command, bounded by a timeout) so that a backup never holds the monitor
 the shutdown needs. A backup whose outcome is unknown (the process killed, qemu gone mid-job) leaves its target
-under a ``.partial`` name: the previous chain stays usable, and the next backup removes it and starts a new chain.
-"""
+under a ``.partial`` name: the previous chain stays usable, and the next backup removes it and starts a new chain."""
 
 import asyncio
 import contextlib
@@ -16,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -25,20 +23,35 @@ from pathlib import Path
 
 from shared.errors import ConfigError, PodvmError
 from shared.files import open_directory, write_atomic
-from vmrunner import agent, backup
-from vmrunner.backup import JOB_ID, LAST, LOCK, MANIFEST, TARGET_NODE, BackupPlan, Chain, Point
+from vmrunner.backups import plans
+from vmrunner.backups.plans import JOB_ID, LAST, LOCK, MANIFEST, TARGET_NODE, BackupPlan, Chain, Point
 from vmrunner.config import Config
-from vmrunner.qemu import PET_NODE, RunPaths
-from vmrunner.supervise import Duty, qmp_execute
+from vmrunner.run import agent
+from vmrunner.run.argv import PET_NODE, RunPaths
+from vmrunner.run.supervisor import Duty, qmp_execute
 
 log = logging.getLogger("vmrunner.backup")
+
+
 PROGRESS_EVERY = 5.0  # seconds between progress lines
+
+
 POLL_EVERY = 0.2
+
+
 QMP_FAILURES = 8  # consecutive failed polls (a few seconds of a silent qemu) that end a backup
+
+
 ABANDON_TIMEOUT = 3.0  # what a cancelled backup may spend cancelling its job: it must not hold the shutdown
+
+
 TOOL_TIMEOUT = 60.0  # qemu-img create, info and check on the backup volume
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
 @dataclass(frozen=True)
@@ -58,12 +71,12 @@ class Result:
         rate = self.copied / self.seconds / 1e6 if self.seconds > 0 else 0.0
         frozen = "yes" if self.frozen else f"no ({self.why_not_frozen})"
         return (
-            f"backup {self.point} done: {self.kind}, copied {_mib(self.copied)} (file {_mib(self.size)}) "
+            f"backup {self.point} done: {self.kind}, copied {mib(self.copied)} (file {mib(self.size)}) "
             f"in {self.seconds:.1f} s, {rate:.1f} MB/s, frozen: {frozen}"
         )
 
 
-def _mib(n: int) -> str:
+def mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
@@ -170,7 +183,7 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = open_directory(path)
     try:
         os.fsync(fd)
@@ -184,7 +197,7 @@ async def run_backup(cfg: Config, *, want_full: bool = False) -> Result:
 
     :raise PodvmError: naming what failed; the chains on the volume are as they were before.
     """
-    root = backup.vm_root(cfg.backup_dir, cfg.hostname)
+    root = plans.vm_root(cfg.backup_dir, cfg.hostname)
     with locked(cfg, root):
         try:
             return await _locked_backup(cfg, root, want_full)
@@ -195,14 +208,14 @@ async def run_backup(cfg: Config, *, want_full: bool = False) -> Result:
 async def plan_next(cfg: Config, root: Path, *, want_full: bool) -> tuple[BackupPlan, list[Path]]:
     """The next backup's plan from the volume and qemu's bitmaps, and what interrupted backups left on the volume
     (removed before it runs); reads only, for ``vmrunner backup --plan`` as for the backup itself."""
-    chains, broken = backup.read_chains(root)
+    chains, broken = plans.read_chains(root)
     newest = root / chains[-1].id if chains else None
-    interrupted = newest is not None and any(p.name.endswith(backup.PARTIAL) for p in newest.iterdir())
+    interrupted = newest is not None and any(p.name.endswith(plans.PARTIAL) for p in newest.iterdir())
     nodes = await _qmp(cfg, "query-named-block-nodes", {"flat": True})
-    bitmaps = backup.parse_bitmaps(nodes)
+    bitmaps = plans.parse_bitmaps(nodes)
     size = _virtual_size(nodes)
     missing = tuple(p.file for p in chains[-1].points if not (root / chains[-1].id / p.file).exists()) if chains else ()
-    decision = backup.decide(
+    decision = plans.decide(
         chains,
         bitmaps,
         size,
@@ -211,14 +224,14 @@ async def plan_next(cfg: Config, root: Path, *, want_full: bool) -> tuple[Backup
         chain_length=cfg.backup_chain_length,
         missing=missing,
     )
-    chain_id = backup.new_chain_id(datetime.now(UTC), {c.id for c in chains} | {p.name for p in broken})
-    plan = backup.plan_backup(root, decision, size, bitmaps, chain_id=chain_id, speed=cfg.backup_speed)
-    return plan, backup.leftovers(root, chains, broken)
+    chain_id = plans.new_chain_id(datetime.now(UTC), {c.id for c in chains} | {p.name for p in broken})
+    plan = plans.plan_backup(root, decision, size, bitmaps, chain_id=chain_id, speed=cfg.backup_speed)
+    return plan, plans.leftovers(root, chains, broken)
 
 
 async def show_plan(cfg: Config, *, want_full: bool) -> dict[str, object]:
     """``vmrunner backup --plan``: the next backup as data, changing nothing."""
-    root = backup.vm_root(cfg.backup_dir, cfg.hostname)
+    root = plans.vm_root(cfg.backup_dir, cfg.hostname)
     plan, leftovers = await plan_next(cfg, root, want_full=want_full)
     document = asdict(plan)
     document.update(directory=str(plan.directory), partial=str(plan.partial), final=str(plan.final))
@@ -295,7 +308,7 @@ async def _follow(cfg: Config) -> dict[str, object]:
             last_line = time.monotonic()
             done, total = job.get("current-progress"), job.get("total-progress")
             if isinstance(done, int) and isinstance(total, int) and total > 0:
-                log.info("backup: %d%% (%s of %s)", done * 100 // total, _mib(done), _mib(total))
+                log.info("backup: %d%% (%s of %s)", done * 100 // total, mib(done), mib(total))
 
 
 async def _abandon(cfg: Config, plan: BackupPlan, *, started: bool) -> None:
@@ -336,7 +349,7 @@ def _record(
 ) -> Result:
     """Rename the completed target into the chain, write the manifest, apply retention, record the figures."""
     os.rename(plan.partial, plan.final)
-    _fsync_dir(plan.directory)
+    fsync_dir(plan.directory)
     copied = job.get("total-progress")
     point = Point(
         seq=plan.seq,
@@ -350,10 +363,10 @@ def _record(
         frozen=freeze.frozen,
     )
     chain = Chain(plan.chain_id, plan.virtual_size, (*plan.previous, point))
-    write_atomic(plan.directory / MANIFEST, backup.manifest_document(chain))
+    write_atomic(plan.directory / MANIFEST, plans.manifest_document(chain))
     result = Result(plan.kind, chain.point_id(point), point.copied, point.size, seconds, freeze.frozen, freeze.why)
     if plan.kind == "full":
-        for old in backup.plan_retention(backup.read_chains(root)[0], cfg.backup_keep):
+        for old in plans.plan_retention(plans.read_chains(root)[0], cfg.backup_keep):
             log.info("backup: removing chain %s (BACKUP_KEEP=%d)", old, cfg.backup_keep)
             shutil.rmtree(root / old)
     write_last(root, result, ok=True)
@@ -363,7 +376,7 @@ def _record(
 
 def write_last(root: Path, result: Result | None, *, ok: bool, error: str = "") -> None:
     """Record the last attempt (and keep the last success) for ``vmrunner status`` and the metrics."""
-    record = backup.read_last(root)
+    record = plans.read_last(root)
     attempt: dict[str, object] = {"time": time.time(), "result": "ok" if ok else "failed", "error": error[:300]}
     if result is not None:
         attempt.update(
@@ -390,7 +403,7 @@ async def backup_logged(cfg: Config, *, want_full: bool = False) -> Result | Non
     except PodvmError as err:
         log.error("backup failed: %s", err)
         if "another backup is running" not in str(err):
-            write_last(backup.vm_root(cfg.backup_dir, cfg.hostname), None, ok=False, error=str(err))
+            write_last(plans.vm_root(cfg.backup_dir, cfg.hostname), None, ok=False, error=str(err))
         return None
 
 
@@ -410,13 +423,13 @@ async def on_demand(cfg: Config, *, want_full: bool) -> Result | None:
 
 def schedule(cfg: Config, interval: float) -> Duty:
     """The Supervisor duty of BACKUP_INTERVAL: a backup every ``interval`` seconds while qemu runs, counted from the
-    last success recorded on the backup volume (see :func:`vmrunner.backup.next_backup_in`)."""
-    root = backup.vm_root(cfg.backup_dir, cfg.hostname)
+    last success recorded on the backup volume (see :func:`vmrunner.backups.plans.next_backup_in`)."""
+    root = plans.vm_root(cfg.backup_dir, cfg.hostname)
 
     async def backup_schedule() -> None:
         first = True
         while True:
-            delay = backup.next_backup_in(backup.read_last(root), time.time(), interval, first=first)
+            delay = plans.next_backup_in(plans.read_last(root), time.time(), interval, first=first)
             if first:
                 log.info("next scheduled backup in %.0fs", delay)
             first = False
@@ -424,101 +437,3 @@ def schedule(cfg: Config, interval: float) -> Duty:
             await backup_logged(cfg)
 
     return backup_schedule
-
-
-def _check_chain(cfg: Config, chain_dir: Path, chain: Chain, point: Point) -> None:
-    """Every file the point is read through exists, passes ``qemu-img check``, and is backed by exactly the point
-    before it in the same directory (a tampered header cannot make the restore read another file).
-
-    :raise PodvmError: naming the file at fault.
-    """
-    for name, backing in backup.expected_backings(chain, point):
-        path = chain_dir / name
-        if not path.is_file() or path.is_symlink():
-            raise PodvmError(f"{path}: missing from the backup volume; point {chain.point_id(point)} cannot be read")
-        argv = ("qemu-img", "info", "-f", "qcow2", "--output=json", str(path))
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT, check=False)
-            info = json.loads(done.stdout) if done.returncode == 0 else None
-        except (subprocess.TimeoutExpired, ValueError):
-            info = None
-        if not isinstance(info, dict):
-            raise PodvmError(f"{path}: not a readable qcow2; point {chain.point_id(point)} cannot be restored")
-        got = info.get("backing-filename")
-        fmt = info.get("backing-filename-format")
-        if got != backing or (backing is not None and fmt != "qcow2") or info.get("data-file"):
-            raise PodvmError(f"{path}: its header names the backing file {got!r}, expected {backing!r}; refused")
-        check = subprocess.run(
-            ("qemu-img", "check", "-q", "-f", "qcow2", str(path)), capture_output=True, text=True, check=False
-        )
-        if check.returncode != 0:
-            last = (check.stderr.strip().splitlines() or check.stdout.strip().splitlines() or ["damaged"])[-1]
-            raise PodvmError(f"{path}: qemu-img check found damage ({last}); point {chain.point_id(point)} refused")
-
-
-def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) -> Path:
-    """Make a standalone pet from a backup point: into VM_DIR as ``<hostname>.qcow2`` (or ``<name>.qcow2``),
-    never over an existing disk unless ``overwrite``.
-
-    :raise ConfigError: for an unknown point, a bad name, or an existing disk without ``overwrite``.
-    :raise PodvmError: for a damaged chain, a disk in use, or a failed copy.
-    """
-    if name is not None and not _NAME.match(name):
-        raise ConfigError(f"restore --name {name!r}: expected up to 63 letters, digits and '-'")
-    root = backup.vm_root(cfg.backup_dir, cfg.hostname)
-    chains, _ = backup.read_chains(root)
-    chain, point = backup.select_point(chains, wanted)
-    chain_dir = root / chain.id
-    dest = cfg.vm_dir / f"{name or cfg.hostname}.qcow2"
-    if dest.exists() and not overwrite:
-        raise ConfigError(
-            f"{dest} exists: restore beside it with --name NAME, or replace it with --overwrite (with the VM stopped)"
-        )
-    _check_chain(cfg, chain_dir, chain, point)
-    if dest.exists():
-        in_use = subprocess.run(
-            ("qemu-img", "info", "-f", "qcow2", str(dest)), capture_output=True, text=True, check=False
-        )
-        if "lock" in in_use.stderr:
-            raise PodvmError(f"{dest}: in use by a running qemu; stop the VM before restoring over it")
-    staging = cfg.vm_dir / f".{dest.name}.restore.tmp"
-    log.info("restore: point %s (%s, taken %s) into %s", chain.point_id(point), point.kind, point.time, dest)
-    started = time.monotonic()
-    try:
-        _convert(backup.plan_restore(chain_dir, point, staging), dest)
-        os.rename(staging, dest)
-        _fsync_dir(dest.parent)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
-    if overwrite:
-        (cfg.vm_dir / f".{dest.name}.base.json").unlink(missing_ok=True)  # the old disk's base record
-    log.info(
-        "restore done: %s from point %s in %.1f s (%s); boot it with vmrunner run",
-        dest,
-        chain.point_id(point),
-        time.monotonic() - started,
-        _mib(dest.stat().st_size),
-    )
-    return dest
-
-
-def _convert(argv: tuple[str, ...], dest: Path) -> None:
-    """Run ``qemu-img convert -p`` with a progress line every PROGRESS_EVERY seconds."""
-    try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise PodvmError("qemu-img is not installed (it is part of qemu-utils)") from None
-    assert proc.stdout is not None and proc.stderr is not None
-    last = time.monotonic()
-    while chunk := os.read(proc.stdout.fileno(), 4096):
-        found = _PROGRESS.findall(chunk)
-        if found and time.monotonic() - last >= PROGRESS_EVERY:
-            last = time.monotonic()
-            log.info("restore: %s%%", found[-1].decode())
-    err = proc.stderr.read().decode(errors="replace")
-    if proc.wait() != 0:
-        if "No space left on device" in err:
-            raise PodvmError(f"VM_DIR={dest.parent}: no space left on device while restoring")
-        line = (err.strip().splitlines() or ["(no error output)"])[-1]
-        raise PodvmError(f"restore into {dest} failed: qemu-img convert: {line}")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from shared.errors import ConfigError
-from vmrunner.console import CHUNK, Broker
+from vmrunner.console.broker import CHUNK, Broker
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

@@ -1,7 +1,7 @@
 """Getting the bytes of a base image: an HTTP download (resumed, retried, hashed while streaming) or a local copy.
 
-Where the bytes go, and under which lock, is ``vmrunner.cache``'s business: this module only streams them into the
-file it is given and returns their digests.
+Where the bytes go, and under which lock, is :mod:`vmrunner.images.store`'s business: this module only streams
+them into the file it is given and returns their digests.
 """
 
 import contextlib
@@ -18,7 +18,6 @@ from typing import IO, TYPE_CHECKING
 
 from shared.errors import ConfigError, ImageRejected, PodvmError
 from vmrunner.config import Config, redact
-from vmrunner.metrics import FETCH
 
 if TYPE_CHECKING:
     import requests
@@ -27,6 +26,22 @@ log = logging.getLogger("vmrunner.image")
 CHUNK = 1 << 20
 PROGRESS_EVERY = 5.0
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass
+class ImageFigures:
+    """The base image as this runner fetched, vetted and chose it."""
+
+    received: int = 0
+    fetch_seconds: float = 0.0
+    retries: int = 0
+    resumes: int = 0
+    vetting: str = "pending"
+    name: str = ""
+    digest: str = ""  # sha256:<hex> of the base the pet is on; empty for a standalone pet
+
+
+FETCH = ImageFigures()  # what this process fetched: filled in while it downloads, reported by vmrunner.metrics
 
 
 class _Transient(Exception):

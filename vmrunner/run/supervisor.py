@@ -17,9 +17,9 @@ from pathlib import Path
 
 from shared.errors import ChildFailed, ConfigError, PodvmError, StoppedHard
 from shared.shutdown import QUIT_GRACE, QUIT_TIMEOUT
-from vmrunner import vnc
-from vmrunner.metrics import Tracker
-from vmrunner.qemu import QemuPlan
+from vmrunner.metrics.tracker import Tracker
+from vmrunner.run import vnc
+from vmrunner.run.argv import QemuPlan
 
 log = logging.getLogger("vmrunner")
 guest_log = logging.getLogger("guest")

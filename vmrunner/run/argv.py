@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.handshake import Handshake
-from vmrunner import vnc as vnc_password
 from vmrunner.config import Config
+from vmrunner.run import vnc as vnc_password
 
 log = logging.getLogger("vmrunner.qemu")
 
@@ -29,7 +29,7 @@ class RunPaths:
     monitor: Path  # a second QMP monitor for status queries and metrics, so they never hold up the shutdown
     serial: Path  # qemu's serial port: one client at a time, the console broker
     display: Path  # qemu's screen as VNC on a Unix socket, for the browser console
-    agent: Path  # the guest agent's virtio-serial channel (see vmrunner.agent)
+    agent: Path  # the guest agent's virtio-serial channel (see vmrunner.run.agent)
 
     @classmethod
     def of(cls, run_dir: Path) -> "RunPaths":
@@ -120,7 +120,7 @@ def _disk_args(bus: str, pet: Path) -> list[str]:
 def plan_qemu(cfg: Config, hs: Handshake, accel: str, vnc: bool, drive: Path | None) -> QemuPlan:
     """The complete argv: explicit formats everywhere, no defaults, the handshake's tap and MAC, extra args last.
 
-    A VNC password is read by qemu from its standard input, where the runner puts it (see :mod:`vmrunner.vnc`).
+    A VNC password is read by qemu from its standard input, where the runner puts it (see :mod:`vmrunner.run.vnc`).
     """
     paths = RunPaths.of(cfg.run_dir)
     argv = [

@@ -1,7 +1,7 @@
 """The guest agent, asked to freeze the guest's file systems for the instant a backup starts, and to thaw them.
 
 qemu-guest-agent listens inside the guest on the virtio-serial port ``org.qemu.guest_agent.0``; qemu joins that
-port to a Unix socket in ``RUN_DIR`` (see :mod:`vmrunner.qemu`). Whatever answers there is the guest's, so it is
+port to a Unix socket in ``RUN_DIR`` (see :mod:`vmrunner.run.argv`). Whatever answers there is the guest's, so it is
 hostile: every wait is bounded, every reply is read at most :data:`MAX_REPLY` bytes, and any surprise (no agent,
 silence, garbage, an error) means "not frozen", never a stalled backup. The protocol is the agent's own: a
 ``guest-sync-delimited`` first, whose answer follows a 0xFF byte that flushes what an earlier client left in the

@@ -17,22 +17,13 @@ from pathlib import Path
 
 from shared.errors import BaseMismatch, ConfigError, PodvmError
 from shared.files import write_atomic
-from vmrunner import pet
-from vmrunner.cache import (
-    HEX64,
-    Layout,
-    claim,
-    ensure_image,
-    hash_file,
-    lookup,
-    read_name,
-    references,
-    release,
-    resolve,
-    utc_now,
-)
 from vmrunner.config import Config
-from vmrunner.vet import Verdict, vet
+from vmrunner.images.layout import HEX64, Layout, utc_now
+from vmrunner.images.names import lookup, read_name, resolve
+from vmrunner.images.refs import claim, references, release
+from vmrunner.images.store import ensure_image, hash_file
+from vmrunner.images.vet import Verdict, vet
+from vmrunner.pet import disk
 
 log = logging.getLogger("vmrunner.binding")
 NO_LIMIT = 1 << 62  # a base a pet already uses is not refused for a size limit lowered later
@@ -221,12 +212,12 @@ def _migrate(cfg: Config, old: Path, fmt: str) -> str:
                 part.unlink(missing_ok=True)
     if not claim(cfg, hexdigest):
         raise BaseMismatch(_missing(cfg, hexdigest))
-    pet.run(pet.plan_repoint(cfg.pet_path, target, fmt), cfg, "pointing the pet at its base's digest")
+    disk.run(disk.plan_repoint(cfg.pet_path, target, fmt), cfg, "pointing the pet at its base's digest")
     log.info("pet %s is now bound to sha256:%s (%s)", cfg.pet_path, hexdigest, target)
     return hexdigest
 
 
-def _bound_digest(cfg: Config, info: pet.PetInfo) -> str:
+def _bound_digest(cfg: Config, info: disk.PetInfo) -> str:
     """The digest the pet's backing reference names, migrating a pet of the old layout first."""
     layout = Layout(cfg.image_dir)
     assert info.backing is not None and info.backing_format is not None
@@ -245,7 +236,7 @@ def _bound_digest(cfg: Config, info: pet.PetInfo) -> str:
     )
 
 
-def check_bound(cfg: Config, info: pet.PetInfo, *, restore: bool) -> tuple[str, Verdict]:
+def check_bound(cfg: Config, info: disk.PetInfo, *, restore: bool) -> tuple[str, Verdict]:
     """The start-time check of an overlay pet: reference claimed, base present and its digest, base vetted."""
     assert info.backing_format is not None
     hexdigest = _bound_digest(cfg, info)
@@ -258,7 +249,7 @@ def check_bound(cfg: Config, info: pet.PetInfo, *, restore: bool) -> tuple[str, 
     verdict = verify_base(cfg, hexdigest, info.backing_format)
     base = Layout(cfg.image_dir).base(hexdigest)
     if info.backing != str(base):  # a cache mounted elsewhere than when the pet was made: same bytes, checked above
-        pet.run(pet.plan_repoint(cfg.pet_path, base, info.backing_format), cfg, "pointing the pet at IMAGE_DIR")
+        disk.run(disk.plan_repoint(cfg.pet_path, base, info.backing_format), cfg, "pointing the pet at IMAGE_DIR")
     return hexdigest, verdict
 
 
@@ -285,11 +276,11 @@ def _create(cfg: Config) -> Started:
         else:  # found in the shared cache: trusted only once hashed and vetted here
             verdict = verify_base(cfg, hexdigest, cfg.img_format, max_size=cfg.img_max_size)
             trust = None  # verify_base wrote it
-        plan = pet.plan_create(cfg, base, cfg.img_format, verdict.virtual_size)
+        plan = disk.plan_create(cfg, base, cfg.img_format, verdict.virtual_size)
         assert plan.staging is not None
         try:
             for argv in plan.create:
-                pet.run(argv, cfg, f"creating the pet disk {cfg.pet_path}")
+                disk.run(argv, cfg, f"creating the pet disk {cfg.pet_path}")
             os.replace(plan.staging, cfg.pet_path)
         finally:
             plan.staging.unlink(missing_ok=True)
@@ -300,11 +291,11 @@ def _create(cfg: Config) -> Started:
         release(cfg, hexdigest)
         trust_path(cfg).unlink(missing_ok=True)
         log.info("created standalone pet disk %s from sha256:%s", cfg.pet_path, hexdigest)
-        return Started(cfg.pet_path, None, pet.info(cfg, cfg.pet_path).virtual_size)
+        return Started(cfg.pet_path, None, disk.info(cfg, cfg.pet_path).virtual_size)
     if trust is not None:
         _write_trust(cfg, trust)
     log.info("created pet disk %s on sha256:%s (%s)", cfg.pet_path, hexdigest, base)
-    return Started(cfg.pet_path, hexdigest, pet.info(cfg, cfg.pet_path).virtual_size)
+    return Started(cfg.pet_path, hexdigest, disk.info(cfg, cfg.pet_path).virtual_size)
 
 
 def prepare(cfg: Config) -> Started:
@@ -316,7 +307,7 @@ def prepare(cfg: Config) -> Started:
     if not cfg.pet_path.exists():
         started = _create(cfg)
     else:
-        info = pet.info(cfg, cfg.pet_path)
+        info = disk.info(cfg, cfg.pet_path)
         if info.backing is None:
             if cfg.vm_disk_mode == "overlay":
                 log.info("pet disk %s is standalone (no backing file) and stays so", cfg.pet_path)
@@ -330,9 +321,9 @@ def prepare(cfg: Config) -> Started:
             else:
                 log.info("pet disk %s is on its base sha256:%s, checked", cfg.pet_path, hexdigest)
                 started = Started(cfg.pet_path, hexdigest, info.virtual_size)
-    grow = pet.plan_grow(cfg, started.virtual_size)
+    grow = disk.plan_grow(cfg, started.virtual_size)
     if grow.resize is not None:
-        pet.run(grow.resize, cfg, f"growing the pet disk {cfg.pet_path}")
+        disk.run(grow.resize, cfg, f"growing the pet disk {cfg.pet_path}")
         log.info("grew pet disk %s to %s bytes", cfg.pet_path, grow.resize[-1])
     return started
 
@@ -340,7 +331,7 @@ def prepare(cfg: Config) -> Started:
 def flatten(cfg: Config, hexdigest: str) -> None:
     """VM_DISK_MODE=standalone on an overlay pet: copy in what it reads from its base, drop the backing file."""
     log.info("VM_DISK_MODE=standalone: copying sha256:%s into pet disk %s", hexdigest, cfg.pet_path)
-    pet.run(pet.plan_flatten(cfg.pet_path), cfg, "making the pet disk standalone")
+    disk.run(disk.plan_flatten(cfg.pet_path), cfg, "making the pet disk standalone")
     trust_path(cfg).unlink(missing_ok=True)
     release(cfg, hexdigest)
     log.info("pet disk %s is standalone; it no longer uses the cache", cfg.pet_path)
@@ -358,7 +349,7 @@ def rebase(cfg: Config, wanted: str) -> str:
     target = lookup(layout, wanted)
     if target is None or not layout.base(target).exists():
         raise ConfigError(f"rebase {wanted}: no such base in IMAGE_DIR={cfg.image_dir} (vmrunner fetch caches one)")
-    info = pet.info(cfg, cfg.pet_path)
+    info = disk.info(cfg, cfg.pet_path)
     current = check_bound(cfg, info, restore=False)[0] if info.backing is not None else None
     if current == target:
         log.info("pet disk %s is already on sha256:%s", cfg.pet_path, target)
@@ -370,7 +361,7 @@ def rebase(cfg: Config, wanted: str) -> str:
         if current is not None:
             trust_path(cfg).unlink(missing_ok=True)
         verify_base(cfg, target, fmt, max_size=cfg.img_max_size)
-        pet.run(pet.plan_rebase(cfg.pet_path, layout.base(target), fmt), cfg, "rebasing the pet disk")
+        disk.run(disk.plan_rebase(cfg.pet_path, layout.base(target), fmt), cfg, "rebasing the pet disk")
     except BaseException:
         release(cfg, target)
         raise
@@ -386,7 +377,7 @@ def describe(cfg: Config) -> dict[str, object]:
     doc: dict[str, object] = {"path": str(cfg.pet_path), "exists": cfg.pet_path.exists(), "mode": cfg.vm_disk_mode}
     if not cfg.pet_path.exists():
         return doc
-    info = pet.info(cfg, cfg.pet_path)
+    info = disk.info(cfg, cfg.pet_path)
     doc["virtual_size"] = info.virtual_size
     if info.backing is None:
         doc["binding"] = None

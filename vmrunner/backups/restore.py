@@ -1,0 +1,114 @@
+"""Restores applied: a standalone pet disk in VM_DIR made from a backup point, never over a disk in use."""
+
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from shared.errors import ConfigError, PodvmError
+from vmrunner.backups import plans
+from vmrunner.backups.job import NAME, PROGRESS, PROGRESS_EVERY, TOOL_TIMEOUT, fsync_dir, mib
+from vmrunner.backups.plans import Chain, Point
+from vmrunner.config import Config
+
+log = logging.getLogger("vmrunner.backup")
+
+
+def _check_chain(cfg: Config, chain_dir: Path, chain: Chain, point: Point) -> None:
+    """Every file the point is read through exists, passes ``qemu-img check``, and is backed by exactly the point
+    before it in the same directory (a tampered header cannot make the restore read another file).
+
+    :raise PodvmError: naming the file at fault.
+    """
+    for name, backing in plans.expected_backings(chain, point):
+        path = chain_dir / name
+        if not path.is_file() or path.is_symlink():
+            raise PodvmError(f"{path}: missing from the backup volume; point {chain.point_id(point)} cannot be read")
+        argv = ("qemu-img", "info", "-f", "qcow2", "--output=json", str(path))
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT, check=False)
+            info = json.loads(done.stdout) if done.returncode == 0 else None
+        except (subprocess.TimeoutExpired, ValueError):
+            info = None
+        if not isinstance(info, dict):
+            raise PodvmError(f"{path}: not a readable qcow2; point {chain.point_id(point)} cannot be restored")
+        got = info.get("backing-filename")
+        fmt = info.get("backing-filename-format")
+        if got != backing or (backing is not None and fmt != "qcow2") or info.get("data-file"):
+            raise PodvmError(f"{path}: its header names the backing file {got!r}, expected {backing!r}; refused")
+        check = subprocess.run(
+            ("qemu-img", "check", "-q", "-f", "qcow2", str(path)), capture_output=True, text=True, check=False
+        )
+        if check.returncode != 0:
+            last = (check.stderr.strip().splitlines() or check.stdout.strip().splitlines() or ["damaged"])[-1]
+            raise PodvmError(f"{path}: qemu-img check found damage ({last}); point {chain.point_id(point)} refused")
+
+
+def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) -> Path:
+    """Make a standalone pet from a backup point: into VM_DIR as ``<hostname>.qcow2`` (or ``<name>.qcow2``),
+    never over an existing disk unless ``overwrite``.
+
+    :raise ConfigError: for an unknown point, a bad name, or an existing disk without ``overwrite``.
+    :raise PodvmError: for a damaged chain, a disk in use, or a failed copy.
+    """
+    if name is not None and not NAME.match(name):
+        raise ConfigError(f"restore --name {name!r}: expected up to 63 letters, digits and '-'")
+    root = plans.vm_root(cfg.backup_dir, cfg.hostname)
+    chains, _ = plans.read_chains(root)
+    chain, point = plans.select_point(chains, wanted)
+    chain_dir = root / chain.id
+    dest = cfg.vm_dir / f"{name or cfg.hostname}.qcow2"
+    if dest.exists() and not overwrite:
+        raise ConfigError(
+            f"{dest} exists: restore beside it with --name NAME, or replace it with --overwrite (with the VM stopped)"
+        )
+    _check_chain(cfg, chain_dir, chain, point)
+    if dest.exists():
+        in_use = subprocess.run(
+            ("qemu-img", "info", "-f", "qcow2", str(dest)), capture_output=True, text=True, check=False
+        )
+        if "lock" in in_use.stderr:
+            raise PodvmError(f"{dest}: in use by a running qemu; stop the VM before restoring over it")
+    staging = cfg.vm_dir / f".{dest.name}.restore.tmp"
+    log.info("restore: point %s (%s, taken %s) into %s", chain.point_id(point), point.kind, point.time, dest)
+    started = time.monotonic()
+    try:
+        _convert(plans.plan_restore(chain_dir, point, staging), dest)
+        os.rename(staging, dest)
+        fsync_dir(dest.parent)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    if overwrite:
+        (cfg.vm_dir / f".{dest.name}.base.json").unlink(missing_ok=True)  # the old disk's base record
+    log.info(
+        "restore done: %s from point %s in %.1f s (%s); boot it with vmrunner run",
+        dest,
+        chain.point_id(point),
+        time.monotonic() - started,
+        mib(dest.stat().st_size),
+    )
+    return dest
+
+
+def _convert(argv: tuple[str, ...], dest: Path) -> None:
+    """Run ``qemu-img convert -p`` with a progress line every PROGRESS_EVERY seconds."""
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise PodvmError("qemu-img is not installed (it is part of qemu-utils)") from None
+    assert proc.stdout is not None and proc.stderr is not None
+    last = time.monotonic()
+    while chunk := os.read(proc.stdout.fileno(), 4096):
+        found = PROGRESS.findall(chunk)
+        if found and time.monotonic() - last >= PROGRESS_EVERY:
+            last = time.monotonic()
+            log.info("restore: %s%%", found[-1].decode())
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.wait() != 0:
+        if "No space left on device" in err:
+            raise PodvmError(f"VM_DIR={dest.parent}: no space left on device while restoring")
+        line = (err.strip().splitlines() or ["(no error output)"])[-1]
+        raise PodvmError(f"restore into {dest} failed: qemu-img convert: {line}")

@@ -1,0 +1,173 @@
+"""Where things live in the shared image cache, and the locks that serialise pods on it."""
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shared.errors import ConfigError, PodvmError
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("vmrunner.cache")
+
+
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+VOLUME_FILE = ".podvm-volume"
+
+
+_LOCAL_LOCK_OPTIONS = ("nolock", "local_lock=all", "local_lock=flock")
+
+
+TMP_MIN_AGE = 3600.0  # a download in progress is never this old without a write: it was killed
+
+
+def utc_now() -> str:
+    """RFC 3339 UTC, second precision: the time stamps stored in names and references."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The paths of one cache; the one place they are spelled out."""
+
+    root: Path
+
+    def base(self, hexdigest: str) -> Path:
+        """A base image, named by the sha256 of its bytes."""
+        return self.root / "sha256" / hexdigest
+
+    def name(self, key: str) -> Path:
+        """What a configured image name points to."""
+        return self.root / "names" / key
+
+    def refs(self, hexdigest: str) -> Path:
+        """One file per pet made on the base."""
+        return self.root / "refs" / hexdigest
+
+    def lock(self, hexdigest: str) -> Path:
+        """Held to add or remove the base or one of its references."""
+        return self.root / "locks" / f"{hexdigest}.lock"
+
+    def name_lock(self, key: str) -> Path:
+        """Held while fetching for a name: one download, the other pods wait."""
+        return self.root / "locks" / f"name.{key}.lock"
+
+    @property
+    def tmp(self) -> Path:
+        """Downloads in progress."""
+        return self.root / "tmp"
+
+    def digest_of(self, backing: str) -> str | None:
+        """The digest when ``backing`` is a base of this cache, else None."""
+        path = Path(backing)
+        if path.parent == self.root / "sha256" and HEX64.match(path.name):
+            return path.name
+        return None
+
+    def make(self) -> None:
+        """Create the cache's folders (idempotent).
+
+        :raise ConfigError: when IMAGE_DIR is not writable.
+        """
+        try:
+            for sub in ("sha256", "names", "refs", "locks", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"IMAGE_DIR={self.root}: cannot create the cache's folders: {err.strerror}") from None
+
+
+def lock_problem(mountinfo: str, path: Path) -> str | None:
+    """Why flock on ``path`` would not exclude other nodes, from ``/proc/self/mountinfo``'s text; None if it would.
+
+    Pure so each mount kind has a unit test. An NFS mount with ``nolock`` (``local_lock=all``) or
+    ``local_lock=flock`` takes flock locks on this node only: two nodes would both "hold" the lock.
+    """
+    best: tuple[int, str, str] | None = None
+    target = str(path)
+    for line in mountinfo.splitlines():
+        head, _, tail = line.partition(" - ")
+        fields, tail_fields = head.split(), tail.split()
+        if len(fields) < 6 or len(tail_fields) < 3:
+            continue
+        point = fields[4].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= best[0]):
+            best = (len(point), tail_fields[0], f"{fields[5]},{tail_fields[2]}")
+    if best is None or not best[1].startswith("nfs"):
+        return None
+    options = best[2].split(",")
+    local = [o for o in _LOCAL_LOCK_OPTIONS if o in options]
+    if local:
+        return f"it is an NFS mount with {local[0]}, so locks hold on this node only"
+    return None
+
+
+def check_locks(root: Path) -> None:
+    """Refuse a cache whose locks would not exclude other nodes.
+
+    :raise ConfigError: naming IMAGE_DIR and the mount option at fault.
+    """
+    try:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return
+    problem = lock_problem(mountinfo, root.resolve())
+    if problem:
+        raise ConfigError(
+            f"IMAGE_DIR={root}: {problem}; the shared cache needs working locks (NFSv4, or NFSv3 with lockd)"
+        )
+
+
+@contextlib.contextmanager
+def locked(path: Path, waiting: str = "", *, blocking: bool = True) -> Iterator[bool]:
+    """Hold ``flock`` on ``path``; yields False (holding nothing) when ``blocking`` is false and it is busy.
+
+    gc removes a lock file with its base while holding it, so after ``flock`` the path must still name the file
+    locked; if not, start over on the new file.
+
+    :raise ConfigError: when the volume does not support locks (ENOLCK).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:  # never follow a symlink planted in the shared cache (it could point into this pod's own volumes)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise PodvmError(f"IMAGE_DIR: {path} is a symbolic link; refused") from None
+            raise
+        with open(fd, "r+b") as lock:
+            try:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if not blocking:
+                        yield False
+                        return
+                    if waiting:
+                        log.info("%s", waiting)
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError as err:
+                if err.errno == errno.ENOLCK:
+                    raise ConfigError(
+                        f"IMAGE_DIR: {path}: the volume does not support file locks (ENOLCK); the shared cache "
+                        "needs working locks (NFSv4, or NFSv3 with lockd)"
+                    ) from None
+                raise
+            try:
+                same = os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield True
+                return

@@ -1,0 +1,66 @@
+"""The cache's names: which digest a configured image means now, and whether it still matches."""
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vmrunner.config import Config
+
+if TYPE_CHECKING:
+    pass
+
+from vmrunner.images.layout import HEX64, Layout
+
+log = logging.getLogger("vmrunner.cache")
+
+
+@dataclass(frozen=True)
+class NameRecord:
+    """``names/<name>``: the digest a configured image means now, and where it came from."""
+
+    digest: str  # sha256:<hex>
+    source: str
+    fetched_at: str
+    checksums: dict[str, str] = field(default_factory=dict)  # other algorithms' digests, for IMG_CHECKSUM
+
+    @property
+    def hex(self) -> str:
+        """The sha256 digest's hex digits."""
+        return self.digest.removeprefix("sha256:")
+
+
+def read_name(layout: Layout, key: str) -> NameRecord | None:
+    """The name's record, or None when missing or unreadable (it is then fetched again)."""
+    try:
+        record = NameRecord(**json.loads(layout.name(key).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    return record if record.digest.startswith("sha256:") and HEX64.match(record.hex) else None
+
+
+def matches_checksum(cfg: Config, record: NameRecord) -> bool:
+    """True when ``record`` satisfies IMG_CHECKSUM (or none is set)."""
+    if cfg.img_checksum is None:
+        return True
+    known = {"sha256": record.hex, **record.checksums}
+    return known.get(cfg.img_checksum.algorithm) == cfg.img_checksum.hexdigest
+
+
+def resolve(cfg: Config, layout: Layout) -> str | None:
+    """The digest the configured image names, when it can be used without fetching; None otherwise."""
+    record = read_name(layout, cfg.img_name)
+    if record is None or not matches_checksum(cfg, record) or not layout.base(record.hex).exists():
+        return None
+    return record.hex
+
+
+def lookup(layout: Layout, wanted: str) -> str | None:
+    """``sha256:<hex>``, ``<hex>`` or a name, as a digest; None when it names nothing."""
+    hexdigest = wanted.removeprefix("sha256:")
+    if HEX64.match(hexdigest):
+        return hexdigest
+    if "/" in wanted or wanted.startswith("."):
+        return None
+    record = read_name(layout, wanted)
+    return record.hex if record else None

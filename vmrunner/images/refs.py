@@ -1,0 +1,95 @@
+"""References that keep a base alive while a pet is made on it, one per pet, across pods and nodes."""
+
+import json
+import logging
+import re
+import secrets
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shared.errors import PodvmError
+from shared.files import write_atomic
+from vmrunner.config import Config
+
+if TYPE_CHECKING:
+    pass
+
+from vmrunner.images.layout import VOLUME_FILE, Layout, check_locks, locked, utc_now
+
+log = logging.getLogger("vmrunner.cache")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """``refs/<hex>/<pet-id>``: a pet made on the base."""
+
+    pet: str
+    volume: str
+    hostname: str
+    since: str
+
+
+def volume_id(vm_dir: Path) -> str:
+    """The VM volume's random id (``VM_DIR/.podvm-volume``), made on first use."""
+    path = vm_dir / VOLUME_FILE
+    try:
+        found = path.read_text().strip()
+        if re.fullmatch(r"[0-9a-f]{16}", found):
+            return found
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise PodvmError(f"VM_DIR={vm_dir}: cannot read {path}: {err.strerror}") from None
+    new = secrets.token_hex(8)
+    try:
+        write_atomic(path, f"{new}\n".encode(), mode=0o644)
+    except OSError as err:
+        raise PodvmError(f"VM_DIR={vm_dir}: cannot write {path}: {err.strerror}") from None
+    return new
+
+
+def pet_id(cfg: Config) -> str:
+    """This pet's reference file name: unique across pods and volumes sharing the cache."""
+    return f"{cfg.hostname}.{volume_id(cfg.vm_dir)}"
+
+
+def claim(cfg: Config, hexdigest: str) -> bool:
+    """Record this pet's reference to the base, under its lock; False when the base is not (any more) there."""
+    layout = Layout(cfg.image_dir)
+    layout.make()
+    check_locks(layout.root)
+    ref_name = pet_id(cfg)
+    with locked(layout.lock(hexdigest)):
+        if not layout.base(hexdigest).exists():
+            return False
+        path = layout.refs(hexdigest) / ref_name
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            ref = Ref(str(cfg.pet_path), ref_name.rsplit(".", 1)[1], cfg.hostname, utc_now())
+            write_atomic(path, json.dumps(asdict(ref)).encode(), mode=0o644)
+    return True
+
+
+def release(cfg: Config, hexdigest: str) -> None:
+    """Remove this pet's reference to the base."""
+    layout = Layout(cfg.image_dir)
+    with locked(layout.lock(hexdigest)):
+        (layout.refs(hexdigest) / pet_id(cfg)).unlink(missing_ok=True)
+
+
+def references(layout: Layout, hexdigest: str) -> dict[str, Ref | None]:
+    """The base's references by pet id (None: unreadable, still counted)."""
+    found: dict[str, Ref | None] = {}
+    try:
+        entries = list(layout.refs(hexdigest).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for entry in sorted(entries):
+        if entry.name.startswith("."):
+            continue  # a reference being written
+        try:
+            found[entry.name] = Ref(**json.loads(entry.read_text()))
+        except (OSError, ValueError, TypeError):
+            found[entry.name] = None
+    return found

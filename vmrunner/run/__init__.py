@@ -1,0 +1,1 @@
+"""Running the VM: the run plan, qemu's argv, the config drive, the supervisor and what lives beside qemu."""
