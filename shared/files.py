@@ -196,29 +196,26 @@ def locked(path: Path, root: Path, *, blocking: bool = True, waiting: str = "") 
     """Hold ``flock`` on the lock file ``path`` of a shared volume; yields False (holding nothing) when ``blocking``
     is false and it is busy. The one lock of podvm.
 
-    The file is opened without following a link below ``root`` and without blocking; a FIFO, device or folder planted
-    in its place is removed with a warning and a fresh file made. The holder may remove the lock file (gc does, with
+    The file is opened without following a link below ``root`` and without blocking, and must be a regular file. The
+    holder may remove the lock file (gc does, with
     its base), so after ``flock`` the path must still name the file locked; if not, start over on the new file.
 
-    :raise OSError: ENOLCK when the volume has no locks; another error naming ``path``.
+    :raise OSError: ENOLCK when the volume has no locks, ELOOP for a link; another error naming ``path``.
+    :raise Forged: when a FIFO, a device or a folder stands in its place.
     """
     for _ in range(100):
         dir_fd = open_below(root, path.parent, create=True)
         try:
             fd = os.open(path.name, _LOCK_FLAGS, 0o644, dir_fd=dir_fd)
         except OSError as err:
-            if err.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
-                os.close(dir_fd)
-                raise
-            fd = -1
+            os.close(dir_fd)
+            err.filename = str(path)
+            if err.errno in (errno.EISDIR, errno.ENXIO):
+                raise Forged(f"{path}: not a regular file") from None
+            raise
         try:
-            if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
-                log.warning("%s: not a regular file (forged?); replacing it", path)
-                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                    os.unlink(path.name, dir_fd=dir_fd)
-                with contextlib.suppress(FileNotFoundError, OSError):
-                    os.rmdir(path.name, dir_fd=dir_fd)
-                continue
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise Forged(f"{path}: not a regular file")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -236,7 +233,6 @@ def locked(path: Path, root: Path, *, blocking: bool = True, waiting: str = "") 
                 yield True
                 return
         finally:
-            if fd >= 0:
-                os.close(fd)
+            os.close(fd)
             os.close(dir_fd)
     raise OSError(errno.EAGAIN, "the lock file keeps being replaced", str(path))

@@ -16,7 +16,7 @@ import pycdlib
 import pytest
 import yaml
 
-from shared.errors import ConfigError, ImageRejected
+from shared.errors import ConfigError, ImageRejected, escape_controls
 from shared.handshake import Ipv6
 from tests import samples
 from vmrunner.config import Checksum, Config, load, parse_checksum
@@ -25,7 +25,7 @@ from vmrunner.images.vet import judge
 from vmrunner.pet.disk import plan_create, plan_flatten, plan_grow, plan_rebase, plan_repoint
 from vmrunner.run import configdrive
 from vmrunner.run.argv import choose_accel, plan_qemu, vnc_enabled
-from vmrunner.run.supervisor import Supervisor, escape_controls
+from vmrunner.run.supervisor import Supervisor
 from vmrunner.run.vnc import read_password
 
 BASE = {"IMG_SOURCE": "https://example.org/images/debian-12.qcow2", "HOSTNAME": "vm-0"}

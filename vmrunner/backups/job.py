@@ -107,6 +107,8 @@ def locked(cfg: Config, root: Path) -> Iterator[None]:
             yield
     except OSError as err:
         raise _refused(cfg, err) from None
+    except files.Forged as err:
+        raise PodvmError(f"BACKUP_DIR={cfg.backup_dir}: {err}; refused") from None
 
 
 async def _qmp(cfg: Config, command: str, arguments: dict[str, object] | None = None, timeout: float = 5.0) -> object:

@@ -144,12 +144,16 @@ def locked(path: Path, waiting: str = "", *, blocking: bool = True) -> Iterator[
     try:
         with files.locked(path, root, blocking=blocking, waiting=waiting) as held:
             yield held
+    except files.Forged as err:
+        raise PodvmError(f"IMAGE_DIR: {err}; refused") from None
     except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise PodvmError(f"IMAGE_DIR: {path} is a symbolic link; refused") from None
         if err.errno == errno.ENOLCK:
             raise ConfigError(
                 f"IMAGE_DIR: {path}: the volume does not support file locks (ENOLCK); the shared cache "
                 "needs working locks (NFSv4, or NFSv3 with lockd)"
             ) from None
-        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+        if err.errno == errno.ENOTDIR:
             raise PodvmError(f"IMAGE_DIR: {path}: a symbolic link or no folder on the way; refused") from None
         raise
