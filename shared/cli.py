@@ -4,7 +4,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from shared.errors import PodvmError, one_line
+from shared.errors import PodvmError, escape_controls
 
 
 def describe_os_error(err: OSError) -> str:
@@ -13,7 +13,7 @@ def describe_os_error(err: OSError) -> str:
     if err.filename2 is not None:
         where += f" -> {err.filename2}"
     reason = err.strerror or str(err) or type(err).__name__
-    return one_line(f"{where}: {reason}" if where else reason)
+    return escape_controls(f"{where}: {reason}" if where else reason)
 
 
 def run_main(logger: logging.Logger, command: Callable[[], int]) -> None:
@@ -39,7 +39,7 @@ def run_main(logger: logging.Logger, command: Callable[[], int]) -> None:
         logger.error(
             "internal error (a bug in podvm; LOG_LEVEL=DEBUG shows where): %s: %s",
             type(err).__name__,
-            one_line(str(err)),
+            escape_controls(str(err)),
         )
         status = PodvmError.exit_code
     sys.exit(status)

@@ -18,10 +18,16 @@ EACCES, ENOLCK...) is one line with its file and reason, exit 1; any other excep
 with its traceback logged only at ``LOG_LEVEL=DEBUG``.
 """
 
+import re
 
-def one_line(text: str) -> str:
-    """``text`` with its line breaks escaped, so a value that holds one cannot split or forge a log line."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")  # C0, C1 and line separators; not tab
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): the one escaping of podvm for every text
+    an input, a server or a guest controls, so none can split or forge a log line or send escape sequences to the
+    terminal of whoever reads ``kubectl logs``."""
+    return _CONTROLS.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
 
 
 class PodvmError(Exception):
@@ -30,7 +36,7 @@ class PodvmError(Exception):
     exit_code = 1
 
     def __init__(self, message: str) -> None:
-        super().__init__(one_line(message))
+        super().__init__(escape_controls(message))
 
 
 class ConfigError(PodvmError):

@@ -16,7 +16,7 @@ import pycdlib
 import pytest
 import yaml
 
-from shared.errors import ConfigError, ImageRejected
+from shared.errors import ConfigError, ImageRejected, escape_controls
 from shared.handshake import Ipv6
 from tests.harness import samples
 from vmrunner.config import Checksum, Config, load, parse_checksum
@@ -24,8 +24,9 @@ from vmrunner.images.download import Progress
 from vmrunner.images.vet import judge
 from vmrunner.pet.disk import plan_create, plan_flatten, plan_grow, plan_rebase, plan_repoint
 from vmrunner.run import configdrive
+from vmrunner.run.agent import AgentError
 from vmrunner.run.argv import choose_accel, plan_qemu, vnc_enabled
-from vmrunner.run.supervisor import Supervisor, escape_controls
+from vmrunner.run.supervisor import Supervisor
 from vmrunner.run.vnc import read_password
 
 BASE = {"IMG_SOURCE": "https://example.org/images/debian-12.qcow2", "HOSTNAME": "vm-0"}
@@ -531,3 +532,24 @@ def test_an_endless_input_is_read_no_further_than_its_maximum(variable: str) -> 
     ):
         configdrive.read_input(Path("/dev/zero"), variable)
     assert configdrive.read_input(Path("/nonexistent"), variable) is None
+
+
+def test_a_whole_console_line_of_60000_bytes_is_logged_in_pieces_of_4_kib(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="guest")
+    supervisor = Supervisor(plan_qemu(cfg(), HS, "tcg", False, None), 1.0)
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"x" * 60000 + b"\n")
+        supervisor._console_readable(read_end)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    sizes = [len(r.getMessage()) for r in caplog.records]
+    assert sum(sizes) == 60000 and max(sizes) == 4096, sizes
+
+
+def test_a_hostile_agents_error_cannot_forge_a_runner_line_nor_reach_a_terminal() -> None:
+    forged = "no\n2026-12-06 13:00:00 INFO vmrunner.backup: backup 1 done\x1b[2J"
+    message = str(AgentError(f"the guest agent refused: {forged}"))
+    assert "\n" not in message and "\x1b" not in message
+    assert message.endswith("no\\n2026-12-06 13:00:00 INFO vmrunner.backup: backup 1 done\\x1b[2J")

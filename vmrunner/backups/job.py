@@ -8,7 +8,7 @@ under a ``.partial`` name: the previous chain stays usable, and the next backup 
 
 import asyncio
 import contextlib
-import fcntl
+import errno
 import json
 import logging
 import os
@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from shared import files
 from shared.errors import ConfigError, PodvmError
-from shared.files import open_directory, write_atomic
+from shared.files import write_atomic
 from vmrunner.backups import plans
 from vmrunner.backups.plans import JOB_ID, LAST, LOCK, MANIFEST, TARGET_NODE, BackupPlan, Chain, Point
 from vmrunner.config import Config
@@ -80,6 +81,13 @@ def mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
+def _refused(cfg: Config, err: OSError) -> PodvmError:
+    """A link planted on the backup volume (ELOOP, ENOTDIR below BACKUP_DIR) is a refusal; else the volume's error."""
+    if err.errno in (errno.ELOOP, errno.ENOTDIR):
+        return PodvmError(f"BACKUP_DIR={cfg.backup_dir}: {err.filename}: a symbolic link or no folder; refused")
+    return _volume(cfg, err)
+
+
 def _volume(cfg: Config, err: OSError) -> PodvmError:
     error = ConfigError if isinstance(err, PermissionError) else PodvmError
     return error(f"BACKUP_DIR={cfg.backup_dir}: {err.strerror}: {err.filename}")
@@ -92,18 +100,15 @@ def locked(cfg: Config, root: Path) -> Iterator[None]:
     :raise PodvmError: when another backup holds it.
     """
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        cfg.backup_dir.mkdir(parents=True, exist_ok=True)
+        with files.locked(root / LOCK, cfg.backup_dir, blocking=False) as held:
+            if not held:
+                raise PodvmError(f"{root}: another backup is running; this one is not started")
+            yield
     except OSError as err:
-        raise _volume(cfg, err) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PodvmError(f"{root}: another backup is running; this one is not started") from None
-        yield
-    finally:
-        os.close(fd)
+        raise _refused(cfg, err) from None
+    except files.Forged as err:
+        raise PodvmError(f"BACKUP_DIR={cfg.backup_dir}: {err}; refused") from None
 
 
 async def _qmp(cfg: Config, command: str, arguments: dict[str, object] | None = None, timeout: float = 5.0) -> object:
@@ -183,14 +188,6 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = open_directory(path)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 async def run_backup(cfg: Config, *, want_full: bool = False) -> Result:
     """One backup of the running VM: decide its kind, make and attach the target, freeze the guest, start the job
     in one transaction, thaw, follow the job, then record the point.
@@ -199,10 +196,7 @@ async def run_backup(cfg: Config, *, want_full: bool = False) -> Result:
     """
     root = plans.vm_root(cfg.backup_dir, cfg.hostname)
     with locked(cfg, root):
-        try:
-            return await _locked_backup(cfg, root, want_full)
-        except OSError as err:
-            raise _volume(cfg, err) from None
+        return await _locked_backup(cfg, root, want_full)
 
 
 async def plan_next(cfg: Config, root: Path, *, want_full: bool) -> tuple[BackupPlan, list[Path]]:
@@ -246,7 +240,7 @@ async def _locked_backup(cfg: Config, root: Path, want_full: bool) -> Result:
         log.info("backup: removing %s, left by an interrupted backup", path)
         _remove(path)
     log.info("backup: %s backup into %s: %s", plan.kind, plan.directory, plan.reason)
-    plan.directory.mkdir(exist_ok=True)
+    os.close(files.open_below(cfg.backup_dir, plan.directory, create=True))  # never a planted link
     await _tool(plan.create, f"BACKUP_DIR={cfg.backup_dir}: creating {plan.partial}")
     await _qmp(cfg, "blockdev-add", plan.attach)
     sent: list[bool] = []  # set once the transaction is on its way: from then on a job may exist
@@ -348,8 +342,12 @@ def _record(
     freeze: agent.Freeze,
 ) -> Result:
     """Rename the completed target into the chain, write the manifest, apply retention, record the figures."""
-    os.rename(plan.partial, plan.final)
-    fsync_dir(plan.directory)
+    chain_fd = files.open_below(cfg.backup_dir, plan.directory)  # still the chain folder, not a link put there since
+    try:
+        os.rename(plan.partial.name, plan.final.name, src_dir_fd=chain_fd, dst_dir_fd=chain_fd)
+        os.fsync(chain_fd)
+    finally:
+        os.close(chain_fd)
     copied = job.get("total-progress")
     point = Point(
         seq=plan.seq,
@@ -363,7 +361,7 @@ def _record(
         frozen=freeze.frozen,
     )
     chain = Chain(plan.chain_id, plan.virtual_size, (*plan.previous, point))
-    write_atomic(plan.directory / MANIFEST, plans.manifest_document(chain))
+    write_atomic(plan.directory / MANIFEST, plans.manifest_document(chain), root=cfg.backup_dir)
     result = Result(plan.kind, chain.point_id(point), point.copied, point.size, seconds, freeze.frozen, freeze.why)
     if plan.kind == "full":
         for old in plans.plan_retention(plans.read_chains(root)[0], cfg.backup_keep):
@@ -391,7 +389,7 @@ def write_last(root: Path, result: Result | None, *, ok: bool, error: str = "") 
     if ok:
         record["last_success"] = attempt
     try:
-        write_atomic(root / LAST, json.dumps(record).encode(), mode=0o644)
+        write_atomic(root / LAST, json.dumps(record).encode(), mode=0o644, root=root.parent)
     except OSError as err:
         log.warning("%s: cannot record the backup's figures: %s", root / LAST, err.strerror)
 

@@ -20,13 +20,14 @@ full one, with the reason in the log.
 import contextlib
 import json
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from shared.errors import ConfigError
-from shared.files import read_small
+from shared.files import list_below, read_small, stat_below
 from vmrunner.run.argv import PET_NODE
 
 Argv = tuple[str, ...]
@@ -211,7 +212,7 @@ def read_chain(directory: Path) -> Chain:
     :raise ValueError: when its manifest is missing, too large or malformed.
     """
     try:
-        data = read_small(directory / MANIFEST, MANIFEST_MAX)
+        data = read_small(directory / MANIFEST, MANIFEST_MAX, root=directory.parent.parent)
     except OSError as err:
         raise ValueError(f"{directory / MANIFEST}: {err.strerror}") from None
     return parse_manifest(data, directory.name)
@@ -222,11 +223,11 @@ def read_chains(root: Path) -> tuple[list[Chain], list[Path]]:
     (an interrupted first backup, or damage)."""
     chains: list[Chain] = []
     broken: list[Path] = []
-    try:
-        entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and _CHAIN_ID.match(p.name))
-    except FileNotFoundError:
-        return [], []
-    for directory in entries:
+    for name in list_below(root.parent, root):
+        found = stat_below(root.parent, root / name) if _CHAIN_ID.match(name) else None
+        if found is None or not stat.S_ISDIR(found.st_mode):
+            continue  # not a chain, or a link planted in the place of one: never followed
+        directory = root / name
         try:
             chains.append(read_chain(directory))
         except ValueError:
@@ -423,7 +424,7 @@ def expected_backings(chain: Chain, point: Point) -> list[tuple[str, str | None]
 def read_last(root: Path) -> dict[str, dict[str, object]]:
     """The backup figures record (empty when there is none, or a malformed one)."""
     with contextlib.suppress(OSError, ValueError):
-        data = json.loads(read_small(root / LAST, MANIFEST_MAX))
+        data = json.loads(read_small(root / LAST, MANIFEST_MAX, root=root.parent))
         if isinstance(data, dict):
             return {k: v for k, v in data.items() if k in ("last", "last_success") and isinstance(v, dict)}
     return {}

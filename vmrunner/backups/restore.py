@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 from shared.errors import ConfigError, PodvmError
+from shared.files import fsync_directory
 from vmrunner.backups import plans
-from vmrunner.backups.job import NAME, PROGRESS, PROGRESS_EVERY, TOOL_TIMEOUT, fsync_dir, mib
+from vmrunner.backups.job import NAME, PROGRESS, PROGRESS_EVERY, TOOL_TIMEOUT, mib
 from vmrunner.backups.plans import Chain, Point
 from vmrunner.config import Config
 
@@ -77,7 +78,7 @@ def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) 
     try:
         _convert(plans.plan_restore(chain_dir, point, staging), dest)
         os.rename(staging, dest)
-        fsync_dir(dest.parent)
+        fsync_directory(dest.parent)
     except BaseException:
         staging.unlink(missing_ok=True)
         raise

@@ -2,6 +2,7 @@
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     pass
 
+from shared.files import list_below, open_below, read_small, remove_below, stat_below
 from vmrunner.images.layout import HEX64, TMP_MIN_AGE, VOLUME_FILE, Layout, check_locks, locked
 from vmrunner.images.names import read_name
 from vmrunner.images.refs import Ref, references
@@ -60,46 +62,46 @@ def _stale(ref: Ref | None) -> bool:
         return False
     pet = Path(ref.pet)
     try:
-        return (pet.parent / VOLUME_FILE).read_text().strip() == ref.volume and not pet.exists()
-    except OSError:
+        return read_small(pet.parent / VOLUME_FILE, 64).decode().strip() == ref.volume and not pet.exists()
+    except (OSError, ValueError):
         return False
 
 
 def observe(layout: Layout, hexdigest: str) -> DigestFacts | None:
     """Facts about one base, or None when it is gone."""
-    try:
-        base_ctime = layout.base(hexdigest).stat().st_ctime
-    except FileNotFoundError:
+    base = stat_below(layout.root, layout.base(hexdigest))
+    if base is None:
         return None
     refs = references(layout, hexdigest)
-    try:
-        refs_mtime: float | None = layout.refs(hexdigest).stat().st_mtime
-    except FileNotFoundError:
-        refs_mtime = None
+    folder = stat_below(layout.root, layout.refs(hexdigest))
+    refs_mtime = folder.st_mtime if folder is not None else None
     names = []
-    with contextlib.suppress(FileNotFoundError):
-        for entry in sorted((layout.root / "names").iterdir()):
-            record = read_name(layout, entry.name)
-            if record is not None and record.hex == hexdigest:
-                names.append(entry.name)
+    for name in list_below(layout.root, layout.root / "names"):
+        record = read_name(layout, name)
+        if record is not None and record.hex == hexdigest:
+            names.append(name)
     stale = frozenset(name for name, ref in refs.items() if _stale(ref))
-    return DigestFacts(hexdigest, base_ctime, refs, refs_mtime, stale, tuple(names))
+    return DigestFacts(hexdigest, base.st_ctime, refs, refs_mtime, stale, tuple(names))
 
 
 def _remove(layout: Layout, decision: Decision, names: tuple[str, ...]) -> None:
     """Apply one decision while holding the digest's lock."""
     for ref in decision.drop_refs:
-        (layout.refs(decision.hex) / ref).unlink(missing_ok=True)
+        remove_below(layout.root, layout.refs(decision.hex) / ref)
     if not decision.remove:
         return
     for name in names:
         record = read_name(layout, name)
         if record is not None and record.hex == decision.hex:
-            layout.name(name).unlink(missing_ok=True)
-    layout.base(decision.hex).unlink(missing_ok=True)
-    with contextlib.suppress(FileNotFoundError, OSError):
-        layout.refs(decision.hex).rmdir()
-    layout.lock(decision.hex).unlink(missing_ok=True)
+            remove_below(layout.root, layout.name(name))
+    remove_below(layout.root, layout.base(decision.hex))
+    with contextlib.suppress(OSError):  # not empty (a reference came), or already gone
+        refs = open_below(layout.root, layout.root / "refs")
+        try:
+            os.rmdir(decision.hex, dir_fd=refs)
+        finally:
+            os.close(refs)
+    remove_below(layout.root, layout.lock(decision.hex))
 
 
 @dataclass
@@ -124,19 +126,20 @@ def collect(root: Path, grace: float, dry_run: bool) -> GcReport:
     """
     layout = Layout(root)
     report = GcReport(dry_run)
-    if not (root / "sha256").is_dir():
+    bases = list_below(root, root / "sha256")
+    if not bases:
         return report
     check_locks(root)
     now = time.time()
-    for entry in sorted((root / "sha256").iterdir()):
-        if not HEX64.match(entry.name):
+    for hexdigest in bases:
+        if not HEX64.match(hexdigest):
             continue
-        guard = contextlib.nullcontext(True) if dry_run else locked(layout.lock(entry.name), blocking=False)
+        guard = contextlib.nullcontext(True) if dry_run else locked(layout.lock(hexdigest), blocking=False)
         with guard as held:
             if not held:
-                report.kept.append({"digest": f"sha256:{entry.name}", "why": "being claimed (its lock is busy)"})
+                report.kept.append({"digest": f"sha256:{hexdigest}", "why": "being claimed (its lock is busy)"})
                 continue
-            facts = observe(layout, entry.name)
+            facts = observe(layout, hexdigest)
             if facts is None:
                 continue
             decision = judge_digest(facts, now, grace)
@@ -153,13 +156,13 @@ def collect(root: Path, grace: float, dry_run: bool) -> GcReport:
             log.info("%s reference %s to sha256:%s: its pet is gone", _verb(dry_run, "dropped"), ref, decision.hex)
         if decision.remove:
             log.info("%s sha256:%s (%s)", _verb(dry_run, "removed"), decision.hex, decision.why)
-    with contextlib.suppress(FileNotFoundError):
-        for entry in sorted(layout.tmp.iterdir()):
-            with contextlib.suppress(FileNotFoundError):
-                if now - entry.stat().st_mtime >= max(grace, TMP_MIN_AGE):
-                    if not dry_run:
-                        entry.unlink()
-                    report.tmp_removed.append(entry.name)
+    for name in list_below(root, layout.tmp):
+        found = stat_below(root, layout.tmp / name)
+        if found is not None and now - found.st_mtime >= max(grace, TMP_MIN_AGE):
+            if not dry_run:
+                with contextlib.suppress(IsADirectoryError, PermissionError):
+                    remove_below(root, layout.tmp / name)
+            report.tmp_removed.append(name)
     return report
 
 

@@ -2,7 +2,6 @@
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import re
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shared import files
 from shared.errors import ConfigError, PodvmError
 
 if TYPE_CHECKING:
@@ -24,6 +24,9 @@ HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 VOLUME_FILE = ".podvm-volume"
+
+
+RECORD_MAX = 64 << 10  # a name or a reference is a few hundred bytes; a larger one is forged
 
 
 _LOCAL_LOCK_OPTIONS = ("nolock", "local_lock=all", "local_lock=flock")
@@ -81,8 +84,9 @@ class Layout:
         :raise ConfigError: when IMAGE_DIR is not writable.
         """
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
             for sub in ("sha256", "names", "refs", "locks", "tmp"):
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
+                os.close(files.open_below(self.root, self.root / sub, create=True))
         except OSError as err:
             raise ConfigError(f"IMAGE_DIR={self.root}: cannot create the cache's folders: {err.strerror}") from None
 
@@ -131,43 +135,25 @@ def check_locks(root: Path) -> None:
 
 @contextlib.contextmanager
 def locked(path: Path, waiting: str = "", *, blocking: bool = True) -> Iterator[bool]:
-    """Hold ``flock`` on ``path``; yields False (holding nothing) when ``blocking`` is false and it is busy.
-
-    gc removes a lock file with its base while holding it, so after ``flock`` the path must still name the file
-    locked; if not, start over on the new file.
+    """Hold the cache lock ``path`` (:func:`shared.files.locked`, below IMAGE_DIR); yields False when ``blocking`` is
+    false and it is busy.
 
     :raise ConfigError: when the volume does not support locks (ENOLCK).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        try:  # never follow a symlink planted in the shared cache (it could point into this pod's own volumes)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as err:
-            if err.errno == errno.ELOOP:
-                raise PodvmError(f"IMAGE_DIR: {path} is a symbolic link; refused") from None
-            raise
-        with open(fd, "r+b") as lock:
-            try:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    if not blocking:
-                        yield False
-                        return
-                    if waiting:
-                        log.info("%s", waiting)
-                    fcntl.flock(lock, fcntl.LOCK_EX)
-            except OSError as err:
-                if err.errno == errno.ENOLCK:
-                    raise ConfigError(
-                        f"IMAGE_DIR: {path}: the volume does not support file locks (ENOLCK); the shared cache "
-                        "needs working locks (NFSv4, or NFSv3 with lockd)"
-                    ) from None
-                raise
-            try:
-                same = os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                yield True
-                return
+    root = path.parent.parent
+    try:
+        with files.locked(path, root, blocking=blocking, waiting=waiting) as held:
+            yield held
+    except files.Forged as err:
+        raise PodvmError(f"IMAGE_DIR: {err}; refused") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise PodvmError(f"IMAGE_DIR: {path} is a symbolic link; refused") from None
+        if err.errno == errno.ENOLCK:
+            raise ConfigError(
+                f"IMAGE_DIR: {path}: the volume does not support file locks (ENOLCK); the shared cache "
+                "needs working locks (NFSv4, or NFSv3 with lockd)"
+            ) from None
+        if err.errno == errno.ENOTDIR:
+            raise PodvmError(f"IMAGE_DIR: {path}: a symbolic link or no folder on the way; refused") from None
+        raise

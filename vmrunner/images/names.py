@@ -5,12 +5,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from shared.files import read_record
 from vmrunner.config import Config
 
 if TYPE_CHECKING:
     pass
 
-from vmrunner.images.layout import HEX64, Layout
+from vmrunner.images.layout import HEX64, RECORD_MAX, Layout
 
 log = logging.getLogger("vmrunner.cache")
 
@@ -32,9 +33,10 @@ class NameRecord:
 
 def read_name(layout: Layout, key: str) -> NameRecord | None:
     """The name's record, or None when missing or unreadable (it is then fetched again)."""
+    data = read_record(layout.name(key), RECORD_MAX, layout.root)
     try:
-        record = NameRecord(**json.loads(layout.name(key).read_text()))
-    except (OSError, ValueError, TypeError):
+        record = NameRecord(**json.loads(data or b"null"))
+    except (ValueError, TypeError):
         return None
     return record if record.digest.startswith("sha256:") and HEX64.match(record.hex) else None
 

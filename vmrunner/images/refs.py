@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import re
 import secrets
 from dataclasses import asdict, dataclass
@@ -9,13 +10,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shared.errors import PodvmError
-from shared.files import write_atomic
+from shared.files import list_below, open_below, read_record, remove_below, stat_below, write_atomic
 from vmrunner.config import Config
 
 if TYPE_CHECKING:
     pass
 
-from vmrunner.images.layout import VOLUME_FILE, Layout, check_locks, locked, utc_now
+from vmrunner.images.layout import RECORD_MAX, VOLUME_FILE, Layout, check_locks, locked, utc_now
 
 log = logging.getLogger("vmrunner.cache")
 
@@ -61,13 +62,14 @@ def claim(cfg: Config, hexdigest: str) -> bool:
     check_locks(layout.root)
     ref_name = pet_id(cfg)
     with locked(layout.lock(hexdigest)):
-        if not layout.base(hexdigest).exists():
+        if stat_below(layout.root, layout.base(hexdigest)) is None:
             return False
         path = layout.refs(hexdigest) / ref_name
-        if not path.exists():
-            path.parent.mkdir(exist_ok=True)
+        if read_record(path, RECORD_MAX, layout.root) is None:
+            remove_below(layout.root, path)  # a forged one: replaced by this pet's own
+            os.close(open_below(layout.root, path.parent, create=True))
             ref = Ref(str(cfg.pet_path), ref_name.rsplit(".", 1)[1], cfg.hostname, utc_now())
-            write_atomic(path, json.dumps(asdict(ref)).encode(), mode=0o644)
+            write_atomic(path, json.dumps(asdict(ref)).encode(), mode=0o644, root=layout.root)
     return True
 
 
@@ -75,21 +77,18 @@ def release(cfg: Config, hexdigest: str) -> None:
     """Remove this pet's reference to the base."""
     layout = Layout(cfg.image_dir)
     with locked(layout.lock(hexdigest)):
-        (layout.refs(hexdigest) / pet_id(cfg)).unlink(missing_ok=True)
+        remove_below(layout.root, layout.refs(hexdigest) / pet_id(cfg))
 
 
 def references(layout: Layout, hexdigest: str) -> dict[str, Ref | None]:
     """The base's references by pet id (None: unreadable, still counted)."""
     found: dict[str, Ref | None] = {}
-    try:
-        entries = list(layout.refs(hexdigest).iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return found
-    for entry in sorted(entries):
-        if entry.name.startswith("."):
+    folder = layout.refs(hexdigest)
+    for name in list_below(layout.root, folder):
+        if name.startswith("."):
             continue  # a reference being written
         try:
-            found[entry.name] = Ref(**json.loads(entry.read_text()))
-        except (OSError, ValueError, TypeError):
-            found[entry.name] = None
+            found[name] = Ref(**json.loads(read_record(folder / name, RECORD_MAX, layout.root) or b"null"))
+        except (ValueError, TypeError):
+            found[name] = None
     return found

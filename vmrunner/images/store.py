@@ -1,5 +1,6 @@
 """Bringing a base into the cache: fetched once, hashed while streaming, vetted, then stored under its digest."""
 
+import contextlib
 import hashlib
 import io
 import json
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shared.errors import ImageRejected, PodvmError
-from shared.files import write_atomic
+from shared.files import open_below, write_atomic
 from vmrunner.config import Config, redact
 from vmrunner.images.download import fetch_into, human
 from vmrunner.images.vet import Verdict, vet
@@ -33,6 +34,7 @@ class Cached:
 
     hex: str
     fresh: Verdict | None
+    identity: os.stat_result | None = None  # with ``fresh``: the fstat of the very file hashed, vetted and stored
 
 
 def ensure_image(cfg: Config) -> Cached:
@@ -84,8 +86,8 @@ class _Writeback(io.FileIO):
 
     EVERY = 32 << 20
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, "wb")
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd, "wb", closefd=False)
         self.unflushed = 0
 
     def write(self, data: "Buffer", /) -> int:
@@ -98,14 +100,48 @@ class _Writeback(io.FileIO):
         return written
 
 
+class _Private:
+    """The download's own file in ``tmp/``: unnamed (``O_TMPFILE``) where the volume allows, else a fresh name made
+    with ``O_EXCL``; either way held open from creation to rename, so its digest is bound to its inode, not to a path
+    another pod could swap."""
+
+    def __init__(self, layout: Layout, key: str) -> None:
+        self.layout = layout
+        self.dir_fd = open_below(layout.root, layout.tmp)
+        self.name = f"{key}.{os.getpid()}.{secrets.token_hex(4)}.part"
+        try:
+            self.fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=self.dir_fd)
+            self.named = False
+        except OSError:  # a volume without O_TMPFILE (NFS, some FUSE)
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            self.fd = os.open(self.name, flags, 0o600, dir_fd=self.dir_fd)
+            self.named = True
+
+    @property
+    def path(self) -> Path:
+        """The file itself, for qemu-img: a magic link to the open inode, whatever its name now points to."""
+        return Path(f"/proc/{os.getpid()}/fd/{self.fd}")
+
+    def close(self) -> None:
+        """Forget the file (its name, if it still has one here, goes too)."""
+        if self.named:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.name, dir_fd=self.dir_fd)
+        os.close(self.fd)
+        os.close(self.dir_fd)
+
+
 def _fetch(cfg: Config, layout: Layout) -> Cached:
-    part = layout.tmp / f"{cfg.img_name}.{os.getpid()}.{secrets.token_hex(4)}.part"
     name = redact(cfg.img_source)
     log.info("fetching %s (name %s)", name, cfg.img_name)
     started = time.monotonic()
     try:
+        part = _Private(layout, cfg.img_name)
+    except OSError as err:
+        raise PodvmError(f"IMAGE_DIR={cfg.image_dir}: cannot store {name}: {err.strerror}: {err.filename}") from None
+    try:
         try:
-            with _Writeback(part) as out:
+            with _Writeback(part.fd) as out:
                 digests = fetch_into(cfg, out)
                 out.flush()
                 os.fsync(out.fileno())
@@ -116,12 +152,12 @@ def _fetch(cfg: Config, layout: Layout) -> Cached:
                 f"IMG_CHECKSUM: {name} has {cfg.img_checksum.algorithm}:{digests[cfg.img_checksum.algorithm]}, "
                 f"expected {cfg.img_checksum}; nothing was cached"
             )
-        verdict = vet(part, cfg.img_format, cfg.img_max_size, name)
+        verdict = vet(part.path, cfg.img_format, cfg.img_max_size, name)
         hexdigest = digests["sha256"]
-        os.chmod(part, 0o444)
-        _store(layout, part, hexdigest)
+        os.fchmod(part.fd, 0o444)
+        identity = _store(layout, part, hexdigest)
     finally:
-        part.unlink(missing_ok=True)
+        part.close()
     others = {k: v for k, v in digests.items() if k != "sha256"}
     record = NameRecord(f"sha256:{hexdigest}", name, utc_now(), others)
     write_atomic(layout.name(cfg.img_name), json.dumps(asdict(record)).encode(), mode=0o644)
@@ -136,7 +172,7 @@ def _fetch(cfg: Config, layout: Layout) -> Cached:
         human(int(size / max(elapsed, 1e-6))),
         human(verdict.virtual_size),
     )
-    return Cached(hexdigest, verdict)
+    return Cached(hexdigest, verdict, identity)
 
 
 def hash_file(path: Path) -> str | None:
@@ -149,17 +185,55 @@ def hash_file(path: Path) -> str | None:
         return hashlib.file_digest(src, "sha256").hexdigest()
 
 
-def _store(layout: Layout, part: Path, hexdigest: str) -> None:
-    """Rename a complete, vetted download to ``sha256/<hex>``; an existing base is kept unless its bytes changed."""
+def _store(layout: Layout, part: _Private, hexdigest: str) -> os.stat_result:
+    """Rename a complete, vetted download to ``sha256/<hex>``; an existing base is kept unless its bytes changed.
+
+    The rename is by name, so it is checked against the descriptor: ``sha256/<hex>`` must then be the very inode
+    hashed and vetted, else it is removed and the start refused.
+
+    :return: the fstat of the file now stored under the digest.
+    """
     target = layout.base(hexdigest)
     with locked(layout.lock(hexdigest)):
-        if target.exists():
-            if hash_file(target) == hexdigest:
-                return
-            log.warning("%s no longer holds the bytes of its name; replacing it with the verified download", target)
-        os.replace(part, target)
-        dir_fd = os.open(target.parent, os.O_RDONLY)
+        bases = open_below(layout.root, target.parent)
         try:
-            os.fsync(dir_fd)
+            kept = _hashed(bases, hexdigest)
+            if kept is not None:
+                return kept
+            if not part.named:
+                os.link(f"/proc/self/fd/{part.fd}", part.name, dst_dir_fd=part.dir_fd, follow_symlinks=True)
+                part.named = True
+            os.rename(part.name, hexdigest, src_dir_fd=part.dir_fd, dst_dir_fd=bases)
+            part.named = False
+            mine = os.fstat(part.fd)
+            now = os.stat(hexdigest, dir_fd=bases, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+                os.unlink(hexdigest, dir_fd=bases)
+                raise PodvmError(
+                    f"IMAGE_DIR={layout.root}: {target} is not the file downloaded (another writer replaced it before "
+                    "the rename); removed it, nothing cached"
+                )
+            os.fsync(bases)
+            return mine
         finally:
-            os.close(dir_fd)
+            os.close(bases)
+
+
+def _hashed(bases: int, hexdigest: str) -> os.stat_result | None:
+    """The fstat of an existing base that holds the bytes of its digest (hashed through the same descriptor)."""
+    try:
+        fd = os.open(hexdigest, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=bases)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        fd = -1
+    try:
+        if fd >= 0 and stat.S_ISREG(os.fstat(fd).st_mode):
+            with open(fd, "rb", closefd=False) as src:
+                if hashlib.file_digest(src, "sha256").hexdigest() == hexdigest:
+                    return os.fstat(fd)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    log.warning("sha256/%s no longer holds the bytes of its name; replacing it with the verified download", hexdigest)
+    return None

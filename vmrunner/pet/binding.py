@@ -268,7 +268,8 @@ def _create(cfg: Config) -> Started:
         trust_path(cfg).unlink(missing_ok=True)
         if cached.fresh is not None:  # just downloaded, hashed and vetted by this runner: no second read
             verdict = cached.fresh
-            st = base.stat()
+            assert cached.identity is not None
+            st = cached.identity  # the fstat of the file hashed and vetted, never a fresh look at a shared path
             trust: Trust | None = Trust(
                 hexdigest, str(base), cfg.img_format, verdict.virtual_size, st.st_size, st.st_ino,
                 st.st_ctime_ns, st.st_mtime_ns, utc_now(),

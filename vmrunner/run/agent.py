@@ -16,6 +16,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.errors import escape_controls
+
 log = logging.getLogger("vmrunner.agent")
 MAX_REPLY = 64 * 1024
 SYNC_TIMEOUT = 2.0  # an agent that does not answer a sync in this time is taken as absent
@@ -26,6 +28,9 @@ DELIMITER = b"\xff"
 
 class AgentError(Exception):
     """The agent is absent, silent, or answered something unusable; the message says which."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(escape_controls(message))  # it quotes the guest: never a forged line nor an escape sequence
 
 
 @dataclass(frozen=True)

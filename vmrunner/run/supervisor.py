@@ -10,12 +10,11 @@ import collections
 import contextlib
 import logging
 import os
-import re
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from shared.errors import ChildFailed, ConfigError, PodvmError, StoppedHard
+from shared.errors import ChildFailed, ConfigError, PodvmError, StoppedHard, escape_controls
 from shared.shutdown import QUIT_GRACE, QUIT_TIMEOUT
 from vmrunner.metrics.tracker import Tracker
 from vmrunner.run import vnc
@@ -24,19 +23,13 @@ from vmrunner.run.argv import QemuPlan
 log = logging.getLogger("vmrunner")
 guest_log = logging.getLogger("guest")
 STDERR_TAIL = 20
-_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")  # C0, C1 and line separators; not tab
+CONSOLE_LINE = 4096  # bytes: a longer console line is logged in pieces of this size
 QMP_TIMEOUT = 5.0  # seconds one QMP call may take, connect and greeting included
 
 DUTY_GRACE = 2.0  # seconds a cancelled duty gets to clean up before the shutdown goes on without it
 Duty = Callable[[], Awaitable[None]]
 """Work that lives as long as qemu runs (a console broker, a backup schedule, a watch on the VM's state): started
 once qemu is up, cancelled before the shutdown begins and when qemu exits."""
-
-
-def escape_controls(text: str) -> str:
-    """A guest's console line with its control characters escaped (``\\x1b``): a hostile guest cannot send escape
-    sequences to the terminal of whoever reads ``kubectl logs``, nor start what looks like a line of the runner's."""
-    return _CONTROLS.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
 
 
 def prepare_run_dir(plan: QemuPlan) -> None:
@@ -124,13 +117,14 @@ class Supervisor:
             return
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()
-        if len(self.partial) > 4096:
+        if len(self.partial) > CONSOLE_LINE:
             lines.append(self.partial)
             self.partial = b""
         for line in lines:
-            text = line.decode("utf-8", "replace").rstrip("\r")
-            if text:
-                guest_log.info("%s", escape_controls(text))
+            for start in range(0, len(line), CONSOLE_LINE):  # cut at 4 KiB however the bytes arrived
+                text = line[start : start + CONSOLE_LINE].decode("utf-8", "replace").rstrip("\r")
+                if text:
+                    guest_log.info("%s", escape_controls(text))
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
         async for raw in stream:

@@ -1,0 +1,130 @@
+"""A hostile neighbour on the shared volumes: a second process with the runner's uid, racing the real CLI."""
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.httpserver import Server
+from tests.harness.paths import VMRUNNER
+from tests.harness.pod import AS_RUNNER, runner_env
+
+SWAPPER = """
+import os, sys, time
+tmp, own = sys.argv[1], sys.argv[2]
+data = open(own, "rb").read()
+end = time.monotonic() + float(sys.argv[3])
+n = 0
+while time.monotonic() < end:
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        continue
+    for name in names:
+        mine = os.path.join(tmp, f".n{n}")
+        n += 1
+        with open(mine, "wb") as out:
+            out.write(data)
+        try:
+            os.replace(mine, os.path.join(tmp, name))
+        except OSError:
+            os.unlink(mine)
+"""
+
+
+@pytest.fixture
+def neighbour_file(shared_dir: Path, other_qcow2_bytes: bytes) -> Path:
+    path = shared_dir / "neighbour.qcow2"
+    path.write_bytes(other_qcow2_bytes)
+    path.chmod(0o644)
+    return path
+
+
+def as_runner(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AS_RUNNER, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture
+def swapper(shared_dir: Path, neighbour_file: Path) -> Iterator[subprocess.Popen[bytes]]:
+    tmp = shared_dir / "image" / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    os.chown(tmp.parent, 10001, 10001)
+    os.chown(tmp, 10001, 10001)
+    proc = subprocess.Popen([*AS_RUNNER, sys.executable, "-c", SWAPPER, str(tmp), str(neighbour_file), "20"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_download_swapped_at_any_moment_never_stores_or_makes_a_pet_on_other_bytes(
+    served: Server, qcow2_bytes: bytes, shared_dir: Path, swapper: subprocess.Popen[bytes]
+) -> None:
+    served.served.files["/disk.qcow2"] = qcow2_bytes
+    served.served.drops = [len(qcow2_bytes) // 4, len(qcow2_bytes) // 2]  # the file lives in tmp/ for a second or two
+    env = runner_env(shared_dir, IMG_SOURCE=served.url("/disk.qcow2"), VM_DISK_SIZE="64M")
+    done = as_runner([*VMRUNNER, "prepare"], env, 60)
+    sha = hashlib.sha256(qcow2_bytes).hexdigest()
+    base = shared_dir / "image" / "sha256" / sha
+    if done.returncode == 0:
+        assert base.read_bytes() == qcow2_bytes, done.stderr
+        assert (shared_dir / "vm" / "vm-0.qcow2").exists()
+    else:
+        lines = [line for line in done.stderr.splitlines() if "ERROR" in line or "error" in line]
+        assert len(lines) == 1 and "internal error" not in done.stderr, done.stderr
+        assert not base.exists() or base.read_bytes() == qcow2_bytes
+    assert swapper.poll() is None, "the neighbour ran through the whole start"
+
+
+def plant(kind: str, path: Path) -> None:
+    """Plant one file kind at ``path`` as the runner's uid."""
+    code = {
+        "fifo": "os.mkfifo(p)",
+        "zero": "os.symlink('/dev/zero', p)",
+        "folder": "os.mkdir(p)",
+        "huge": "f = open(p, 'wb'); f.truncate(1 << 30)",
+    }[kind]
+    script = f"import os, sys\np = sys.argv[1]\nos.makedirs(os.path.dirname(p), exist_ok=True)\n{code}"
+    subprocess.run([*AS_RUNNER, sys.executable, "-c", script, str(path)], check=True)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "folder", "huge"])
+@pytest.mark.parametrize("where", ["name", "ref"])
+def test_a_forged_name_or_reference_never_hangs_fetch_or_gc_nor_is_an_internal_error(
+    served: Server, qcow2_bytes: bytes, shared_dir: Path, kind: str, where: str
+) -> None:
+    served.served.files["/disk.qcow2"] = qcow2_bytes
+    env = runner_env(shared_dir, IMG_SOURCE=served.url("/disk.qcow2"), IMG_TARGET="debian")
+    image = shared_dir / "image"
+    os.chown(image, 10001, 10001)
+    sha = hashlib.sha256(qcow2_bytes).hexdigest()
+    if where == "name":
+        plant(kind, image / "names" / "debian")
+    else:
+        assert as_runner([*VMRUNNER, "fetch"], env, 30).returncode == 0
+        plant(kind, image / "refs" / sha / "planted.0123456789abcdef")
+    for command in (["fetch"], ["gc", "--grace", "0s"]):
+        started = time.monotonic()
+        done = as_runner([*VMRUNNER, *command], env, 10)
+        assert time.monotonic() - started < 10
+        assert "internal error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.count("\n") < 20, done.stderr
+
+
+def test_a_link_at_the_backup_folder_gets_nothing_written_through_it(shared_dir: Path) -> None:
+    backups, elsewhere = shared_dir / "backup", shared_dir / "elsewhere"
+    for path in (backups, elsewhere):
+        path.mkdir()
+        os.chown(path, 10001, 10001)
+    (backups / "vm-0").symlink_to(elsewhere)
+    env = runner_env(shared_dir, BACKUP_DIR=str(backups))
+    done = as_runner([*VMRUNNER, "backup"], env, 20)
+    assert done.returncode != 0
+    assert "symbolic link" in done.stderr and "refused" in done.stderr, done.stderr
+    assert list(elsewhere.iterdir()) == []
