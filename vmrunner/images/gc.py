@@ -6,10 +6,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    pass
 
 from shared.files import list_below, open_below, read_small, remove_below, stat_below
 from vmrunner.images.layout import HEX64, TMP_MIN_AGE, VOLUME_FILE, Layout, check_locks, locked

@@ -9,13 +9,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from shared import files
 from shared.errors import ConfigError, PodvmError
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("vmrunner.cache")
 

@@ -3,14 +3,9 @@
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from shared.files import read_record
 from vmrunner.config import Config
-
-if TYPE_CHECKING:
-    pass
-
 from vmrunner.images.layout import HEX64, RECORD_MAX, Layout
 
 log = logging.getLogger("vmrunner.cache")

@@ -7,15 +7,10 @@ import re
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from shared.errors import PodvmError
 from shared.files import list_below, open_below, read_record, remove_below, stat_below, write_atomic
 from vmrunner.config import Config
-
-if TYPE_CHECKING:
-    pass
-
 from vmrunner.images.layout import RECORD_MAX, VOLUME_FILE, Layout, check_locks, locked, utc_now
 
 log = logging.getLogger("vmrunner.cache")
