@@ -59,7 +59,8 @@ parse VM_MEMORY 512M size; memory_mib=$((value / 1048576))
 case ${VM_CPUS:=1} in ''|*[!0-9]*) die 2 "VM_CPUS='$VM_CPUS': expected a whole number from 1 to 255" ;; esac
 [ "$VM_CPUS" -ge 1 ] && [ "$VM_CPUS" -le 255 ] || die 2 "VM_CPUS=$VM_CPUS: expected a number from 1 to 255"
 case ${FETCH_RETRIES:=5} in ''|*[!0-9]*) die 2 "FETCH_RETRIES='$FETCH_RETRIES': expected a whole number" ;; esac
-# VNC_PASSWORD_FILE, read as vmrunner reads it (trailing line ends dropped; 1 to 8 printable ASCII characters).
+# VNC_PASSWORD_FILE, read by the rules of shared/secrets.py and vmrunner/run/vnc.py: at most 4096 bytes read, trailing
+# line ends dropped, 1 to 8 printable ASCII characters; messages name the variable and the file, never the password.
 vnc_password=''
 if [ -n "${VNC_PASSWORD_FILE:-}" ]; then
     vnc_password=$(python3 - "$VNC_PASSWORD_FILE" <<'PY'

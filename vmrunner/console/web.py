@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from shared.errors import ConfigError
+from shared.secrets import read_secret
 from vmrunner.console.broker import CHUNK, Broker
 
 if TYPE_CHECKING:
@@ -92,19 +93,13 @@ def read_token(path: Path | None) -> bytes | None:
     :raise ConfigError: naming the file (never the token) when it cannot be read, or is too short, too long or
         holds anything but printable ASCII.
     """
-    if path is None:
+    expected = f"a token of {TOKEN_MIN} to {TOKEN_MAX} printable ASCII characters without spaces"
+    read = read_secret("CONSOLE_PASSWORD_FILE", path, TOKEN_MAX + 2, expected)
+    if read is None:
         return None
-    source = f"CONSOLE_PASSWORD_FILE={path}"
-    try:
-        with path.open("rb") as secret:
-            raw = secret.read(TOKEN_MAX + 3)
-    except OSError as err:
-        raise ConfigError(f"{source}: cannot read: {err.strerror}") from None
-    token = raw.rstrip(b"\r\n")
+    token, source = read
     if not TOKEN_MIN <= len(token) <= TOKEN_MAX or any(byte < 0x21 or byte > 0x7E for byte in token):
-        raise ConfigError(
-            f"{source}: expected a token of {TOKEN_MIN} to {TOKEN_MAX} printable ASCII characters without spaces"
-        )
+        raise ConfigError(f"{source}: expected {expected}")
     return token
 
 

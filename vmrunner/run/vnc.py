@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from shared.errors import ConfigError
+from shared.secrets import read_secret
 
 log = logging.getLogger("vmrunner.vnc")
 
@@ -46,17 +47,8 @@ def read_password(path: Path | None) -> bytes | None:
 
     :raise ConfigError: when the file cannot be read or holds no password VNC can use.
     """
-    if path is None:
-        return None
-    source = f"VNC_PASSWORD_FILE={path}"
-    try:
-        with path.open("rb") as secret:
-            raw = secret.read(_READ_LIMIT + 1)
-    except OSError as err:
-        raise ConfigError(f"{source}: cannot read: {err.strerror}") from None
-    if len(raw) > _READ_LIMIT:
-        raise ConfigError(f"{source}: larger than {_READ_LIMIT} bytes; expected a password of at most {MAX_LENGTH}")
-    return clean_password(raw, source)
+    read = read_secret("VNC_PASSWORD_FILE", path, _READ_LIMIT, f"a password of at most {MAX_LENGTH}")
+    return None if read is None else clean_password(*read)
 
 
 def warn_if_open(vnc: bool, password_file: Path | None) -> None:
