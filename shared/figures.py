@@ -9,12 +9,12 @@ labels. The sidecar, which runs with network privileges, never reads a file the 
 A document is ``{"version": 1, "time": <unix seconds>, "figures": [{"name", "labels", "value"}, ...]}``.
 """
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared import documents
 from shared.files import read_small
 
 VERSION = 1
@@ -228,11 +228,9 @@ def parse_document(data: bytes, allowed: frozenset[str]) -> tuple[float, list[Fi
     :raise FiguresError: when anything in it is malformed; nothing of a bad document is used.
     """
     try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as err:
-        raise FiguresError(f"not JSON: {err}") from None
-    if not isinstance(doc, dict) or doc.get("version") != VERSION:
-        raise FiguresError(f"expected a version {VERSION} figures document")
+        doc = documents.parse(data, documents.exactly(VERSION, "figures document"))
+    except documents.DocumentError as err:
+        raise FiguresError(str(err)) from None
     when, items = doc.get("time"), doc.get("figures")
     if isinstance(when, bool) or not isinstance(when, int | float) or not math.isfinite(when) or when < 0:
         raise FiguresError("time must be a unix time")

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from shared import documents
 from shared.errors import HandshakeError
 from shared.files import read_small, write_atomic
 
@@ -102,6 +103,15 @@ class Ipv6:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def version_problem(version: object) -> str | None:
+    """What is wrong with a handshake's ``version`` for this side (a major version it does not speak), or None."""
+    if not isinstance(version, str) or not re.fullmatch(r"[0-9]{1,9}\.[0-9]{1,9}", version):
+        return "missing or malformed 'version' (expected MAJOR.MINOR)"
+    if int(version.split(".")[0]) != MAJOR:
+        return f"handshake version {version} is not supported (this side speaks {MAJOR}.x)"
+    return None
+
+
 @dataclass(frozen=True)
 class Handshake:
     """What a runner needs to know about the VM's network (see handshake.schema.json for each field)."""
@@ -146,11 +156,9 @@ class Handshake:
         """
         if not isinstance(data, dict):
             raise HandshakeError(f"{source}: expected a JSON object")
-        version = data.get("version")
-        if not isinstance(version, str) or not re.fullmatch(r"[0-9]{1,9}\.[0-9]{1,9}", version):
-            raise HandshakeError(f"{source}: missing or malformed 'version' (expected MAJOR.MINOR)")
-        if int(version.split(".")[0]) != MAJOR:
-            raise HandshakeError(f"{source}: handshake version {version} is not supported (this side speaks {MAJOR}.x)")
+        problem = version_problem(data.get("version"))
+        if problem is not None:
+            raise HandshakeError(f"{source}: {problem}")
         _check(data, schema(), source)
         # Fields a minor version added are absent from older handshakes: the dataclass's default stands for them.
         fields = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
@@ -182,11 +190,9 @@ def read(path: Path) -> Handshake:
     except ValueError as err:
         raise HandshakeError(f"{err}, not a handshake") from err
     try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise HandshakeError(f"{path}: not valid JSON at line {err.lineno}: {err.msg}") from err
-    except (ValueError, RecursionError) as err:  # not UTF-8, a number past int()'s limit, nesting past the stack
-        raise HandshakeError(f"{path}: not a handshake: {err}") from err
+        data = documents.parse(raw, version_problem)
+    except documents.DocumentError as err:
+        raise HandshakeError(f"{path}: {err}") from err
     return Handshake.from_dict(data, str(path))
 
 

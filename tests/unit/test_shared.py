@@ -147,7 +147,7 @@ def test_waiting_for_a_missing_handshake_names_the_file(tmp_path: Path) -> None:
 
 def test_unreadable_json_names_the_line(tmp_path: Path) -> None:
     (tmp_path / "network.json").write_text('{\n"version": \n')
-    with pytest.raises(HandshakeError, match="not valid JSON at line 3"):
+    with pytest.raises(HandshakeError, match="not JSON at line 3"):
         handshake.read(tmp_path / "network.json")
     assert json.loads(json.dumps(SAMPLE.to_dict()))["dns"] == ["10.96.0.10", "10.96.0.11"]
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from shared import documents
 from shared.errors import ConfigError
 from shared.files import list_below, read_small, stat_below
 from vmrunner.run.argv import PET_NODE
@@ -188,12 +189,7 @@ def parse_manifest(data: bytes, directory_name: str) -> Chain:
 
     :raise ValueError: saying what is wrong.
     """
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as err:
-        raise ValueError(f"not JSON: {err}") from None
-    if not isinstance(doc, dict) or doc.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"expected a version {MANIFEST_VERSION} manifest")
+    doc = documents.parse(data, documents.exactly(MANIFEST_VERSION, "manifest"))
     if doc.get("chain") != directory_name or not _CHAIN_ID.match(directory_name):
         raise ValueError(f"the manifest is of chain {str(doc.get('chain'))[:40]!r}, in directory {directory_name}")
     points = doc.get("points")
