@@ -44,8 +44,8 @@ def _hmp(root: Path, line: str) -> str:
     """An HMP command through vmrunner's own QMP client (qemu-io writes into the running disk, as the guest would:
     through the drive, so the dirty bitmap sees them); its answer (empty when it worked)."""
     code = (
-        "import asyncio, sys; from pathlib import Path; from vmrunner.run.supervisor import qmp_execute; "
-        "print(asyncio.run(qmp_execute(Path(sys.argv[1]), 'human-monitor-command', 60, {'command-line': sys.argv[2]})))"
+        "import asyncio, sys; from pathlib import Path; from vmrunner.qemu import qmp; "
+        "print(asyncio.run(qmp.execute(Path(sys.argv[1]), 'human-monitor-command', 60, {'command-line': sys.argv[2]})))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(root / "run" / "qmp.sock"), line], check=True, capture_output=True, text=True

@@ -15,24 +15,19 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from qemu.qmp import QMPClient
-
+from shared.errors import PodvmError
 from tests.harness import samples
 from tests.harness.paths import VMRUNNER
 from tests.harness.pod import runner_env
+from vmrunner.qemu import qmp
 
 
 async def _until_running(sock: Path, deadline: float) -> None:
     while time.monotonic() < deadline:
-        client = QMPClient("bench")
-        try:
-            await client.connect(str(sock))
-            status = await client.execute("query-status")
-            await client.disconnect()
+        with contextlib.suppress(PodvmError):  # not up yet: poll again
+            (status,) = await qmp.session(sock, [("query-status", None)], 1.0, wait=False)
             if isinstance(status, dict) and status.get("status") == "running":
                 return
-        except Exception:  # noqa: S110 not up yet: poll again
-            pass
         await asyncio.sleep(0.005)
     raise TimeoutError(f"{sock}: qemu not running in time")
 

@@ -305,11 +305,10 @@ def cmd_status(cfg: Config) -> int:
     import asyncio
 
     from vmrunner.pet.binding import describe
-    from vmrunner.run.supervisor import qmp_execute
+    from vmrunner.qemu import qmp
 
-    qmp = RunPaths.of(cfg.run_dir).qmp
     try:
-        result = asyncio.run(qmp_execute(qmp, "query-status", timeout=1.0))
+        result = asyncio.run(qmp.execute(RunPaths.of(cfg.run_dir).qmp, "query-status", timeout=1.0))
         status = result.get("status") if isinstance(result, dict) else None
     except PodvmError as err:
         log.info("%s", err)

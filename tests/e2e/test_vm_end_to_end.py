@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
-from qemu.qmp import QMPClient
 
 from shared.handshake import Handshake
 from tests.guest.build import ensure_guest
@@ -27,6 +26,7 @@ from tests.harness.netbed import Sidecar
 from tests.harness.pod import PodNet, Proc
 from tests.harness.scenario import IMAGE_PORT, Scenario, pod_scenario
 from tests.harness.wait import until
+from vmrunner.qemu import qmp
 
 pytestmark = pytest.mark.guest
 
@@ -77,15 +77,6 @@ class Exercise:
     transfers: list[str]
 
 
-async def _qmp(socket: Path, command: str) -> None:
-    client = QMPClient("e2e")
-    await client.connect(str(socket))
-    try:
-        await client.execute(command)
-    finally:
-        await client.disconnect()
-
-
 def _fresh_scrape(pod: PodNet, since: float) -> Scrape:
     """A scrape whose network figures the sidecar gathered after ``since`` (it hands them over every second)."""
 
@@ -120,9 +111,9 @@ def _exercise(pod: PodNet, base: Path, env: dict[str, str]) -> Exercise:
     backup = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert backup.returncode == 0, backup.stderr
     after = _fresh_scrape(pod, time.time())
-    asyncio.run(_qmp(run_dir / "qmp.sock", "stop"))
+    asyncio.run(qmp.execute(run_dir / "qmp.sock", "stop"))
     paused = _scrape_until(pod, "paused")
-    asyncio.run(_qmp(run_dir / "qmp.sock", "cont"))
+    asyncio.run(qmp.execute(run_dir / "qmp.sock", "cont"))
     return Exercise(before, after, paused, _scrape_until(pod, "running"), transfers)
 
 

@@ -27,9 +27,10 @@ from shared.files import write_atomic
 from vmrunner.backups import plans
 from vmrunner.backups.plans import JOB_ID, LAST, LOCK, MANIFEST, TARGET_NODE, BackupPlan, Chain, Point
 from vmrunner.config import Config
+from vmrunner.qemu import qmp
 from vmrunner.run import agent
 from vmrunner.run.argv import PET_NODE, RunPaths
-from vmrunner.run.supervisor import Duty, qmp_execute
+from vmrunner.run.supervisor import Duty
 
 log = logging.getLogger("vmrunner.backup")
 
@@ -112,7 +113,7 @@ def locked(cfg: Config, root: Path) -> Iterator[None]:
 
 
 async def _qmp(cfg: Config, command: str, arguments: dict[str, object] | None = None, timeout: float = 5.0) -> object:
-    return await qmp_execute(RunPaths.of(cfg.run_dir).qmp, command, timeout, arguments)
+    return await qmp.execute(RunPaths.of(cfg.run_dir).qmp, command, timeout, arguments)
 
 
 async def _tool(argv: tuple[str, ...], what: str) -> str:

@@ -15,6 +15,7 @@ from shared.figures import SHUTDOWN_OUTCOMES, VM_STATES, Figure, figure
 from vmrunner.backups.plans import read_last
 from vmrunner.metrics.runs import read_runs
 from vmrunner.metrics.state import RunState
+from vmrunner.qemu import qmp
 
 log = logging.getLogger("vmrunner")
 
@@ -117,27 +118,14 @@ def block_figures(blockstats: object) -> list[Figure]:
     return out
 
 
-async def _query(monitor: Path) -> tuple[object, object]:
-    from qemu.qmp import QMPClient, QMPError
-
-    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-    client = QMPClient("vmrunner-metrics")
-    try:
-        await client.connect(str(monitor))
-        return await client.execute("query-status"), await client.execute("query-blockstats")
-    except (QMPError, OSError, EOFError) as err:
-        raise PodvmError(f"{monitor}: {err!r}") from None
-    finally:
-        with contextlib.suppress(QMPError, OSError, EOFError):
-            await client.disconnect()
-
-
 def query_qemu(monitor: Path) -> tuple[object, object] | None:
     """qemu's run state and block statistics, or None when no qemu answers within QMP_TIMEOUT."""
+    commands: list[qmp.Command] = [("query-status", None), ("query-blockstats", None)]
     try:
-        return asyncio.run(asyncio.wait_for(_query(monitor), QMP_TIMEOUT))
-    except (PodvmError, TimeoutError):
+        status, blockstats = asyncio.run(qmp.session(monitor, commands, QMP_TIMEOUT, wait=False))
+    except PodvmError:
         return None
+    return status, blockstats
 
 
 def _qmp_status(qmp_status: object) -> object:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import PodvmError
-from vmrunner.run.supervisor import Duty, qmp_execute
+from vmrunner.qemu import qmp
+from vmrunner.run.supervisor import Duty
 
 log = logging.getLogger("vmrunner")
 POLL_EVERY = 3.0  # seconds between two looks; a paused VM waits at most this long after space was freed
@@ -86,13 +87,13 @@ def watch(monitor: Path, vm_dir: Path, resume_free: int, every: float = POLL_EVE
         while True:
             await asyncio.sleep(every)
             try:
-                answer = await qmp_execute(monitor, "query-status", timeout=1.0)
+                answer = await qmp.execute(monitor, "query-status", timeout=1.0)
                 status = answer.get("status") if isinstance(answer, dict) else None
                 decided = step(seen, str(status), free_bytes(vm_dir), resume_free, vm_dir)
                 for line in decided.warnings:
                     log.warning("%s", line)
                 if decided.resume:
-                    await qmp_execute(monitor, "cont", timeout=1.0)
+                    await qmp.execute(monitor, "cont", timeout=1.0)
                 for line in decided.infos:
                     log.info("%s", line)
                 seen = decided.seen

@@ -12,11 +12,11 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 
 from shared.errors import ChildFailed, ConfigError, PodvmError, StoppedHard, escape_controls
 from shared.shutdown import QUIT_GRACE, QUIT_TIMEOUT
 from vmrunner.metrics.tracker import Tracker
+from vmrunner.qemu import qmp
 from vmrunner.run import vnc
 from vmrunner.run.argv import QemuPlan
 
@@ -24,7 +24,6 @@ log = logging.getLogger("vmrunner")
 guest_log = logging.getLogger("guest")
 STDERR_TAIL = 20
 CONSOLE_LINE = 4096  # bytes: a longer console line is logged in pieces of this size
-QMP_TIMEOUT = 5.0  # seconds one QMP call may take, connect and greeting included
 
 DUTY_GRACE = 2.0  # seconds a cancelled duty gets to clean up before the shutdown goes on without it
 Duty = Callable[[], Awaitable[None]]
@@ -37,53 +36,6 @@ def prepare_run_dir(plan: QemuPlan) -> None:
     for path in plan.paths.made():
         path.unlink(missing_ok=True)
     os.mkfifo(plan.paths.console_log, 0o600)
-
-
-async def qmp_execute(
-    socket: Path, command: str, timeout: float = QMP_TIMEOUT, arguments: dict[str, object] | None = None
-) -> object:
-    """Run one QMP command (with ``arguments``) over ``socket`` with the qemu.qmp library, all of it (connect,
-    greeting, capabilities negotiation, the command, the disconnect) within ``timeout`` seconds; the connect is
-    retried while qemu starts.
-
-    A qemu whose monitor accepts connections but never greets (hung, stopped, or something else on the socket)
-    would otherwise hold the caller forever, and a SIGTERM with it until the kubelet kills the pod.
-
-    :raise PodvmError: when no qemu answers there in time, or the command fails.
-    """
-    refused: list[str] = []  # why the last connect failed; empty while qemu has accepted and not yet answered
-    try:
-        async with asyncio.timeout(timeout):
-            return await _qmp_execute(socket, command, arguments, refused)
-    except TimeoutError:
-        why = refused[-1] if refused else "the monitor accepted the connection but never answered"
-        raise PodvmError(f"{socket}: no qemu answers QMP {command} within {timeout:g}s: {why}") from None
-
-
-async def _qmp_execute(socket: Path, command: str, arguments: dict[str, object] | None, refused: list[str]) -> object:
-    from qemu.qmp import ExecuteError, QMPClient, QMPError
-
-    # The library logs every failed connect at ERROR; the retry loop below is the normal way to wait for qemu.
-    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-    client = QMPClient("vmrunner")
-    while True:
-        refused.clear()
-        try:
-            await client.connect(str(socket))
-            break
-        except (QMPError, OSError) as err:
-            refused.append(str(err))
-            await asyncio.sleep(0.1)
-    try:
-        return await client.execute(command, arguments)
-    except ExecuteError as err:  # qemu refused the command: its own one-line reason
-        raise PodvmError(f"{socket}: QMP {command} failed: {err}") from None
-    except (QMPError, OSError, EOFError) as err:
-        raise PodvmError(f"{socket}: QMP {command} failed: {err!r}") from None
-    finally:
-        # After ``quit`` qemu closes the socket first; the library reports that as an error on disconnect.
-        with contextlib.suppress(QMPError, OSError, EOFError):
-            await client.disconnect()
 
 
 def _name(duty: Duty) -> str:
@@ -234,7 +186,7 @@ class Supervisor:
             self.tracker.set(phase="shutting_down")
         verdict = "the guest ignored the ACPI power-down"
         try:
-            await qmp_execute(self.plan.paths.qmp, "system_powerdown", timeout=min(QMP_TIMEOUT, self.shutdown_timeout))
+            await qmp.execute(self.plan.paths.qmp, "system_powerdown", timeout=min(qmp.TIMEOUT, self.shutdown_timeout))
         except PodvmError as err:
             log.warning("QMP system_powerdown failed: %s", err)
             verdict = "qemu did not take the ACPI power-down (its monitor does not answer)"
@@ -244,7 +196,7 @@ class Supervisor:
             return 0
         log.warning("guest did not power off within %gs; stopping qemu hard", self.shutdown_timeout)
         try:
-            await qmp_execute(self.plan.paths.qmp, "quit", timeout=QUIT_TIMEOUT)
+            await qmp.execute(self.plan.paths.qmp, "quit", timeout=QUIT_TIMEOUT)
         except PodvmError as err:
             log.warning("QMP quit failed: %s; sending qemu SIGTERM", err)
             with contextlib.suppress(ProcessLookupError):  # it may have quit after all, and been reaped
