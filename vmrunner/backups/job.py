@@ -27,7 +27,7 @@ from shared.files import write_atomic
 from vmrunner.backups import plans
 from vmrunner.backups.plans import JOB_ID, LAST, LOCK, MANIFEST, TARGET_NODE, BackupPlan, Chain, Point
 from vmrunner.config import Config
-from vmrunner.qemu import qmp
+from vmrunner.qemu import img, qmp
 from vmrunner.run import agent
 from vmrunner.run.argv import PET_NODE, RunPaths
 from vmrunner.run.supervisor import Duty
@@ -114,26 +114,6 @@ def locked(cfg: Config, root: Path) -> Iterator[None]:
 
 async def _qmp(cfg: Config, command: str, arguments: dict[str, object] | None = None, timeout: float = 5.0) -> object:
     return await qmp.execute(RunPaths.of(cfg.run_dir).qmp, command, timeout, arguments)
-
-
-async def _tool(argv: tuple[str, ...], what: str) -> str:
-    """Run a qemu-img command within TOOL_TIMEOUT; its last error line on failure."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
-        )
-    except FileNotFoundError:
-        raise PodvmError("qemu-img is not installed (it is part of qemu-utils)") from None
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), TOOL_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise PodvmError(f"{what}: qemu-img {argv[1]} did not finish within {TOOL_TIMEOUT:g}s") from None
-    if proc.returncode != 0:
-        last = (err.decode(errors="replace").strip().splitlines() or ["(no error output)"])[-1]
-        raise PodvmError(f"{what}: qemu-img {argv[1]}: {last}")
-    return out.decode(errors="replace")
 
 
 async def _leftover_job(cfg: Config) -> None:
@@ -242,7 +222,8 @@ async def _locked_backup(cfg: Config, root: Path, want_full: bool) -> Result:
         _remove(path)
     log.info("backup: %s backup into %s: %s", plan.kind, plan.directory, plan.reason)
     os.close(files.open_below(cfg.backup_dir, plan.directory, create=True))  # never a planted link
-    await _tool(plan.create, f"BACKUP_DIR={cfg.backup_dir}: creating {plan.partial}")
+    volume = f"BACKUP_DIR={cfg.backup_dir}"
+    await img.run_async(plan.create, img.Job(str(plan.partial), "creating the backup target", volume, TOOL_TIMEOUT))
     await _qmp(cfg, "blockdev-add", plan.attach)
     sent: list[bool] = []  # set once the transaction is on its way: from then on a job may exist
     try:

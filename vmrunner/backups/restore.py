@@ -3,16 +3,16 @@
 import json
 import logging
 import os
-import subprocess
 import time
 from pathlib import Path
 
 from shared.errors import ConfigError, PodvmError
 from shared.files import fsync_directory
 from vmrunner.backups import plans
-from vmrunner.backups.job import NAME, PROGRESS, PROGRESS_EVERY, TOOL_TIMEOUT, mib
+from vmrunner.backups.job import NAME, PROGRESS, PROGRESS_EVERY, mib
 from vmrunner.backups.plans import Chain, Point
 from vmrunner.config import Config
+from vmrunner.qemu import img
 
 log = logging.getLogger("vmrunner.backup")
 
@@ -27,11 +27,11 @@ def _check_chain(cfg: Config, chain_dir: Path, chain: Chain, point: Point) -> No
         path = chain_dir / name
         if not path.is_file() or path.is_symlink():
             raise PodvmError(f"{path}: missing from the backup volume; point {chain.point_id(point)} cannot be read")
-        argv = ("qemu-img", "info", "-f", "qcow2", "--output=json", str(path))
+        doing = f"reading point {chain.point_id(point)}"
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT, check=False)
-            info = json.loads(done.stdout) if done.returncode == 0 else None
-        except (subprocess.TimeoutExpired, ValueError):
+            out = img.run(("qemu-img", "info", "-f", "qcow2", "--output=json", str(path)), img.Job(str(path), doing))
+            info = json.loads(out)
+        except (PodvmError, ValueError):
             info = None
         if not isinstance(info, dict):
             raise PodvmError(f"{path}: not a readable qcow2; point {chain.point_id(point)} cannot be restored")
@@ -39,12 +39,10 @@ def _check_chain(cfg: Config, chain_dir: Path, chain: Chain, point: Point) -> No
         fmt = info.get("backing-filename-format")
         if got != backing or (backing is not None and fmt != "qcow2") or info.get("data-file"):
             raise PodvmError(f"{path}: its header names the backing file {got!r}, expected {backing!r}; refused")
-        check = subprocess.run(
-            ("qemu-img", "check", "-q", "-f", "qcow2", str(path)), capture_output=True, text=True, check=False
+        img.run(
+            ("qemu-img", "check", "-q", "-f", "qcow2", str(path)),
+            img.Job(str(path), f"checking point {chain.point_id(point)}"),
         )
-        if check.returncode != 0:
-            last = (check.stderr.strip().splitlines() or check.stdout.strip().splitlines() or ["damaged"])[-1]
-            raise PodvmError(f"{path}: qemu-img check found damage ({last}); point {chain.point_id(point)} refused")
 
 
 def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) -> Path:
@@ -66,12 +64,13 @@ def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) 
             f"{dest} exists: restore beside it with --name NAME, or replace it with --overwrite (with the VM stopped)"
         )
     _check_chain(cfg, chain_dir, chain, point)
-    if dest.exists():
-        in_use = subprocess.run(
-            ("qemu-img", "info", "-f", "qcow2", str(dest)), capture_output=True, text=True, check=False
-        )
-        if "lock" in in_use.stderr:
-            raise PodvmError(f"{dest}: in use by a running qemu; stop the VM before restoring over it")
+    if dest.exists():  # qemu-img's own lock says whether a qemu holds it; a disk it cannot read is replaced
+        try:
+            img.run(("qemu-img", "info", "-f", "qcow2", str(dest)), img.Job(str(dest), "restoring over it"))
+        except img.InUse:
+            raise
+        except PodvmError:
+            log.info("restore: %s is not a readable qcow2; it is replaced", dest)
     staging = cfg.vm_dir / f".{dest.name}.restore.tmp"
     log.info("restore: point %s (%s, taken %s) into %s", chain.point_id(point), point.kind, point.time, dest)
     started = time.monotonic()
@@ -96,20 +95,13 @@ def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) 
 
 def _convert(argv: tuple[str, ...], dest: Path) -> None:
     """Run ``qemu-img convert -p`` with a progress line every PROGRESS_EVERY seconds."""
-    try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise PodvmError("qemu-img is not installed (it is part of qemu-utils)") from None
-    assert proc.stdout is not None and proc.stderr is not None
     last = time.monotonic()
-    while chunk := os.read(proc.stdout.fileno(), 4096):
+
+    def progress(chunk: bytes) -> None:
+        nonlocal last
         found = PROGRESS.findall(chunk)
         if found and time.monotonic() - last >= PROGRESS_EVERY:
             last = time.monotonic()
             log.info("restore: %s%%", found[-1].decode())
-    err = proc.stderr.read().decode(errors="replace")
-    if proc.wait() != 0:
-        if "No space left on device" in err:
-            raise PodvmError(f"VM_DIR={dest.parent}: no space left on device while restoring")
-        line = (err.strip().splitlines() or ["(no error output)"])[-1]
-        raise PodvmError(f"restore into {dest} failed: qemu-img convert: {line}")
+
+    img.run(argv, img.Job(str(dest), "restoring", f"VM_DIR={dest.parent}", img.COPY), progress)

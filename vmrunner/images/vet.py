@@ -5,13 +5,12 @@ image with a backing file, an external data file, a corrupt flag or a virtual si
 """
 
 import json
-import resource
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ImageRejected, PodvmError
+from shared.errors import ImageRejected
+from vmrunner.qemu import img
 
 CPU_SECONDS = 30
 ADDRESS_SPACE = 1 << 30
@@ -26,22 +25,11 @@ class Verdict:
     virtual_size: int
 
 
-def _limits() -> None:
-    """Run in the child before exec: a crafted image must not make qemu-img spin or balloon."""
-    resource.setrlimit(resource.RLIMIT_CPU, (CPU_SECONDS, CPU_SECONDS))
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
-
-
-def _qemu_img(args: list[str], name: str) -> subprocess.CompletedProcess[str]:
-    """qemu-img under the limits; a hang (e.g. a stalled network volume) is a refusal naming ``name``."""
-    try:
-        return subprocess.run(
-            ["qemu-img", *args], capture_output=True, text=True, preexec_fn=_limits, check=False, timeout=WALL_SECONDS
-        )
-    except subprocess.TimeoutExpired:
-        raise ImageRejected(f"{name}: qemu-img {args[0]} took longer than {WALL_SECONDS}s; refused") from None
-    except FileNotFoundError:
-        raise PodvmError("qemu-img is not installed (it is part of qemu-utils)") from None
+def _job(name: str, ok: tuple[int, ...] = (0,)) -> img.Job:
+    """Vetting's qemu-img runs: under the limits, and a hang (e.g. a stalled network volume) refuses the image."""
+    return img.Job(
+        name, "vetting", timeout=WALL_SECONDS, error=ImageRejected, ok=ok, limits=(CPU_SECONDS, ADDRESS_SPACE)
+    )
 
 
 def judge(info: dict[str, Any], fmt: str, max_size: int, name: str) -> Verdict:
@@ -72,21 +60,12 @@ def vet(path: Path, fmt: str, max_size: int, name: str, *, check: bool = True) -
 
     :raise ImageRejected: when qemu-img fails or a rule is broken.
     """
-    info = _qemu_img(["info", "-f", fmt, "--output=json", str(path)], name)
-    if info.returncode != 0:
-        raise ImageRejected(f"{name}: qemu-img info -f {fmt} failed: {_last_line(info.stderr)}")
+    out = img.run(["qemu-img", "info", "-f", fmt, "--output=json", str(path)], _job(name))
     try:
-        verdict = judge(json.loads(info.stdout), fmt, max_size, name)
+        verdict = judge(json.loads(out), fmt, max_size, name)
     except json.JSONDecodeError:
         raise ImageRejected(f"{name}: qemu-img info printed no JSON") from None
     if fmt == "qcow2" and check:
-        checked = _qemu_img(["check", "-f", fmt, "--output=json", str(path)], name)
         # 0: clean; 3: leaked clusters only, which waste space but harm nothing.
-        if checked.returncode not in (0, 3):
-            raise ImageRejected(f"{name}: qemu-img check found errors: {_last_line(checked.stderr or checked.stdout)}")
+        img.run(["qemu-img", "check", "-f", fmt, "--output=json", str(path)], _job(name, ok=(0, 3)))
     return verdict
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"

@@ -7,12 +7,12 @@ Every change that touches which base it uses (create, re-point, rebase, flatten)
 
 import json
 import logging
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import BaseMismatch, PodvmError
 from vmrunner.config import Config
+from vmrunner.qemu import img
 
 log = logging.getLogger("vmrunner.pet")
 Argv = tuple[str, ...]
@@ -88,18 +88,8 @@ def run(argv: Argv, cfg: Config, what: str) -> str:
 
     :raise PodvmError: naming VM_DIR (no space) or the pet (in use, other failures).
     """
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise PodvmError("qemu-img is not installed (it is part of qemu-utils)") from None
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["(no error output)"])[-1]
-        if "No space left on device" in done.stderr:
-            raise PodvmError(f"VM_DIR={cfg.vm_dir}: no space left on device while {what}")
-        if 'Failed to get "write" lock' in done.stderr or 'Failed to get shared "write" lock' in done.stderr:
-            raise PodvmError(f"{cfg.pet_path}: in use by a running qemu; stop the VM before {what}")
-        raise PodvmError(f"{cfg.pet_path}: {what} failed: qemu-img {argv[1]}: {last}")
-    return done.stdout
+    copies = argv[1] == "convert" or (argv[1] == "rebase" and "-u" not in argv)  # the rest touch headers only
+    return img.run(argv, img.Job(str(cfg.pet_path), what, f"VM_DIR={cfg.vm_dir}", img.COPY if copies else img.QUICK))
 
 
 def info(cfg: Config, path: Path) -> PetInfo:
