@@ -12,6 +12,7 @@ from vmrunner.backups import plans
 from vmrunner.backups.job import NAME, PROGRESS, PROGRESS_EVERY, mib
 from vmrunner.backups.plans import Chain, Point
 from vmrunner.config import Config
+from vmrunner.pet.binding import trust_path_of
 from vmrunner.qemu import img
 
 log = logging.getLogger("vmrunner.backup")
@@ -82,7 +83,7 @@ def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) 
         staging.unlink(missing_ok=True)
         raise
     if overwrite:
-        (cfg.vm_dir / f".{dest.name}.base.json").unlink(missing_ok=True)  # the old disk's base record
+        trust_path_of(dest).unlink(missing_ok=True)  # the old disk's record of its base
     log.info(
         "restore done: %s from point %s in %.1f s (%s); boot it with vmrunner run",
         dest,

@@ -55,7 +55,12 @@ class Started:
 
 def trust_path(cfg: Config) -> Path:
     """Where the pet's trust record lives: beside it, on the VM's own volume."""
-    return cfg.vm_dir / f".{cfg.pet_path.name}.base.json"
+    return trust_path_of(cfg.pet_path)
+
+
+def trust_path_of(disk: Path) -> Path:
+    """The trust record of the pet disk ``disk``, in the same folder."""
+    return disk.parent / f".{disk.name}.base.json"
 
 
 def read_trust(cfg: Config) -> Trust | None:
