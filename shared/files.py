@@ -135,6 +135,25 @@ def read_small(path: Path, limit: int, *, root: Path | None = None) -> bytes:
     return data
 
 
+def open_file(path: Path, root: Path) -> int:
+    """A read-only descriptor of the regular file ``path``, with no link followed at any component below ``root``
+    and no wait on a FIFO: for a large file on a shared volume (a base image) that is hashed or checked, not read
+    whole into memory.
+
+    :raise OSError: when it cannot be opened (ELOOP or ENOTDIR for a link, ENOENT when it is missing).
+    :raise ValueError: (:class:`Forged`) when it is not a regular file.
+    """
+    dir_fd = _parent(path, root)
+    try:
+        fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Forged(f"{path}: not a regular file")
+    return fd
+
+
 def read_record(path: Path, limit: int, root: Path) -> bytes | None:
     """A small record on a shared volume, or None when it is missing or forged (a link anywhere below ``root``, a
     FIFO, a device, a folder, more than ``limit`` bytes): a forged one is one warning naming it, never a hang."""

@@ -128,3 +128,21 @@ def test_a_link_at_the_backup_folder_gets_nothing_written_through_it(shared_dir:
     assert done.returncode != 0
     assert "symbolic link" in done.stderr and "refused" in done.stderr, done.stderr
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_base_swapped_for_a_link_is_not_started_on_even_with_the_same_bytes(
+    served: Server, qcow2_bytes: bytes, shared_dir: Path
+) -> None:
+    """A neighbour replaces ``sha256/<hex>`` with a link to a file of its own holding the very same bytes: the hash
+    matches, but the pet would then read a file the neighbour may change at any time. The start refuses it."""
+    served.served.files["/disk.qcow2"] = qcow2_bytes
+    env = runner_env(shared_dir, IMG_SOURCE=served.url("/disk.qcow2"), VM_DISK_SIZE="64M", VERIFY_BASE="always")
+    assert as_runner([*VMRUNNER, "prepare"], env, 60).returncode == 0
+    base = shared_dir / "image" / "sha256" / hashlib.sha256(qcow2_bytes).hexdigest()
+    own = shared_dir / "neighbour-copy"
+    own.write_bytes(base.read_bytes())
+    script = "import os, sys; os.rename(sys.argv[1], sys.argv[1] + '.gone'); os.symlink(sys.argv[2], sys.argv[1])"
+    subprocess.run([*AS_RUNNER, sys.executable, "-c", script, str(base), str(own)], check=True)
+    done = as_runner([*VMRUNNER, "prepare"], env, 60)
+    assert done.returncode == 7, done.stderr  # BaseMismatch: not started
+    assert f"{base}: the pet's base is not a regular file any more; not starting the VM" in done.stderr

@@ -1,6 +1,7 @@
 """Bringing a base into the cache: fetched once, hashed while streaming, vetted, then stored under its digest."""
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -13,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shared import files
 from shared.errors import ImageRejected, PodvmError
 from shared.files import open_below, write_atomic
 from vmrunner.config import Config, redact
@@ -67,7 +69,7 @@ def _known_digest(cfg: Config, layout: Layout) -> str | None:
         return None
     hexdigest = cfg.img_checksum.hexdigest
     base = layout.base(hexdigest)
-    if not base.exists() or hash_file(base) != hexdigest:
+    if not base.exists() or hash_file(base, cfg.image_dir) != hexdigest:
         return None
     record = NameRecord(f"sha256:{hexdigest}", redact(cfg.img_source), utc_now())
     write_atomic(layout.name(cfg.img_name), json.dumps(asdict(record)).encode(), mode=0o644)
@@ -175,13 +177,22 @@ def _fetch(cfg: Config, layout: Layout) -> Cached:
     return Cached(hexdigest, verdict, identity)
 
 
-def hash_file(path: Path) -> str | None:
-    """The sha256 of a whole file; None when it is not a regular file (a FIFO or a device planted in the shared cache
-    would hang or never end the read)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    with open(fd, "rb") as src:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+def hash_file(path: Path, root: Path) -> str | None:
+    """The sha256 of a whole file on the volume ``root``; None when it is not a regular file reached without a link
+    (a FIFO or a device planted in the shared cache would hang or never end the read, a link would hash another
+    file).
+
+    :raise FileNotFoundError: when it is missing.
+    """
+    try:
+        fd = files.open_file(path, root)
+    except files.Forged:
+        return None
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
             return None
+        raise
+    with open(fd, "rb") as src:
         return hashlib.file_digest(src, "sha256").hexdigest()
 
 

@@ -11,10 +11,10 @@ import json
 import logging
 import os
 import shutil
-import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from shared import files
 from shared.errors import BaseMismatch, ConfigError, PodvmError
 from shared.files import write_atomic
 from vmrunner.config import Config
@@ -94,17 +94,24 @@ def doubt(trust: Trust | None, hexdigest: str, backing: str, st: os.stat_result,
     return None
 
 
-def _fresh_stat(path: Path) -> os.stat_result:
+def _fresh_stat(path: Path, root: Path) -> os.stat_result:
     """The file's attributes as its server has them now: an ``open`` revalidates NFS's cached attributes, which a
-    plain ``stat`` may serve for up to a minute (close-to-open consistency)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a planted FIFO must not hang the start
+    plain ``stat`` may serve for up to a minute (close-to-open consistency). Opened without following a link below
+    ``root`` and without waiting on a FIFO: a neighbour may have planted either.
+
+    :raise FileNotFoundError: when it is missing.
+    :raise BaseMismatch: when it is not a regular file reached without a link.
+    """
     try:
-        st = os.fstat(fd)
+        fd = files.open_file(path, root)
+    except FileNotFoundError:
+        raise
+    except (OSError, files.Forged):
+        raise BaseMismatch(f"{path}: the pet's base is not a regular file any more; not starting the VM") from None
+    try:
+        return os.fstat(fd)
     finally:
         os.close(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise BaseMismatch(f"{path}: the pet's base is not a regular file any more; not starting the VM")
-    return st
 
 
 def verify_base(cfg: Config, hexdigest: str, fmt: str, *, max_size: int = NO_LIMIT) -> Verdict:
@@ -116,7 +123,7 @@ def verify_base(cfg: Config, hexdigest: str, fmt: str, *, max_size: int = NO_LIM
     path = Layout(cfg.image_dir).base(hexdigest)
     trust = read_trust(cfg)
     try:
-        before = _fresh_stat(path)
+        before = _fresh_stat(path, cfg.image_dir)
     except FileNotFoundError:
         raise BaseMismatch(_missing(cfg, hexdigest)) from None
     reason = doubt(trust, hexdigest, str(path), before, cfg.verify_base)
@@ -125,7 +132,7 @@ def verify_base(cfg: Config, hexdigest: str, fmt: str, *, max_size: int = NO_LIM
         hashed_at = trust.hashed_at
     else:
         log.info("hashing the pet's base %s in full: %s", path, reason)
-        got = hash_file(path)
+        got = hash_file(path, cfg.image_dir)
         if got != hexdigest:
             raise BaseMismatch(
                 f"{path}: the pet's base was changed (its bytes hash to sha256:{got}); not starting the VM on "
@@ -133,7 +140,7 @@ def verify_base(cfg: Config, hexdigest: str, fmt: str, *, max_size: int = NO_LIM
             )
         verdict = vet(path, fmt, max_size, str(path))
         hashed_at = utc_now()
-    after = _fresh_stat(path)
+    after = _fresh_stat(path, cfg.image_dir)
     if (after.st_size, after.st_ino, after.st_ctime_ns) != (before.st_size, before.st_ino, before.st_ctime_ns):
         raise BaseMismatch(f"{path}: the pet's base changed while it was being checked; not starting the VM")
     new = Trust(
@@ -187,7 +194,7 @@ def _migrate(cfg: Config, old: Path, fmt: str) -> str:
     if not old.exists():
         raise BaseMismatch(f"{cfg.pet_path}: its base {old} (the old cache layout) is missing; not starting the VM")
     log.info("pet %s is on %s, the old cache layout: binding it to the base's digest", cfg.pet_path, old)
-    hexdigest = hash_file(old)
+    hexdigest = hash_file(old, cfg.image_dir)
     if hexdigest is None:
         raise BaseMismatch(f"{old}: the pet's base (the old cache layout) is not a regular file; not starting the VM")
     legacy = old.parent / f".{old.name}.vetted"
