@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shared import handshake
-from shared.cli import run_main
+from shared.cli import Arguments, run_main
 from shared.env import Env
 from shared.errors import ConfigError, PodvmError
 from shared.log import configure
@@ -199,7 +199,7 @@ def cmd_plan(cfg: Config) -> int:
     """Print the actions of ``run`` as JSON; reads the handshake and the cache if they are there, writes nothing."""
     from vmrunner.console.web import read_token
     from vmrunner.images.layout import Layout
-    from vmrunner.images.names import matches_checksum, read_name
+    from vmrunner.images.names import resolve
     from vmrunner.pet.binding import describe
 
     path = cfg.run_dir / handshake.FILE_NAME
@@ -209,15 +209,14 @@ def cmd_plan(cfg: Config) -> int:
     drive = configdrive.plan_from_config(cfg)
     drive = configdrive.with_network(drive, hs) if drive is not None and hs is not None else drive
     layout = Layout(cfg.image_dir)
-    record = read_name(layout, cfg.img_name)
-    usable = record is not None and matches_checksum(cfg, record) and layout.base(record.hex).exists()
+    cached = resolve(cfg, layout)  # the digest run would start on without fetching, by run's own rule
     document: dict[str, object] = {
         "image": {
             "source": redact(cfg.img_source),
             "name": cfg.img_name,
-            "digest": record.digest if usable and record else None,
-            "cache": str(layout.base(record.hex)) if usable and record else None,
-            "cached": usable,
+            "digest": f"sha256:{cached}" if cached else None,
+            "cache": str(layout.base(cached)) if cached else None,
+            "cached": cached is not None,
             "format": cfg.img_format,
             "checksum": str(cfg.img_checksum) if cfg.img_checksum else None,
         },
@@ -273,16 +272,11 @@ def cmd_gc(cfg: Config, args: list[str]) -> int:
     """Remove unreferenced bases after the grace period; ``--dry-run`` only says what it would remove."""
     from vmrunner.images.gc import collect
 
-    dry_run, grace = False, 24 * 3600.0
-    rest = list(args)
-    while rest:
-        arg = rest.pop(0)
-        if arg == "--dry-run":
-            dry_run = True
-        elif arg == "--grace" and rest:
-            grace = Env({"--grace": rest.pop(0)}).duration("--grace", grace)
-        else:
-            raise ConfigError(f"gc: unknown argument {arg!r} (expected --dry-run or --grace DURATION)")
+    parser = Arguments("gc", "[--dry-run] [--grace DURATION]")
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--grace", default="24h")
+    parsed = parser.parse(args)
+    dry_run, grace = parsed.dry_run, Env({"--grace": parsed.grace}).duration("--grace", 0.0)
     print(json.dumps(asdict(collect(cfg.image_dir, grace, dry_run)), indent=2))
     return 0
 
@@ -331,33 +325,26 @@ def cmd_backup(cfg: Config, args: list[str]) -> int:
 
     from vmrunner.backups.job import on_demand, show_plan
 
-    unknown = [a for a in args if a not in ("--full", "--plan")]
-    if unknown:
-        raise ConfigError(f"backup: unknown argument {unknown[0]!r} (expected --full and/or --plan)")
-    if "--plan" in args:
-        print(json.dumps(asyncio.run(show_plan(cfg, want_full="--full" in args)), indent=2))
+    parser = Arguments("backup", "[--full] [--plan]")
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--plan", action="store_true")
+    parsed = parser.parse(args)
+    if parsed.plan:
+        print(json.dumps(asyncio.run(show_plan(cfg, want_full=parsed.full)), indent=2))
         return 0
-    return 0 if asyncio.run(on_demand(cfg, want_full="--full" in args)) is not None else 1
+    return 0 if asyncio.run(on_demand(cfg, want_full=parsed.full)) is not None else 1
 
 
 def cmd_restore(cfg: Config, args: list[str]) -> int:
     """Restore a backup point into VM_DIR; prints the restored disk's path."""
     from vmrunner.backups.restore import restore
 
-    wanted: str | None = None
-    name: str | None = None
-    overwrite = False
-    rest = list(args)
-    while rest:
-        arg = rest.pop(0)
-        if arg == "--overwrite":
-            overwrite = True
-        elif arg == "--name" and rest:
-            name = rest.pop(0)
-        elif not arg.startswith("-") and wanted is None:
-            wanted = arg
-        else:
-            raise ConfigError(f"restore: unexpected argument {arg!r} (expected [POINT] [--name NAME] [--overwrite])")
+    parser = Arguments("restore", "[POINT] [--name NAME] [--overwrite]")
+    parser.add_argument("point", nargs="?")
+    parser.add_argument("--name")
+    parser.add_argument("--overwrite", action="store_true")
+    parsed = parser.parse(args)
+    wanted, name, overwrite = parsed.point, parsed.name, parsed.overwrite
     print(restore(cfg, wanted, name, overwrite))
     return 0
 

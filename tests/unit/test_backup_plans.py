@@ -297,10 +297,12 @@ def test_result_line_says_kind_bytes_time_rate_and_freeze() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["backup", "--fast"], "backup: unknown argument '--fast'"),
+        (["backup", "--fast"], "backup: unexpected argument '--fast'"),
         (["restore", "--bogus"], "restore: unexpected argument '--bogus'"),
         (["restore", "a", "b"], "restore: unexpected argument 'b'"),
         (["restore", "--name", "../etc"], "restore --name '../etc': expected up to 63"),
+        (["gc", "--now"], "gc: unexpected argument '--now' (expected [--dry-run] [--grace DURATION])"),
+        (["gc", "--grace"], "gc: argument --grace: expected one argument"),
     ],
 )
 def test_backup_and_restore_arguments_are_one_line_errors(
