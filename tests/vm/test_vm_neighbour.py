@@ -96,7 +96,7 @@ def plant(kind: str, path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["fifo", "zero", "folder", "huge"])
 @pytest.mark.parametrize("where", ["name", "ref"])
-def test_a_forged_name_or_reference_never_hangs_fetch_or_gc_nor_is_an_internal_error(
+def test_a_forged_name_or_reference_never_hangs_fetch_prepare_or_gc_nor_is_an_internal_error(
     served: Server, qcow2_bytes: bytes, shared_dir: Path, kind: str, where: str
 ) -> None:
     served.served.files["/disk.qcow2"] = qcow2_bytes
@@ -109,7 +109,7 @@ def test_a_forged_name_or_reference_never_hangs_fetch_or_gc_nor_is_an_internal_e
     else:
         assert as_runner([*VMRUNNER, "fetch"], env, 30).returncode == 0
         plant(kind, image / "refs" / sha / "planted.0123456789abcdef")
-    for command in (["fetch"], ["gc", "--grace", "0s"]):
+    for command in (["fetch"], ["prepare"], ["gc", "--grace", "0s"]):
         started = time.monotonic()
         done = as_runner([*VMRUNNER, *command], env, 10)
         assert time.monotonic() - started < 10
