@@ -36,23 +36,10 @@ log = logging.getLogger("vmrunner.backup")
 
 
 PROGRESS_EVERY = 5.0  # seconds between progress lines
-
-
 POLL_EVERY = 0.2
-
-
 QMP_FAILURES = 8  # consecutive failed polls (a few seconds of a silent qemu) that end a backup
-
-
 ABANDON_TIMEOUT = 3.0  # what a cancelled backup may spend cancelling its job: it must not hold the shutdown
-
-
-TOOL_TIMEOUT = 60.0  # qemu-img create, info and check on the backup volume
-
-
 NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-
-
 PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
@@ -223,7 +210,7 @@ async def _locked_backup(cfg: Config, root: Path, want_full: bool) -> Result:
     log.info("backup: %s backup into %s: %s", plan.kind, plan.directory, plan.reason)
     os.close(files.open_below(cfg.backup_dir, plan.directory, create=True))  # never a planted link
     volume = f"BACKUP_DIR={cfg.backup_dir}"
-    await img.run_async(plan.create, img.Job(str(plan.partial), "creating the backup target", volume, TOOL_TIMEOUT))
+    await img.run_async(plan.create, img.Job(str(plan.partial), "creating the backup target", volume))
     await _qmp(cfg, "blockdev-add", plan.attach)
     sent: list[bool] = []  # set once the transaction is on its way: from then on a job may exist
     try:

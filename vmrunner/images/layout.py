@@ -17,17 +17,9 @@ log = logging.getLogger("vmrunner.cache")
 
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
 VOLUME_FILE = ".podvm-volume"
-
-
 RECORD_MAX = 64 << 10  # a name or a reference is a few hundred bytes; a larger one is forged
-
-
 _LOCAL_LOCK_OPTIONS = ("nolock", "local_lock=all", "local_lock=flock")
-
-
 TMP_MIN_AGE = 3600.0  # a download in progress is never this old without a write: it was killed
 
 

@@ -18,8 +18,6 @@ def runs_file(vm_dir: Path, hostname: str) -> Path:
 
 
 RUNNING = "running"  # the record's ``last`` while qemu runs: still there at the next start, the run never ended
-
-
 _UNCLEAN = {
     RUNNING: "ended without a shutdown (qemu, the runner or the node was killed while the VM ran)",
     "crashed": "ended when qemu died",

@@ -20,14 +20,8 @@ from vmrunner.qemu import qmp
 log = logging.getLogger("vmrunner")
 
 QMP_TIMEOUT = 1.0
-
-
 CACHE_SCAN_EVERY = 60.0
-
-
 GATHER_EVERY = 1.0
-
-
 CACHE_SCAN_LIMIT = 10_000
 
 
