@@ -1,14 +1,17 @@
 """The runner's configuration, read and validated from the environment before anything is touched."""
 
+import contextlib
+import errno
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from shared import shutdown
 from shared.env import Env, console_pod_port, metrics_port, pod_hostname
-from shared.errors import ConfigError
+from shared.errors import ConfigError, PodvmError
 
 _HEX = re.compile(r"^[0-9a-f]+$")
 _DIGEST_LENGTH = {"sha256": 64, "sha512": 128}
@@ -262,3 +265,21 @@ def _interval(env: Env) -> float | None:
     if interval < 10:
         raise ConfigError(f"BACKUP_INTERVAL={env.optional('BACKUP_INTERVAL')!r}: expected at least 10s (or unset)")
     return interval
+
+
+@contextlib.contextmanager
+def volume_errors(cfg: Config) -> Iterator[None]:
+    """A file system error on the image cache or the VM's volume (read-only, full, wrong owner) is one line naming
+    the volume's variable, never a traceback."""
+    try:
+        yield
+    except OSError as err:
+        where = Path(err.filename) if isinstance(err.filename, str) else None
+        volume = next(
+            (f"{name}={root}" for name, root in (("IMAGE_DIR", cfg.image_dir), ("VM_DIR", cfg.vm_dir),
+                                                 ("BACKUP_DIR", cfg.backup_dir))
+             if where is not None and where.is_relative_to(root)),
+            "a volume",
+        )  # fmt: skip
+        error = ConfigError if isinstance(err, PermissionError) or err.errno == errno.EROFS else PodvmError
+        raise error(f"{volume}: {err.strerror}: {err.filename}") from None

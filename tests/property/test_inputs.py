@@ -1,7 +1,7 @@
 """Generated hostile input at every parser and at both ``plan`` commands: each call succeeds, or fails with a
 PodvmError whose message is one line. Any other exception (a traceback in a pod's log) fails the property.
 
-The plan commands run in-process (``plan_command``, ``cmd_plan``) with the pod's facts given by POD_IFACE, POD_IP and
+The plan commands run in-process (``plan_command``, ``show_plan``) with the pod's facts given by POD_IFACE, POD_IP and
 POD_MTU, so no kernel is asked; their files (resolv.conf, metadata, user data, the VNC Secret, the handshake) are
 written into a sandbox the generated paths point at.
 """
@@ -37,9 +37,9 @@ from tests.harness.strategies import (
     one_line_or_nothing,
     value_for,
 )
-from vmrunner.cli import cmd_plan
 from vmrunner.config import load
 from vmrunner.run import configdrive
+from vmrunner.start import show_plan
 
 SANDBOX = Path(tempfile.gettempdir()) / f"podvm-property-{os.getpid()}"  # the strategies need it before the tests
 NET_VARS = (
@@ -253,4 +253,4 @@ def test_vmrunner_plan(
     published.unlink(missing_ok=True)
     if network is not None:
         published.write_bytes(network)
-    one_line_or_nothing(lambda: quietly(lambda: cmd_plan(load(values))))
+    one_line_or_nothing(lambda: quietly(lambda: show_plan(load(values))))

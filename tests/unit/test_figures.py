@@ -22,7 +22,7 @@ from shared.errors import ChildFailed, ImageRejected, StoppedHard
 from shared.figures import CATALOG, FiguresError, figure, parse_document, read_document
 from tests.harness import samples
 from tests.harness.paths import REPO
-from vmrunner import cli
+from vmrunner import start
 from vmrunner.backups.job import Result, write_last
 from vmrunner.config import load
 from vmrunner.metrics import endpoint, runs, sources, state
@@ -326,14 +326,14 @@ def test_the_runner_follows_the_handshake_on_the_metrics_port(tmp_path: Path, ca
     only where the handshake says, and warns when its own METRICS_PORT disagrees."""
     env = {"IMG_SOURCE": "/base.qcow2", "RUN_DIR": str(tmp_path), "VM_DIR": str(tmp_path), "HOSTNAME": "vm-0"}
     cfg = load({**env, "METRICS_PORT": "9100"})
-    tracker = cli._start_metrics(cfg, samples.handshake(metrics_port=None))
+    tracker = start.start_metrics(cfg, samples.handshake(metrics_port=None))
     assert "METRICS_PORT=9100 but the sidecar's handshake says metrics_port=unset; following the handshake" in (
         caplog.text
     )
     assert tracker.state.phase == "fetching" and state.load_state(tmp_path) is not None
     tracker.forget()
     caplog.clear()
-    cli._start_metrics(load(env), samples.handshake(metrics_port=None))
+    start.start_metrics(load(env), samples.handshake(metrics_port=None))
     assert "METRICS_PORT" not in caplog.text
 
 

@@ -17,12 +17,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from shared.errors import ConfigError
 from tests.harness import samples
 from tests.harness.portforward import free_port
-from vmrunner.cli import console_duties, dispatch, web_plan
+from vmrunner.cli import dispatch
 from vmrunner.config import ConsoleConfig, load
 from vmrunner.console import web
 from vmrunner.console.broker import REPLAY_BYTES, VIEWER_BACKLOG, Broker, serve
 from vmrunner.run.argv import RunPaths, plan_qemu
 from vmrunner.run.supervisor import Supervisor
+from vmrunner.start import console_duties, web_plan
 
 BASE = {"IMG_SOURCE": "https://example.org/images/debian-12.qcow2", "HOSTNAME": "vm-0"}
 TOKEN = "a-token-of-24-characters"  # noqa: S105 a test token
