@@ -118,6 +118,11 @@ RUNNER: tuple[Spec, ...] = (
         ("version", "accel", "runner", "vm"),
     ),
     Spec(
+        "podvm_vm_accel_fallback",
+        "gauge",
+        "1 when ACCEL=auto found KVM unusable (missing, or a device the container may not open) and runs under TCG",
+    ),
+    Spec(
         "podvm_vm_state",
         "gauge",
         f"1 for the VM's current state, 0 for the others ({', '.join(VM_STATES)})",

@@ -128,7 +128,8 @@ def cmd_status(cfg: Config) -> int:
         state = RunState(phase="running" if status == "running" else "stopped", vm=cfg.hostname)
     items = gather(state, start.sources(cfg, monitor), directory_size(cfg.image_dir))
     figures = [item.to_dict() for item in items]
-    print(json.dumps({"state": status, "pet": describe(cfg), "figures": figures}, indent=2))
+    accel = {"in_use": state.accel or None, "fallback": state.accel_fallback or None}  # why ACCEL=auto is on TCG
+    print(json.dumps({"state": status, "accel": accel, "pet": describe(cfg), "figures": figures}, indent=2))
     return 0 if status == "running" else 1
 
 

@@ -21,7 +21,7 @@ from vmrunner.metrics.runs import runs_file
 from vmrunner.metrics.sources import Sources
 from vmrunner.metrics.tracker import Tracker, base_in_use, fetching, outcome
 from vmrunner.run import configdrive
-from vmrunner.run.argv import QemuPlan, RunPaths, choose_accel, kvm_works, plan_qemu, vnc_enabled
+from vmrunner.run.argv import QemuPlan, RunPaths, choose_accel, kvm_problem, plan_qemu, vnc_enabled
 from vmrunner.run.vnc import read_password
 
 if TYPE_CHECKING:
@@ -69,9 +69,11 @@ def run(cfg: Config) -> int:
         log.info("config drive %s (%s) with %s", iso, drive.label, ", ".join(sorted(drive.files)))
     else:
         drive_path(cfg).unlink(missing_ok=True)
-    plan = plan_qemu(cfg, hs, choose_accel(cfg.accel, kvm_works()), vnc_enabled(cfg, hs), iso)
+    kvm = kvm_problem()
+    plan = plan_qemu(cfg, hs, choose_accel(cfg.accel, kvm), vnc_enabled(cfg, hs), iso)
     log.info("qemu: %s", " ".join(plan.argv))
-    tracker.set(phase="starting", accel=plan.accel)
+    fell_back = cfg.accel == "auto" and plan.accel == "tcg"
+    tracker.set(phase="starting", accel=plan.accel, accel_fallback=(kvm or "") if fell_back else "")
     duties = console_duties(plan, served, token)
     duties.append(diskwatch.watch(plan.paths.monitor, cfg.vm_dir, cfg.vm_dir_min_free))
     if cfg.backup_interval is not None:
@@ -197,7 +199,7 @@ def show_plan(cfg: Config) -> int:
     if hs is None:
         document["qemu"] = f"waits for {path}"
     else:
-        accel = choose_accel(cfg.accel, kvm_works())
+        accel = choose_accel(cfg.accel, kvm_problem())
         iso = drive_path(cfg) if drive is not None else None
         document["qemu"] = list(plan_qemu(cfg, hs, accel, vnc_enabled(cfg, hs), iso).argv)
         served = web_plan(cfg, hs, RunPaths.of(cfg.run_dir), token is not None)

@@ -335,10 +335,13 @@ def test_qemu_plan_kvm_legacy_buses_password_and_no_vnc() -> None:
 
 
 def test_accel_choice() -> None:
-    assert choose_accel("auto", True) == "kvm"
-    assert choose_accel("auto", False) == "tcg"
-    assert choose_accel("tcg", True) == "tcg"
-    assert choose_accel("kvm", False) == "kvm"
+    refused = "the container may not open /dev/kvm: request the device through a device plugin (see deploy/README.md)"
+    assert choose_accel("auto", None) == "kvm"
+    assert choose_accel("auto", refused) == "tcg"
+    assert choose_accel("tcg", None) == "tcg"
+    assert choose_accel("kvm", None) == "kvm"
+    with pytest.raises(ConfigError, match=f"^ACCEL=kvm: {re.escape(refused)}$"):
+        choose_accel("kvm", refused)
 
 
 def test_vnc_follows_the_handshake(caplog: pytest.LogCaptureFixture) -> None:

@@ -20,6 +20,7 @@ class RunState:
 
     phase: str = "waiting"
     accel: str = ""
+    accel_fallback: str = ""  # why ACCEL=auto runs under TCG: KVM was missing or could not be opened
     vm: str = ""
     qemu_pid: int = 0
     started: float = 0.0

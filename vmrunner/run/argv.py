@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.errors import ConfigError
 from shared.handshake import Handshake
 from vmrunner.config import Config
 from vmrunner.run import vnc as vnc_password
@@ -61,30 +62,42 @@ class QemuPlan:
     secret: bool = False  # qemu reads the VNC password on its standard input (a display needs it)
 
 
-def kvm_works(device: str = "/dev/kvm") -> bool:
-    """True when ``device`` opens read-write, speaks KVM API 12 and lets this process create a VM."""
+def kvm_problem(device: str = "/dev/kvm") -> str | None:
+    """Why ``device`` cannot run a VM (missing, not openable by this container, another API, refusing to create
+    a VM), or None when it opens read-write, speaks KVM API 12 and lets this process create a VM."""
     try:
         fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
+    except FileNotFoundError:
+        return f"{device} is missing: the node has no KVM, or the container was not given the device"
+    except PermissionError:
+        # Visible but not openable: a hostPath device the container runtime's device cgroup does not allow.
+        return f"the container may not open {device}: request the device through a device plugin (see deploy/README.md)"
+    except OSError as err:
+        return f"{device} cannot be opened: {err.strerror}"
     try:
         if fcntl.ioctl(fd, KVM_GET_API_VERSION, 0) != KVM_API_VERSION:
-            return False
+            return f"{device} does not speak KVM API {KVM_API_VERSION}"
         os.close(fcntl.ioctl(fd, KVM_CREATE_VM, 0))
-        return True
-    except OSError:
-        return False
+        return None
+    except OSError as err:
+        return f"{device} refused to create a VM: {err.strerror}"
     finally:
         os.close(fd)
 
 
-def choose_accel(wanted: str, kvm_usable: bool) -> str:
-    """``kvm`` or ``tcg`` for ACCEL=auto|kvm|tcg; auto falls back to TCG with a warning."""
-    if wanted != "auto":
-        return wanted
-    if kvm_usable:
+def choose_accel(wanted: str, kvm: str | None) -> str:
+    """``kvm`` or ``tcg`` for ACCEL=auto|kvm|tcg, given :func:`kvm_problem`'s answer ``kvm``; auto falls back to
+    TCG with a warning.
+
+    :raise ConfigError: for ACCEL=kvm when KVM cannot be used, before anything is started.
+    """
+    if wanted == "tcg":
+        return "tcg"
+    if kvm is None:
         return "kvm"
-    log.warning("ACCEL=auto: /dev/kvm is missing or unusable; running under TCG emulation, which is much slower")
+    if wanted == "kvm":
+        raise ConfigError(f"ACCEL=kvm: {kvm}")
+    log.warning("ACCEL=auto: %s; running under TCG emulation, which is much slower", kvm)
     return "tcg"
 
 
