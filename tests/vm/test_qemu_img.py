@@ -2,8 +2,10 @@
 
 import asyncio
 import os
+import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,56 @@ def test_a_run_past_its_timeout_is_stopped(tmp_path: Path) -> None:
     with pytest.raises(ImageRejected, match=r"took longer than 0\.5s"):
         asyncio.run(img.run_async(["qemu-img", "info", "-f", "raw", str(fifo)], job))
     assert time.monotonic() - begin < 5
+
+
+def _qemu_imgs_on(path: Path) -> list[int]:
+    """The qemu-img processes whose command line names ``path``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and cmdline[0].endswith(b"qemu-img") and str(path).encode() in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Iterator[Path]:
+    """A FIFO nobody writes: qemu-img opening it waits for ever. A qemu-img a failed test left on it is killed."""
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    yield path
+    for pid in _qemu_imgs_on(path):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_a_run_with_progress_that_stops_printing_is_stopped_at_its_timeout(fifo: Path, tmp_path: Path) -> None:
+    """``convert -p`` from the FIFO: qemu-img prints 0% and hangs, never printing another line."""
+    argv = ["qemu-img", "convert", "-p", "-f", "raw", "-O", "raw", str(fifo), str(tmp_path / "copy.raw")]
+    chunks: list[bytes] = []
+    begin = time.monotonic()
+    with pytest.raises(PodvmError, match=rf"^{fifo}: qemu-img convert took longer than 0.5s"):
+        img.run(argv, img.Job(str(fifo), "restoring", timeout=0.5), chunks.append)
+    assert time.monotonic() - begin < 5 and b"".join(chunks).strip() == b"(0.00/100%)"
+    assert _qemu_imgs_on(fifo) == [], "the hung qemu-img was left running"
+
+
+def test_a_cancelled_run_stops_its_qemu_img(fifo: Path) -> None:
+    """A backup cancelled by SIGTERM must not leave its qemu-img behind on the volume."""
+
+    async def cancel_it() -> None:
+        job = img.Job(str(fifo), "creating the backup target", timeout=60)
+        task = asyncio.create_task(img.run_async(["qemu-img", "info", "-f", "raw", str(fifo)], job))
+        await asyncio.sleep(0.3)
+        assert _qemu_imgs_on(fifo), "qemu-img did not start"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_it())
+    assert _qemu_imgs_on(fifo) == [], "the cancelled qemu-img was left running"
 
 
 def test_failures_map_to_one_line_each() -> None:

@@ -9,6 +9,7 @@ untrusted image adds CPU and address-space limits, so a crafted header cannot ma
 import asyncio
 import os
 import resource
+import select
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -98,11 +99,14 @@ def run(argv: Sequence[str], job: Job, progress: Callable[[bytes], None] | None 
         assert proc.stdout is not None
         out = b""
         if progress is not None:
-            while chunk := os.read(proc.stdout.fileno(), 4096):
-                progress(chunk)
-                if time.monotonic() > deadline:
+            while True:  # never waiting past the deadline: a qemu-img hung before its next line prints nothing
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
                     proc.kill()
                     raise _timed_out(argv, job)
+                if not (chunk := os.read(proc.stdout.fileno(), 4096)):
+                    break
+                progress(chunk)
         try:
             rest, err = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -126,9 +130,11 @@ async def run_async(argv: Sequence[str], job: Job) -> str:
     try:
         out, err = await asyncio.wait_for(proc.communicate(), job.timeout)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise _timed_out(argv, job) from None
+    finally:  # timed out or cancelled (a backup stopped by SIGTERM): qemu-img does not outlive its caller
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     error = failure(argv, job, proc.returncode if proc.returncode is not None else -1, err.decode(errors="replace"))
     if error is not None:
         raise error
