@@ -66,6 +66,21 @@ def test_a_monitor_nobody_listens_on_fails_at_once_or_at_the_deadline(tmp_path: 
     assert time.monotonic() - begin < 2.5
 
 
+def test_a_deadline_that_falls_inside_a_refused_connect_still_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retrying without a pause puts most deadlines inside a connect attempt: the reason is the last refusal, never
+    "accepted but never answered" for a socket nobody listens on."""
+    monkeypatch.setattr(qmp, "RETRY_EVERY", 0)
+    missing = tmp_path / "none.sock"
+    for _ in range(10):
+        with pytest.raises(PodvmError) as raised:
+            asyncio.run(qmp.execute(missing, "query-status", timeout=0.05))
+        assert str(raised.value).endswith(
+            "within 0.05s: Failed to establish connection: [Errno 2] No such file or directory"
+        )
+
+
 def test_a_monitor_that_accepts_but_never_greets_costs_the_timeout_only(tmp_path: Path) -> None:
     path = tmp_path / "silent.sock"
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

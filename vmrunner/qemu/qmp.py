@@ -16,6 +16,7 @@ from pathlib import Path
 from shared.errors import PodvmError
 
 TIMEOUT = 5.0  # seconds one QMP call may take, connect and greeting included
+RETRY_EVERY = 0.1  # seconds between two connects while qemu is not there yet
 Command = tuple[str, dict[str, object] | None]
 
 
@@ -37,7 +38,7 @@ async def session(socket: Path, commands: Sequence[Command], timeout: float, *, 
     :raise PodvmError: when no qemu answers there in time, or a command fails.
     """
     names = ", ".join(name for name, _ in commands)
-    refused: list[str] = []  # why the last connect failed; empty while qemu has accepted and not yet answered
+    refused: list[str] = []  # why the last connect failed; empty before the first failure and once qemu accepted
     try:
         async with asyncio.timeout(timeout):
             return await _session(socket, commands, refused, wait)
@@ -53,15 +54,15 @@ async def _session(socket: Path, commands: Sequence[Command], refused: list[str]
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     client = QMPClient("vmrunner")
     while True:
-        refused.clear()
         try:
             await client.connect(str(socket))
             break
         except (QMPError, OSError) as err:
             if not wait:
                 raise PodvmError(f"{socket}: no qemu answers QMP: {err}") from None
-            refused.append(str(err))
-            await asyncio.sleep(0.1)
+            refused[:] = [str(err)]  # kept while the next attempt runs: the deadline may fall inside it
+            await asyncio.sleep(RETRY_EVERY)
+    refused.clear()
     command = ""
     try:
         answers = []
