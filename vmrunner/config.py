@@ -5,13 +5,14 @@ import errno
 import hashlib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from shared import shutdown
 from shared.env import Env, console_pod_port, metrics_port, pod_hostname
 from shared.errors import ConfigError, PodvmError
+from vmrunner.profiles import Hardware, resolve
 
 _HEX = re.compile(r"^[0-9a-f]+$")
 _DIGEST_LENGTH = {"sha256": 64, "sha512": 128}
@@ -19,7 +20,7 @@ _TARGET = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,199}$")  # room for "nam
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 ACCELS = ("auto", "kvm", "tcg")
 DISK_BUSES = ("virtio", "ide", "scsi")
-NIC_MODELS = ("virtio-net-pci", "e1000", "rtl8139")
+NIC_MODELS = ("virtio-net-pci", "e1000", "e1000e", "rtl8139")
 FORMATS = ("qcow2", "raw")
 DRIVE_KINDS = ("config-2", "nocloud")
 DISK_MODES = ("overlay", "standalone")
@@ -127,6 +128,7 @@ class Config:
     backup_keep: int = 2  # BACKUP_KEEP: complete chains kept
     backup_chain_length: int = 6  # BACKUP_CHAIN_LENGTH: incrementals in a chain before the next full backup
     backup_speed: int = 0  # BACKUP_SPEED: bytes per second a backup job may read (0: no limit)
+    hardware: Hardware = field(default_factory=Hardware)  # VM_PROFILE, VM_FIRMWARE, VM_TPM, ... (vmrunner.profiles)
 
     @property
     def is_url(self) -> bool:
@@ -215,6 +217,8 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: boo
     checksum_raw = env.optional("IMG_CHECKSUM") if image else None
     disk_size = env.size("VM_DISK_SIZE", 0, minimum=1 << 20) if env.optional("VM_DISK_SIZE") else None
     password_file = env.path("VNC_PASSWORD_FILE", "/") if env.optional("VNC_PASSWORD_FILE") else None
+    accel = env.choice("ACCEL", "auto", ACCELS)
+    machine, disk_bus, nic_model, hardware = resolve(env, DISK_BUSES, NIC_MODELS, accel)
     return Config(
         img_source=source,
         img_target=target,
@@ -230,10 +234,10 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: boo
         verify_base=env.choice("VERIFY_BASE", "changed", VERIFY_MODES),
         cpus=env.integer("VM_CPUS", 1, 1, 255),
         memory=env.size("VM_MEMORY", 1 << 30, minimum=16 << 20),
-        accel=env.choice("ACCEL", "auto", ACCELS),
-        machine=env.text("VM_MACHINE", "pc"),
-        disk_bus=env.choice("VM_DISK_BUS", "virtio", DISK_BUSES),
-        nic_model=env.choice("VM_NIC_MODEL", "virtio-net-pci", NIC_MODELS),
+        accel=accel,
+        machine=machine,
+        disk_bus=disk_bus,
+        nic_model=nic_model,
         no_vnc=env.flag("NO_VNC"),
         vnc_password_file=password_file,
         shutdown_timeout=shutdown.shutdown_timeout(env),
@@ -253,6 +257,7 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: boo
         backup_keep=env.integer("BACKUP_KEEP", 2, 1, 1000),
         backup_chain_length=env.integer("BACKUP_CHAIN_LENGTH", 6, 0, 1000),
         backup_speed=env.size("BACKUP_SPEED", 0),
+        hardware=hardware,
     )
 
 

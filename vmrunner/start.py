@@ -43,9 +43,10 @@ def run(cfg: Config) -> int:
 
     from vmrunner.console.web import read_token
     from vmrunner.pet.binding import prepare
-    from vmrunner.run import diskwatch
+    from vmrunner.run import diskwatch, ownstate
     from vmrunner.run.supervisor import Supervisor
 
+    ownstate.preflight(cfg)
     password = read_password(cfg.vnc_password_file)
     token = read_token(cfg.console.password_file) if cfg.console is not None else None
     drive = configdrive.plan_from_config(cfg)
@@ -60,6 +61,8 @@ def run(cfg: Config) -> int:
     # The short name, not img_name: that one carries a hash of the URL with its query, which may hold a token.
     with volume_errors(cfg), fetching(tracker, cfg.img_target):
         started = prepare(cfg)
+    with volume_errors(cfg):
+        ownstate.ensure(cfg)
     base_in_use(tracker, started.digest)
     iso = None
     if drive is not None:
@@ -172,6 +175,7 @@ def show_plan(cfg: Config) -> int:
     from vmrunner.images.layout import Layout
     from vmrunner.images.names import resolve
     from vmrunner.pet.binding import describe
+    from vmrunner.run import ownstate
 
     path = cfg.run_dir / handshake.FILE_NAME
     hs = handshake.read(path) if path.exists() else None
@@ -196,10 +200,12 @@ def show_plan(cfg: Config) -> int:
         if drive is None
         else {"path": str(drive_path(cfg)), "label": drive.label, "files": {k: len(v) for k, v in drive.files.items()}},
     }
+    ownstate.preflight(cfg)
+    accel = choose_accel(cfg.accel, kvm_problem())
+    document["hardware"] = ownstate.describe(cfg, accel)
     if hs is None:
         document["qemu"] = f"waits for {path}"
     else:
-        accel = choose_accel(cfg.accel, kvm_problem())
         iso = drive_path(cfg) if drive is not None else None
         document["qemu"] = list(plan_qemu(cfg, hs, accel, vnc_enabled(cfg, hs), iso).argv)
         served = web_plan(cfg, hs, RunPaths.of(cfg.run_dir), token is not None)

@@ -9,7 +9,9 @@ from pathlib import Path
 from shared.errors import ConfigError
 from shared.handshake import Handshake
 from vmrunner.config import Config
+from vmrunner.run import devices, firmware
 from vmrunner.run import vnc as vnc_password
+from vmrunner.run.tpm import SwtpmPlan, plan_swtpm, tpm_args
 
 log = logging.getLogger("vmrunner.qemu")
 
@@ -60,6 +62,8 @@ class QemuPlan:
     paths: RunPaths
     display: bool = False  # VNC on the Unix socket ``paths.display`` for the browser console
     secret: bool = False  # qemu reads the VNC password on its standard input (a display needs it)
+    environment: tuple[tuple[str, str], ...] = ()  # variables qemu gets beyond the runner's (TZ for a local RTC)
+    swtpm: SwtpmPlan | None = None  # the TPM's emulator, started before qemu (VM_TPM=on)
 
 
 def kvm_problem(device: str = "/dev/kvm") -> str | None:
@@ -143,10 +147,10 @@ def plan_qemu(cfg: Config, hs: Handshake, accel: str, vnc: bool, drive: Path | N
         "-nodefaults",
         "-no-user-config",
         "-machine",
-        cfg.machine,
+        firmware.machine_arg(cfg),
         "-accel",
         accel,
-        *(["-cpu", "host"] if accel == "kvm" else []),
+        *devices.cpu_args(cfg, accel),
         "-smp",
         str(cfg.cpus),
         "-m",
@@ -156,7 +160,12 @@ def plan_qemu(cfg: Config, hs: Handshake, accel: str, vnc: bool, drive: Path | N
         "-device",
         "VGA",
         *_disk_args(cfg.disk_bus, cfg.pet_path),
+        *firmware.firmware_args(cfg),
+        *devices.pointer_args(cfg),
+        *devices.rtc_args(cfg),
     ]
+    swtpm = plan_swtpm(cfg) if cfg.hardware.tpm else None
+    argv += tpm_args(swtpm) if swtpm is not None else []
     if drive is not None:
         argv += [
             "-drive",
@@ -201,4 +210,4 @@ def plan_qemu(cfg: Config, hs: Handshake, accel: str, vnc: bool, drive: Path | N
         "chardev:console",
         *cfg.extra_args,
     ]
-    return QemuPlan(tuple(argv), accel, vnc, paths, display, bool(password))
+    return QemuPlan(tuple(argv), accel, vnc, paths, display, bool(password), devices.environment(cfg), swtpm)

@@ -19,6 +19,7 @@ from vmrunner.metrics.tracker import Tracker
 from vmrunner.qemu import qmp
 from vmrunner.run import vnc
 from vmrunner.run.argv import QemuPlan
+from vmrunner.run.tpm import Swtpm
 
 log = logging.getLogger("vmrunner")
 guest_log = logging.getLogger("guest")
@@ -36,6 +37,12 @@ def prepare_run_dir(plan: QemuPlan) -> None:
     for path in plan.paths.made():
         path.unlink(missing_ok=True)
     os.mkfifo(plan.paths.console_log, 0o600)
+
+
+async def _never() -> str:
+    """A companion that never exits: the wait for a dead swtpm when there is none."""
+    await asyncio.Event().wait()
+    return ""
 
 
 def _name(duty: Duty) -> str:
@@ -98,7 +105,10 @@ class Supervisor:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        swtpm = Swtpm(self.plan.swtpm) if self.plan.swtpm is not None else None
         try:
+            if swtpm is not None:
+                await swtpm.start()
             proc = await self._spawn()
             assert proc.stderr is not None
             reader = asyncio.create_task(self._read_stderr(proc.stderr))
@@ -108,8 +118,18 @@ class Supervisor:
             exited = asyncio.create_task(proc.wait())
             stopping = asyncio.create_task(stop.wait())
             duties = [asyncio.create_task(self._duty(duty), name=_name(duty)) for duty in self.duties]
-            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            # A dead swtpm leaves the guest without its TPM: reported, and the VM stopped, never silently lost.
+            lost = asyncio.create_task(swtpm.wait() if swtpm is not None else _never())
+            await asyncio.wait({exited, stopping, lost}, return_when=asyncio.FIRST_COMPLETED)
             await self._cancel(duties)
+            if lost.done() and not exited.done():
+                log.error("%s while the VM runs: the guest's TPM is gone; stopping the VM", lost.result())
+                stopping.cancel()
+                with contextlib.suppress(StoppedHard):  # the TPM's loss is the report, however the guest stopped
+                    await self._shutdown(proc, exited)
+                await self._drain(reader)
+                raise ChildFailed(lost.result())
+            lost.cancel()
             if stopping.done() and not exited.done():
                 status = await self._shutdown(proc, exited)
                 await self._drain(reader)
@@ -124,6 +144,8 @@ class Supervisor:
             os.close(fifo)
             for path in self.plan.paths.made():
                 path.unlink(missing_ok=True)
+            if swtpm is not None:
+                await swtpm.stop()
 
     @staticmethod
     async def _cancel(duties: "list[asyncio.Task[None]]") -> None:
@@ -154,6 +176,7 @@ class Supervisor:
                 stdin=stdin,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, **dict(self.plan.environment)} if self.plan.environment else None,
             )
         except FileNotFoundError:
             raise ConfigError(f"QEMU={self.plan.argv[0]}: no such program") from None

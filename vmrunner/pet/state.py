@@ -1,0 +1,58 @@
+"""The VM's own state on VM_DIR, as one list: the pet disk, the UEFI variable store, the TPM's state.
+
+Backups, restore, ``status`` and the runner all follow this list, so a file the VM keeps (a Windows guest's boot
+entries, its BitLocker keys sealed in the TPM) is never left out of one of them. Pure: nothing here touches a file.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmrunner.config import Config
+
+DISK = "disk"
+UEFI_VARS = "uefi-vars"
+TPM_STATE = "tpm-state"
+
+
+@dataclass(frozen=True)
+class OwnFile:
+    """One file (or directory) of the VM's own state and how it comes to be."""
+
+    kind: str  # DISK, UEFI_VARS or TPM_STATE
+    path: Path
+    mode: int | None  # what the runner makes it with (None: as qemu-img makes it); the TPM's never readable by others
+    directory: bool
+    created: str  # how it is made, once; none of them is ever overwritten by a start
+    template: Path | None = None  # the file it is copied from, once (the firmware's variable template)
+
+
+def vars_path(cfg: Config) -> Path:
+    """The UEFI variable store beside the pet: ``<hostname>.efivars.fd``."""
+    return cfg.vm_dir / f"{cfg.hostname}.efivars.fd"
+
+
+def tpm_dir(cfg: Config) -> Path:
+    """The TPM's state directory beside the pet: ``<hostname>.tpm/``."""
+    return cfg.vm_dir / f"{cfg.hostname}.tpm"
+
+
+def own_files(cfg: Config) -> tuple[OwnFile, ...]:
+    """The VM's own files on VM_DIR for ``cfg``, the pet disk first."""
+    files = [OwnFile(DISK, cfg.pet_path, None, False, "made by qemu-img on the base image (or restored)")]
+    hw = cfg.hardware
+    if hw.uefi and hw.ovmf_vars is not None:
+        files.append(
+            OwnFile(
+                UEFI_VARS,
+                vars_path(cfg),
+                0o600,
+                False,
+                "copied once from the firmware's variable template, never overwritten",
+                hw.ovmf_vars,
+            )
+        )
+    if hw.tpm:
+        files.append(
+            OwnFile(TPM_STATE, tpm_dir(cfg), 0o700, True, "made empty by the runner; swtpm keeps its state there")
+        )
+    return tuple(files)
