@@ -48,6 +48,7 @@ MODULES = (
     "evdev",
     "virtio_console",
     "loop",
+    "efivarfs",  # UEFI variants: the guest reads and writes its firmware's variables
 )
 
 # qemu-guest-agent from Debian with the shared libraries it links (its ``ldd``), run from the initramfs so backups
@@ -223,6 +224,85 @@ def ensure_guest(cache: Path = CACHE) -> Path:
         initrd = _initramfs(work / "kernel", work / "busybox", work / "agent", work)
         _disk(kernels[-1], initrd, work, out)
     return out
+
+
+# ---- UEFI variants (one block) -----------------------------------------------------------------------------------
+# The same kernel and initramfs on a GPT disk whose EFI system partition (FAT32, labelled PODVMBOOT, so the init finds
+# its counter there) holds a bootloader from Debian's packages: ``uefi`` a standalone GRUB (unsigned: Secure Boot
+# must refuse it), ``secure`` Debian's signed shim and GRUB, which boot the signed cloud kernel with Secure Boot on.
+UEFI_KINDS = ("uefi", "secure")
+ESP_MIB = 64
+SHIM = Path("/usr/lib/shim/shimx64.efi.signed")
+SIGNED_GRUB = Path("/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed")
+GRUB_CFG = f"""set timeout=0
+search --no-floppy --label {BOOT_LABEL} --set=root
+linux /vmlinuz console=ttyS0 quiet panic=-1 podvm.label={BOOT_LABEL}
+initrd /initrd.gz
+boot
+"""
+
+
+def _bootloader(kind: str, work: Path) -> dict[str, Path]:
+    """The ESP's bootloader files by their path on the ESP."""
+    cfg = work / "grub.cfg"
+    cfg.write_text(GRUB_CFG)
+    if kind == "secure":
+        for path in (SHIM, SIGNED_GRUB):
+            if not path.exists():
+                raise RuntimeError(f"guest build: {path} is missing; scripts/install-system-deps installs it")
+        return {
+            "EFI/BOOT/BOOTX64.EFI": SHIM,
+            "EFI/BOOT/grubx64.efi": SIGNED_GRUB,
+            "EFI/BOOT/grub.cfg": cfg,
+            "EFI/debian/grub.cfg": cfg,  # where Debian's signed GRUB looks first
+        }
+    standalone = work / "BOOTX64.EFI"
+    _run(["grub-mkstandalone", "-O", "x86_64-efi", "-o", str(standalone), f"boot/grub/grub.cfg={cfg}"])
+    return {"EFI/BOOT/BOOTX64.EFI": standalone}
+
+
+def _uefi_disk(kind: str, kernel: Path, initrd: Path, work: Path, out: Path) -> None:
+    """A GPT disk with one FAT32 ESP, made without mounting, converted to qcow2 at ``out``."""
+    esp = work / "esp.raw"
+    _run(["mkfs.vfat", "-C", "-F", "32", "-n", BOOT_LABEL, str(esp), str(ESP_MIB * 1024)])
+    files = {**_bootloader(kind, work), "vmlinuz": kernel, "initrd.gz": initrd}
+    for folder in ("EFI", "EFI/BOOT", "EFI/debian"):
+        _run(["mmd", "-i", str(esp), f"::{folder}"])
+    for name, source in files.items():
+        _run(["mcopy", "-o", "-i", str(esp), str(source), f"::{name}"])
+    raw = work / "disk.raw"
+    with open(raw, "wb") as disk:
+        disk.truncate((ESP_MIB + 2) << 20)  # 1 MiB before the ESP, room for the backup GPT after it
+    _run(["sgdisk", "-n", f"1:2048:+{ESP_MIB}M", "-t", "1:ef00", "-c", "1:ESP", str(raw)])
+    with open(esp, "rb") as src, open(raw, "r+b") as dst:
+        dst.seek(1 << 20)
+        shutil.copyfileobj(src, dst)
+    tmp = out.with_name(f".{out.name}.tmp")
+    _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(tmp)])
+    tmp.replace(out)
+
+
+def ensure_uefi_guest(kind: str, cache: Path = CACHE) -> Path:
+    """Path of the UEFI guest of ``kind`` (see UEFI_KINDS), built on first use like :func:`ensure_guest`."""
+    if kind not in UEFI_KINDS:
+        raise ValueError(f"guest build: unknown UEFI kind {kind!r}")
+    bios = ensure_guest(cache)
+    out = cache / f"{bios.stem}-{kind}.qcow2"
+    if out.exists():
+        return out
+    with tempfile.TemporaryDirectory(prefix="podvm-guest-") as tmp:
+        work = Path(tmp)
+        # The BIOS guest's FAT holds the very kernel and initramfs: read them back rather than build them twice.
+        for name in ("vmlinuz", "initrd.gz"):
+            raw = work / "bios.raw"
+            if not raw.exists():
+                _run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(bios), str(raw)])
+            _run(["mcopy", "-i", str(raw), f"::{name}", str(work / name)])
+        _uefi_disk(kind, work / "vmlinuz", work / "initrd.gz", work, out)
+    return out
+
+
+# ---- end of UEFI variants ---------------------------------------------------------------------------------------
 
 
 def main() -> int:

@@ -189,6 +189,46 @@ else
 fi
 # ---- end of the backup tests' block ------------------------------------------------------------------------------
 
+# ---- UEFI and TPM (tests/e2e/test_uefi.py, one block) ----------------------------------------------------------
+# The page reports the firmware (uefi or bios), Secure Boot's state (1 on, 0 off), the test variable PodvmTest
+# the guest keeps in its firmware's store (efivar=, "none" without it) and the TPM's major version (tpm=, "none").
+# /cgi-bin/efivar?VALUE (1-16 lower-case letters and digits) writes the variable; /cgi-bin/tpm?HEX sends one raw
+# TPM command to /dev/tpm0 and answers the response in hex (response=...).
+firmware=bios secure_boot=none efivar=none tpm=none
+efivars=/sys/firmware/efi/efivars
+if [ -d /sys/firmware/efi ]; then
+    firmware=uefi
+    mount -t efivarfs efivarfs "$efivars" || echo "podvm-guest: no efivarfs"
+    sb=$efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c
+    [ -f "$sb" ] && secure_boot=$(tail -c 1 "$sb" | od -An -tu1 | tr -d ' ')
+    var=$efivars/PodvmTest-6a1c5b2e-2f0f-4f7e-9d35-0c8b7f0d9a11
+    [ -f "$var" ] && efivar=$(tail -c +5 "$var")
+fi
+[ -e /sys/class/tpm/tpm0 ] && tpm=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null || echo unknown)
+printf 'firmware=%s\nsecure_boot=%s\nefivar=%s\ntpm=%s\n' "$firmware" "$secure_boot" "$efivar" "$tpm" >> /www/index.html
+echo "podvm-guest: firmware=$firmware secure_boot=$secure_boot efivar=$efivar tpm=$tpm"
+cat > /www/cgi-bin/efivar <<'EOF'
+#!/bin/sh
+value=$QUERY_STRING var=/sys/firmware/efi/efivars/PodvmTest-6a1c5b2e-2f0f-4f7e-9d35-0c8b7f0d9a11
+case $value in ''|*[!a-z0-9]*) printf 'Status: 400\r\nContent-Type: text/plain\r\n\r\nbad value\n'; exit 0 ;; esac
+[ ${#value} -gt 16 ] && { printf 'Status: 400\r\nContent-Type: text/plain\r\n\r\nvalue too long\n'; exit 0; }
+[ -f "$var" ] && chattr -i "$var"
+# One write: attributes (non-volatile, boot and run time access) and the value.
+printf '\007\000\000\000%s' "$value" > "$var" && result=$(tail -c +5 "$var") || result=failed
+printf 'Content-Type: text/plain\r\n\r\nefivar=%s\n' "$result"
+EOF
+cat > /www/cgi-bin/tpm <<'EOF'
+#!/bin/sh
+hex=$QUERY_STRING
+case $hex in ''|*[!0-9a-f]*) printf 'Status: 400\r\nContent-Type: text/plain\r\n\r\nbad command\n'; exit 0 ;; esac
+exec 3<>/dev/tpm0
+printf "$(echo "$hex" | sed 's/../\\x&/g')" >&3
+response=$(dd bs=4096 count=1 <&3 2>/dev/null | od -An -tx1 -v | tr -d ' \n')
+printf 'Content-Type: text/plain\r\n\r\nresponse=%s\n' "$response"
+EOF
+chmod +x /www/cgi-bin/efivar /www/cgi-bin/tpm
+# ---- end of UEFI and TPM ------------------------------------------------------------------------------------------
+
 httpd -h /www -p 80
 
 # --- consoles: a shell on the serial port and one on the screen (tty1), each restarted when it exits, so a line
