@@ -235,6 +235,9 @@ ESP_MIB = 64
 SHIM = Path("/usr/lib/shim/shimx64.efi.signed")
 SIGNED_GRUB = Path("/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed")
 GRUB_CFG = f"""set timeout=0
+insmod part_gpt
+insmod fat
+insmod search_label
 search --no-floppy --label {BOOT_LABEL} --set=root
 linux /vmlinuz console=ttyS0 quiet panic=-1 podvm.label={BOOT_LABEL}
 initrd /initrd.gz

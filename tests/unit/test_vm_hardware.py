@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ChildFailed, ConfigError
-from tests import samples
+from tests.harness import samples
 from vmrunner.config import Config, load
 from vmrunner.pet.state import DISK, TPM_STATE, UEFI_VARS, own_files
 from vmrunner.profiles import OVMF_FILES, PROFILES
