@@ -234,6 +234,25 @@ def test_tpm_state_is_private_and_never_another_vm_s(tmp_path: Path) -> None:
         tpm.ensure_state(c)
 
 
+def test_links_planted_for_the_vm_s_own_state_are_refused_not_followed(tmp_path: Path) -> None:
+    """A neighbour's links in place of the variable store and the TPM's folder: neither is written through."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    template = tmp_path / "VARS.fd"
+    template.write_bytes(b"T" * 4096)
+    (elsewhere / "victim").write_bytes(b"V" * 4096)
+    (vm / "vm-0.efivars.fd").symlink_to(elsewhere / "victim")
+    with pytest.raises(ConfigError, match=r"vm-0.efivars.fd is not a file of the runner's"):
+        firmware.ensure_vars(cfg(VM_DIR=str(vm), VM_FIRMWARE="uefi", VM_OVMF_VARS=str(template)))
+    (vm / "vm-0.tpm").symlink_to(elsewhere)
+    with pytest.raises(ConfigError, match=r"vm-0.tpm is not a directory"):
+        tpm.ensure_state(cfg(VM_DIR=str(vm), VM_TPM="on"))
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["victim"]
+    assert (elsewhere / "victim").read_bytes() == b"V" * 4096
+
+
 def test_swtpm_plan_is_unprivileged_and_private() -> None:
     plan = tpm.plan_swtpm(cfg(VM_TPM="on"))
     assert list(plan.argv) == [

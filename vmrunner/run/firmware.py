@@ -4,11 +4,11 @@ The variable store is the VM's own state (see :mod:`vmrunner.pet.state`): copied
 then only the guest writes it (boot entries, Secure Boot keys, whatever it stores), across restarts and rebases.
 """
 
-import contextlib
 import os
-import shutil
+import stat
 from pathlib import Path
 
+from shared import files
 from shared.errors import ConfigError
 from vmrunner.config import Config
 from vmrunner.pet.state import vars_path
@@ -55,39 +55,26 @@ def firmware_args(cfg: Config) -> list[str]:
 def ensure_vars(cfg: Config) -> Path:
     """The VM's variable store, copied from the template on the first start only; never overwritten.
 
-    The copy is written beside its final name and linked there, so a crash leaves no half store, and a store that
-    appeared meanwhile wins. A store of another size than the template belongs to other firmware (2 MiB vs 4 MiB
-    builds) and would not boot: refused in one line.
+    Written whole beside its final name and renamed there (no half store after a crash), through the volume's
+    descriptors (no planted link followed). A store that is not a plain file of the runner's, or has another size
+    than the template (a 2 MiB build's store under a 4 MiB firmware would not boot), is refused in one line.
 
-    :raise ConfigError: when the store on VM_DIR does not fit the firmware.
+    :raise ConfigError: when the store on VM_DIR is forged or does not fit the firmware.
     """
     target = vars_path(cfg)
     template = cfg.hardware.ovmf_vars
     assert template is not None, "ensure_vars without UEFI"
-    if not target.exists():
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            with template.open("rb") as src, open(tmp, "xb") as dst:
-                os.fchmod(dst.fileno(), 0o600)
-                shutil.copyfileobj(src, dst)
-                dst.flush()
-                os.fsync(dst.fileno())
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(target.parent)
-    if target.stat().st_size != template.stat().st_size:
+    if files.stat_below(cfg.vm_dir, target) is None:
+        files.write_atomic(target, template.read_bytes(), 0o600, root=cfg.vm_dir)
+    info = files.stat_below(cfg.vm_dir, target)
+    assert info is not None, "the variable store vanished right after it was written"
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
         raise ConfigError(
-            f"VM_DIR={cfg.vm_dir}: {target.name} holds {target.stat().st_size} bytes but VM_OVMF_VARS={template} "
+            f"VM_DIR={cfg.vm_dir}: {target.name} is not a file of the runner's (uid {os.getuid()}) closed to others"
+        )
+    if info.st_size != template.stat().st_size:
+        raise ConfigError(
+            f"VM_DIR={cfg.vm_dir}: {target.name} holds {info.st_size} bytes but VM_OVMF_VARS={template} "
             f"has {template.stat().st_size}: it belongs to other firmware"
         )
     return target
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

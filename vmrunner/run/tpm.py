@@ -13,7 +13,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import ConfigError
+from shared import files
+from shared.errors import ConfigError, escape_controls
 from vmrunner.config import Config
 from vmrunner.pet.state import tpm_dir
 
@@ -70,29 +71,33 @@ def tpm_args(plan: SwtpmPlan) -> list[str]:
 
 
 def ensure_state(cfg: Config) -> Path:
-    """The state directory, made 0700 on the first start and marked with this VM's name.
+    """The state directory, made 0700 on the first start and marked with this VM's name; opened through the volume's
+    descriptors, so a link planted in its place is refused, never followed.
 
     :raise ConfigError: when it is not the runner's, is open to others, or belongs to another VM.
     """
     state = tpm_dir(cfg)
     with contextlib.suppress(FileExistsError):
-        state.mkdir(mode=0o700)
-    info = state.lstat()
-    if not state.is_dir() or state.is_symlink() or info.st_uid != os.getuid():
+        os.mkdir(state, 0o700)
+    try:
+        os.close(files.open_below(cfg.vm_dir, state))
+    except OSError:
+        raise ConfigError(f"VM_DIR={cfg.vm_dir}: {state.name} is not a directory") from None
+    info = files.stat_below(cfg.vm_dir, state)
+    assert info is not None, "the TPM state directory vanished right after it was opened"
+    if info.st_uid != os.getuid():
         raise ConfigError(f"VM_DIR={cfg.vm_dir}: {state.name} is not a directory of the runner's (uid {os.getuid()})")
     if info.st_mode & 0o077:
         raise ConfigError(f"VM_DIR={cfg.vm_dir}: {state.name} is open to others (mode {info.st_mode & 0o777:o})")
     owner = state / OWNER
-    if owner.exists():
-        if owner.read_text().strip() != cfg.hostname:
-            raise ConfigError(
-                f"VM_DIR={cfg.vm_dir}: {state.name} holds the TPM state of {owner.read_text().strip()!r}, "
-                f"not of HOSTNAME={cfg.hostname}"
-            )
-    else:
-        fd = os.open(owner, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(f"{cfg.hostname}\n")
+    recorded = files.read_record(owner, 256, cfg.vm_dir)
+    if recorded is None:
+        files.write_atomic(owner, f"{cfg.hostname}\n".encode(), 0o600, root=cfg.vm_dir)
+    elif (found := recorded.decode(errors="replace").strip()) != cfg.hostname:
+        raise ConfigError(
+            f"VM_DIR={cfg.vm_dir}: {state.name} holds the TPM state of {escape_controls(found)!r}, "
+            f"not of HOSTNAME={cfg.hostname}"
+        )
     return state
 
 
