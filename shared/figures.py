@@ -123,6 +123,11 @@ RUNNER: tuple[Spec, ...] = (
         "1 when ACCEL=auto found KVM unusable (missing, or a device the container may not open) and runs under TCG",
     ),
     Spec(
+        "podvm_vm_boot_refused",
+        "gauge",
+        "1 when the firmware refused the guest's boot option (Secure Boot and an unsigned bootloader): no guest runs",
+    ),
+    Spec(
         "podvm_vm_state",
         "gauge",
         f"1 for the VM's current state, 0 for the others ({', '.join(VM_STATES)})",

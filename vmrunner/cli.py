@@ -112,6 +112,7 @@ def cmd_status(cfg: Config) -> int:
     import asyncio
 
     from vmrunner.pet.binding import describe
+    from vmrunner.pet.state import own_state
     from vmrunner.qemu import qmp
 
     try:
@@ -129,7 +130,15 @@ def cmd_status(cfg: Config) -> int:
     items = gather(state, start.sources(cfg, monitor), directory_size(cfg.image_dir))
     figures = [item.to_dict() for item in items]
     accel = {"in_use": state.accel or None, "fallback": state.accel_fallback or None}  # why ACCEL=auto is on TCG
-    print(json.dumps({"state": status, "accel": accel, "pet": describe(cfg), "figures": figures}, indent=2))
+    document = {
+        "state": status,
+        "accel": accel,
+        "boot_refused": state.boot_refused or None,  # the firmware refused the boot option (Secure Boot)
+        "pet": describe(cfg),
+        "own_state": own_state(cfg),
+        "figures": figures,
+    }
+    print(json.dumps(document, indent=2))
     return 0 if status == "running" else 1
 
 

@@ -300,3 +300,12 @@ def _is_swtpm(proc: Path, run_dir: Path) -> bool:
         return f"path={run_dir}/swtpm.sock".encode() in (proc / "cmdline").read_bytes()
     except OSError:
         return False
+
+
+def test_a_boot_option_the_firmware_refuses_is_recognised_in_ovmf_s_own_words() -> None:
+    refused = 'BdsDxe: failed to load Boot0001 "UEFI Misc Device" from PciRoot(0x0)/Pci(0x1,0x0): Access Denied'
+    assert firmware.boot_refusal(refused) == 'Boot0001 "UEFI Misc Device": Access Denied'
+    shell = 'BdsDxe: failed to start Boot0002 "EFI Internal Shell" from Fv(7CB8)/FvFile(7C04): Security Violation'
+    assert firmware.boot_refusal(shell) == 'Boot0002 "EFI Internal Shell": Security Violation'
+    assert firmware.boot_refusal('BdsDxe: loading Boot0001 "UEFI Misc Device" from PciRoot(0x0)') is None
+    assert firmware.boot_refusal("podvm-guest: Access Denied") is None

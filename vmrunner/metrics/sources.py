@@ -150,6 +150,7 @@ def runner_figures(state: RunState, sources: Sources, cache_size: int) -> list[F
     out = [
         figure("podvm_build", 1, version=_version(), accel=state.accel, runner="vmrunner", vm=state.vm),
         figure("podvm_vm_accel_fallback", 1 if state.accel_fallback else 0),
+        figure("podvm_vm_boot_refused", 1 if state.boot_refused else 0),
         *_one_hot("podvm_vm_state", "state", current, VM_STATES),
         figure("podvm_vm_io_error_paused", 1 if _qmp_status(qmp_status) == "io-error" else 0),
         figure("podvm_vm_boots_total", runs["boots"]),

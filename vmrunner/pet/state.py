@@ -56,3 +56,18 @@ def own_files(cfg: Config) -> tuple[OwnFile, ...]:
             OwnFile(TPM_STATE, tpm_dir(cfg), 0o700, True, "made empty by the runner; swtpm keeps its state there")
         )
     return tuple(files)
+
+
+def own_state(cfg: Config) -> list[dict[str, object]]:
+    """The VM's own files as ``status`` and ``plan`` show them: what each is, where, and whether it is there yet."""
+    return [
+        {
+            "kind": own.kind,
+            "path": str(own.path),
+            "mode": None if own.mode is None else f"{own.mode:04o}",
+            "created": own.created,
+            "template": None if own.template is None else str(own.template),
+            "exists": own.path.exists(),
+        }
+        for own in own_files(cfg)
+    ]

@@ -5,6 +5,7 @@ then only the guest writes it (boot entries, Secure Boot keys, whatever it store
 """
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -13,6 +14,17 @@ from shared.errors import ConfigError
 from vmrunner.config import Config
 from vmrunner.pet.state import vars_path
 from vmrunner.profiles import is_q35
+
+# OVMF's boot manager on the serial port when Secure Boot (or a broken image) refuses a boot option.
+_REFUSED = re.compile(
+    r'BdsDxe: failed to (?:load|start) (Boot[0-9A-F]{4} "[^"]*").*: (Access Denied|Security Violation)$'
+)
+
+
+def boot_refusal(line: str) -> str | None:
+    """What the firmware refused to boot and why, from one line of the serial console; None for any other line."""
+    found = _REFUSED.search(line)
+    return f"{found.group(1)}: {found.group(2)}" if found else None
 
 
 def preflight(cfg: Config) -> None:

@@ -1,7 +1,7 @@
 """The VM's own state beyond its disk, made ready before qemu starts: the firmware's variables, the TPM's state."""
 
 from vmrunner.config import Config
-from vmrunner.pet.state import own_files
+from vmrunner.pet.state import own_state
 from vmrunner.run import devices, firmware, tpm
 
 
@@ -24,15 +24,5 @@ def describe(cfg: Config, accel: str | None) -> dict[str, object]:
     return {
         "settings": [{"variable": n, "value": v, "source": s} for n, v, s in cfg.hardware.sources],
         "hyperv_applied": None if accel is None else devices.hyperv_applied(cfg, accel),
-        "state": [
-            {
-                "kind": own.kind,
-                "path": str(own.path),
-                "mode": None if own.mode is None else f"{own.mode:04o}",
-                "created": own.created,
-                "template": None if own.template is None else str(own.template),
-                "exists": own.path.exists(),
-            }
-            for own in own_files(cfg)
-        ],
+        "state": own_state(cfg),
     }

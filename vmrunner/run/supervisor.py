@@ -17,7 +17,7 @@ from shared.errors import ChildFailed, ConfigError, PodvmError, StoppedHard, esc
 from shared.shutdown import QUIT_GRACE, QUIT_TIMEOUT
 from vmrunner.metrics.tracker import Tracker
 from vmrunner.qemu import qmp
-from vmrunner.run import vnc
+from vmrunner.run import firmware, vnc
 from vmrunner.run.argv import QemuPlan
 from vmrunner.run.tpm import Swtpm
 
@@ -84,6 +84,21 @@ class Supervisor:
                 text = line[start : start + CONSOLE_LINE].decode("utf-8", "replace").rstrip("\r")
                 if text:
                     guest_log.info("%s", escape_controls(text))
+                    self._judge_boot(text)
+
+    def _judge_boot(self, text: str) -> None:
+        """A boot option the firmware refuses is an error in the log and in ``status`` (``boot_refused``), not a
+        guest that silently never comes up."""
+        refused = firmware.boot_refusal(text)
+        if refused is None:
+            return
+        log.error(
+            "the firmware refused to boot %s; with Secure Boot the bootloader must be signed by a key the VM's "
+            "variable store holds",
+            escape_controls(refused),
+        )
+        if self.tracker is not None:
+            self.tracker.set(boot_refused=refused)
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
         async for raw in stream:
