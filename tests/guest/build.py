@@ -235,9 +235,6 @@ ESP_MIB = 64
 SHIM = Path("/usr/lib/shim/shimx64.efi.signed")
 SIGNED_GRUB = Path("/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed")
 GRUB_CFG = f"""set timeout=0
-insmod part_gpt
-insmod fat
-insmod search_label
 search --no-floppy --label {BOOT_LABEL} --set=root
 linux /vmlinuz console=ttyS0 quiet panic=-1 podvm.label={BOOT_LABEL}
 initrd /initrd.gz
@@ -248,7 +245,9 @@ boot
 def _bootloader(kind: str, work: Path) -> dict[str, Path]:
     """The ESP's bootloader files by their path on the ESP."""
     cfg = work / "grub.cfg"
-    cfg.write_text(GRUB_CFG)
+    # Debian's signed GRUB has these modules built in and refuses insmod under Secure Boot; the standalone one needs
+    # them loaded to find the ESP by its label.
+    cfg.write_text(GRUB_CFG if kind == "secure" else f"insmod part_gpt\ninsmod fat\ninsmod search_label\n{GRUB_CFG}")
     if kind == "secure":
         for path in (SHIM, SIGNED_GRUB):
             if not path.exists():

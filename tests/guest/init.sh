@@ -204,8 +204,10 @@ if [ -d /sys/firmware/efi ]; then
     var=$efivars/PodvmTest-6a1c5b2e-2f0f-4f7e-9d35-0c8b7f0d9a11
     [ -f "$var" ] && efivar=$(tail -c +5 "$var")
 fi
+rtc=$(cat /sys/class/rtc/rtc0/time 2>/dev/null || echo none)  # what the RTC reads (HH:MM:SS): UTC or local time
 [ -e /sys/class/tpm/tpm0 ] && tpm=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null || echo unknown)
-printf 'firmware=%s\nsecure_boot=%s\nefivar=%s\ntpm=%s\n' "$firmware" "$secure_boot" "$efivar" "$tpm" >> /www/index.html
+printf 'firmware=%s\nsecure_boot=%s\nefivar=%s\ntpm=%s\nrtc=%s\n' "$firmware" "$secure_boot" "$efivar" "$tpm" "$rtc" \
+    >> /www/index.html
 echo "podvm-guest: firmware=$firmware secure_boot=$secure_boot efivar=$efivar tpm=$tpm"
 cat > /www/cgi-bin/efivar <<'EOF'
 #!/bin/sh

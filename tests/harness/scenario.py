@@ -11,6 +11,7 @@ when a test using a live scenario fails.
 import contextlib
 import re
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -92,6 +93,13 @@ class Scenario:
         runner = self.start(log, self.env() if env is None else env)
         runner.wait_for(pod.READY, timeout)
         return runner
+
+    def vmrunner(self, env: Mapping[str, str], *args: str, timeout: float = 300) -> "subprocess.CompletedProcess[str]":
+        """``vmrunner ARGS`` as uid 10001 in the pod's network namespace (where the image server is), waited for:
+        what ``kubectl exec`` of a command does."""
+        drop = [*pod.AS_RUNNER[:-1], "--inh-caps=-all", "--no-new-privs", "--"]
+        argv = ["ip", "netns", "exec", self.net.pod_ns, *drop, str(BIN / "vmrunner"), *args]
+        return subprocess.run(argv, env=dict(env), capture_output=True, text=True, check=False, timeout=timeout)
 
     def stop(self, runner: Proc) -> int:
         """SIGTERM the runner (the guest powers off through ACPI) and return its exit status."""

@@ -97,7 +97,7 @@ class Supervisor:
             "variable store holds",
             escape_controls(refused),
         )
-        if self.tracker is not None:
+        if self.tracker is not None and not self.tracker.state.boot_refused:  # the first: the disk's, not the shell's
             self.tracker.set(boot_refused=refused)
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
