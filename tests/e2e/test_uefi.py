@@ -2,8 +2,9 @@
 tiny guest on a GPT disk whose EFI system partition holds a bootloader from Debian's packages.
 
 Two pods. The first boots a standalone (unsigned) GRUB with UEFI, a TPM and a local-time RTC three times: the guest
-writes a firmware variable and a value in TPM NV memory; after a restart, and after a ``rebase`` onto another base,
-both are still there; then swtpm is killed under the running VM and the runner says so. The second runs Secure Boot:
+writes a firmware variable and a value in TPM NV memory, a live backup is taken, the guest writes other values;
+after a ``rebase`` onto another base and a restart the later values are there, after a restore the backup's; then
+swtpm is killed under the running VM and the runner says so. The second runs Secure Boot:
 Debian's signed shim, GRUB and kernel boot with Secure Boot on, and the unsigned GRUB is refused by the firmware,
 which the runner's log and ``status`` show.
 """
@@ -33,14 +34,15 @@ pytestmark = pytest.mark.guest
 
 ZONE = "Asia/Kolkata"  # UTC+05:30 all year: an offset no rounding or summer time can fake
 SECURE_MEMORY = "512M"  # with 256 MiB Debian's kernel resets in its EFI stub under Secure Boot (SMM takes its share)
-NV_DATA = b"podvm-nv-marker!"  # 16 bytes: the size of the NV index defined below
+NV_DATA = b"podvm-nv-marker!"  # 16 bytes: the size of the NV index defined below; what the backup holds
+NV_LATER = b"written-after-it"  # what the guest writes after the backup
 # Raw TPM 2.0 commands the guest sends to /dev/tpm0 (owner authorisation with the empty password, TPM_RS_PW):
 # define the owner index 0x01000010 of 16 bytes, write NV_DATA into it, read it back.
 _AUTH = "00000009" + "40000009" + "0000" + "00" + "0000"
 NV_DEFINE = (
     "8002" + "0000002d" + "0000012a" + "40000001" + _AUTH + "0000" + "000e" + "01000010000b000200020000" + "0010"
 )
-NV_WRITE = "8002" + "00000033" + "00000137" + "40000001" + "01000010" + _AUTH + "0010" + NV_DATA.hex() + "0000"
+
 NV_READ = "8002" + "00000023" + "0000014e" + "40000001" + "01000010" + _AUTH + "0010" + "0000"
 
 
@@ -61,6 +63,11 @@ def tpm(s: Scenario, command: str) -> str:
     response = cgi(s, f"tpm?{command}").removeprefix("response=")
     assert response[12:20] == "00000000", f"TPM response code {response[12:20]} to {command[12:20]}"
     return response
+
+
+def nv_write(s: Scenario, data: bytes) -> None:
+    """The guest writes 16 bytes into the NV index."""
+    tpm(s, "8002" + "00000033" + "00000137" + "40000001" + "01000010" + _AUTH + "0010" + data.hex() + "0000")
 
 
 def nv_value(s: Scenario) -> bytes:
@@ -101,6 +108,8 @@ class Uefi:
     swtpm_killed: str = ""
     swtpm_status: int | None = None
     plan: dict[str, Any] = field(default_factory=dict)
+    backup: "subprocess.CompletedProcess[str] | None" = None
+    restore: "subprocess.CompletedProcess[str] | None" = None
 
 
 def _swtpm_pid(runner: Proc) -> int:
@@ -128,19 +137,17 @@ def uefi() -> Iterator[Uefi]:
         runner = s.boot("first.log", env)
         seen.pages["first"] = harness.guest_page(s.net)
         seen.rtc["first"] = rtc_offset(seen.pages["first"])
-        seen.efivar_written = cgi(s, "efivar?podvm42")
+        seen.efivar_written = cgi(s, "efivar?A.podvm42")
         tpm(s, NV_DEFINE)
-        tpm(s, NV_WRITE)
+        nv_write(s, NV_DATA)
         seen.nv["first"] = nv_value(s)
+        seen.backup = s.vmrunner(env, "backup")
+        assert cgi(s, "efivar?B.later") == "efivar=later"
+        nv_write(s, NV_LATER)
         assert s.stop(runner) == 0, s.report()
         vm = s.dirs["vm"]
         seen.state_mode = (vm / "uefi-0.tpm").stat().st_mode & 0o777
         seen.vars_mode = (vm / "uefi-0.efivars.fd").stat().st_mode & 0o777
-
-        runner = s.boot("restarted.log", env)
-        seen.pages["restarted"] = harness.guest_page(s.net)
-        seen.nv["restarted"] = nv_value(s)
-        assert s.stop(runner) == 0, s.report()
 
         esp_variant(image, s.dirs["srv"] / "guest-v2.qcow2")
         v2 = {**env, "IMG_SOURCE": f"http://127.0.0.1:{IMAGE_PORT}/guest-v2.qcow2", "IMG_TARGET": "v2"}
@@ -148,9 +155,15 @@ def uefi() -> Iterator[Uefi]:
         assert fetched.returncode == 0, fetched.stderr
         rebased = s.vmrunner(env, "rebase", "v2")
         seen.rebase = f"{rebased.returncode} {rebased.stderr}"
-        runner = s.boot("rebased.log", env)
-        seen.pages["rebased"] = harness.guest_page(s.net)
-        seen.nv["rebased"] = nv_value(s)
+        runner = s.boot("restarted.log", env)
+        seen.pages["restarted"] = harness.guest_page(s.net)
+        seen.nv["restarted"] = nv_value(s)
+        assert s.stop(runner) == 0, s.report()
+        seen.restore = s.vmrunner(env, "restore", "--overwrite")
+
+        runner = s.boot("restored.log", env)
+        seen.pages["restored"] = harness.guest_page(s.net)
+        seen.nv["restored"] = nv_value(s)
 
         before = len(runner.text())
         os.kill(_swtpm_pid(runner), signal.SIGKILL)
@@ -162,16 +175,24 @@ def uefi() -> Iterator[Uefi]:
 def test_a_uefi_guest_boots_with_its_tpm_and_answers_on_the_pod_ip(uefi: Uefi) -> None:
     page = uefi.pages["first"]
     assert (page["firmware"], page["secure_boot"], page["tpm"], page["counter"]) == ("uefi", "0", "2", "1")
+    assert page["efivars"] == "none"
     assert uefi.efivar_written == "efivar=podvm42"
     assert uefi.nv["first"] == NV_DATA
 
 
 def test_firmware_variables_and_tpm_memory_survive_a_restart_and_a_rebase(uefi: Uefi) -> None:
     assert uefi.rebase.startswith("0 "), uefi.rebase
-    for boot in ("restarted", "rebased"):
-        assert uefi.pages[boot]["efivar"] == "podvm42", boot
-        assert uefi.nv[boot] == NV_DATA, boot
-    assert [uefi.pages[b]["counter"] for b in ("first", "restarted", "rebased")] == ["1", "2", "3"]
+    assert (uefi.pages["restarted"]["efivars"], uefi.nv["restarted"]) == ("A:podvm42,B:later", NV_LATER)
+
+
+def test_a_restore_brings_back_the_variables_and_tpm_of_the_backup_s_instant(uefi: Uefi) -> None:
+    assert uefi.backup is not None and uefi.backup.returncode == 0, uefi.backup.stderr if uefi.backup else ""
+    assert uefi.restore is not None and uefi.restore.returncode == 0, uefi.restore.stderr if uefi.restore else ""
+    assert "uefi-0.efivars.fd of the same point" in uefi.restore.stderr
+    assert "uefi-0.tpm of the same point" in uefi.restore.stderr
+    assert (uefi.pages["restored"]["efivars"], uefi.nv["restored"]) == ("A:podvm42", NV_DATA)
+    # the disk came back with them: the boot counter of the backup's instant, then this boot
+    assert [uefi.pages[b]["counter"] for b in ("first", "restarted", "restored")] == ["1", "2", "2"]
 
 
 def test_the_vm_s_own_state_is_closed_to_others_and_planned(uefi: Uefi) -> None:

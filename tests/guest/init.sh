@@ -190,33 +190,41 @@ fi
 # ---- end of the backup tests' block ------------------------------------------------------------------------------
 
 # ---- UEFI and TPM (tests/e2e/test_uefi.py, one block) ----------------------------------------------------------
-# The page reports the firmware (uefi or bios), Secure Boot's state (1 on, 0 off), the test variable PodvmTest
-# the guest keeps in its firmware's store (efivar=, "none" without it) and the TPM's major version (tpm=, "none").
-# /cgi-bin/efivar?VALUE (1-16 lower-case letters and digits) writes the variable; /cgi-bin/tpm?HEX sends one raw
-# TPM command to /dev/tpm0 and answers the response in hex (response=...).
-firmware=bios secure_boot=none efivar=none tpm=none
-efivars=/sys/firmware/efi/efivars
+# The page reports the firmware (uefi or bios), Secure Boot's state (1 on, 0 off), the test variables PodvmX the
+# guest keeps in its firmware's store (efivars=A:value,B:value; "none" without any), the TPM's major version (tpm=,
+# "none") and what the RTC read (rtc=HH:MM:SS). /cgi-bin/efivar?X.VALUE (X one capital letter, VALUE 1-16 lower-case
+# letters and digits) writes the variable PodvmX once: busybox has no chattr, and an existing variable stays
+# immutable. /cgi-bin/tpm?HEX sends one raw TPM command to /dev/tpm0 and answers the response in hex.
+firmware=bios secure_boot=none efivars=none tpm=none
 if [ -d /sys/firmware/efi ]; then
     firmware=uefi
-    mount -t efivarfs efivarfs "$efivars" || echo "podvm-guest: no efivarfs"
-    sb=$efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c
+    mount -t efivarfs efivarfs /sys/firmware/efi/efivars || echo "podvm-guest: no efivarfs"
+    sb=/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c
     [ -f "$sb" ] && secure_boot=$(tail -c 1 "$sb" | od -An -tu1 | tr -d ' ')
-    var=$efivars/PodvmTest-6a1c5b2e-2f0f-4f7e-9d35-0c8b7f0d9a11
-    [ -f "$var" ] && efivar=$(tail -c +5 "$var")
+    found=
+    for var in /sys/firmware/efi/efivars/Podvm?-6a1c5b2e-2f0f-4f7e-9d35-0c8b7f0d9a11; do
+        [ -f "$var" ] || continue
+        name=${var#/sys/firmware/efi/efivars/Podvm}
+        found="$found${found:+,}${name%%-*}:$(tail -c +5 "$var")"
+    done
+    efivars=${found:-none}
 fi
-rtc=$(cat /sys/class/rtc/rtc0/time 2>/dev/null || echo none)  # what the RTC reads (HH:MM:SS): UTC or local time
+rtc=$(cat /sys/class/rtc/rtc0/time 2>/dev/null || echo none)
 [ -e /sys/class/tpm/tpm0 ] && tpm=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null || echo unknown)
-printf 'firmware=%s\nsecure_boot=%s\nefivar=%s\ntpm=%s\nrtc=%s\n' "$firmware" "$secure_boot" "$efivar" "$tpm" "$rtc" \
+printf 'firmware=%s\nsecure_boot=%s\nefivars=%s\ntpm=%s\nrtc=%s\n' "$firmware" "$secure_boot" "$efivars" "$tpm" "$rtc" \
     >> /www/index.html
-echo "podvm-guest: firmware=$firmware secure_boot=$secure_boot efivar=$efivar tpm=$tpm"
+echo "podvm-guest: firmware=$firmware secure_boot=$secure_boot efivars=$efivars tpm=$tpm"
 cat > /www/cgi-bin/efivar <<'EOF'
 #!/bin/sh
-value=$QUERY_STRING var=/sys/firmware/efi/efivars/PodvmTest-6a1c5b2e-2f0f-4f7e-9d35-0c8b7f0d9a11
-case $value in ''|*[!a-z0-9]*) printf 'Status: 400\r\nContent-Type: text/plain\r\n\r\nbad value\n'; exit 0 ;; esac
-[ ${#value} -gt 16 ] && { printf 'Status: 400\r\nContent-Type: text/plain\r\n\r\nvalue too long\n'; exit 0; }
-[ -f "$var" ] && chattr -i "$var"
+name=${QUERY_STRING%%.*} value=${QUERY_STRING#*.}
+bad() { printf 'Status: 400\r\nContent-Type: text/plain\r\n\r\n%s\n' "$1"; exit 0; }
+case $name in [A-Z]) ;; *) bad "bad name" ;; esac
+case $value in ''|*[!a-z0-9]*) bad "bad value" ;; esac
+[ ${#value} -gt 16 ] && bad "value too long"
+var=/sys/firmware/efi/efivars/Podvm$name-6a1c5b2e-2f0f-4f7e-9d35-0c8b7f0d9a11
 # One write: attributes (non-volatile, boot and run time access) and the value.
-printf '\007\000\000\000%s' "$value" > "$var" && result=$(tail -c +5 "$var") || result=failed
+printf '\007\000\000\000%s' "$value" > "/tmp/efivar.$name"
+cat "/tmp/efivar.$name" > "$var" && result=$(tail -c +5 "$var") || result=failed
 printf 'Content-Type: text/plain\r\n\r\nefivar=%s\n' "$result"
 EOF
 cat > /www/cgi-bin/tpm <<'EOF'

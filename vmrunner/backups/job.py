@@ -16,7 +16,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,9 +24,10 @@ from pathlib import Path
 from shared import files
 from shared.errors import ConfigError, PodvmError
 from shared.files import write_atomic
-from vmrunner.backups import plans
+from vmrunner.backups import ownstate, plans
 from vmrunner.backups.plans import JOB_ID, LAST, LOCK, MANIFEST, TARGET_NODE, BackupPlan, Chain, Point
 from vmrunner.config import Config
+from vmrunner.pet.state import own_files
 from vmrunner.qemu import img, qmp
 from vmrunner.run import agent
 from vmrunner.run.argv import PET_NODE, RunPaths
@@ -214,7 +215,7 @@ async def _locked_backup(cfg: Config, root: Path, want_full: bool) -> Result:
     await _qmp(cfg, "blockdev-add", plan.attach)
     sent: list[bool] = []  # set once the transaction is on its way: from then on a job may exist
     try:
-        freeze, now, started = await _start(cfg, plan, sent)
+        freeze, now, started, own = await _start(cfg, plan, sent)
         job = await _follow(cfg)
     except (asyncio.CancelledError, PodvmError):
         await _abandon(cfg, plan, started=bool(sent))
@@ -229,22 +230,41 @@ async def _locked_backup(cfg: Config, root: Path, want_full: bool) -> Result:
     for name in plan.remove_bitmaps:
         log.info("backup: removing the pet's bitmap %s (its chain is no longer followed)", name)
         await _qmp(cfg, "block-dirty-bitmap-remove", {"node": PET_NODE, "name": name})
-    return _record(cfg, root, plan, now=now, seconds=seconds, job=job, freeze=freeze)
+    return _record(cfg, root, plan, now=now, seconds=seconds, job=job, freeze=freeze, own=own)
 
 
-async def _start(cfg: Config, plan: BackupPlan, sent: list[bool]) -> tuple[agent.Freeze, datetime, float]:
-    """Freeze the guest (when its agent answers), start the transaction, thaw at once, whatever happened; the
-    freeze's outcome and the backup's instant (wall clock and monotonic)."""
+async def _start(
+    cfg: Config, plan: BackupPlan, sent: list[bool]
+) -> tuple[agent.Freeze, datetime, float, dict[str, str]]:
+    """Freeze the guest (when its agent answers), start the transaction and copy the VM's own files beside the disk
+    (the VM paused for that, so all are of one instant), thaw at once, whatever happened; the freeze's outcome, the
+    backup's instant (wall clock and monotonic) and the own files' copies."""
     conn, freeze = await agent.freeze(RunPaths.of(cfg.run_dir).agent)
     if not freeze.frozen:
         log.info("backup: not freezing the guest's file systems: %s", freeze.why)
     try:
-        now, started = datetime.now(UTC), time.monotonic()
-        sent.append(True)
-        await _qmp(cfg, "transaction", plan.transaction)
+        async with _paused(cfg, len(own_files(cfg)) > 1):
+            now, started = datetime.now(UTC), time.monotonic()
+            sent.append(True)
+            await _qmp(cfg, "transaction", plan.transaction)
+            own = ownstate.capture(cfg, plan.directory, plan.seq, plan.previous[-1] if plan.previous else None)
     finally:
         await agent.thaw(conn)
-    return freeze, now, started
+    return freeze, now, started, own
+
+
+@contextlib.asynccontextmanager
+async def _paused(cfg: Config, wanted: bool) -> AsyncIterator[None]:
+    """The VM paused for the block when ``wanted`` and it runs (one paused for a full volume stays so)."""
+    status = await _qmp(cfg, "query-status") if wanted else None
+    running = isinstance(status, dict) and status.get("status") == "running"
+    if running:
+        await _qmp(cfg, "stop")
+    try:
+        yield
+    finally:
+        if running:
+            await _qmp(cfg, "cont")
 
 
 async def _follow(cfg: Config) -> dict[str, object]:
@@ -309,6 +329,7 @@ def _record(
     seconds: float,
     job: dict[str, object],
     freeze: agent.Freeze,
+    own: dict[str, str],
 ) -> Result:
     """Rename the completed target into the chain, write the manifest, apply retention, record the figures."""
     chain_fd = files.open_below(cfg.backup_dir, plan.directory)  # still the chain folder, not a link put there since
@@ -328,6 +349,7 @@ def _record(
         size=plan.final.stat().st_size,
         seconds=round(seconds, 3),
         frozen=freeze.frozen,
+        own=own,
     )
     chain = Chain(plan.chain_id, plan.virtual_size, (*plan.previous, point))
     write_atomic(plan.directory / MANIFEST, plans.manifest_document(chain), root=cfg.backup_dir)

@@ -22,13 +22,14 @@ import json
 import re
 import stat
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from shared import documents
 from shared.errors import ConfigError
 from shared.files import list_below, read_small, stat_below
+from vmrunner.pet.state import TPM_STATE, UEFI_VARS
 from vmrunner.run.argv import PET_NODE
 
 Argv = tuple[str, ...]
@@ -44,6 +45,8 @@ MANIFEST_VERSION = 1
 KINDS = ("full", "incremental")
 _CHAIN_ID = re.compile(r"^\d{8}T\d{6}Z(-\d{1,3})?$")
 _POINT_FILE = re.compile(r"^(\d{4})-(full|incremental)\.qcow2$")
+OWN_SUFFIX = {UEFI_VARS: "efivars.fd", TPM_STATE: "tpm"}  # a point's copies of the VM's own files: NNNN.<suffix>
+_OWN_FILE = re.compile(r"^(\d{4})\.(efivars\.fd|tpm)$")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Point:
     size: int  # bytes of the file on the backup volume
     seconds: float
     frozen: bool  # the guest's file systems were frozen by its agent for that instant
+    own: dict[str, str] = field(default_factory=dict)  # the VM's own files of that instant, by kind (ownstate)
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,11 @@ def point_file(seq: int, kind: str) -> str:
     return f"{seq:04d}-{kind}.qcow2"
 
 
+def own_file(seq: int, kind: str) -> str:
+    """The name of point ``seq``'s copy of the VM's own file of ``kind``."""
+    return f"{seq:04d}.{OWN_SUFFIX[kind]}"
+
+
 def manifest_document(chain: Chain) -> bytes:
     """The manifest's JSON."""
     doc = {
@@ -181,6 +190,15 @@ def _point(raw: object, expected_seq: int) -> Point:
         raise ValueError(f"point {expected_seq}: unix must be a number")
     if isinstance(point.seconds, bool) or not isinstance(point.seconds, int | float):
         raise ValueError(f"point {expected_seq}: seconds must be a number")
+    own = point.own
+    if not isinstance(own, dict) or any(
+        not isinstance(name, str)
+        or (found := _OWN_FILE.match(name)) is None
+        or OWN_SUFFIX.get(kind) != found.group(2)
+        or int(found.group(1)) > point.seq
+        for kind, name in own.items()
+    ):
+        raise ValueError(f"point {expected_seq}: own must name the VM's own files of this point or an earlier one")
     return point
 
 

@@ -10,6 +10,7 @@ from shared.errors import ConfigError, PodvmError
 from shared.files import fsync_directory
 from vmrunner.backups import plans
 from vmrunner.backups.job import NAME, PROGRESS, PROGRESS_EVERY, mib
+from vmrunner.backups.ownstate import restore_own
 from vmrunner.backups.plans import Chain, Point
 from vmrunner.config import Config
 from vmrunner.pet.binding import trust_path_of
@@ -84,6 +85,8 @@ def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) 
         raise
     if overwrite:
         trust_path_of(dest).unlink(missing_ok=True)  # the old disk's record of its base
+    for own in restore_own(cfg, chain_dir, chain, point, name or cfg.hostname):
+        log.info("restore: %s of the same point", own)
     log.info(
         "restore done: %s from point %s in %.1f s (%s); boot it with vmrunner run",
         dest,

@@ -26,14 +26,27 @@ class OwnFile:
     template: Path | None = None  # the file it is copied from, once (the firmware's variable template)
 
 
+TPM_OWNER = "vm"  # in the TPM's state directory: the hostname of the VM the state belongs to
+
+
+def vars_path_of(vm_dir: Path, name: str) -> Path:
+    """The UEFI variable store of the VM ``name`` beside its pet: ``<name>.efivars.fd``."""
+    return vm_dir / f"{name}.efivars.fd"
+
+
+def tpm_dir_of(vm_dir: Path, name: str) -> Path:
+    """The TPM's state directory of the VM ``name`` beside its pet: ``<name>.tpm/``."""
+    return vm_dir / f"{name}.tpm"
+
+
 def vars_path(cfg: Config) -> Path:
-    """The UEFI variable store beside the pet: ``<hostname>.efivars.fd``."""
-    return cfg.vm_dir / f"{cfg.hostname}.efivars.fd"
+    """This VM's UEFI variable store."""
+    return vars_path_of(cfg.vm_dir, cfg.hostname)
 
 
 def tpm_dir(cfg: Config) -> Path:
-    """The TPM's state directory beside the pet: ``<hostname>.tpm/``."""
-    return cfg.vm_dir / f"{cfg.hostname}.tpm"
+    """This VM's TPM state directory."""
+    return tpm_dir_of(cfg.vm_dir, cfg.hostname)
 
 
 def own_files(cfg: Config) -> tuple[OwnFile, ...]:

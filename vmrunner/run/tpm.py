@@ -16,11 +16,10 @@ from pathlib import Path
 from shared import files
 from shared.errors import ConfigError, escape_controls
 from vmrunner.config import Config
-from vmrunner.pet.state import tpm_dir
+from vmrunner.pet.state import TPM_OWNER, tpm_dir
 
 log = logging.getLogger("vmrunner")
 SOCKET = "swtpm.sock"  # in RUN_DIR: swtpm's control channel, which qemu connects to
-OWNER = "vm"  # in the state directory: the hostname of the VM the state belongs to
 READY_TIMEOUT = 10.0  # seconds swtpm gets to open its socket
 
 
@@ -89,7 +88,7 @@ def ensure_state(cfg: Config) -> Path:
         raise ConfigError(f"VM_DIR={cfg.vm_dir}: {state.name} is not a directory of the runner's (uid {os.getuid()})")
     if info.st_mode & 0o077:
         raise ConfigError(f"VM_DIR={cfg.vm_dir}: {state.name} is open to others (mode {info.st_mode & 0o777:o})")
-    owner = state / OWNER
+    owner = state / TPM_OWNER
     recorded = files.read_record(owner, 256, cfg.vm_dir)
     if recorded is None:
         files.write_atomic(owner, f"{cfg.hostname}\n".encode(), 0o600, root=cfg.vm_dir)
