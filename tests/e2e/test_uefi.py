@@ -197,7 +197,7 @@ def test_a_restore_brings_back_the_variables_and_tpm_of_the_backup_s_instant(uef
 
 def test_the_vm_s_own_state_is_closed_to_others_and_planned(uefi: Uefi) -> None:
     assert (uefi.state_mode, uefi.vars_mode) == (0o700, 0o600)
-    kinds = [entry["kind"] for entry in uefi.plan["state"]]
+    kinds = [entry["kind"] for entry in uefi.plan["own_state"]]
     assert kinds == ["disk", "uefi-vars", "tpm-state"]
 
 

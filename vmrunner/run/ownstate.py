@@ -24,5 +24,5 @@ def describe(cfg: Config, accel: str | None) -> dict[str, object]:
     return {
         "settings": [{"variable": n, "value": v, "source": s} for n, v, s in cfg.hardware.sources],
         "hyperv_applied": None if accel is None else devices.hyperv_applied(cfg, accel),
-        "state": own_state(cfg),
+        "own_state": own_state(cfg),
     }
