@@ -9,6 +9,7 @@ Debian's signed shim, GRUB and kernel boot with Secure Boot on, and the unsigned
 which the runner's log and ``status`` show.
 """
 
+import asyncio
 import json
 import os
 import shutil
@@ -24,11 +25,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from tests.guest.build import ensure_uefi_guest
+from tests.guest.build import ensure_guest, ensure_uefi_guest
 from tests.harness import pod as harness
 from tests.harness.pod import Proc
 from tests.harness.scenario import BOOT_TIMEOUT, IMAGE_PORT, Scenario, pod_scenario
 from tests.harness.wait import until
+from vmrunner.qemu import qmp
 
 pytestmark = pytest.mark.guest
 
@@ -108,6 +110,7 @@ class Uefi:
     swtpm_killed: str = ""
     swtpm_status: int | None = None
     plan: dict[str, Any] = field(default_factory=dict)
+    pointers: list[tuple[str, bool]] = field(default_factory=list)
     backup: "subprocess.CompletedProcess[str] | None" = None
     restore: "subprocess.CompletedProcess[str] | None" = None
 
@@ -132,11 +135,13 @@ def uefi() -> Iterator[Uefi]:
     image = ensure_uefi_guest("uefi")
     seen = Uefi()
     with pod_scenario("uefi", hostname="uefi-0", image=image) as s:
-        env = s.env(VM_FIRMWARE="uefi", VM_MACHINE="q35", VM_TPM="on", VM_RTC="localtime", VM_TIMEZONE=ZONE)
+        env = s.env(VM_PROFILE="linux", VM_TPM="on", VM_RTC="localtime", VM_TIMEZONE=ZONE)
         seen.plan = json.loads(s.vmrunner(env, "plan").stdout)["hardware"]
         runner = s.boot("first.log", env)
         seen.pages["first"] = harness.guest_page(s.net)
         seen.rtc["first"] = rtc_offset(seen.pages["first"])
+        mice: Any = asyncio.run(qmp.execute(s.dirs["run"] / "qmp.sock", "query-mice"))
+        seen.pointers = [(m["name"], m["absolute"]) for m in mice]
         seen.efivar_written = cgi(s, "efivar?A.podvm42")
         tpm(s, NV_DEFINE)
         nv_write(s, NV_DATA)
@@ -201,6 +206,10 @@ def test_the_vm_s_own_state_is_closed_to_others_and_planned(uefi: Uefi) -> None:
     assert kinds == ["disk", "uefi-vars", "tpm-state"]
 
 
+def test_the_guest_has_an_absolute_pointer_by_default(uefi: Uefi) -> None:
+    assert ("QEMU HID Tablet", True) in uefi.pointers, uefi.pointers
+
+
 def test_the_rtc_keeps_the_local_time_of_the_zone_it_is_given(uefi: Uefi) -> None:
     expected = datetime.now(ZoneInfo(ZONE)).utcoffset()
     assert expected is not None
@@ -257,3 +266,36 @@ def test_secure_boot_refuses_an_unsigned_bootloader_and_says_so(secure: Secure) 
     assert "Access Denied" in str(secure.status["boot_refused"])
     refused = [f for f in secure.status["figures"] if f["name"] == "podvm_vm_boot_refused"]
     assert [f["value"] for f in refused] == [1]
+
+
+@pytest.fixture(scope="module")
+def profiles() -> Iterator[dict[str, str]]:
+    """Each Windows profile's hardware boots the test guest's kernel under TCG: the signed chain through AHCI with
+    Secure Boot and a TPM (``windows``), the BIOS guest from IDE on i440fx (``legacy-windows``). The guest's kernel
+    has no AHCI, e1000e or rtl8139 driver, so its init, not its network, is the proof; what each boot logged."""
+    logs = {}
+    with pod_scenario("profiles", hostname="win-0", image=ensure_uefi_guest("secure")) as s:
+        shutil.copyfile(ensure_guest(), s.dirs["srv"] / "bios.qcow2")
+        for profile, hostname, image in (("windows", "win-0", "guest"), ("legacy-windows", "legacy-0", "bios")):
+            env = s.env(
+                VM_PROFILE=profile,
+                HOSTNAME=hostname,
+                VM_MEMORY=SECURE_MEMORY,
+                IMG_SOURCE=f"http://127.0.0.1:{IMAGE_PORT}/{image}.qcow2",
+            )
+            runner = s.start(f"{profile}.log", env)
+            runner.wait_for("podvm-guest: booted", BOOT_TIMEOUT)
+            runner.kill()
+            logs[profile] = runner.text()
+        yield logs
+
+
+@pytest.mark.parametrize("profile", ["windows", "legacy-windows"])
+def test_each_windows_profile_boots_the_guest_s_kernel(profiles: dict[str, str], profile: str) -> None:
+    qemu = next(line for line in profiles[profile].splitlines() if "vmrunner: qemu: " in line)
+    if profile == "windows":
+        assert "OVMF_CODE_4M.secboot.fd" in qemu and "-tpmdev" in qemu and "e1000e" in qemu and "q35,smm=on" in qemu
+        assert "hv_" not in qemu  # Hyper-V enlightenments are KVM only: left out under TCG
+    else:
+        assert "-machine pc " in qemu and "rtl8139" in qemu and "pflash" not in qemu and "usb-tablet" not in qemu
+    assert "podvm-guest: booted" in profiles[profile]
