@@ -31,9 +31,24 @@ def _first_http(pod: PodNet, timeout: float) -> float:
     return time.time()
 
 
-def cold_start(cache: Path, image: Path, cached: bool) -> tuple[float, dict[str, float], float]:
-    """Pod start (runner and sidecar at once) to the first HTTP answer; steps; the runner's RSS meanwhile. The
-    image cache ``cache`` outlives the pod (emptied first when not ``cached``); the pet disk is new each time."""
+def children_rss(pid: int) -> dict[str, float]:
+    """RSS in MiB of each child program of the runner (qemu, swtpm) by its name."""
+    found: dict[str, float] = {}
+    for child in harness.children(pid):
+        try:
+            name = Path(f"/proc/{child}/comm").read_text().strip()
+            found[name] = found.get(name, 0.0) + rss_mib(child)
+        except OSError:
+            continue
+    return found
+
+
+def cold_start(
+    cache: Path, image: Path, cached: bool, **extra: str
+) -> tuple[float, dict[str, float], float, dict[str, float]]:
+    """Pod start (runner and sidecar at once) to the first HTTP answer; steps; the runner's RSS meanwhile, and its
+    children's (qemu, swtpm). The image cache ``cache`` outlives the pod (emptied first when not ``cached``); the pet
+    disk is new each time; ``extra`` adds runner settings (firmware, TPM)."""
     if not cached:
         shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(exist_ok=True)
@@ -42,7 +57,7 @@ def cold_start(cache: Path, image: Path, cached: bool) -> tuple[float, dict[str,
         (scenario.dirs["config"] / "metadata").write_text("hostname: bench\n")
         (scenario.dirs["config"] / "userdata").write_text("#cloud-config\n")
         pod = scenario.net
-        env = scenario.env(IMAGE_DIR=str(cache), SHUTDOWN_TIMEOUT="1s")
+        env = scenario.env(IMAGE_DIR=str(cache), SHUTDOWN_TIMEOUT="1s", **extra)
         t0 = time.time()
         runner = scenario.start(f"runner-{'cached' if cached else 'cold'}.log", env)
         scenario.start_sidecar(timeout=30)
@@ -51,6 +66,7 @@ def cold_start(cache: Path, image: Path, cached: bool) -> tuple[float, dict[str,
         _first_http(pod, 10)  # one more request once up: the price of a request itself (curl in a namespace)
         request_ms = (time.time() - again) * 1000
         runner_rss = rss_mib(runner.popen.pid)
+        programs = children_rss(runner.popen.pid)
         logs = {"sidecar": log_times(scenario.sidecar.log()), "runner": log_times(runner.text())}
         steps: dict[str, float] = {}
         prev, missing = t0, []
@@ -65,7 +81,7 @@ def cold_start(cache: Path, image: Path, cached: bool) -> tuple[float, dict[str,
             prev, missing = at, []
         steps["guest ready line -> first HTTP on pod IP"] = (answered - prev) * 1000
         steps["(a later HTTP request, for scale: curl in the client netns)"] = request_ms
-        return (answered - t0) * 1000, steps, runner_rss
+        return (answered - t0) * 1000, steps, runner_rss, programs
 
 
 def bench_coldstart(res: Results, rounds: int) -> None:
@@ -80,7 +96,7 @@ def bench_coldstart(res: Results, rounds: int) -> None:
             for cached in (False, True):
                 label = "image cached" if cached else "image not cached"
                 short = "cached" if cached else "uncached"
-                total, steps, runner_rss = cold_start(base / "image-cache", image, cached)
+                total, steps, runner_rss, _ = cold_start(base / "image-cache", image, cached)
                 rss.append(runner_rss)
                 ref = "pod start -> first HTTP answer, image not cached" if cached else None
                 res.sample(sec, f"pod start -> first HTTP answer, {label}", total, ref=ref)

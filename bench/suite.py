@@ -2,7 +2,7 @@
 
 Run as root from the project root: ``.venv/bin/python bench/suite.py [--quick] [--only SECTION ...]``.
 Sections, each in the module of its name: ready, packets, footprint, metrics, scale, overhead, console, fetch,
-check, coldstart, backup (the pod with a VM stand-in several share is in ``pods``, the runner's helpers in
+check, coldstart, backup, firmware (the pod with a VM stand-in several share is in ``pods``, the runner's helpers in
 ``runner``). Each figure is compared with a reference measured in the same run (ratio = median / reference median).
 A section that fails is reported and the rest still run.
 """
@@ -18,7 +18,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import backup, check, coldstart, console, fetch, footprint, metrics, overhead, packets, ready, scale
+from bench import (
+    backup,
+    check,
+    coldstart,
+    console,
+    fetch,
+    firmware,
+    footprint,
+    metrics,
+    overhead,
+    packets,
+    ready,
+    scale,
+)
 from bench.pods import Pod
 from bench.table import Results
 
@@ -35,6 +48,7 @@ SECTIONS = (
     "check",
     "coldstart",
     "backup",
+    "firmware",
 )
 
 
@@ -75,6 +89,7 @@ def main() -> int:
         "check": lambda: check.bench_check(res, (256 << 20) if quick else (1 << 30), 3 if quick else 7),
         "coldstart": lambda: coldstart.bench_coldstart(res, 1 if quick else 2),
         "backup": lambda: backup.bench(res, 1 if quick else 3),
+        "firmware": lambda: firmware.bench_firmware(res, 1 if quick else 3),
     }
     try:
         for name in SECTIONS:
