@@ -103,7 +103,7 @@ NETWORK: tuple[Spec, ...] = (
 )
 
 VM_STATES = ("waiting", "fetching", "starting", "running", "paused", "shutting_down", "stopped", "error")
-SHUTDOWN_OUTCOMES = ("clean", "hard", "crashed")
+SHUTDOWN_OUTCOMES = ("clean", "hard", "crashed", "suspended")
 
 
 def _storage(what: str, help_text: str) -> Spec:

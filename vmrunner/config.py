@@ -24,6 +24,7 @@ NIC_MODELS = ("virtio-net-pci", "e1000", "e1000e", "rtl8139")
 FORMATS = ("qcow2", "raw")
 DRIVE_KINDS = ("config-2", "nocloud")
 DISK_MODES = ("overlay", "standalone")
+ON_STOP = ("shutdown", "suspend")
 VERIFY_MODES = ("changed", "always")
 RUN_DIR_MAX = 107 - len("/console.sock")  # qemu's sockets live there, and a Unix socket's path holds 107 bytes
 
@@ -129,6 +130,8 @@ class Config:
     backup_chain_length: int = 6  # BACKUP_CHAIN_LENGTH: incrementals in a chain before the next full backup
     backup_speed: int = 0  # BACKUP_SPEED: bytes per second a backup job may read (0: no limit)
     hardware: Hardware = field(default_factory=Hardware)  # VM_PROFILE, VM_FIRMWARE, VM_TPM, ... (vmrunner.profiles)
+    on_stop: str = "shutdown"  # ON_STOP: shutdown (ACPI) or suspend (saved to VM_DIR, resumed by the next start)
+    suspend_timeout: float = 30.0  # SUSPEND_TIMEOUT: seconds a save may take before the guest is shut down instead
 
     @property
     def is_url(self) -> bool:
@@ -258,6 +261,8 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: boo
         backup_chain_length=env.integer("BACKUP_CHAIN_LENGTH", 6, 0, 1000),
         backup_speed=env.size("BACKUP_SPEED", 0),
         hardware=hardware,
+        on_stop=env.choice("ON_STOP", "shutdown", ON_STOP),
+        suspend_timeout=env.duration("SUSPEND_TIMEOUT", 30.0),
     )
 
 

@@ -13,14 +13,14 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared import handshake
+from shared import files, handshake
 from shared.errors import ConfigError
 from vmrunner.config import Config, redact, volume_errors
 from vmrunner.metrics.endpoint import serve
 from vmrunner.metrics.runs import runs_file
 from vmrunner.metrics.sources import Sources
 from vmrunner.metrics.tracker import Tracker, base_in_use, fetching, outcome
-from vmrunner.run import configdrive
+from vmrunner.run import configdrive, suspend
 from vmrunner.run.argv import QemuPlan, RunPaths, choose_accel, kvm_problem, plan_qemu, vnc_enabled
 from vmrunner.run.vnc import read_password
 
@@ -39,12 +39,9 @@ def drive_path(cfg: Config) -> Path:
 
 def run(cfg: Config) -> int:
     """The container's main command: the network, the disks and the drive, then qemu and its duties."""
-    import asyncio
-
     from vmrunner.console.web import read_token
     from vmrunner.pet.binding import prepare
     from vmrunner.run import diskwatch, ownstate
-    from vmrunner.run.supervisor import Supervisor
 
     ownstate.preflight(cfg)
     password = read_password(cfg.vnc_password_file)
@@ -85,8 +82,39 @@ def run(cfg: Config) -> int:
         log.info("backups every %gs into %s", cfg.backup_interval, cfg.backup_dir)
         duties.append(schedule(cfg, cfg.backup_interval))
     with outcome(tracker):
-        supervisor = Supervisor(plan, cfg.shutdown_timeout, password if plan.secret else None, tracker, duties)
-        return asyncio.run(supervisor.run())
+        return _supervise(cfg, plan, password if plan.secret else None, tracker, duties)
+
+
+def _supervise(cfg: Config, plan: QemuPlan, secret: bytes | None, tracker: Tracker, duties: list["Duty"]) -> int:
+    """Run qemu: on the saved state when one may be resumed (cold when qemu refuses it), and ready to be saved
+    on SIGTERM with ON_STOP=suspend."""
+    import asyncio
+
+    from vmrunner.run.supervisor import Supervisor
+
+    with volume_errors(cfg):
+        saving = suspend.open_saving(cfg) if cfg.on_stop == "suspend" else None
+        taken = suspend.claim(cfg, plan.argv)
+    try:
+        if taken is not None:
+            try:
+                resumed = suspend.resumed_plan(plan, taken)
+                saver = None if saving is None else suspend.Saver(cfg, saving, plan.argv, taken.record.pinned)
+                return asyncio.run(
+                    Supervisor(resumed, cfg.shutdown_timeout, secret, tracker, duties, saver=saver).run()
+                )
+            except suspend.ResumeRefused as err:
+                log.warning("qemu refused the saved state (%s); booting cold", err)
+                tracker.set(suspend=f"cold: qemu refused the saved state: {err}")
+            finally:
+                os.close(taken.fd)
+                suspend.release(cfg)
+        saver = None if saving is None else suspend.Saver(cfg, saving, plan.argv)
+        return asyncio.run(Supervisor(plan, cfg.shutdown_timeout, secret, tracker, duties, saver=saver).run())
+    finally:
+        if saving is not None:
+            os.close(saving)
+            files.remove_below(cfg.vm_dir, suspend.saving_path(cfg))  # unused, or already renamed into place
 
 
 def web_plan(cfg: Config, hs: handshake.Handshake, paths: RunPaths, token: bool) -> "WebPlan | None":
@@ -207,7 +235,9 @@ def show_plan(cfg: Config) -> int:
         document["qemu"] = f"waits for {path}"
     else:
         iso = drive_path(cfg) if drive is not None else None
-        document["qemu"] = list(plan_qemu(cfg, hs, accel, vnc_enabled(cfg, hs), iso).argv)
+        argv = plan_qemu(cfg, hs, accel, vnc_enabled(cfg, hs), iso).argv
+        document["qemu"] = list(argv)
+        document["resume"] = suspend.describe(cfg, argv)  # the saved state the start would take up (or why not)
         served = web_plan(cfg, hs, RunPaths.of(cfg.run_dir), token is not None)
         document["console"] = None if served is None else {
             "listen": [f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in served.listen],

@@ -239,6 +239,19 @@ EOF
 chmod +x /www/cgi-bin/efivar /www/cgi-bin/tpm
 # ---- end of UEFI and TPM ------------------------------------------------------------------------------------------
 
+# ---- RAM only (tests/e2e/test_suspend.py, one block) --------------------------------------------------------------
+# /cgi-bin/ram?VALUE keeps VALUE in RAM only (a file on the initramfs) and /cgi-bin/ram reads it back with what
+# only a boot changes: the kernel's boot_id, and the uptime, which goes on across a suspend and resume.
+cat > /www/cgi-bin/ram <<'EOF'
+#!/bin/sh
+case $QUERY_STRING in *[!a-z0-9]*) printf 'Status: 400\r\nContent-Type: text/plain\r\n\r\nbad value\n'; exit 0 ;; esac
+[ -n "$QUERY_STRING" ] && echo "$QUERY_STRING" > /run/ram-marker
+printf 'Content-Type: text/plain\r\n\r\nram=%s\nboot_id=%s\nuptime=%s\n' "$(cat /run/ram-marker 2>/dev/null)" \
+    "$(cat /proc/sys/kernel/random/boot_id)" "$(cut -d' ' -f1 /proc/uptime)"
+EOF
+chmod +x /www/cgi-bin/ram
+# ---- end of RAM only -----------------------------------------------------------------------------------------------
+
 httpd -h /www -p 80
 
 # --- consoles: a shell on the serial port and one on the screen (tty1), each restarted when it exits, so a line

@@ -302,9 +302,15 @@ def test_boots_and_shutdowns_are_recorded_beside_the_pet(tmp_path: Path) -> None
     tracker.finished("hard")
     tracker.qemu_started(os.getpid())
     record = runs.read_runs(tracker.sources.runs_file)
-    assert record == {"boots": 2, "clean": 0, "hard": 1, "crashed": 0}
+    assert record == {"boots": 2, "clean": 0, "hard": 1, "crashed": 0, "suspended": 0}
     tracker.sources.runs_file.write_text('{"boots": -3, "clean": "x", "hard": true}')
-    assert runs.read_runs(tracker.sources.runs_file) == {"boots": 0, "clean": 0, "hard": 0, "crashed": 0}
+    assert runs.read_runs(tracker.sources.runs_file) == {
+        "boots": 0,
+        "clean": 0,
+        "hard": 0,
+        "crashed": 0,
+        "suspended": 0,
+    }
 
 
 def test_the_run_state_is_saved_for_status_and_removed_at_the_end(tmp_path: Path) -> None:
@@ -373,7 +379,13 @@ def test_vetting_and_outcome_are_recorded_on_the_way_out(tmp_path: Path) -> None
         assert runs.read_runs(tracker.sources.runs_file)[outcome] == 1
     with tracking.outcome(tracker):
         pass
-    assert runs.read_runs(tracker.sources.runs_file) == {"boots": 0, "clean": 1, "hard": 1, "crashed": 1}
+    assert runs.read_runs(tracker.sources.runs_file) == {
+        "boots": 0,
+        "clean": 1,
+        "hard": 1,
+        "crashed": 1,
+        "suspended": 0,
+    }
     assert tracker.state.phase == "stopped"
 
 

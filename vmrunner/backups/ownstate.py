@@ -17,7 +17,7 @@ from shared import files
 from shared.errors import PodvmError
 from vmrunner.backups.plans import Chain, Point, own_file
 from vmrunner.config import Config
-from vmrunner.pet.state import DISK, TPM_OWNER, TPM_STATE, own_files, tpm_dir_of, vars_path_of
+from vmrunner.pet.state import TPM_OWNER, TPM_STATE, UEFI_VARS, own_files, tpm_dir_of, vars_path_of
 
 STATE_MAX = 64 << 20  # bytes one own file may hold: OVMF's stores are 2-4 MiB, swtpm's state some KiB
 _SKIPPED = (TPM_OWNER, ".lock")  # in the TPM's folder: this VM's name (written anew on restore) and swtpm's lock
@@ -53,7 +53,7 @@ def capture(cfg: Config, chain: Path, seq: int, previous: Point | None) -> dict[
     """
     taken: dict[str, str] = {}
     for own in own_files(cfg):
-        if own.kind == DISK:
+        if own.kind not in (UEFI_VARS, TPM_STATE):  # the disk is the job's; a saved RAM image is never backed up
             continue
         try:
             content = _read_tree(cfg.vm_dir, own.path, own.directory)

@@ -15,6 +15,7 @@ from vmrunner.backups.plans import Chain, Point
 from vmrunner.config import Config
 from vmrunner.pet.binding import trust_path_of
 from vmrunner.qemu import img
+from vmrunner.run import suspend
 
 log = logging.getLogger("vmrunner.backup")
 
@@ -87,6 +88,8 @@ def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) 
         trust_path_of(dest).unlink(missing_ok=True)  # the old disk's record of its base
     for own in restore_own(cfg, chain_dir, chain, point, name or cfg.hostname):
         log.info("restore: %s of the same point", own)
+    if name in (None, cfg.hostname):
+        suspend.discard(cfg, "the disk was restored from a backup")  # its RAM would not match the restored disk
     log.info(
         "restore done: %s from point %s in %.1f s (%s); boot it with vmrunner run",
         dest,

@@ -35,12 +35,13 @@ class Tracker:
         except OSError as err:
             log.warning("RUN_DIR=%s: cannot save %s: %s", self.sources.run_dir, STATE_FILE, err.strerror)
 
-    def qemu_started(self, pid: int) -> None:
-        """qemu runs: say how the pet's previous run ended when it was not a clean shutdown, count a boot."""
+    def qemu_started(self, pid: int, *, boot: bool = True) -> None:
+        """qemu runs: say how the pet's previous run ended when it was not a clean shutdown, count a boot (not when
+        qemu takes up a saved state: the guest does not boot)."""
         ended = previous_end(self.sources.runs_file)
         if ended is not None:
             log.warning("%s", ended)
-        record_run(self.sources.runs_file, boot=True)
+        record_run(self.sources.runs_file, boot=boot)
         self.set(phase="running", qemu_pid=pid, started=time.time())
 
     def finished(self, outcome: str) -> None:
@@ -98,4 +99,4 @@ def outcome(tracker: Tracker) -> Iterator[None]:
     except ChildFailed:
         tracker.finished("crashed")
         raise
-    tracker.finished("clean")
+    tracker.finished("suspended" if tracker.state.suspend.startswith("saved") else "clean")

@@ -12,6 +12,7 @@ from vmrunner.config import Config
 DISK = "disk"
 UEFI_VARS = "uefi-vars"
 TPM_STATE = "tpm-state"
+SUSPENDED = "suspended"
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,16 @@ def own_files(cfg: Config) -> tuple[OwnFile, ...]:
     if hw.tpm:
         files.append(
             OwnFile(TPM_STATE, tpm_dir(cfg), 0o700, True, "made empty by the runner; swtpm keeps its state there")
+        )
+    if cfg.on_stop == "suspend":
+        files.append(
+            OwnFile(
+                SUSPENDED,
+                cfg.vm_dir / f"{cfg.hostname}.suspended",
+                0o600,
+                False,
+                "the running VM saved on SIGTERM (ON_STOP=suspend), taken up once by the next start",
+            )
         )
     return tuple(files)
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,9 +118,9 @@ class Agent:
             raise AgentError(f"the guest agent refused: {str(answer['error'].get('desc'))[:200]}")
         raise AgentError(f"the guest agent sent an unexpected answer: {line[:80]!r}")
 
-    async def execute(self, command: str, timeout: float) -> object:
+    async def execute(self, command: str, timeout: float, arguments: dict[str, object] | None = None) -> object:
         """Send one command and wait at most ``timeout`` seconds for its answer."""
-        self._send(command)
+        self._send(command, arguments)
         try:
             async with asyncio.timeout(timeout):
                 return await self._reply()
@@ -159,3 +160,19 @@ async def thaw(agent: Agent | None) -> None:
     finally:
         with contextlib.suppress(OSError):
             agent.close()
+
+
+async def set_time(socket: Path) -> str:
+    """Set the guest's clock to the host's (after a resume the guest's clock stands where the save stopped it);
+    one line saying what happened, for the log."""
+    try:
+        agent = await Agent.connect(socket, SYNC_TIMEOUT)
+    except AgentError as err:
+        return f"the guest's clock was not corrected: {err}"
+    try:
+        await agent.execute("guest-set-time", SYNC_TIMEOUT, {"time": time.time_ns()})
+    except AgentError as err:
+        return f"the guest's clock was not corrected: {err}"
+    finally:
+        agent.close()
+    return "the guest's clock was set to the host's through its agent"

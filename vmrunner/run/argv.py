@@ -64,6 +64,8 @@ class QemuPlan:
     secret: bool = False  # qemu reads the VNC password on its standard input (a display needs it)
     environment: tuple[tuple[str, str], ...] = ()  # variables qemu gets beyond the runner's (TZ for a local RTC)
     swtpm: SwtpmPlan | None = None  # the TPM's emulator, started before qemu (VM_TPM=on)
+    incoming: bool = False  # qemu takes up a saved state (``-incoming``) instead of booting (vmrunner.run.suspend)
+    pass_fds: tuple[int, ...] = ()  # descriptors qemu inherits (the saved state it reads)
 
 
 def kvm_problem(device: str = "/dev/kvm") -> str | None:

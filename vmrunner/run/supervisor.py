@@ -17,7 +17,7 @@ from shared.errors import ChildFailed, ConfigError, PodvmError, StoppedHard, esc
 from shared.shutdown import QUIT_GRACE, QUIT_TIMEOUT
 from vmrunner.metrics.tracker import Tracker
 from vmrunner.qemu import qmp
-from vmrunner.run import firmware, vnc
+from vmrunner.run import agent, firmware, suspend, vnc
 from vmrunner.run.argv import QemuPlan
 from vmrunner.run.tpm import Swtpm
 
@@ -60,12 +60,16 @@ class Supervisor:
         vnc_password: bytes | None = None,
         tracker: Tracker | None = None,
         duties: Sequence[Duty] = (),
+        *,
+        saver: suspend.Saver | None = None,
     ) -> None:
         self.plan = plan
         self.shutdown_timeout = shutdown_timeout
         self.vnc_password = vnc_password  # handed to qemu through a pipe on its stdin, never through argv
         self.tracker = tracker
         self.duties = duties
+        self.saver = saver  # ON_STOP=suspend: SIGTERM saves the VM instead of shutting it down
+        self._clock: asyncio.Task[None] | None = None  # the guest's clock set after a resume
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self.partial = b""
 
@@ -129,8 +133,10 @@ class Supervisor:
             reader = asyncio.create_task(self._read_stderr(proc.stderr))
             log.info("qemu started (pid %d, %s)", proc.pid, self.plan.accel)
             if self.tracker is not None:
-                self.tracker.qemu_started(proc.pid)
+                self.tracker.qemu_started(proc.pid, boot=not self.plan.incoming)
             exited = asyncio.create_task(proc.wait())
+            if self.plan.incoming:
+                await self._take_up(exited, reader)
             stopping = asyncio.create_task(stop.wait())
             duties = [asyncio.create_task(self._duty(duty), name=_name(duty)) for duty in self.duties]
             # A dead swtpm leaves the guest without its TPM: reported, and the VM stopped, never silently lost.
@@ -146,6 +152,9 @@ class Supervisor:
                 raise ChildFailed(lost.result())
             lost.cancel()
             if stopping.done() and not exited.done():
+                if self.saver is not None and await self._suspend(proc, exited, self.saver):
+                    await self._drain(reader)
+                    return 0
                 status = await self._shutdown(proc, exited)
                 await self._drain(reader)
                 return status
@@ -183,6 +192,62 @@ class Supervisor:
             log.error("%s stopped: %s", _name(duty), err)
             log.debug("%s stopped", _name(duty), exc_info=True)
 
+    async def _take_up(self, exited: "asyncio.Task[int]", reader: "asyncio.Task[None]") -> None:
+        """qemu reads the saved state, then the guest runs on; its clock is set through its agent.
+
+        :raise suspend.ResumeRefused: when qemu refuses the state (the caller boots cold).
+        """
+        try:
+            seconds = await suspend.resumed(self.plan.paths.qmp, exited)
+        except PodvmError as err:
+            raise suspend.ResumeRefused(f"{err}: {await self._drain(reader)}") from None
+        log.info("resumed the saved state in %.1f s: the guest runs on where it stopped", seconds)
+        if self.tracker is not None:
+            self.tracker.set(suspend=f"resumed in {seconds:.1f} s")
+
+        async def correct_clock() -> None:
+            log.info("%s", await agent.set_time(self.plan.paths.agent))
+
+        self._clock = asyncio.create_task(correct_clock())
+
+    async def _suspend(
+        self, proc: asyncio.subprocess.Process, exited: "asyncio.Task[int]", saver: suspend.Saver
+    ) -> bool:
+        """Save the VM to VM_DIR and let qemu go; False (the guest running again) when the save failed."""
+        budget = saver.cfg.suspend_timeout
+        log.info("stopping: saving the VM's devices and RAM to %s (up to %gs)", saver.cfg.vm_dir, budget)
+        if self.tracker is not None:
+            self.tracker.set(phase="suspending")
+        monitor = self.plan.paths.qmp
+        try:
+            machine = suspend.hardware_digest(saver.cold_argv)[1]
+            pinned = saver.pinned or await suspend.pinned_machine(monitor, machine)
+            seconds = await suspend.save(monitor, saver.fd, budget)
+        except PodvmError as err:
+            log.warning("suspend failed: %s; the guest runs again and is shut down instead", err)
+            await suspend.undo(monitor)
+            return False
+        with contextlib.suppress(PodvmError):
+            await qmp.execute(monitor, "quit", timeout=QUIT_TIMEOUT)
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), QUIT_GRACE)
+        except TimeoutError:
+            proc.kill()
+            await exited
+        try:
+            record = suspend.commit(saver.cfg, saver.fd, saver.cold_argv, pinned, seconds)
+        except OSError as err:
+            log.error("the saved state could not be recorded (%s): the next start boots cold from the disk", err)
+            return True
+        log.info(
+            "suspended: %d MiB of devices and RAM saved in %.1f s; the next start resumes it",
+            record.size >> 20,
+            seconds,
+        )
+        if self.tracker is not None:
+            self.tracker.set(suspend=f"saved in {seconds:.1f} s")
+        return True
+
     async def _spawn(self) -> asyncio.subprocess.Process:
         stdin = asyncio.subprocess.DEVNULL if self.vnc_password is None else vnc.password_pipe(self.vnc_password)
         try:
@@ -191,6 +256,7 @@ class Supervisor:
                 stdin=stdin,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
+                pass_fds=self.plan.pass_fds,
                 env={**os.environ, **dict(self.plan.environment)} if self.plan.environment else None,
             )
         except FileNotFoundError:
