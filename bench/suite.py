@@ -2,9 +2,9 @@
 
 Run as root from the project root: ``.venv/bin/python bench/suite.py [--quick] [--only SECTION ...]``.
 Sections, each in the module of its name: ready, packets, footprint, metrics, scale, overhead, console, fetch,
-check, coldstart, backup, firmware (the pod with a VM stand-in several share is in ``pods``, the runner's helpers in
-``runner``). Each figure is compared with a reference measured in the same run (ratio = median / reference median).
-A section that fails is reported and the rest still run.
+check, coldstart, backup, firmware, suspend (the pod with a VM stand-in several share is in ``pods``, the runner's
+helpers in ``runner``). Each figure is compared with a reference measured in the same run (ratio = median /
+reference median). A section that fails is reported and the rest still run.
 """
 
 import argparse
@@ -31,6 +31,7 @@ from bench import (
     packets,
     ready,
     scale,
+    suspend,
 )
 from bench.pods import Pod
 from bench.table import Results
@@ -49,6 +50,7 @@ SECTIONS = (
     "coldstart",
     "backup",
     "firmware",
+    "suspend",
 )
 
 
@@ -90,6 +92,7 @@ def main() -> int:
         "coldstart": lambda: coldstart.bench_coldstart(res, 1 if quick else 2),
         "backup": lambda: backup.bench(res, 1 if quick else 3),
         "firmware": lambda: firmware.bench_firmware(res, 1 if quick else 3),
+        "suspend": lambda: suspend.bench_suspend(res, 1 if quick else 3),
     }
     try:
         for name in SECTIONS:
