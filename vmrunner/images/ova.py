@@ -34,7 +34,7 @@ class Disk:
 def member_problem(member: tarfile.TarInfo) -> str | None:
     """Why a member may not be read from the archive, or None; pure."""
     name = member.name
-    if not member.isreg() or member.issparse():
+    if not member.isreg() or member.issparse() or member.type == tarfile.GNUTYPE_SPARSE:
         kind = "a link" if member.issym() or member.islnk() else "a device or FIFO"
         kind = "a folder" if member.isdir() else kind
         return f"member {name!r} is {kind if not member.isreg() else 'sparse'}, not a plain file"

@@ -218,6 +218,7 @@ def _import(cfg: Config, layout: Layout, source: _Private, digests: dict[str, st
     try:
         if disk is not source:
             with open(source.fd, "rb", closefd=False) as archive, _Writeback(disk.fd) as out:
+                archive.seek(0)
                 chosen = ova.extract_disk(archive, out, cfg.img_ova_disk, cfg.img_max_size, name)
             log.info("%s: system disk %s (%s) taken from the OVA", name, chosen.disk_id, chosen.href)
         vet(disk.path, fmt, cfg.img_max_size, name)
