@@ -2,7 +2,7 @@
 
 Run as root from the project root: ``.venv/bin/python bench/suite.py [--quick] [--only SECTION ...]``.
 Sections, each in the module of its name: ready, packets, footprint, metrics, scale, overhead, console, fetch,
-check, coldstart, backup (the pod with a VM stand-in several share is in ``pods``, the runner's helpers in
+convert, check, coldstart, backup (the pod with a VM stand-in several share is in ``pods``, the runner's helpers in
 ``runner``). Each figure is compared with a reference measured in the same run (ratio = median / reference median).
 A section that fails is reported and the rest still run.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import backup, check, coldstart, console, fetch, footprint, metrics, overhead, packets, ready, scale
+from bench import backup, check, coldstart, console, convert, fetch, footprint, metrics, overhead, packets, ready, scale
 from bench.pods import Pod
 from bench.table import Results
 
@@ -32,6 +32,7 @@ SECTIONS = (
     "overhead",
     "console",
     "fetch",
+    "convert",
     "check",
     "coldstart",
     "backup",
@@ -72,6 +73,7 @@ def main() -> int:
         "overhead": lambda: overhead.bench_overhead(res, 3 if quick else 7),
         "console": lambda: console.bench_console(res, 3 if quick else 6),
         "fetch": lambda: fetch.bench_fetch(res, (256 << 20) if quick else (1 << 30), 1 if quick else 3),
+        "convert": lambda: convert.bench_convert(res, (256 << 20) if quick else (1 << 30), 1 if quick else 3),
         "check": lambda: check.bench_check(res, (256 << 20) if quick else (1 << 30), 3 if quick else 7),
         "coldstart": lambda: coldstart.bench_coldstart(res, 1 if quick else 2),
         "backup": lambda: backup.bench(res, 1 if quick else 3),
