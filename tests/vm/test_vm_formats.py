@@ -17,6 +17,7 @@ from tests.harness.httpserver import Server
 from tests.harness.paths import VMRUNNER
 from tests.harness.pod import runner_env
 from vmrunner.config import load
+from vmrunner.images.gc import collect
 from vmrunner.images.layout import Layout
 from vmrunner.images.names import conversion_key, read_name
 
@@ -214,3 +215,13 @@ def test_a_hostile_foreign_disk_is_refused_in_one_line_with_nothing_cached(
     assert f"ERROR vmrunner: {url}: " in line and HOSTILE[kind] in line, line
     assert cache_files(shared_dir) == [], "nothing is left in the cache"
     assert "/etc/shadow" not in {p.name for p in (shared_dir / "image").rglob("*")}
+
+
+def test_gc_removes_a_converted_base_with_both_its_names(
+    sources: dict[str, Path], served: Server, shared_dir: Path
+) -> None:
+    served.served.files["/disk.vdi"] = sources["vdi"].read_bytes()
+    assert fetch(runner_env(shared_dir, IMG_SOURCE=served.url("/disk.vdi"), IMG_FORMAT="vdi")).returncode == 0
+    assert len(cache_files(shared_dir)) == 3
+    report = collect(shared_dir / "image", 0.0, dry_run=False)
+    assert len(report.removed_digests()) == 1 and cache_files(shared_dir) == []
