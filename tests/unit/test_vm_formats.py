@@ -14,6 +14,7 @@ from tests.harness.pod import runner_env
 from vmrunner.config import Config, load
 from vmrunner.images import ova, vmdk
 from vmrunner.images.names import NameRecord, conversion_key, matches_checksum
+from vmrunner.qemu import img
 
 SPARSE = 'createType="monolithicSparse"\nRW 32768 SPARSE "disk.vmdk"\nparentCID=ffffffff\n'
 OVF_NS = "http://schemas.dmtf.org/ovf/envelope/1"
@@ -239,3 +240,16 @@ def test_a_converted_name_matches_only_its_conversion_and_its_sources_checksum()
     assert matches_checksum(cfg(IMG_CHECKSUM=f"sha256:{base}"), plain)
     assert not matches_checksum(cfg(IMG_FORMAT="vmdk"), plain)
     assert conversion_key("ova-vmdisk2", source) == f".ova-vmdisk2.{source}"
+
+
+def test_conversion_progress_is_a_line_of_the_latest_percent_at_most_every_interval() -> None:
+    said: list[str] = []
+    progress = img.percent_lines(said.append, every=0.0)
+    progress(b"    (0.00/100%)\r    (12.50/100%)\r")
+    progress(b"no figure here")
+    progress(b"    (100.00/100%)\r")
+    assert said == ["12.50", "100.00"]
+    quiet: list[str] = []
+    seldom = img.percent_lines(quiet.append, every=3600.0)
+    seldom(b"    (50.00/100%)\r")
+    assert quiet == [], "the first line waits for the interval: a quick conversion logs no percentages"

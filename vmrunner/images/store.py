@@ -74,7 +74,7 @@ def _known_digest(cfg: Config, layout: Layout) -> str | None:
     hexdigest, converted = cfg.img_checksum.hexdigest, {}
     if cfg.conversion is not None:  # the checksum is the source's: the base is what converting it gave
         earlier = read_name(layout, conversion_key(cfg.conversion, hexdigest))
-        if earlier is None or earlier.converted.get("from") != cfg.conversion:
+        if earlier is None or not _same_source(earlier, cfg.conversion, hexdigest):
             return None
         hexdigest, converted = earlier.hex, earlier.converted
     base = layout.base(hexdigest)
@@ -207,10 +207,14 @@ def _import(cfg: Config, layout: Layout, source: _Private, digests: dict[str, st
     converted = {"from": cfg.conversion, **digests}
     key = conversion_key(cfg.conversion, digests["sha256"])
     earlier = read_name(layout, key)
-    if earlier is not None and earlier.converted == converted and layout.base(earlier.hex).exists():
+    if (
+        earlier is not None
+        and _same_source(earlier, cfg.conversion, digests["sha256"])
+        and layout.base(earlier.hex).exists()
+    ):
         log.info("%s (sha256:%s) was converted before: sha256:%s; not converted again", name, digests["sha256"],
                  earlier.hex)  # fmt: skip
-        _point(cfg, layout, NameRecord(earlier.digest, name, utc_now(), {}, converted))
+        _point(cfg, layout, NameRecord(earlier.digest, name, utc_now(), {}, {**earlier.converted, **converted}))
         return Cached(earlier.hex, None)
     fmt = "vmdk" if cfg.img_format == "ova" else cfg.img_format
     disk = _private(cfg, layout, name) if cfg.img_format == "ova" else source
@@ -238,6 +242,11 @@ def _import(cfg: Config, layout: Layout, source: _Private, digests: dict[str, st
     _point(cfg, layout, record)
     _cached(cfg, layout, hexdigest, verdict, started)
     return Cached(hexdigest, verdict, identity)
+
+
+def _same_source(record: NameRecord, conversion: str, source_hex: str) -> bool:
+    """True when ``record`` says it is the conversion ``conversion`` of the source bytes ``source_hex``."""
+    return record.converted.get("from") == conversion and record.converted.get("sha256") == source_hex
 
 
 def convert(src: Path, fmt: str, out: Path, name: str) -> None:
