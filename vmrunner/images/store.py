@@ -30,7 +30,9 @@ from vmrunner.images.layout import Layout, check_locks, locked, utc_now
 from vmrunner.images.names import NameRecord, conversion_key, read_name, resolve
 
 log = logging.getLogger("vmrunner.cache")
-CONVERT_LIMITS = (int(img.COPY), ADDRESS_SPACE)  # CPU seconds, address space: converting a large disk takes long
+# CPU seconds and address space of a conversion: a large disk takes long, and qemu-img convert's I/O threads each
+# reserve a stack and a malloc arena (1 GiB, vetting's limit, made thread creation fail at random)
+CONVERT_LIMITS = (int(img.COPY), 16 * ADDRESS_SPACE)
 
 
 @dataclass(frozen=True)
