@@ -212,8 +212,10 @@ def test_the_system_disk_is_streamed_out_and_a_truncated_archive_refused() -> No
         ova.extract_disk(archive(("vm.ovf", one), ("disk.vmdk", b"x" * 3000)), io.BytesIO(), None, 100, "vm.ova")
     with pytest.raises(ImageRejected, match="one OVF descriptor"):
         ova.extract_disk(archive(("disk.vmdk", b"x")), io.BytesIO(), None, 100, "vm.ova")
-    with pytest.raises(ImageRejected, match="not a readable OVA"):
+    with pytest.raises(ImageRejected, match="a tar header whose size is not a number"):
         ova.extract_disk(io.BytesIO(b"\x01" * 2048), io.BytesIO(), None, 100, "vm.ova")
+    with pytest.raises(ImageRejected, match="not a readable OVA"):
+        ova.extract_disk(io.BytesIO(b"0" * 2048), io.BytesIO(), None, 100, "vm.ova")
 
 
 def test_a_conversion_is_named_by_format_and_disk_and_makes_a_qcow2_base() -> None:
@@ -253,3 +255,11 @@ def test_conversion_progress_is_a_line_of_the_latest_percent_at_most_every_inter
     seldom = img.percent_lines(quiet.append, every=3600.0)
     seldom(b"    (50.00/100%)\r")
     assert quiet == [], "the first line waits for the interval: a quick conversion logs no percentages"
+
+
+def test_an_extended_tar_header_announcing_gigabytes_is_refused_before_tarfile_reads_it() -> None:
+    bomb = tarfile.TarInfo("././@PaxHeader")
+    bomb.type, bomb.size = tarfile.XHDTYPE, 4 << 30
+    data = bomb.tobuf(tarfile.USTAR_FORMAT) + b"x" * 1024
+    with pytest.raises(ImageRejected, match=r"^vm\.ova: OVA with an extended tar header of 4294967296 bytes"):
+        ova.extract_disk(io.BytesIO(data), io.BytesIO(), None, 1 << 20, "vm.ova")

@@ -19,6 +19,7 @@ from shared.errors import ImageRejected
 
 OVF_MAX = 1 << 20  # an OVF descriptor is a few KiB
 MEMBERS_MAX = 256
+_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 _OVF_NS = ("http://schemas.dmtf.org/ovf/envelope/1", "http://schemas.dmtf.org/ovf/envelope/2")
 
 
@@ -134,8 +135,10 @@ def extract_disk(archive: IO[bytes], out: IO[bytes], wanted: str | None, max_siz
         ``max_size`` bytes.
     """
     try:
+        check_headers(archive, name)
+        archive.seek(0)
         with tarfile.open(fileobj=archive, mode="r:") as tar:
-            members = check_members(tar.getmembers(), name)
+            members = check_members(tar, name)
             ovfs = [m for m in members.values() if m.name.lower().endswith(".ovf")]
             if len(ovfs) != 1 or ovfs[0].size > OVF_MAX:
                 raise ImageRejected(f"{name}: an OVA holds one OVF descriptor of at most {OVF_MAX} bytes; refused")
@@ -155,6 +158,35 @@ def extract_disk(archive: IO[bytes], out: IO[bytes], wanted: str | None, max_siz
             return disk
     except tarfile.TarError as err:
         raise ImageRejected(f"{name}: not a readable OVA (tar) archive: {err}; refused") from None
+
+
+def check_headers(archive: IO[bytes], name: str) -> None:
+    """Walk the archive's 512-byte headers before tarfile does: tarfile reads an extended header (pax, a GNU long
+    name) whole into memory, so one announcing gigabytes would be a memory bomb. Bounded by ``MEMBERS_MAX``.
+
+    :raise ImageRejected: for an extended header over ``OVF_MAX`` bytes, or too many headers.
+    """
+    offset = 0
+    for _ in range(4 * MEMBERS_MAX):
+        archive.seek(offset)
+        block = archive.read(tarfile.BLOCKSIZE)
+        if len(block) < tarfile.BLOCKSIZE or block == bytes(tarfile.BLOCKSIZE):
+            return
+        size = _size(block[124:136], name)
+        if block[156:157] in _EXTENDED and size > OVF_MAX:
+            raise ImageRejected(f"{name}: OVA with an extended tar header of {size} bytes; refused")
+        offset += tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    raise ImageRejected(f"{name}: OVA with more than {4 * MEMBERS_MAX} tar headers; refused")
+
+
+def _size(field: bytes, name: str) -> int:
+    """A tar header's size field: octal digits, or base-256 (a GNU extension) when its first bit is set."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise ImageRejected(f"{name}: OVA with a tar header whose size is not a number; refused") from None
 
 
 def _read(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> bytes:
