@@ -2,8 +2,8 @@
 
 Run as root from the project root: ``.venv/bin/python bench/suite.py [--quick] [--only SECTION ...]``.
 Sections, each in the module of its name: ready, packets, footprint, metrics, scale, overhead, console, fetch,
-check, coldstart, backup, firmware, suspend (the pod with a VM stand-in several share is in ``pods``, the runner's
-helpers in ``runner``). Each figure is compared with a reference measured in the same run (ratio = median /
+convert, check, coldstart, backup, firmware, suspend (the pod with a VM stand-in several share is in ``pods``, the
+runner's helpers in ``runner``). Each figure is compared with a reference measured in the same run (ratio = median /
 reference median). A section that fails is reported and the rest still run.
 """
 
@@ -23,6 +23,7 @@ from bench import (
     check,
     coldstart,
     console,
+    convert,
     fetch,
     firmware,
     footprint,
@@ -46,6 +47,7 @@ SECTIONS = (
     "overhead",
     "console",
     "fetch",
+    "convert",
     "check",
     "coldstart",
     "backup",
@@ -88,6 +90,7 @@ def main() -> int:
         "overhead": lambda: overhead.bench_overhead(res, 3 if quick else 7),
         "console": lambda: console.bench_console(res, 3 if quick else 6),
         "fetch": lambda: fetch.bench_fetch(res, (256 << 20) if quick else (1 << 30), 1 if quick else 3),
+        "convert": lambda: convert.bench_convert(res, (256 << 20) if quick else (1 << 30), 1 if quick else 3),
         "check": lambda: check.bench_check(res, (256 << 20) if quick else (1 << 30), 3 if quick else 7),
         "coldstart": lambda: coldstart.bench_coldstart(res, 1 if quick else 2),
         "backup": lambda: backup.bench(res, 1 if quick else 3),

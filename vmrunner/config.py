@@ -21,7 +21,9 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 ACCELS = ("auto", "kvm", "tcg")
 DISK_BUSES = ("virtio", "ide", "scsi")
 NIC_MODELS = ("virtio-net-pci", "e1000", "e1000e", "rtl8139")
-FORMATS = ("qcow2", "raw")
+FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vdi", "vpc", "ova")
+CONVERTED = ("vmdk", "vhdx", "vdi", "vpc", "ova")  # imported once into a qcow2 base; qcow2 and raw are stored as is
+_OVA_DISK = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,63}$")
 DRIVE_KINDS = ("config-2", "nocloud")
 DISK_MODES = ("overlay", "standalone")
 ON_STOP = ("shutdown", "suspend")
@@ -96,7 +98,7 @@ class Config:
     img_target: str  # the image's short name in log lines: IMG_TARGET, else the source's file name
     img_name: str  # the image's name in IMAGE_DIR/names: IMG_TARGET, else <file name>@<hash of the source>
     img_checksum: Checksum | None  # IMG_CHECKSUM: expected digest of the base image
-    img_format: str  # IMG_FORMAT: qcow2 or raw, never probed
+    img_format: str  # IMG_FORMAT: the source's format (qcow2, raw, or one converted: CONVERTED), never probed
     img_max_size: int  # IMG_MAX_SIZE: largest virtual size accepted, bytes
     fetch_retries: int  # FETCH_RETRIES: attempts after a transient download failure
     image_dir: Path  # IMAGE_DIR: the shared cache of base images
@@ -132,6 +134,22 @@ class Config:
     hardware: Hardware = field(default_factory=Hardware)  # VM_PROFILE, VM_FIRMWARE, VM_TPM, ... (vmrunner.profiles)
     on_stop: str = "shutdown"  # ON_STOP: shutdown (ACPI) or suspend (saved to VM_DIR, resumed by the next start)
     suspend_timeout: float = 30.0  # SUSPEND_TIMEOUT: seconds a save may take before the guest is shut down instead
+    img_ova_disk: str | None = None  # IMG_OVA_DISK: the OVF disk (id or file name) of an ova; None: the first
+
+    @property
+    def base_format(self) -> str:
+        """The format of the base in the cache: a converted source becomes a qcow2 base."""
+        return "qcow2" if self.img_format in CONVERTED else self.img_format
+
+    @property
+    def conversion(self) -> str | None:
+        """What turns the source into its base (``vmdk``, ``ova-<disk>``...), None when it is stored as it is; two
+        configurations with the same conversion of the same source bytes share one base."""
+        if self.img_format not in CONVERTED:
+            return None
+        if self.img_format == "ova" and self.img_ova_disk is not None:
+            return f"ova-{self.img_ova_disk}"
+        return self.img_format
 
     @property
     def is_url(self) -> bool:
@@ -228,6 +246,7 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: boo
         img_name=name,
         img_checksum=parse_checksum("IMG_CHECKSUM", checksum_raw) if checksum_raw else None,
         img_format=env.choice("IMG_FORMAT", "qcow2", FORMATS),  # also rebase: the format of a base for a standalone pet
+        img_ova_disk=_ova_disk(env),
         img_max_size=env.size("IMG_MAX_SIZE", 256 << 30, minimum=1 << 20),
         fetch_retries=env.integer("FETCH_RETRIES", 5, 0, 100),
         image_dir=env.path("IMAGE_DIR", "/image"),
@@ -264,6 +283,17 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: boo
         on_stop=env.choice("ON_STOP", "shutdown", ON_STOP),
         suspend_timeout=env.duration("SUSPEND_TIMEOUT", 30.0),
     )
+
+
+def _ova_disk(env: Env) -> str | None:
+    """IMG_OVA_DISK: an OVF disk id or file name (plain characters only: it is part of a cache file's name)."""
+    disk = env.optional("IMG_OVA_DISK")
+    if disk is not None and not _OVA_DISK.match(disk):
+        raise ConfigError(
+            f"IMG_OVA_DISK={disk!r}: expected an OVF disk id or file name: up to 64 letters, digits, '.', '_', '+' "
+            "or '-', not starting with '.'"
+        )
+    return disk
 
 
 def _interval(env: Env) -> float | None:

@@ -221,6 +221,7 @@ def show_plan(cfg: Config) -> int:
             "cache": str(layout.base(cached)) if cached else None,
             "cached": cached is not None,
             "format": cfg.img_format,
+            "base_format": cfg.base_format,  # a vmdk, vhdx, vdi, vpc or ova source is converted once to qcow2
             "checksum": str(cfg.img_checksum) if cfg.img_checksum else None,
         },
         "pet": {**describe(cfg), "grow_to": cfg.vm_disk_size},

@@ -80,7 +80,7 @@ def test_local_source_names_the_target_after_the_file() -> None:
         ({"IMG_CHECKSUM": "md5:abc"}, "IMG_CHECKSUM='md5:abc': expected sha256:<64 hex digits>"),
         ({"IMG_CHECKSUM": "sha256:" + "0" * 63}, "IMG_CHECKSUM='sha256:"),
         ({"IMG_CHECKSUM": "sha512:" + "g" * 128}, "IMG_CHECKSUM='sha512:"),
-        ({"IMG_FORMAT": "vmdk"}, "IMG_FORMAT='vmdk': expected one of qcow2, raw"),
+        ({"IMG_FORMAT": "vhd"}, "IMG_FORMAT='vhd': expected one of qcow2, raw, vmdk, vhdx, vdi, vpc, ova"),
         ({"IMG_MAX_SIZE": "huge"}, "IMG_MAX_SIZE='huge': expected a size"),
         ({"IMG_MAX_SIZE": "1K"}, "IMG_MAX_SIZE='1K': must be at least"),
         ({"VM_DISK_SIZE": "-1"}, "VM_DISK_SIZE='-1': expected a size"),

@@ -410,3 +410,31 @@ def test_a_cache_the_runner_cannot_write_is_one_line_naming_it(env: dict[str, st
     done = subprocess.run([*drop, *VMRUNNER, "prepare"], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 2
     assert f"IMAGE_DIR={image_dir}: Permission denied: {image_dir}/locks/" in one_line_error(done)
+
+
+def test_a_missing_base_is_fetched_anew_even_when_the_name_points_elsewhere(
+    shared_dir: Path, images: dict[str, Path], served: Server
+) -> None:
+    """The URL served other bytes for a while (the name now points to them) and then the pet's own bytes again: a
+    pet whose base is missing asks the URL, is refused while it gives other bytes, and starts on its own base once
+    it gives them again."""
+    served.served.files["/disk.qcow2"] = images["v1"].read_bytes()
+    env = runner_env(shared_dir, IMG_SOURCE=served.url("/disk.qcow2"))
+    prepare(cfg_of(env))
+    pet = shared_dir / "vm" / "vm-0.qcow2"
+    write_pattern(pet, 0x5A, "4M")
+    view = guest_view(pet)
+    v1, v2 = sha(images["v1"]), sha(images["v2"])
+    (shared_dir / "image" / "sha256" / v1).unlink()
+    served.served.files["/disk.qcow2"] = images["v2"].read_bytes()
+    fetched = subprocess.run([*VMRUNNER, "fetch"], env=env, capture_output=True, text=True, check=False)
+    assert fetched.returncode == 0 and ensure_image(cfg_of(env)).hex == v2, "the name now points to v2"
+    asked = len(served.served.requests)
+    done = run_prepare(env)
+    assert done.returncode == 7 and f"IMG_SOURCE now gives sha256:{v2}" in one_line_error(done)
+    assert len(served.served.requests) == asked + 1, "the source was asked, not the name"
+    served.served.files["/disk.qcow2"] = images["v1"].read_bytes()
+    done = run_prepare(env)
+    assert done.returncode == 0, done.stderr
+    assert f"fetched the pet's base sha256:{v1} again" in done.stderr
+    assert backing(pet) == f"{shared_dir}/image/sha256/{v1}" and guest_view(pet) == view

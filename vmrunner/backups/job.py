@@ -41,7 +41,6 @@ POLL_EVERY = 0.2
 QMP_FAILURES = 8  # consecutive failed polls (a few seconds of a silent qemu) that end a backup
 ABANDON_TIMEOUT = 3.0  # what a cancelled backup may spend cancelling its job: it must not hold the shutdown
 NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
 @dataclass(frozen=True)

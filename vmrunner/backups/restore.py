@@ -9,7 +9,7 @@ from pathlib import Path
 from shared.errors import ConfigError, PodvmError
 from shared.files import fsync_directory
 from vmrunner.backups import plans
-from vmrunner.backups.job import NAME, PROGRESS, PROGRESS_EVERY, mib
+from vmrunner.backups.job import NAME, PROGRESS_EVERY, mib
 from vmrunner.backups.ownstate import restore_own
 from vmrunner.backups.plans import Chain, Point
 from vmrunner.config import Config
@@ -102,13 +102,5 @@ def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) 
 
 def _convert(argv: tuple[str, ...], dest: Path) -> None:
     """Run ``qemu-img convert -p`` with a progress line every PROGRESS_EVERY seconds."""
-    last = time.monotonic()
-
-    def progress(chunk: bytes) -> None:
-        nonlocal last
-        found = PROGRESS.findall(chunk)
-        if found and time.monotonic() - last >= PROGRESS_EVERY:
-            last = time.monotonic()
-            log.info("restore: %s%%", found[-1].decode())
-
+    progress = img.percent_lines(lambda percent: log.info("restore: %s%%", percent), PROGRESS_EVERY)
     img.run(argv, img.Job(str(dest), "restoring", f"VM_DIR={dest.parent}", img.COPY), progress)

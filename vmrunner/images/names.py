@@ -19,6 +19,9 @@ class NameRecord:
     source: str
     fetched_at: str
     checksums: dict[str, str] = field(default_factory=dict)  # other algorithms' digests, for IMG_CHECKSUM
+    # a base converted from a foreign source: {"from": the conversion (Config.conversion), and the source's digests
+    # by algorithm}, which IMG_CHECKSUM is checked against; empty for a base stored as it was fetched
+    converted: dict[str, str] = field(default_factory=dict)
 
     @property
     def hex(self) -> str:
@@ -37,11 +40,22 @@ def read_name(layout: Layout, key: str) -> NameRecord | None:
 
 
 def matches_checksum(cfg: Config, record: NameRecord) -> bool:
-    """True when ``record`` satisfies IMG_CHECKSUM (or none is set)."""
+    """True when ``record`` is of the configured conversion (none for qcow2 and raw) and satisfies IMG_CHECKSUM (or
+    none is set): a converted base's checksum is its source's."""
+    if record.converted.get("from") != cfg.conversion:
+        return False
     if cfg.img_checksum is None:
         return True
-    known = {"sha256": record.hex, **record.checksums}
+    known = record.converted if cfg.conversion else {"sha256": record.hex, **record.checksums}
     return known.get(cfg.img_checksum.algorithm) == cfg.img_checksum.hexdigest
+
+
+def conversion_key(conversion: str, source_hex: str) -> str:
+    """The name that records what converting these source bytes gave: a second fetch of them converts nothing.
+
+    It starts with ``.``, which no configured name can (``IMG_TARGET`` may not, a derived name holds ``@``).
+    """
+    return f".{conversion}.{source_hex}"
 
 
 def resolve(cfg: Config, layout: Layout) -> str | None:

@@ -18,16 +18,21 @@ from shared import files
 from shared.errors import ImageRejected, PodvmError
 from shared.files import open_below, write_atomic
 from vmrunner.config import Config, redact
+from vmrunner.images import ova
 from vmrunner.images.download import fetch_into, human
-from vmrunner.images.vet import Verdict, vet
+from vmrunner.images.vet import ADDRESS_SPACE, Verdict, vet
+from vmrunner.qemu import img
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 from vmrunner.images.layout import Layout, check_locks, locked, utc_now
-from vmrunner.images.names import NameRecord, resolve
+from vmrunner.images.names import NameRecord, conversion_key, read_name, resolve
 
 log = logging.getLogger("vmrunner.cache")
+# CPU seconds and address space of a conversion: a large disk takes long, and qemu-img convert's I/O threads each
+# reserve a stack and a malloc arena (1 GiB, vetting's limit, made thread creation fail at random)
+CONVERT_LIMITS = (int(img.COPY), 16 * ADDRESS_SPACE)
 
 
 @dataclass(frozen=True)
@@ -39,11 +44,12 @@ class Cached:
     identity: os.stat_result | None = None  # with ``fresh``: the fstat of the very file hashed, vetted and stored
 
 
-def ensure_image(cfg: Config) -> Cached:
+def ensure_image(cfg: Config, *, anew: bool = False) -> Cached:
     """Make the configured image available as ``sha256/<hex>`` and its name point to it.
 
     A name that still means a present base (matching IMG_CHECKSUM) is used without any network access; otherwise
-    one runner fetches while the others wait on the name's lock.
+    one runner fetches while the others wait on the name's lock. ``anew`` asks the source whatever the names say
+    (a pet whose own base is missing must know what the source gives now, not what it gave before).
 
     :raise ImageRejected: when the image fails its checksum or vetting (nothing is left in the cache).
     :raise PodvmError: when it cannot be fetched or stored.
@@ -51,12 +57,12 @@ def ensure_image(cfg: Config) -> Cached:
     layout = Layout(cfg.image_dir)
     layout.make()
     check_locks(layout.root)
-    found = resolve(cfg, layout)
+    found = None if anew else resolve(cfg, layout)
     if found is not None:
         return Cached(found, None)
     waiting = f"another runner is fetching {cfg.img_target}; waiting for it"
     with locked(layout.name_lock(cfg.img_name), waiting):
-        found = resolve(cfg, layout) or _known_digest(cfg, layout)
+        found = None if anew else resolve(cfg, layout) or _known_digest(cfg, layout)
         if found is not None:
             return Cached(found, None)
         return _fetch(cfg, layout)
@@ -67,12 +73,16 @@ def _known_digest(cfg: Config, layout: Layout) -> str | None:
     the base is hashed to be sure and the name is pointed at it."""
     if cfg.img_checksum is None or cfg.img_checksum.algorithm != "sha256":
         return None
-    hexdigest = cfg.img_checksum.hexdigest
+    hexdigest, converted = cfg.img_checksum.hexdigest, {}
+    if cfg.conversion is not None:  # the checksum is the source's: the base is what converting it gave
+        earlier = read_name(layout, conversion_key(cfg.conversion, hexdigest))
+        if earlier is None or not _same_source(earlier, cfg.conversion, hexdigest):
+            return None
+        hexdigest, converted = earlier.hex, earlier.converted
     base = layout.base(hexdigest)
     if not base.exists() or hash_file(base, cfg.image_dir) != hexdigest:
         return None
-    record = NameRecord(f"sha256:{hexdigest}", redact(cfg.img_source), utc_now())
-    write_atomic(layout.name(cfg.img_name), json.dumps(asdict(record)).encode(), mode=0o644)
+    _point(cfg, layout, NameRecord(f"sha256:{hexdigest}", redact(cfg.img_source), utc_now(), {}, converted))
     log.info("%s is sha256:%s, already cached: not fetched", cfg.img_name, hexdigest)
     return hexdigest
 
@@ -133,14 +143,18 @@ class _Private:
         os.close(self.dir_fd)
 
 
+def _private(cfg: Config, layout: Layout, name: str) -> "_Private":
+    try:
+        return _Private(layout, cfg.img_name)
+    except OSError as err:
+        raise PodvmError(f"IMAGE_DIR={cfg.image_dir}: cannot store {name}: {err.strerror}: {err.filename}") from None
+
+
 def _fetch(cfg: Config, layout: Layout) -> Cached:
     name = redact(cfg.img_source)
     log.info("fetching %s (name %s)", name, cfg.img_name)
     started = time.monotonic()
-    try:
-        part = _Private(layout, cfg.img_name)
-    except OSError as err:
-        raise PodvmError(f"IMAGE_DIR={cfg.image_dir}: cannot store {name}: {err.strerror}: {err.filename}") from None
+    part = _private(cfg, layout, name)
     try:
         try:
             with _Writeback(part.fd) as out:
@@ -154,6 +168,8 @@ def _fetch(cfg: Config, layout: Layout) -> Cached:
                 f"IMG_CHECKSUM: {name} has {cfg.img_checksum.algorithm}:{digests[cfg.img_checksum.algorithm]}, "
                 f"expected {cfg.img_checksum}; nothing was cached"
             )
+        if cfg.conversion is not None:
+            return _import(cfg, layout, part, digests, started)
         verdict = vet(part.path, cfg.img_format, cfg.img_max_size, name)
         hexdigest = digests["sha256"]
         os.fchmod(part.fd, 0o444)
@@ -161,8 +177,17 @@ def _fetch(cfg: Config, layout: Layout) -> Cached:
     finally:
         part.close()
     others = {k: v for k, v in digests.items() if k != "sha256"}
-    record = NameRecord(f"sha256:{hexdigest}", name, utc_now(), others)
-    write_atomic(layout.name(cfg.img_name), json.dumps(asdict(record)).encode(), mode=0o644)
+    _point(cfg, layout, NameRecord(f"sha256:{hexdigest}", name, utc_now(), others))
+    _cached(cfg, layout, hexdigest, verdict, started)
+    return Cached(hexdigest, verdict, identity)
+
+
+def _point(cfg: Config, layout: Layout, record: NameRecord, key: str | None = None) -> None:
+    """Point a name (the configured one unless ``key``) at a base."""
+    write_atomic(layout.name(key or cfg.img_name), json.dumps(asdict(record)).encode(), mode=0o644)
+
+
+def _cached(cfg: Config, layout: Layout, hexdigest: str, verdict: Verdict, started: float) -> None:
     size = layout.base(hexdigest).stat().st_size
     elapsed = time.monotonic() - started
     log.info(
@@ -174,7 +199,70 @@ def _fetch(cfg: Config, layout: Layout) -> Cached:
         human(int(size / max(elapsed, 1e-6))),
         human(verdict.virtual_size),
     )
+
+
+def _import(cfg: Config, layout: Layout, source: _Private, digests: dict[str, str], started: float) -> Cached:
+    """A foreign source, fetched and checked against IMG_CHECKSUM: converted once into a qcow2 base, unless these
+    very bytes were converted before (the conversion's own name then points to the base)."""
+    assert cfg.conversion is not None
+    name = redact(cfg.img_source)
+    converted = {"from": cfg.conversion, **digests}
+    key = conversion_key(cfg.conversion, digests["sha256"])
+    earlier = read_name(layout, key)
+    if (
+        earlier is not None
+        and _same_source(earlier, cfg.conversion, digests["sha256"])
+        and layout.base(earlier.hex).exists()
+    ):
+        log.info("%s (sha256:%s) was converted before: sha256:%s; not converted again", name, digests["sha256"],
+                 earlier.hex)  # fmt: skip
+        _point(cfg, layout, NameRecord(earlier.digest, name, utc_now(), {}, {**earlier.converted, **converted}))
+        return Cached(earlier.hex, None)
+    fmt = "vmdk" if cfg.img_format == "ova" else cfg.img_format
+    disk = _private(cfg, layout, name) if cfg.img_format == "ova" else source
+    base = _private(cfg, layout, name)
+    try:
+        if disk is not source:
+            with open(source.fd, "rb", closefd=False) as archive, _Writeback(disk.fd) as out:
+                archive.seek(0)
+                chosen = ova.extract_disk(archive, out, cfg.img_ova_disk, cfg.img_max_size, name)
+            log.info("%s: system disk %s (%s) taken from the OVA", name, chosen.disk_id, chosen.href)
+        vet(disk.path, fmt, cfg.img_max_size, name)
+        convert(disk.path, fmt, base.path, name)
+        os.fsync(base.fd)
+        with open(base.fd, "rb", closefd=False) as out:
+            hexdigest = hashlib.file_digest(out, "sha256").hexdigest()
+        verdict = vet(base.path, "qcow2", cfg.img_max_size, name)
+        os.fchmod(base.fd, 0o444)
+        identity = _store(layout, base, hexdigest)
+    finally:
+        base.close()
+        if disk is not source:
+            disk.close()
+    record = NameRecord(f"sha256:{hexdigest}", name, utc_now(), {}, converted)
+    _point(cfg, layout, record, key)
+    _point(cfg, layout, record)
+    _cached(cfg, layout, hexdigest, verdict, started)
     return Cached(hexdigest, verdict, identity)
+
+
+def _same_source(record: NameRecord, conversion: str, source_hex: str) -> bool:
+    """True when ``record`` says it is the conversion ``conversion`` of the source bytes ``source_hex``."""
+    return record.converted.get("from") == conversion and record.converted.get("sha256") == source_hex
+
+
+def convert(src: Path, fmt: str, out: Path, name: str) -> None:
+    """``qemu-img convert -f FMT -O qcow2`` of a vetted source, under vetting's limits (more CPU time: a large disk
+    takes long) and a timeout, with a progress line every few seconds.
+
+    :raise ImageRejected: when qemu-img fails or runs past its time.
+    """
+    started = time.monotonic()
+    progress = img.percent_lines(lambda percent: log.info("converting %s from %s: %s%%", name, fmt, percent))
+    job = img.Job(name, f"converting from {fmt}", timeout=img.COPY, error=ImageRejected, limits=CONVERT_LIMITS)
+    log.info("converting %s from %s to a qcow2 base", name, fmt)
+    img.run(["qemu-img", "convert", "-p", "-f", fmt, "-O", "qcow2", str(src), str(out)], job, progress)
+    log.info("converted %s from %s in %.1fs", name, fmt, time.monotonic() - started)
 
 
 def hash_file(path: Path, root: Path) -> str | None:

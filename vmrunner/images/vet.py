@@ -1,7 +1,9 @@
 """Vetting an untrusted base image the way Nova and Glance do since OSSA-2024-001/002.
 
 The format is never probed (``-f`` is always given), ``qemu-img`` runs under CPU and address-space limits, and an
-image with a backing file, an external data file, a corrupt flag or a virtual size over the limit is refused.
+image with a backing file, an external data file, a corrupt flag or a virtual size over the limit is refused. A
+vmdk must be one single file (:mod:`vmrunner.images.vmdk`, judged before qemu-img opens it); vhdx, vdi and vpc have
+no extents, and their headers are judged by ``qemu-img info`` and ``check``.
 """
 
 import json
@@ -10,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ImageRejected
+from vmrunner.images import vmdk
 from vmrunner.qemu import img
 
 CPU_SECONDS = 30
 ADDRESS_SPACE = 1 << 30
 WALL_SECONDS = 120
+CHECKED = ("qcow2", "vmdk", "vhdx", "vdi")  # the formats qemu-img check knows (vpc: "does not support checks")
 
 
 @dataclass(frozen=True)
@@ -54,18 +58,34 @@ def judge(info: dict[str, Any], fmt: str, max_size: int, name: str) -> Verdict:
     return Verdict(fmt, size)
 
 
+def _vmdk_descriptor(path: Path, name: str) -> None:
+    """Judge a vmdk's embedded descriptor from its own bytes, before any qemu-img opens (and follows) it."""
+    with open(path, "rb") as src:
+
+        def read_at(offset: int, length: int) -> bytes:
+            src.seek(offset)
+            return src.read(length)
+
+        vmdk.judge_descriptor(vmdk.embedded_descriptor(src.read(vmdk.SECTOR), read_at, name), name)
+
+
 def vet(path: Path, fmt: str, max_size: int, name: str, *, check: bool = True) -> Verdict:
-    """Inspect ``path`` as ``fmt`` with ``qemu-img info`` (and ``check`` for qcow2 unless ``check`` is false: the
-    cheap re-vet at every start of a base already checked) and judge it.
+    """Inspect ``path`` as ``fmt`` with ``qemu-img info`` (and ``check`` where qemu-img has one, unless ``check`` is
+    false: the cheap re-vet at every start of a base already checked) and judge it.
 
     :raise ImageRejected: when qemu-img fails or a rule is broken.
     """
+    if fmt == "vmdk":
+        _vmdk_descriptor(path, name)
     out = img.run(["qemu-img", "info", "-f", fmt, "--output=json", str(path)], _job(name))
     try:
-        verdict = judge(json.loads(out), fmt, max_size, name)
+        info = json.loads(out)
     except json.JSONDecodeError:
         raise ImageRejected(f"{name}: qemu-img info printed no JSON") from None
-    if fmt == "qcow2" and check:
+    verdict = judge(info, fmt, max_size, name)
+    if fmt == "vmdk":
+        vmdk.judge_extents(info, path, name)
+    if fmt in CHECKED and check:
         # 0: clean; 3: leaked clusters only, which waste space but harm nothing.
         img.run(["qemu-img", "check", "-f", fmt, "--output=json", str(path)], _job(name, ok=(0, 3)))
     return verdict

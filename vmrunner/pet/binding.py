@@ -178,7 +178,7 @@ def _note_configured(cfg: Config, hexdigest: str) -> None:
 def _restore_missing(cfg: Config, hexdigest: str) -> None:
     """A pet's base is gone (a cleaned cache): fetch the configured image again; use it only if it is the same."""
     log.warning("the pet's base sha256:%s is missing from the cache; fetching IMG_SOURCE again", hexdigest)
-    got = ensure_image(cfg).hex
+    got = ensure_image(cfg, anew=True).hex
     if got != hexdigest:
         raise BaseMismatch(
             f"{cfg.pet_path}: its base sha256:{hexdigest} is missing from IMAGE_DIR={cfg.image_dir} and IMG_SOURCE now "
@@ -283,13 +283,13 @@ def _create(cfg: Config) -> Started:
             assert cached.identity is not None
             st = cached.identity  # the fstat of the file hashed and vetted, never a fresh look at a shared path
             trust: Trust | None = Trust(
-                hexdigest, str(base), cfg.img_format, verdict.virtual_size, st.st_size, st.st_ino,
+                hexdigest, str(base), cfg.base_format, verdict.virtual_size, st.st_size, st.st_ino,
                 st.st_ctime_ns, st.st_mtime_ns, utc_now(),
             )  # fmt: skip
         else:  # found in the shared cache: trusted only once hashed and vetted here
-            verdict = verify_base(cfg, hexdigest, cfg.img_format, max_size=cfg.img_max_size)
+            verdict = verify_base(cfg, hexdigest, cfg.base_format, max_size=cfg.img_max_size)
             trust = None  # verify_base wrote it
-        plan = disk.plan_create(cfg, base, cfg.img_format, verdict.virtual_size)
+        plan = disk.plan_create(cfg, base, cfg.base_format, verdict.virtual_size)
         assert plan.staging is not None
         try:
             for argv in plan.create:
@@ -367,7 +367,7 @@ def rebase(cfg: Config, wanted: str) -> str:
     if current == target:
         log.info("pet disk %s is already on sha256:%s", cfg.pet_path, target)
         return target
-    fmt = info.backing_format or cfg.img_format  # never probed: the pet's current base format, else IMG_FORMAT
+    fmt = info.backing_format or cfg.base_format  # never probed: the pet's current base format, else IMG_FORMAT's
     if not claim(cfg, target):
         raise ConfigError(f"rebase {wanted}: sha256:{target} was removed from IMAGE_DIR={cfg.image_dir} meanwhile")
     try:

@@ -8,6 +8,7 @@ untrusted image adds CPU and address-space limits, so a crafted header cannot ma
 
 import asyncio
 import os
+import re
 import resource
 import select
 import subprocess
@@ -21,6 +22,7 @@ QUICK = 60.0  # seconds for a command that reads or writes headers only (info, c
 COPY = 6 * 3600.0  # seconds for one that copies a disk (convert, rebase): hours for a large one on a slow volume
 NOT_INSTALLED = "qemu-img is not installed (it is part of qemu-utils)"
 _IN_USE = ('Failed to get "write" lock', 'Failed to get shared "write" lock')
+PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")  # what ``convert -p`` prints
 
 
 class InUse(PodvmError):
@@ -77,6 +79,20 @@ def _preexec(job: Job) -> Callable[[], None] | None:
         resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
 
     return limit
+
+
+def percent_lines(say: Callable[[str], None], every: float = 5.0) -> Callable[[bytes], None]:
+    """A ``progress`` for :func:`run` of ``convert -p``: ``say(percent)`` at most every ``every`` seconds."""
+    last = time.monotonic()
+
+    def progress(chunk: bytes) -> None:
+        nonlocal last
+        found = PROGRESS.findall(chunk)
+        if found and time.monotonic() - last >= every:
+            last = time.monotonic()
+            say(found[-1].decode())
+
+    return progress
 
 
 def run(argv: Sequence[str], job: Job, progress: Callable[[bytes], None] | None = None) -> str:
