@@ -134,6 +134,7 @@ def cmd_status(cfg: Config) -> int:
         "state": status,
         "accel": accel,
         "boot_refused": state.boot_refused or None,  # the firmware refused the boot option (Secure Boot)
+        "suspend": state.suspend or None,  # this run resumed a saved state, booted cold instead (why), or was saved
         "pet": describe(cfg),
         "own_state": own_state(cfg),
         "figures": figures,

@@ -160,7 +160,7 @@ def test_a_suspended_vm_resumes_in_the_next_pod_with_its_ram(world: World) -> No
     assert world.after["boot_id"] == world.before["boot_id"]
     assert float(world.after["uptime"]) >= float(world.before["uptime"])
     assert "podvm-guest: booted" not in world.logs["resumed"]
-    assert world.status["state"] == "running"
+    assert world.status["state"] == "running" and world.status["suspend"].startswith("resumed in ")
 
 
 def test_the_backup_after_a_resume_is_incremental(world: World) -> None:
