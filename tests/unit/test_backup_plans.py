@@ -77,14 +77,14 @@ def test_full_plan_adds_a_persistent_bitmap_in_the_same_transaction_as_the_job()
     stale = [ok("podvm-20261120T000000Z"), Bitmap("someone-elses", False, True)]
     plan = plan_backup(Path("/backup/vm-0"), full, SIZE, stale, chain_id="20261128T050000Z", speed=0)
     assert plan.create == (
-        "qemu-img", "create", "-q", "-f", "qcow2",
-        "/backup/vm-0/20261128T050000Z/.0000-full.qcow2.partial", str(SIZE),
+        "qemu-img", "create", "-q", "-u", "-f", "qcow2", "/dev/stdin", str(SIZE),
     )  # fmt: skip
     assert plan.final == Path("/backup/vm-0/20261128T050000Z/0000-full.qcow2")
+    assert plan.partial == Path("/backup/vm-0/20261128T050000Z/.0000-full.qcow2.partial")
     assert plan.attach == {
         "driver": "qcow2",
         "node-name": "podvm-backup-target",
-        "file": {"driver": "file", "filename": "/backup/vm-0/20261128T050000Z/.0000-full.qcow2.partial"},
+        "file": {"driver": "file", "filename": "/dev/fdset/25"},
         "backing": None,
     }
     assert plan.transaction == {
@@ -122,8 +122,8 @@ def test_incremental_plan_is_backed_by_the_previous_file_by_relative_name_and_us
     plan = plan_backup(Path("/b/vm"), inc, SIZE, [ok()], chain_id="ignored", speed=1 << 20)
     assert plan.seq == 2
     assert plan.create == (
-        "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "0001-incremental.qcow2",
-        "/b/vm/20261128T040000Z/.0002-incremental.qcow2.partial", str(SIZE),
+        "qemu-img", "create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", "0001-incremental.qcow2",
+        "/dev/stdin", str(SIZE),
     )  # fmt: skip
     assert plan.transaction == {
         "actions": [

@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-
 from netsidecar.figures import rule_figures
 from netsidecar.probe.report import (
     Advert,

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +19,7 @@ from tests.harness.paths import VMRUNNER
 from tests.harness.pod import runner_env
 from tests.harness.wait import until
 from vmrunner.config import Config, load
-from vmrunner.images import store
-from vmrunner.images.download import FETCH, ImageFigures
+from vmrunner.images.download import FETCH, ImageFigures, fetch_into
 from vmrunner.images.layout import Layout
 from vmrunner.images.names import read_name
 from vmrunner.images.store import ensure_image
@@ -532,16 +532,15 @@ def test_without_o_tmpfile_a_neighbour_swapping_the_named_part_gets_nothing_stor
     """The neighbour replaces the partial file's name once the server's bytes are in it, before the vetting and the
     rename: the rename then moves the neighbour's inode, which the check against the descriptor refuses."""
     served.served.files["/disk.qcow2"] = qcow2_bytes
-    real_fetch_into = store.fetch_into
     tmp = shared_dir / "image" / "tmp"
 
     def fetch_then_swap(cfg: Config, out: object) -> dict[str, str]:
-        digests = real_fetch_into(cfg, out)  # type: ignore[arg-type]
+        digests = fetch_into(cfg, out)  # type: ignore[arg-type]
         (tmp / ".neighbour").write_bytes(other_qcow2_bytes)
         os.replace(tmp / ".neighbour", tmp / no_tmpfile[0])
         return digests
 
-    monkeypatch.setattr(store, "fetch_into", fetch_then_swap)
+    monkeypatch.setattr("vmrunner.images.store.fetch_into", fetch_then_swap)
     cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/disk.qcow2")))
     with pytest.raises(PodvmError, match=r"is not the file downloaded .*nothing cached$") as caught:
         ensure_image(cfg)
@@ -550,7 +549,7 @@ def test_without_o_tmpfile_a_neighbour_swapping_the_named_part_gets_nothing_stor
     assert not (shared_dir / "image" / "sha256" / sha).exists()
     assert read_name(Layout(cfg.image_dir), cfg.img_name) is None
     assert list(tmp.iterdir()) == []
-    monkeypatch.setattr(store, "fetch_into", real_fetch_into)
+    monkeypatch.setattr("vmrunner.images.store.fetch_into", fetch_into)
     assert ensure_base(cfg) == sha and cached(cfg) == qcow2_bytes, "the next start fetches the server's bytes"
 
 
@@ -567,7 +566,7 @@ def test_without_o_tmpfile_a_planted_part_name_is_never_written_through(
     """A neighbour that guessed the partial file's name plants a link to a file of the VM's volume, a FIFO or a file
     of its own there first: ``O_EXCL | O_NOFOLLOW`` refuses it in one line naming the volume; nothing is written
     through it, nothing cached."""
-    monkeypatch.setattr(store.secrets, "token_hex", lambda _n: "0badcafe")
+    monkeypatch.setattr("vmrunner.images.store.secrets", types.SimpleNamespace(token_hex=lambda _n: "0badcafe"))
     served.served.files["/disk.qcow2"] = qcow2_bytes
     cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/disk.qcow2")))
     tmp = shared_dir / "image" / "tmp"

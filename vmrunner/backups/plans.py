@@ -35,6 +35,9 @@ Argv = tuple[str, ...]
 BITMAP_PREFIX = "podvm-"
 JOB_ID = "podvm-backup"
 TARGET_NODE = "podvm-backup-target"
+# qemu gets the target as a descriptor the runner opened (QMP add-fd into this set), qemu-img as its standard input:
+# neither resolves a path on the backup volume, which another pod may write.
+TARGET_FDSET = 25
 MANIFEST = "manifest.json"
 LAST = "last.json"
 LOCK = ".lock"
@@ -302,11 +305,12 @@ def plan_backup(
     file = point_file(seq, decision.kind)
     partial = directory / f".{file}{PARTIAL}"
     bitmap = f"{BITMAP_PREFIX}{chain_id}"
-    create = ("qemu-img", "create", "-q", "-f", "qcow2", *backing, str(partial), str(virtual_size))
+    # -u: the backing file is named in the header, never opened (the restore checks the chain)
+    create = ("qemu-img", "create", "-q", "-u", "-f", "qcow2", *backing, "/dev/stdin", str(virtual_size))
     attach: dict[str, object] = {
         "driver": "qcow2",
         "node-name": TARGET_NODE,
-        "file": {"driver": "file", "filename": str(partial)},
+        "file": {"driver": "file", "filename": f"/dev/fdset/{TARGET_FDSET}"},
         "backing": None,  # the job writes only; earlier files of the chain stay closed and unlocked
     }
     job: dict[str, object] = {

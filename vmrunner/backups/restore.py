@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+from shared import files
 from shared.errors import ConfigError, PodvmError
 from shared.files import fsync_directory
 from vmrunner.backups import plans
@@ -16,6 +17,9 @@ from vmrunner.pet.binding import trust_path_of
 from vmrunner.qemu import img
 
 log = logging.getLogger("vmrunner.backup")
+# One file of a chain, read through the runner's descriptor (its standard input), its backing file never opened.
+INFO = ("qemu-img", "info", "-f", "qcow2", "--output=json", "/dev/stdin")
+CHECK = ("qemu-img", "check", "-q", 'json:{"driver": "qcow2", "backing": null, "file": {"filename": "/dev/stdin"}}')
 
 
 def _check_chain(cfg: Config, chain_dir: Path, chain: Chain, point: Point) -> None:
@@ -26,24 +30,31 @@ def _check_chain(cfg: Config, chain_dir: Path, chain: Chain, point: Point) -> No
     """
     for name, backing in plans.expected_backings(chain, point):
         path = chain_dir / name
-        if not path.is_file() or path.is_symlink():
-            raise PodvmError(f"{path}: missing from the backup volume; point {chain.point_id(point)} cannot be read")
-        doing = f"reading point {chain.point_id(point)}"
         try:
-            out = img.run(("qemu-img", "info", "-f", "qcow2", "--output=json", str(path)), img.Job(str(path), doing))
-            info = json.loads(out)
-        except (PodvmError, ValueError):
-            info = None
-        if not isinstance(info, dict):
-            raise PodvmError(f"{path}: not a readable qcow2; point {chain.point_id(point)} cannot be restored")
-        got = info.get("backing-filename")
-        fmt = info.get("backing-filename-format")
-        if got != backing or (backing is not None and fmt != "qcow2") or info.get("data-file"):
-            raise PodvmError(f"{path}: its header names the backing file {got!r}, expected {backing!r}; refused")
-        img.run(
-            ("qemu-img", "check", "-q", "-f", "qcow2", str(path)),
-            img.Job(str(path), f"checking point {chain.point_id(point)}"),
-        )
+            fd = files.open_file(path, cfg.backup_dir)  # no link below BACKUP_DIR, no FIFO: qemu-img reads this inode
+        except (OSError, files.Forged):
+            raise PodvmError(
+                f"{path}: missing from the backup volume; point {chain.point_id(point)} cannot be read"
+            ) from None
+        try:
+            _check_file(path, fd, f"point {chain.point_id(point)}", backing)
+        finally:
+            os.close(fd)
+
+
+def _check_file(path: Path, fd: int, point: str, backing: str | None) -> None:
+    try:
+        out = img.run(INFO, img.Job(str(path), f"reading {point}"), stdin=fd)
+        info = json.loads(out)
+    except (PodvmError, ValueError):
+        info = None
+    if not isinstance(info, dict):
+        raise PodvmError(f"{path}: not a readable qcow2; {point} cannot be restored")
+    got = info.get("backing-filename")
+    fmt = info.get("backing-filename-format")
+    if got != backing or (backing is not None and fmt != "qcow2") or info.get("data-file"):
+        raise PodvmError(f"{path}: its header names the backing file {got!r}, expected {backing!r}; refused")
+    img.run(CHECK, img.Job(str(path), f"checking {point}"), stdin=fd)
 
 
 def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) -> Path:

@@ -79,8 +79,12 @@ def _preexec(job: Job) -> Callable[[], None] | None:
     return limit
 
 
-def run(argv: Sequence[str], job: Job, progress: Callable[[bytes], None] | None = None) -> str:
-    """qemu-img's standard output; ``progress`` gets each chunk of it as it comes (``convert -p``).
+def run(
+    argv: Sequence[str], job: Job, progress: Callable[[bytes], None] | None = None, *, stdin: int | None = None
+) -> str:
+    """qemu-img's standard output; ``progress`` gets each chunk of it as it comes (``convert -p``). ``stdin``: a
+    descriptor of the image, named ``/dev/stdin`` in ``argv``, for a file on a volume another pod can write (qemu-img
+    then reopens the inode the runner opened, never a path).
 
     :raise PodvmError: (``job.error``) as :func:`failure` says, or when it is not installed or runs past its time.
     """
@@ -90,7 +94,7 @@ def run(argv: Sequence[str], job: Job, progress: Callable[[bytes], None] | None 
             argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
             preexec_fn=_preexec(job),  # noqa: PLW1509 setrlimit only, no threads are started before exec
         )
     except FileNotFoundError:
@@ -119,11 +123,14 @@ def run(argv: Sequence[str], job: Job, progress: Callable[[bytes], None] | None 
     return out.decode(errors="replace")
 
 
-async def run_async(argv: Sequence[str], job: Job) -> str:
+async def run_async(argv: Sequence[str], job: Job, *, stdin: int | None = None) -> str:
     """:func:`run` for the event loop (backups run beside qemu): the same errors, the loop never blocked."""
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL if stdin is None else stdin,
         )
     except FileNotFoundError:
         raise PodvmError(NOT_INSTALLED) from None

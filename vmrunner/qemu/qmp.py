@@ -31,9 +31,13 @@ async def execute(
     return (await session(socket, [(command, arguments)], timeout))[0]
 
 
-async def session(socket: Path, commands: Sequence[Command], timeout: float, *, wait: bool = True) -> list[object]:
+async def session(
+    socket: Path, commands: Sequence[Command], timeout: float, *, wait: bool = True, fd: int | None = None
+) -> list[object]:
     """qemu's answers to ``commands``, sent one after the other on one connection within ``timeout`` seconds.
     With ``wait=False`` a monitor nobody listens on fails at once instead of being retried until the deadline.
+    ``fd`` is handed to qemu (SCM_RIGHTS) before the first command, which takes it (``add-fd``): qemu then opens a
+    file the runner opened, not a path.
 
     :raise PodvmError: when no qemu answers there in time, or a command fails.
     """
@@ -41,13 +45,15 @@ async def session(socket: Path, commands: Sequence[Command], timeout: float, *, 
     refused: list[str] = []  # why the last connect failed; empty before the first failure and once qemu accepted
     try:
         async with asyncio.timeout(timeout):
-            return await _session(socket, commands, refused, wait)
+            return await _session(socket, commands, refused, wait, fd)
     except TimeoutError:
         why = refused[-1] if refused else "the monitor accepted the connection but never answered"
         raise PodvmError(f"{socket}: no qemu answers QMP {names} within {timeout:g}s: {why}") from None
 
 
-async def _session(socket: Path, commands: Sequence[Command], refused: list[str], wait: bool) -> list[object]:
+async def _session(
+    socket: Path, commands: Sequence[Command], refused: list[str], wait: bool, fd: int | None
+) -> list[object]:
     from qemu.qmp import ExecuteError, QMPClient, QMPError
 
     # The library logs every failed connect at ERROR; retrying is the normal way to wait for a starting qemu.
@@ -65,6 +71,8 @@ async def _session(socket: Path, commands: Sequence[Command], refused: list[str]
     refused.clear()
     command = ""
     try:
+        if fd is not None:
+            client.send_fd_scm(fd)
         answers = []
         for command, arguments in commands:
             answers.append(await client.execute(command, arguments))
