@@ -253,11 +253,15 @@ def test_restore_selects_points_by_id_chain_or_time() -> None:
 
 def test_restore_plan_converts_through_the_chain_into_one_standalone_file() -> None:
     c = chain(3)
-    argv = plans.plan_restore(Path("/b/vm/c"), c.points[1], Path("/vm/.vm-0.qcow2.restore.tmp"))
-    assert argv == (
-        "qemu-img", "convert", "-p", "-f", "qcow2", "-O", "qcow2",
-        "/b/vm/c/0001-incremental.qcow2", "/vm/.vm-0.qcow2.restore.tmp",
-    )  # fmt: skip
+    argv = plans.plan_restore(["/dev/fd/7", "/dev/fd/6"], Path("/vm/.vm-0.qcow2.restore.tmp"))
+    assert argv[:5] == ("qemu-img", "convert", "-p", "-O", "qcow2")
+    assert argv[6] == "/vm/.vm-0.qcow2.restore.tmp"
+    assert argv[5].startswith("json:")
+    assert json.loads(argv[5].removeprefix("json:")) == {
+        "driver": "qcow2",
+        "file": {"driver": "file", "filename": "/dev/fd/7"},
+        "backing": {"driver": "qcow2", "file": {"driver": "file", "filename": "/dev/fd/6"}, "backing": None},
+    }, "every layer is a descriptor the runner opened, the oldest backed by nothing"
     assert plans.expected_backings(c, c.points[2]) == [
         ("0002-incremental.qcow2", "0001-incremental.qcow2"),
         ("0001-incremental.qcow2", "0000-full.qcow2"),

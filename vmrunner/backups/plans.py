@@ -21,7 +21,7 @@ import contextlib
 import json
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -408,10 +408,14 @@ def _moment(text: str) -> float | None:
     return when.timestamp()
 
 
-def plan_restore(chain_dir: Path, point: Point, staging: Path) -> Argv:
-    """``qemu-img convert`` of the point, read through its chain, into one standalone qcow2 at ``staging``."""
-    source = chain_dir / point.file
-    return ("qemu-img", "convert", "-p", "-f", "qcow2", "-O", "qcow2", str(source), str(staging))
+def plan_restore(layers: Sequence[str], staging: Path) -> Argv:
+    """``qemu-img convert`` of a point into one standalone qcow2 at ``staging``, read through ``layers``: the files
+    of its chain newest first (as :func:`expected_backings` lists them), each as the runner opened it
+    (``/dev/fd/N``), each one's backing the next, the oldest's none: no backing is ever resolved by a name."""
+    image: dict[str, object] | None = None
+    for layer in reversed(layers):
+        image = {"driver": "qcow2", "file": {"driver": "file", "filename": layer}, "backing": image}
+    return ("qemu-img", "convert", "-p", "-O", "qcow2", f"json:{json.dumps(image)}", str(staging))
 
 
 def expected_backings(chain: Chain, point: Point) -> list[tuple[str, str | None]]:

@@ -1,9 +1,11 @@
 """Restores applied: a standalone pet disk in VM_DIR made from a backup point, never over a disk in use."""
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from shared import files
@@ -22,24 +24,28 @@ INFO = ("qemu-img", "info", "-f", "qcow2", "--output=json", "/dev/stdin")
 CHECK = ("qemu-img", "check", "-q", 'json:{"driver": "qcow2", "backing": null, "file": {"filename": "/dev/stdin"}}')
 
 
-def _check_chain(cfg: Config, chain_dir: Path, chain: Chain, point: Point) -> None:
-    """Every file the point is read through exists, passes ``qemu-img check``, and is backed by exactly the point
-    before it in the same directory (a tampered header cannot make the restore read another file).
+@contextlib.contextmanager
+def _checked_chain(cfg: Config, chain_dir: Path, chain: Chain, point: Point) -> Iterator[list[int]]:
+    """Descriptors of every file the point is read through, newest first, each opened below BACKUP_DIR without a
+    link or a FIFO, passing ``qemu-img check`` and backed by exactly the point before it in the same directory (a
+    tampered header cannot make the restore read another file); held open, so the copy reads what was checked.
 
     :raise PodvmError: naming the file at fault.
     """
-    for name, backing in plans.expected_backings(chain, point):
-        path = chain_dir / name
-        try:
-            fd = files.open_file(path, cfg.backup_dir)  # no link below BACKUP_DIR, no FIFO: qemu-img reads this inode
-        except (OSError, files.Forged):
-            raise PodvmError(
-                f"{path}: missing from the backup volume; point {chain.point_id(point)} cannot be read"
-            ) from None
-        try:
+    with contextlib.ExitStack() as opened:
+        fds: list[int] = []
+        for name, backing in plans.expected_backings(chain, point):
+            path = chain_dir / name
+            try:
+                fd = files.open_file(path, cfg.backup_dir)
+            except (OSError, files.Forged):
+                raise PodvmError(
+                    f"{path}: missing from the backup volume; point {chain.point_id(point)} cannot be read"
+                ) from None
+            opened.callback(os.close, fd)
+            fds.append(fd)
             _check_file(path, fd, f"point {chain.point_id(point)}", backing)
-        finally:
-            os.close(fd)
+        yield fds
 
 
 def _check_file(path: Path, fd: int, point: str, backing: str | None) -> None:
@@ -75,7 +81,12 @@ def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) 
         raise ConfigError(
             f"{dest} exists: restore beside it with --name NAME, or replace it with --overwrite (with the VM stopped)"
         )
-    _check_chain(cfg, chain_dir, chain, point)
+    with _checked_chain(cfg, chain_dir, chain, point) as layers:
+        _restore(cfg, dest, chain, point, layers, overwrite=overwrite)
+    return dest
+
+
+def _restore(cfg: Config, dest: Path, chain: Chain, point: Point, layers: list[int], *, overwrite: bool) -> None:
     if dest.exists():  # qemu-img's own lock says whether a qemu holds it; a disk it cannot read is replaced
         try:
             img.run(("qemu-img", "info", "-f", "qcow2", str(dest)), img.Job(str(dest), "restoring over it"))
@@ -87,7 +98,7 @@ def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) 
     log.info("restore: point %s (%s, taken %s) into %s", chain.point_id(point), point.kind, point.time, dest)
     started = time.monotonic()
     try:
-        _convert(plans.plan_restore(chain_dir, point, staging), dest)
+        _convert(plans.plan_restore([f"/dev/fd/{fd}" for fd in layers], staging), dest, layers)
         os.rename(staging, dest)
         fsync_directory(dest.parent)
     except BaseException:
@@ -102,10 +113,9 @@ def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) 
         time.monotonic() - started,
         mib(dest.stat().st_size),
     )
-    return dest
 
 
-def _convert(argv: tuple[str, ...], dest: Path) -> None:
+def _convert(argv: tuple[str, ...], dest: Path, layers: list[int]) -> None:
     """Run ``qemu-img convert -p`` with a progress line every PROGRESS_EVERY seconds."""
     last = time.monotonic()
 
@@ -116,4 +126,4 @@ def _convert(argv: tuple[str, ...], dest: Path) -> None:
             last = time.monotonic()
             log.info("restore: %s%%", found[-1].decode())
 
-    img.run(argv, img.Job(str(dest), "restoring", f"VM_DIR={dest.parent}", img.COPY), progress)
+    img.run(argv, img.Job(str(dest), "restoring", f"VM_DIR={dest.parent}", img.COPY), progress, pass_fds=layers)

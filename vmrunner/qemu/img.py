@@ -80,11 +80,16 @@ def _preexec(job: Job) -> Callable[[], None] | None:
 
 
 def run(
-    argv: Sequence[str], job: Job, progress: Callable[[bytes], None] | None = None, *, stdin: int | None = None
+    argv: Sequence[str],
+    job: Job,
+    progress: Callable[[bytes], None] | None = None,
+    *,
+    stdin: int | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> str:
     """qemu-img's standard output; ``progress`` gets each chunk of it as it comes (``convert -p``). ``stdin``: a
     descriptor of the image, named ``/dev/stdin`` in ``argv``, for a file on a volume another pod can write (qemu-img
-    then reopens the inode the runner opened, never a path).
+    then reopens the inode the runner opened, never a path); ``pass_fds``: more of them, named ``/dev/fd/N``.
 
     :raise PodvmError: (``job.error``) as :func:`failure` says, or when it is not installed or runs past its time.
     """
@@ -95,6 +100,7 @@ def run(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL if stdin is None else stdin,
+            pass_fds=pass_fds,
             preexec_fn=_preexec(job),  # noqa: PLW1509 setrlimit only, no threads are started before exec
         )
     except FileNotFoundError:
