@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.pods import VM_NET, Pod, iperf, py_in
@@ -85,85 +86,101 @@ table ip podvmft {{
 """
 
 
+@dataclass(frozen=True)
+class Family:
+    """One address family of section 2: its pod, the stand-in's listening socket, the route that bypasses the NAT,
+    the two paths compared (NAT first) and whether UDP request/response is measured too."""
+
+    section: str
+    families: str
+    af: str
+    bind: str
+    nat: str
+    routed: str
+    udp: bool
+
+
+FAMILIES = (
+    Family("2. packet path", "ipv4", "AF_INET", "0.0.0.0", "pod IP (DNAT/SNAT)", "routed to stand-in (no NAT)", True),
+    Family(
+        "2c. packet path, IPv6",
+        "dual",
+        "AF_INET6",
+        "::",
+        "pod IPv6 (DNAT/SNAT)",
+        "routed to stand-in's IPv6 (no NAT)",
+        False,
+    ),
+)
+
+
 def bench_packets(res: Results, rounds: int, seconds: int) -> Pod:
-    """Through the pod IP against plain routing to the stand-in, alternated; returns the pod (still up)."""
-    sec = "2. packet path"
-    pod = Pod()
+    """Through the pod IP against plain routing to the stand-in, alternated, for IPv4 (then the flowtable and the
+    guards on that pod) and IPv6 (a dual-stack Calico-like pod whose stand-in configured itself by RA and DHCPv6);
+    returns the IPv4 pod (still up)."""
+    kept: Pod | None = None
     try:
-        pod.up()
-        assert pod.vm is not None
-        vm, bed = pod.vm, pod.bed
-        vm.procs.append(ns_popen(vm.ns, ["iperf3", "-s"], stdout=subprocess.DEVNULL))
-        server = CPS_SERVER.format(family="AF_INET", bind="0.0.0.0", port=8080)
-        vm.procs.append(ns_popen(vm.ns, [sys.executable, "-c", server]))
+        for family in FAMILIES:
+            pod = Pod(families=family.families)
+            try:
+                pod.up()
+                _nat_against_routing(res, pod, family, rounds, seconds)
+                if kept is None:
+                    kept = pod
+                    bench_flowtable(res, pod, rounds, seconds)
+                    bench_guards(res, pod, rounds, seconds)
+            finally:
+                if pod is not kept:
+                    pod.close()
+    except BaseException:
+        if kept is not None:
+            kept.close()
+        raise
+    assert kept is not None
+    return kept
+
+
+def _nat_against_routing(res: Results, pod: Pod, family: Family, rounds: int, seconds: int) -> None:
+    """Serve on the stand-in, route its address around the NAT, then measure both paths side by side."""
+    assert pod.vm is not None
+    vm, bed = pod.vm, pod.bed
+    vm.procs.append(ns_popen(vm.ns, ["iperf3", "-s"], stdout=subprocess.DEVNULL))
+    server = CPS_SERVER.format(family=family.af, bind=family.bind, port=8080)
+    vm.procs.append(ns_popen(vm.ns, [sys.executable, "-c", server]))
+    via = ["dev", f"pv{bed.ident}pod", "onlink"]
+    if family.af == "AF_INET":
+        ns_run(bed.node.ns, "ip", "route", "add", VM_NET, "via", bed.pod_ip, *via)
+        paths = {family.nat: bed.pod_ip, family.routed: pod.vm_ip}
+    else:
+        ns_run(bed.node.ns, "ip", "-6", "route", "add", f"{pod.vm_ip6}/128", "via", bed.pod_ip6, *via)
+        paths = {family.nat: bed.pod_ip6, family.routed: pod.vm_ip6}
+    if family.udp:
         vm.serve_udp(8081, "hi")
-        ns_run(bed.node.ns, "ip", "route", "add", VM_NET, "via", bed.pod_ip, "dev", f"pv{bed.ident}pod", "onlink")
-        paths = {"pod IP (DNAT/SNAT)": bed.pod_ip, "routed to stand-in (no NAT)": pod.vm_ip}
-        tput: dict[str, list[float]] = {k: [] for k in paths}
-        cps: dict[str, list[float]] = {k: [] for k in paths}
-        rr: dict[str, list[float]] = {k: [] for k in paths}
-        for _ in range(rounds):
-            # A-B-B-A twice: a load that rises or falls during the round on this shared machine hits both alike.
-            for name in [*paths, *reversed(paths)] * 2:
-                tput[name].append(iperf(bed.client.ns, paths[name], seconds))
-            code = CPS_PAIR.format(hosts=list(paths.values()), port=8080, blocks=20, count=50)
-            blocks = json.loads(ns_run(bed.client.ns, sys.executable, "-c", code, timeout=120).stdout)
-            for name, values in zip(paths, blocks, strict=True):
-                cps[name].extend(values)
+    tput: dict[str, list[float]] = {k: [] for k in paths}
+    cps: dict[str, list[float]] = {k: [] for k in paths}
+    rr: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(rounds):
+        # A-B-B-A twice: a load that rises or falls during the round on this shared machine hits both alike.
+        for name in [*paths, *reversed(paths)] * 2:
+            tput[name].append(iperf(bed.client.ns, paths[name], seconds))
+        code = CPS_PAIR.format(hosts=list(paths.values()), port=8080, blocks=20, count=50)
+        blocks = json.loads(ns_run(bed.client.ns, sys.executable, "-c", code, timeout=120).stdout)
+        for name, values in zip(paths, blocks, strict=True):
+            cps[name].extend(values)
+        if family.udp:
             code = UDP_RR_PAIR.format(hosts=list(paths.values()), port=8081, count=2000)
             for name, value in zip(
                 paths, ns_run(bed.client.ns, sys.executable, "-c", code).stdout.split(), strict=True
             ):
                 rr[name].append(float(value))
-        routed = "routed to stand-in (no NAT)"
-        for label, data, unit in (
-            ("TCP throughput", tput, "Gbit/s"),
-            ("TCP connects/s", cps, "conn/s"),
-            ("UDP request/response RTT", rr, "us"),
-        ):
-            res.add(Figure(sec, f"{label}, {routed}", unit, data[routed]))
-            nat = "pod IP (DNAT/SNAT)"
-            note = "target >= 0.9" if unit != "us" else "target <= 1.11"
-            res.add(Figure(sec, f"{label}, {nat}", unit, data[nat], f"{label}, {routed}", note))
-        bench_flowtable(res, pod, rounds, seconds)
-        bench_guards(res, pod, rounds, seconds)
-        bench_packets6(res, rounds, seconds)
-    except BaseException:
-        pod.close()
-        raise
-    return pod
-
-
-def bench_packets6(res: Results, rounds: int, seconds: int) -> None:
-    """IPv6 through the pod's IPv6 address against plain routing to the stand-in's IPv6, alternated, on a
-    dual-stack Calico-like pod whose stand-in configured itself by RA and DHCPv6."""
-    sec = "2c. packet path, IPv6"
-    pod = Pod(families="dual")
-    try:
-        pod.up()
-        assert pod.vm is not None
-        vm, bed = pod.vm, pod.bed
-        vm.procs.append(ns_popen(vm.ns, ["iperf3", "-s"], stdout=subprocess.DEVNULL))
-        server = CPS_SERVER.format(family="AF_INET6", bind="::", port=8080)
-        vm.procs.append(ns_popen(vm.ns, [sys.executable, "-c", server]))
-        via = ["via", bed.pod_ip6, "dev", f"pv{bed.ident}pod", "onlink"]
-        ns_run(bed.node.ns, "ip", "-6", "route", "add", f"{pod.vm_ip6}/128", *via)
-        paths = {"pod IPv6 (DNAT/SNAT)": bed.pod_ip6, "routed to stand-in's IPv6 (no NAT)": pod.vm_ip6}
-        tput: dict[str, list[float]] = {k: [] for k in paths}
-        cps: dict[str, list[float]] = {k: [] for k in paths}
-        for _ in range(rounds):
-            for name in [*paths, *reversed(paths)] * 2:
-                tput[name].append(iperf(bed.client.ns, paths[name], seconds))
-            code = CPS_PAIR.format(hosts=list(paths.values()), port=8080, blocks=20, count=50)
-            blocks = json.loads(ns_run(bed.client.ns, sys.executable, "-c", code, timeout=120).stdout)
-            for name, values in zip(paths, blocks, strict=True):
-                cps[name].extend(values)
-        nat, routed = paths
-        for label, data, unit in (("TCP throughput", tput, "Gbit/s"), ("TCP connects/s", cps, "conn/s")):
-            res.add(Figure(sec, f"{label}, {routed}", unit, data[routed]))
-            res.add(Figure(sec, f"{label}, {nat}", unit, data[nat], f"{label}, {routed}", "target >= 0.9"))
-    finally:
-        pod.close()
+    figures = [("TCP throughput", tput, "Gbit/s"), ("TCP connects/s", cps, "conn/s")]
+    if family.udp:
+        figures.append(("UDP request/response RTT", rr, "us"))
+    for label, data, unit in figures:
+        res.add(Figure(family.section, f"{label}, {family.routed}", unit, data[family.routed]))
+        note = "target >= 0.9" if unit != "us" else "target <= 1.11"
+        ref = f"{label}, {family.routed}"
+        res.add(Figure(family.section, f"{label}, {family.nat}", unit, data[family.nat], ref, note))
 
 
 def bench_flowtable(res: Results, pod: Pod, rounds: int, seconds: int) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from netsidecar import config, paths, plan
-from netsidecar.probe.report import Check, Status, UsageError, exit_status, judge_handshake, parse, render, to_json
+from netsidecar.probe.report import Check, Status, exit_status, judge_handshake, parse, render, to_json
 from shared import handshake
 from shared.env import Env
 from shared.errors import PodvmError
@@ -59,9 +59,13 @@ def command(args: list[str]) -> int:
     """Run the probe(s) named in ``args``; 0 healthy, 1 a check failed, 2 bad usage."""
     try:
         request = parse(args)
+    except PodvmError as err:
+        print(err, file=sys.stderr)
+        return 2
+    try:
         env = Env(dict(os.environ))
         run_dir, state_dir = env.path("RUN_DIR", config.RUN_DIR), env.path("NET_STATE_DIR", config.STATE_DIR)
-    except (UsageError, PodvmError) as err:
+    except PodvmError as err:
         print(f"netsidecar probe: {err}", file=sys.stderr)
         return 2
     loaded = _load(run_dir, state_dir)

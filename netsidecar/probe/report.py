@@ -11,14 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netsidecar import nft
+from shared.cli import Arguments
 
 PROBES = ("dhcp", "arp", "ra", "nd", "port", "path", "all")
-USAGE = "usage: netsidecar probe dhcp|arp|ra|nd|path|all [--json] | netsidecar probe port PORT[/udp] [--json]"
+USAGE = "dhcp|arp|ra|nd|path|all [--json] | port PORT[/udp] [--json]"
 _PORT = re.compile(r"^(\d{1,5})(?:/(tcp|udp))?$")
-
-
-class UsageError(Exception):
-    """The probe's command line is wrong (exit status 2)."""
 
 
 class Status(enum.Enum):
@@ -52,22 +49,22 @@ class Request:
 
 
 def parse(args: Sequence[str]) -> Request:
-    """Parse ``probe`` arguments; raise UsageError with the usage line on anything unexpected."""
-    as_json = "--json" in args
-    words = [arg for arg in args if arg != "--json"]
-    if not words or words[0] not in PROBES:
-        raise UsageError(USAGE)
-    probe, rest = words[0], words[1:]
-    if probe != "port":
-        if rest:
-            raise UsageError(f"unexpected argument {rest[0]!r}; {USAGE}")
-        return Request(probe, as_json=as_json)
-    if len(rest) != 1:
-        raise UsageError(f"port needs exactly one PORT[/udp]; {USAGE}")
-    match = _PORT.match(rest[0])
+    """Parse ``probe`` arguments; a ConfigError naming the usage on anything unexpected (exit status 2)."""
+    parser = Arguments("netsidecar probe", USAGE)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("probe", choices=PROBES)
+    parser.add_argument("port", nargs="?")
+    parsed = parser.parse(args)
+    if parsed.probe != "port":
+        if parsed.port is not None:
+            parser.error(f"unexpected argument {parsed.port!r}")
+        return Request(parsed.probe, as_json=parsed.json)
+    if parsed.port is None:
+        parser.error("port needs exactly one PORT[/udp]")
+    match = _PORT.match(parsed.port)
     if not match or not 1 <= int(match.group(1)) <= 65535:
-        raise UsageError(f"port {rest[0]!r}: expected a number from 1 to 65535, optionally followed by /udp or /tcp")
-    return Request("port", int(match.group(1)), match.group(2) or "tcp", as_json)
+        parser.error(f"port {parsed.port!r}: expected a number from 1 to 65535, optionally followed by /udp or /tcp")
+    return Request("port", int(match.group(1)), match.group(2) or "tcp", parsed.json)
 
 
 def exit_status(checks: Iterable[Check]) -> int:

@@ -235,7 +235,8 @@ def test_the_plan_says_what_the_backup_will_do_and_changes_nothing(world: World)
     assert run.status == 0, run.log
     plan = json.loads(run.log[run.log.index("{") :])
     assert (plan["kind"], plan["reason"], plan["seq"]) == ("full", "no backup chain yet", 0)
-    assert plan["create"][:5] == ["qemu-img", "create", "-q", "-f", "qcow2"]
+    assert plan["create"][:6] == ["qemu-img", "create", "-q", "-u", "-f", "qcow2"]
+    assert plan["partial"].endswith("/.0000-full.qcow2.partial")
     assert [a["type"] for a in plan["transaction"]["actions"]] == ["block-dirty-bitmap-add", "blockdev-backup"]
     assert world.notes["after_plan"] == [], "nothing written to the backup volume"
 

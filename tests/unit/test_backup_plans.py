@@ -77,14 +77,14 @@ def test_full_plan_adds_a_persistent_bitmap_in_the_same_transaction_as_the_job()
     stale = [ok("podvm-20261120T000000Z"), Bitmap("someone-elses", False, True)]
     plan = plan_backup(Path("/backup/vm-0"), full, SIZE, stale, chain_id="20261128T050000Z", speed=0)
     assert plan.create == (
-        "qemu-img", "create", "-q", "-f", "qcow2",
-        "/backup/vm-0/20261128T050000Z/.0000-full.qcow2.partial", str(SIZE),
+        "qemu-img", "create", "-q", "-u", "-f", "qcow2", "/dev/stdin", str(SIZE),
     )  # fmt: skip
     assert plan.final == Path("/backup/vm-0/20261128T050000Z/0000-full.qcow2")
+    assert plan.partial == Path("/backup/vm-0/20261128T050000Z/.0000-full.qcow2.partial")
     assert plan.attach == {
         "driver": "qcow2",
         "node-name": "podvm-backup-target",
-        "file": {"driver": "file", "filename": "/backup/vm-0/20261128T050000Z/.0000-full.qcow2.partial"},
+        "file": {"driver": "file", "filename": "/dev/fdset/25"},
         "backing": None,
     }
     assert plan.transaction == {
@@ -122,8 +122,8 @@ def test_incremental_plan_is_backed_by_the_previous_file_by_relative_name_and_us
     plan = plan_backup(Path("/b/vm"), inc, SIZE, [ok()], chain_id="ignored", speed=1 << 20)
     assert plan.seq == 2
     assert plan.create == (
-        "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "0001-incremental.qcow2",
-        "/b/vm/20261128T040000Z/.0002-incremental.qcow2.partial", str(SIZE),
+        "qemu-img", "create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", "0001-incremental.qcow2",
+        "/dev/stdin", str(SIZE),
     )  # fmt: skip
     assert plan.transaction == {
         "actions": [
@@ -253,11 +253,15 @@ def test_restore_selects_points_by_id_chain_or_time() -> None:
 
 def test_restore_plan_converts_through_the_chain_into_one_standalone_file() -> None:
     c = chain(3)
-    argv = plans.plan_restore(Path("/b/vm/c"), c.points[1], Path("/vm/.vm-0.qcow2.restore.tmp"))
-    assert argv == (
-        "qemu-img", "convert", "-p", "-f", "qcow2", "-O", "qcow2",
-        "/b/vm/c/0001-incremental.qcow2", "/vm/.vm-0.qcow2.restore.tmp",
-    )  # fmt: skip
+    argv = plans.plan_restore(["/dev/fd/7", "/dev/fd/6"], Path("/vm/.vm-0.qcow2.restore.tmp"))
+    assert argv[:5] == ("qemu-img", "convert", "-p", "-O", "qcow2")
+    assert argv[6] == "/vm/.vm-0.qcow2.restore.tmp"
+    assert argv[5].startswith("json:")
+    assert json.loads(argv[5].removeprefix("json:")) == {
+        "driver": "qcow2",
+        "file": {"driver": "file", "filename": "/dev/fd/7"},
+        "backing": {"driver": "qcow2", "file": {"driver": "file", "filename": "/dev/fd/6"}, "backing": None},
+    }, "every layer is a descriptor the runner opened, the oldest backed by nothing"
     assert plans.expected_backings(c, c.points[2]) == [
         ("0002-incremental.qcow2", "0001-incremental.qcow2"),
         ("0001-incremental.qcow2", "0000-full.qcow2"),

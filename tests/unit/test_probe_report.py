@@ -15,7 +15,6 @@ from netsidecar.probe.report import (
     Request,
     Rule,
     Status,
-    UsageError,
     decode_domain_search,
     exit_status,
     judge_arp,
@@ -29,6 +28,7 @@ from netsidecar.probe.report import (
     rules_from_ruleset,
     to_json,
 )
+from shared.errors import ConfigError
 
 EXPECTED = Expected("192.168.254.2", "192.168.254.1", 30, ("10.0.0.10",), ("a.example", "example"), 1450, "vm-0")
 GOOD = Offer("192.168.254.1", "192.168.254.2", "255.255.255.252", "192.168.254.1", ("10.0.0.10",),
@@ -55,7 +55,7 @@ def test_parse_accepts(args: list[str], request_: Request) -> None:
     "args", [[], ["ping"], ["dhcp", "extra"], ["port"], ["port", "0"], ["port", "70000"], ["port", "80/sctp"]]
 )
 def test_parse_refuses(args: list[str]) -> None:
-    with pytest.raises(UsageError, match=r"usage|port"):
+    with pytest.raises(ConfigError, match=r"usage|port"):
         parse(args)
 
 

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tests.harness.paths import VMRUNNER
 from tests.harness.pod import runner_env
 from tests.harness.wait import until
 from vmrunner.config import Config, load
-from vmrunner.images.download import FETCH, ImageFigures
+from vmrunner.images.download import FETCH, ImageFigures, fetch_into
 from vmrunner.images.layout import Layout
 from vmrunner.images.names import read_name
 from vmrunner.images.store import ensure_image
@@ -487,3 +488,101 @@ def test_a_local_source_larger_than_img_max_size_is_refused_while_copying(tmp_pa
     with pytest.raises(ImageRejected, match=r"^IMG_SOURCE=/\S+/big.img: more than IMG_MAX_SIZE"):
         ensure_base(load(runner_env(shared_dir, IMG_SOURCE=str(source), IMG_FORMAT="raw", IMG_MAX_SIZE="1M")))
     assert cache_names(shared_dir) == []
+
+
+@pytest.fixture
+def no_tmpfile(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A volume without ``O_TMPFILE`` (NFS, some FUSE): the kernel's EOPNOTSUPP for it, every other open real; the
+    names the download then creates with ``O_EXCL`` are collected."""
+    real_open = os.open
+    created: list[str] = []
+
+    def volume_open(path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(95, os.strerror(95))  # EOPNOTSUPP
+        if flags & os.O_EXCL and str(path).endswith(".part"):
+            created.append(str(path))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", volume_open)
+    return created
+
+
+def test_without_o_tmpfile_the_download_is_a_fresh_name_held_open_and_leaves_nothing(
+    served: Server, qcow2_bytes: bytes, shared_dir: Path, no_tmpfile: list[str]
+) -> None:
+    served.served.files["/disk.qcow2"] = qcow2_bytes
+    cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/disk.qcow2")))
+    sha = hashlib.sha256(qcow2_bytes).hexdigest()
+    assert ensure_base(cfg) == sha
+    assert len(no_tmpfile) == 1, "the fallback made its one named file"
+    assert cached(cfg) == qcow2_bytes
+    assert list((shared_dir / "image" / "tmp").iterdir()) == []
+
+
+def test_without_o_tmpfile_a_neighbour_swapping_the_named_part_gets_nothing_stored(
+    served: Server,
+    qcow2_bytes: bytes,
+    other_qcow2_bytes: bytes,
+    shared_dir: Path,
+    *,
+    no_tmpfile: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The neighbour replaces the partial file's name once the server's bytes are in it, before the vetting and the
+    rename: the rename then moves the neighbour's inode, which the check against the descriptor refuses."""
+    served.served.files["/disk.qcow2"] = qcow2_bytes
+    tmp = shared_dir / "image" / "tmp"
+
+    def fetch_then_swap(cfg: Config, out: object) -> dict[str, str]:
+        digests = fetch_into(cfg, out)  # type: ignore[arg-type]
+        (tmp / ".neighbour").write_bytes(other_qcow2_bytes)
+        os.replace(tmp / ".neighbour", tmp / no_tmpfile[0])
+        return digests
+
+    monkeypatch.setattr("vmrunner.images.store.fetch_into", fetch_then_swap)
+    cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/disk.qcow2")))
+    with pytest.raises(PodvmError, match=r"is not the file downloaded .*nothing cached$") as caught:
+        ensure_image(cfg)
+    assert "\n" not in str(caught.value)
+    sha = hashlib.sha256(qcow2_bytes).hexdigest()
+    assert not (shared_dir / "image" / "sha256" / sha).exists()
+    assert read_name(Layout(cfg.image_dir), cfg.img_name) is None
+    assert list(tmp.iterdir()) == []
+    monkeypatch.setattr("vmrunner.images.store.fetch_into", fetch_into)
+    assert ensure_base(cfg) == sha and cached(cfg) == qcow2_bytes, "the next start fetches the server's bytes"
+
+
+@pytest.mark.parametrize("kind", ["link", "fifo", "file"])
+def test_without_o_tmpfile_a_planted_part_name_is_never_written_through(
+    served: Server,
+    qcow2_bytes: bytes,
+    shared_dir: Path,
+    *,
+    no_tmpfile: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+) -> None:
+    """A neighbour that guessed the partial file's name plants a link to a file of the VM's volume, a FIFO or a file
+    of its own there first: ``O_EXCL | O_NOFOLLOW`` refuses it in one line naming the volume; nothing is written
+    through it, nothing cached."""
+    monkeypatch.setattr("vmrunner.images.store.secrets", types.SimpleNamespace(token_hex=lambda _n: "0badcafe"))
+    served.served.files["/disk.qcow2"] = qcow2_bytes
+    cfg = load(runner_env(shared_dir, IMG_SOURCE=served.url("/disk.qcow2")))
+    tmp = shared_dir / "image" / "tmp"
+    tmp.mkdir(exist_ok=True)
+    planted = tmp / f"{cfg.img_name}.{os.getpid()}.0badcafe.part"
+    victim = shared_dir / "vm" / "victim"
+    victim.write_bytes(b"the VM's own bytes")
+    if kind == "link":
+        planted.symlink_to(victim)
+    elif kind == "fifo":
+        os.mkfifo(planted)
+    else:
+        planted.write_bytes(b"the neighbour's bytes")
+    with pytest.raises(PodvmError, match=rf"^IMAGE_DIR={shared_dir / 'image'}: cannot store .*: File exists: ") as got:
+        ensure_image(cfg)
+    assert "\n" not in str(got.value)
+    assert victim.read_bytes() == b"the VM's own bytes"
+    assert os.path.lexists(planted), "the planted name is left as it was, never removed through"
+    assert list((shared_dir / "image").glob("sha256/*")) == []

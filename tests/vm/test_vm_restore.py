@@ -3,6 +3,7 @@
 process holds, and two backups never run at once. No guest boots here."""
 
 import hashlib
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,3 +114,33 @@ def test_two_backups_never_run_at_once(tmp_path: Path) -> None:
         assert "another backup is running; this one is not started" in done.stderr
     with locked(cfg, root):
         pass  # free again once the first one ended
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_chain_swapped_after_it_was_read_is_refused_in_one_line_and_nothing_restored(
+    chain: tuple[Config, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A neighbour acts once the manifest was read: it links the chain folder's name to a forged copy (every file
+    checks out there), or puts a FIFO in place of the newest point. The checks read the files through descriptors
+    opened below BACKUP_DIR without following a link: one line, never a hang, and no pet made."""
+    cfg, _ = chain
+    directory = tmp_path / "backup" / "vm-0" / CHAIN
+    real = plans.select_point
+
+    def select_then_swap(chains: list[Chain], wanted: str | None) -> tuple[Chain, Point]:
+        selected = real(chains, wanted)
+        if kind == "folder":
+            forged = tmp_path / "forged"
+            directory.rename(forged)
+            qemu("qemu-io", "-f", "qcow2", "-c", "write -P 9 12M 1M", str(forged / selected[1].file))
+            directory.symlink_to(forged)
+        else:
+            (directory / selected[1].file).unlink()
+            os.mkfifo(directory / selected[1].file)
+        return selected
+
+    monkeypatch.setattr(plans, "select_point", select_then_swap)
+    with pytest.raises(PodvmError, match=r"missing from the backup volume; point .* cannot be read$") as caught:
+        restore(cfg, f"{CHAIN}.2", "r2", overwrite=False)
+    assert "\n" not in str(caught.value)
+    assert list(cfg.vm_dir.iterdir()) == []

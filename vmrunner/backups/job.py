@@ -25,7 +25,17 @@ from shared import files
 from shared.errors import ConfigError, PodvmError
 from shared.files import write_atomic
 from vmrunner.backups import ownstate, plans
-from vmrunner.backups.plans import JOB_ID, LAST, LOCK, MANIFEST, TARGET_NODE, BackupPlan, Chain, Point
+from vmrunner.backups.plans import (
+    JOB_ID,
+    LAST,
+    LOCK,
+    MANIFEST,
+    TARGET_FDSET,
+    TARGET_NODE,
+    BackupPlan,
+    Chain,
+    Point,
+)
 from vmrunner.config import Config
 from vmrunner.pet.state import own_files
 from vmrunner.qemu import img, qmp
@@ -119,6 +129,38 @@ async def _leftover_job(cfg: Config) -> None:
     names = [n.get("node-name") for n in nodes if isinstance(n, dict)] if isinstance(nodes, list) else []
     if TARGET_NODE in names:
         await _qmp(cfg, "blockdev-del", {"node-name": TARGET_NODE})
+    fdsets = await _qmp(cfg, "query-fdsets")
+    ids = [s.get("fdset-id") for s in fdsets if isinstance(s, dict)] if isinstance(fdsets, list) else []
+    if TARGET_FDSET in ids:
+        await _qmp(cfg, "remove-fd", {"fdset-id": TARGET_FDSET})  # else /dev/fdset would give the old target
+
+
+async def _detach(cfg: Config, timeout: float = 5.0) -> None:
+    """Detach the target and drop qemu's descriptor of it."""
+    await _qmp(cfg, "blockdev-del", {"node-name": TARGET_NODE}, timeout=timeout)
+    with contextlib.suppress(PodvmError):  # already gone when no monitor was left holding it
+        await _qmp(cfg, "remove-fd", {"fdset-id": TARGET_FDSET}, timeout=timeout)
+
+
+@contextlib.contextmanager
+def _target(cfg: Config, plan: BackupPlan) -> Iterator[tuple[int, int]]:
+    """The chain folder (no link below BACKUP_DIR followed) and the backup's new target file in it, created by the
+    runner (``O_EXCL | O_NOFOLLOW``: a name planted there is refused) and held open until it is renamed, so qemu-img
+    and qemu write this inode, whatever another pod does to the names meanwhile."""
+    chain_fd = files.open_below(cfg.backup_dir, plan.directory, create=True)
+    try:
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(plan.partial.name, flags, 0o644, dir_fd=chain_fd)
+        except OSError as err:
+            err.filename = str(plan.partial)
+            raise
+        try:
+            yield chain_fd, fd
+        finally:
+            os.close(fd)
+    finally:
+        os.close(chain_fd)
 
 
 async def _wait_concluded(cfg: Config, timeout: float) -> dict[str, object] | None:
@@ -208,10 +250,15 @@ async def _locked_backup(cfg: Config, root: Path, want_full: bool) -> Result:
         log.info("backup: removing %s, left by an interrupted backup", path)
         _remove(path)
     log.info("backup: %s backup into %s: %s", plan.kind, plan.directory, plan.reason)
-    os.close(files.open_below(cfg.backup_dir, plan.directory, create=True))  # never a planted link
+    with _target(cfg, plan) as (chain_fd, target):
+        return await _attached_backup(cfg, root, plan, chain_fd, target)
+
+
+async def _attached_backup(cfg: Config, root: Path, plan: BackupPlan, chain_fd: int, target: int) -> Result:
     volume = f"BACKUP_DIR={cfg.backup_dir}"
-    await img.run_async(plan.create, img.Job(str(plan.partial), "creating the backup target", volume))
-    await _qmp(cfg, "blockdev-add", plan.attach)
+    await img.run_async(plan.create, img.Job(str(plan.partial), "creating the backup target", volume), stdin=target)
+    commands: list[qmp.Command] = [("add-fd", {"fdset-id": TARGET_FDSET}), ("blockdev-add", plan.attach)]
+    await qmp.session(RunPaths.of(cfg.run_dir).qmp, commands, qmp.TIMEOUT, fd=target)
     sent: list[bool] = []  # set once the transaction is on its way: from then on a job may exist
     try:
         freeze, now, started, own = await _start(cfg, plan, sent)
@@ -221,15 +268,17 @@ async def _locked_backup(cfg: Config, root: Path, want_full: bool) -> Result:
         raise
     seconds = time.monotonic() - started
     await _qmp(cfg, "job-dismiss", {"id": JOB_ID})
-    await _qmp(cfg, "blockdev-del", {"node-name": TARGET_NODE})
+    await _detach(cfg)
     error = job.get("error")
     if error is not None:
-        plan.partial.unlink(missing_ok=True)  # the job failed: its bitmap kept every change (on-success)
+        files.remove_below(cfg.backup_dir, plan.partial)  # the job failed: its bitmap kept every change (on-success)
         raise PodvmError(f"backup into {plan.partial} failed: {str(error)[:300]}")
     for name in plan.remove_bitmaps:
         log.info("backup: removing the pet's bitmap %s (its chain is no longer followed)", name)
         await _qmp(cfg, "block-dirty-bitmap-remove", {"node": PET_NODE, "name": name})
-    return _record(cfg, root, plan, now=now, seconds=seconds, job=job, freeze=freeze, own=own)
+    _rename(cfg, plan, chain_fd, target)
+    size = os.fstat(target).st_size
+    return _record(cfg, root, plan, now=now, seconds=seconds, job=job, freeze=freeze, size=size, own=own)
 
 
 async def _start(
@@ -307,8 +356,8 @@ async def _abandon(cfg: Config, plan: BackupPlan, *, started: bool) -> None:
             if job is not None and job.get("error") is not None:
                 if started:
                     await _qmp(cfg, "job-dismiss", {"id": JOB_ID}, timeout=1.0)
-                await _qmp(cfg, "blockdev-del", {"node-name": TARGET_NODE}, timeout=1.0)
-                plan.partial.unlink(missing_ok=True)
+                await _detach(cfg, timeout=1.0)
+                files.remove_below(cfg.backup_dir, plan.partial)
                 if plan.kind == "full":
                     with contextlib.suppress(OSError):
                         plan.directory.rmdir()
@@ -317,6 +366,24 @@ async def _abandon(cfg: Config, plan: BackupPlan, *, started: bool) -> None:
     except (TimeoutError, PodvmError):
         pass
     log.warning("backup: interrupted at an unknown point; %s stays until the next (full) backup", plan.partial)
+
+
+def _rename(cfg: Config, plan: BackupPlan, chain_fd: int, target: int) -> None:
+    """Rename the completed target into the chain, in the folder it was made in; the name renamed must be the very
+    file qemu wrote (another pod may have swapped it), else it is removed and the backup fails.
+
+    :raise PodvmError: when another file stood under the target's name.
+    """
+    os.rename(plan.partial.name, plan.final.name, src_dir_fd=chain_fd, dst_dir_fd=chain_fd)
+    now = os.stat(plan.final.name, dir_fd=chain_fd, follow_symlinks=False)
+    mine = os.fstat(target)
+    if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+        os.unlink(plan.final.name, dir_fd=chain_fd)
+        raise PodvmError(
+            f"BACKUP_DIR={cfg.backup_dir}: {plan.partial} is not the file qemu wrote (another writer replaced it); "
+            "removed it, the chain ends at its last complete point"
+        )
+    os.fsync(chain_fd)
 
 
 def _record(
@@ -328,15 +395,10 @@ def _record(
     seconds: float,
     job: dict[str, object],
     freeze: agent.Freeze,
+    size: int,
     own: dict[str, str],
 ) -> Result:
-    """Rename the completed target into the chain, write the manifest, apply retention, record the figures."""
-    chain_fd = files.open_below(cfg.backup_dir, plan.directory)  # still the chain folder, not a link put there since
-    try:
-        os.rename(plan.partial.name, plan.final.name, src_dir_fd=chain_fd, dst_dir_fd=chain_fd)
-        os.fsync(chain_fd)
-    finally:
-        os.close(chain_fd)
+    """Write the manifest of the renamed target, apply retention, record the figures."""
     copied = job.get("total-progress")
     point = Point(
         seq=plan.seq,
@@ -345,7 +407,7 @@ def _record(
         time=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         unix=now.timestamp(),
         copied=copied if isinstance(copied, int) else 0,
-        size=plan.final.stat().st_size,
+        size=size,
         seconds=round(seconds, 3),
         frozen=freeze.frozen,
         own=own,

@@ -21,7 +21,7 @@ import contextlib
 import json
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +36,9 @@ Argv = tuple[str, ...]
 BITMAP_PREFIX = "podvm-"
 JOB_ID = "podvm-backup"
 TARGET_NODE = "podvm-backup-target"
+# qemu gets the target as a descriptor the runner opened (QMP add-fd into this set), qemu-img as its standard input:
+# neither resolves a path on the backup volume, which another pod may write.
+TARGET_FDSET = 25
 MANIFEST = "manifest.json"
 LAST = "last.json"
 LOCK = ".lock"
@@ -320,11 +323,12 @@ def plan_backup(
     file = point_file(seq, decision.kind)
     partial = directory / f".{file}{PARTIAL}"
     bitmap = f"{BITMAP_PREFIX}{chain_id}"
-    create = ("qemu-img", "create", "-q", "-f", "qcow2", *backing, str(partial), str(virtual_size))
+    # -u: the backing file is named in the header, never opened (the restore checks the chain)
+    create = ("qemu-img", "create", "-q", "-u", "-f", "qcow2", *backing, "/dev/stdin", str(virtual_size))
     attach: dict[str, object] = {
         "driver": "qcow2",
         "node-name": TARGET_NODE,
-        "file": {"driver": "file", "filename": str(partial)},
+        "file": {"driver": "file", "filename": f"/dev/fdset/{TARGET_FDSET}"},
         "backing": None,  # the job writes only; earlier files of the chain stay closed and unlocked
     }
     job: dict[str, object] = {
@@ -422,10 +426,14 @@ def _moment(text: str) -> float | None:
     return when.timestamp()
 
 
-def plan_restore(chain_dir: Path, point: Point, staging: Path) -> Argv:
-    """``qemu-img convert`` of the point, read through its chain, into one standalone qcow2 at ``staging``."""
-    source = chain_dir / point.file
-    return ("qemu-img", "convert", "-p", "-f", "qcow2", "-O", "qcow2", str(source), str(staging))
+def plan_restore(layers: Sequence[str], staging: Path) -> Argv:
+    """``qemu-img convert`` of a point into one standalone qcow2 at ``staging``, read through ``layers``: the files
+    of its chain newest first (as :func:`expected_backings` lists them), each as the runner opened it
+    (``/dev/fd/N``), each one's backing the next, the oldest's none: no backing is ever resolved by a name."""
+    image: dict[str, object] | None = None
+    for layer in reversed(layers):
+        image = {"driver": "qcow2", "file": {"driver": "file", "filename": layer}, "backing": image}
+    return ("qemu-img", "convert", "-p", "-O", "qcow2", f"json:{json.dumps(image)}", str(staging))
 
 
 def expected_backings(chain: Chain, point: Point) -> list[tuple[str, str | None]]:

@@ -1,11 +1,14 @@
 """Restores applied: a standalone pet disk in VM_DIR made from a backup point, never over a disk in use."""
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from shared import files
 from shared.errors import ConfigError, PodvmError
 from shared.files import fsync_directory
 from vmrunner.backups import plans
@@ -18,34 +21,48 @@ from vmrunner.qemu import img
 from vmrunner.run import suspend
 
 log = logging.getLogger("vmrunner.backup")
+# One file of a chain, read through the runner's descriptor (its standard input), its backing file never opened.
+INFO = ("qemu-img", "info", "-f", "qcow2", "--output=json", "/dev/stdin")
+CHECK = ("qemu-img", "check", "-q", 'json:{"driver": "qcow2", "backing": null, "file": {"filename": "/dev/stdin"}}')
 
 
-def _check_chain(cfg: Config, chain_dir: Path, chain: Chain, point: Point) -> None:
-    """Every file the point is read through exists, passes ``qemu-img check``, and is backed by exactly the point
-    before it in the same directory (a tampered header cannot make the restore read another file).
+@contextlib.contextmanager
+def _checked_chain(cfg: Config, chain_dir: Path, chain: Chain, point: Point) -> Iterator[list[int]]:
+    """Descriptors of every file the point is read through, newest first, each opened below BACKUP_DIR without a
+    link or a FIFO, passing ``qemu-img check`` and backed by exactly the point before it in the same directory (a
+    tampered header cannot make the restore read another file); held open, so the copy reads what was checked.
 
     :raise PodvmError: naming the file at fault.
     """
-    for name, backing in plans.expected_backings(chain, point):
-        path = chain_dir / name
-        if not path.is_file() or path.is_symlink():
-            raise PodvmError(f"{path}: missing from the backup volume; point {chain.point_id(point)} cannot be read")
-        doing = f"reading point {chain.point_id(point)}"
-        try:
-            out = img.run(("qemu-img", "info", "-f", "qcow2", "--output=json", str(path)), img.Job(str(path), doing))
-            info = json.loads(out)
-        except (PodvmError, ValueError):
-            info = None
-        if not isinstance(info, dict):
-            raise PodvmError(f"{path}: not a readable qcow2; point {chain.point_id(point)} cannot be restored")
-        got = info.get("backing-filename")
-        fmt = info.get("backing-filename-format")
-        if got != backing or (backing is not None and fmt != "qcow2") or info.get("data-file"):
-            raise PodvmError(f"{path}: its header names the backing file {got!r}, expected {backing!r}; refused")
-        img.run(
-            ("qemu-img", "check", "-q", "-f", "qcow2", str(path)),
-            img.Job(str(path), f"checking point {chain.point_id(point)}"),
-        )
+    with contextlib.ExitStack() as opened:
+        fds: list[int] = []
+        for name, backing in plans.expected_backings(chain, point):
+            path = chain_dir / name
+            try:
+                fd = files.open_file(path, cfg.backup_dir)
+            except (OSError, files.Forged):
+                raise PodvmError(
+                    f"{path}: missing from the backup volume; point {chain.point_id(point)} cannot be read"
+                ) from None
+            opened.callback(os.close, fd)
+            fds.append(fd)
+            _check_file(path, fd, f"point {chain.point_id(point)}", backing)
+        yield fds
+
+
+def _check_file(path: Path, fd: int, point: str, backing: str | None) -> None:
+    try:
+        out = img.run(INFO, img.Job(str(path), f"reading {point}"), stdin=fd)
+        info = json.loads(out)
+    except (PodvmError, ValueError):
+        info = None
+    if not isinstance(info, dict):
+        raise PodvmError(f"{path}: not a readable qcow2; {point} cannot be restored")
+    got = info.get("backing-filename")
+    fmt = info.get("backing-filename-format")
+    if got != backing or (backing is not None and fmt != "qcow2") or info.get("data-file"):
+        raise PodvmError(f"{path}: its header names the backing file {got!r}, expected {backing!r}; refused")
+    img.run(CHECK, img.Job(str(path), f"checking {point}"), stdin=fd)
 
 
 def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) -> Path:
@@ -66,7 +83,16 @@ def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) 
         raise ConfigError(
             f"{dest} exists: restore beside it with --name NAME, or replace it with --overwrite (with the VM stopped)"
         )
-    _check_chain(cfg, chain_dir, chain, point)
+    with _checked_chain(cfg, chain_dir, chain, point) as layers:
+        _restore(cfg, dest, chain, point, layers, overwrite=overwrite)
+    for own in restore_own(cfg, chain_dir, chain, point, name or cfg.hostname):
+        log.info("restore: %s of the same point", own)
+    if name in (None, cfg.hostname):
+        suspend.discard(cfg, "the disk was restored from a backup")  # its RAM would not match the restored disk
+    return dest
+
+
+def _restore(cfg: Config, dest: Path, chain: Chain, point: Point, layers: list[int], *, overwrite: bool) -> None:
     if dest.exists():  # qemu-img's own lock says whether a qemu holds it; a disk it cannot read is replaced
         try:
             img.run(("qemu-img", "info", "-f", "qcow2", str(dest)), img.Job(str(dest), "restoring over it"))
@@ -78,7 +104,7 @@ def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) 
     log.info("restore: point %s (%s, taken %s) into %s", chain.point_id(point), point.kind, point.time, dest)
     started = time.monotonic()
     try:
-        _convert(plans.plan_restore(chain_dir, point, staging), dest)
+        _convert(plans.plan_restore([f"/dev/fd/{fd}" for fd in layers], staging), dest, layers)
         os.rename(staging, dest)
         fsync_directory(dest.parent)
     except BaseException:
@@ -86,10 +112,6 @@ def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) 
         raise
     if overwrite:
         trust_path_of(dest).unlink(missing_ok=True)  # the old disk's record of its base
-    for own in restore_own(cfg, chain_dir, chain, point, name or cfg.hostname):
-        log.info("restore: %s of the same point", own)
-    if name in (None, cfg.hostname):
-        suspend.discard(cfg, "the disk was restored from a backup")  # its RAM would not match the restored disk
     log.info(
         "restore done: %s from point %s in %.1f s (%s); boot it with vmrunner run",
         dest,
@@ -97,10 +119,9 @@ def restore(cfg: Config, wanted: str | None, name: str | None, overwrite: bool) 
         time.monotonic() - started,
         mib(dest.stat().st_size),
     )
-    return dest
 
 
-def _convert(argv: tuple[str, ...], dest: Path) -> None:
+def _convert(argv: tuple[str, ...], dest: Path, layers: list[int]) -> None:
     """Run ``qemu-img convert -p`` with a progress line every PROGRESS_EVERY seconds."""
     progress = img.percent_lines(lambda percent: log.info("restore: %s%%", percent), PROGRESS_EVERY)
-    img.run(argv, img.Job(str(dest), "restoring", f"VM_DIR={dest.parent}", img.COPY), progress)
+    img.run(argv, img.Job(str(dest), "restoring", f"VM_DIR={dest.parent}", img.COPY), progress, pass_fds=layers)

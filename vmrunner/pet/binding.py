@@ -7,6 +7,7 @@ file's ctime back. An unchanged identity (size, inode, ctime, mtime) costs a ``s
 else costs a full re-hash, and a base that is missing or not its digest stops the start (exit status 7).
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -189,43 +190,71 @@ def _restore_missing(cfg: Config, hexdigest: str) -> None:
 
 
 def _migrate(cfg: Config, old: Path, fmt: str) -> str:
-    """A pet of the old layout (backing ``IMAGE_DIR/<target>``): bind it to its base's digest, same bytes."""
-    layout = Layout(cfg.image_dir)
-    if not old.exists():
-        raise BaseMismatch(f"{cfg.pet_path}: its base {old} (the old cache layout) is missing; not starting the VM")
+    """A pet of the old layout (backing ``IMAGE_DIR/<target>``): bind it to its base's digest, same bytes.
+
+    The old base is opened once (no link below IMAGE_DIR, no FIFO), and hashed, vetted and stored through that
+    descriptor: the bytes bound are the bytes checked, whatever another pod does to the name meanwhile."""
+    try:
+        fd = files.open_file(old, cfg.image_dir)
+    except FileNotFoundError:
+        raise BaseMismatch(
+            f"{cfg.pet_path}: its base {old} (the old cache layout) is missing; not starting the VM"
+        ) from None
+    except (OSError, files.Forged):
+        raise BaseMismatch(
+            f"{old}: the pet's base (the old cache layout) is not a regular file; not starting the VM"
+        ) from None
+    try:
+        hexdigest = _store_old(cfg, old, fmt, fd)
+    finally:
+        os.close(fd)
+    if not claim(cfg, hexdigest):
+        raise BaseMismatch(_missing(cfg, hexdigest))
+    target = Layout(cfg.image_dir).base(hexdigest)
+    disk.run(disk.plan_repoint(cfg.pet_path, target, fmt), cfg, "pointing the pet at its base's digest")
+    log.info("pet %s is now bound to sha256:%s (%s)", cfg.pet_path, hexdigest, target)
+    return hexdigest
+
+
+def _store_old(cfg: Config, old: Path, fmt: str, fd: int) -> str:
+    """Hash, vet and store the open old base as ``sha256/<hex>``; its digest."""
     log.info("pet %s is on %s, the old cache layout: binding it to the base's digest", cfg.pet_path, old)
-    hexdigest = hash_file(old, cfg.image_dir)
-    if hexdigest is None:
-        raise BaseMismatch(f"{old}: the pet's base (the old cache layout) is not a regular file; not starting the VM")
+    with open(fd, "rb", closefd=False) as src:
+        hexdigest = hashlib.file_digest(src, "sha256").hexdigest()
     legacy = old.parent / f".{old.name}.vetted"
     try:
-        recorded = json.loads(legacy.read_text()).get("digests", {}).get("sha256")
-    except (OSError, ValueError, AttributeError):
+        recorded = (
+            json.loads(files.read_record(legacy, 1 << 16, cfg.image_dir) or b"{}").get("digests", {}).get("sha256")
+        )
+    except (ValueError, AttributeError):
         recorded = None
     if recorded and recorded != hexdigest:
         raise BaseMismatch(
             f"{old}: its bytes hash to sha256:{hexdigest}, not sha256:{recorded} as when it was cached; not starting"
         )
-    vet(old, fmt, NO_LIMIT, str(old))
+    vet(Path(f"/proc/{os.getpid()}/fd/{fd}"), fmt, NO_LIMIT, str(old))
+    layout = Layout(cfg.image_dir)
     layout.make()
     target = layout.base(hexdigest)
     if not target.exists():
         try:
-            os.link(old, target)
+            os.link(old, target, follow_symlinks=False)
+            linked, mine = os.stat(target, follow_symlinks=False), os.fstat(fd)
+            if (linked.st_dev, linked.st_ino) != (mine.st_dev, mine.st_ino):  # the name was swapped since it was opened
+                target.unlink()
+                raise BaseMismatch(f"{old}: replaced while it was checked; not starting the VM")
         except OSError:
             part = layout.tmp / f"migrate.{hexdigest}.{os.getpid()}.part"
             try:
-                shutil.copyfile(old, part)
+                with open(fd, "rb", closefd=False) as src, open(part, "xb") as out:
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    shutil.copyfileobj(src, out)
                 os.chmod(part, 0o444)
                 os.replace(part, target)
             except OSError as err:
                 raise PodvmError(f"IMAGE_DIR={cfg.image_dir}: cannot store {old} as {target}: {err.strerror}") from None
             finally:
                 part.unlink(missing_ok=True)
-    if not claim(cfg, hexdigest):
-        raise BaseMismatch(_missing(cfg, hexdigest))
-    disk.run(disk.plan_repoint(cfg.pet_path, target, fmt), cfg, "pointing the pet at its base's digest")
-    log.info("pet %s is now bound to sha256:%s (%s)", cfg.pet_path, hexdigest, target)
     return hexdigest
 
 

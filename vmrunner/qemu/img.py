@@ -95,8 +95,17 @@ def percent_lines(say: Callable[[str], None], every: float = 5.0) -> Callable[[b
     return progress
 
 
-def run(argv: Sequence[str], job: Job, progress: Callable[[bytes], None] | None = None) -> str:
-    """qemu-img's standard output; ``progress`` gets each chunk of it as it comes (``convert -p``).
+def run(
+    argv: Sequence[str],
+    job: Job,
+    progress: Callable[[bytes], None] | None = None,
+    *,
+    stdin: int | None = None,
+    pass_fds: Sequence[int] = (),
+) -> str:
+    """qemu-img's standard output; ``progress`` gets each chunk of it as it comes (``convert -p``). ``stdin``: a
+    descriptor of the image, named ``/dev/stdin`` in ``argv``, for a file on a volume another pod can write (qemu-img
+    then reopens the inode the runner opened, never a path); ``pass_fds``: more of them, named ``/dev/fd/N``.
 
     :raise PodvmError: (``job.error``) as :func:`failure` says, or when it is not installed or runs past its time.
     """
@@ -106,7 +115,8 @@ def run(argv: Sequence[str], job: Job, progress: Callable[[bytes], None] | None 
             argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            pass_fds=pass_fds,
             preexec_fn=_preexec(job),  # noqa: PLW1509 setrlimit only, no threads are started before exec
         )
     except FileNotFoundError:
@@ -135,11 +145,14 @@ def run(argv: Sequence[str], job: Job, progress: Callable[[bytes], None] | None 
     return out.decode(errors="replace")
 
 
-async def run_async(argv: Sequence[str], job: Job) -> str:
+async def run_async(argv: Sequence[str], job: Job, *, stdin: int | None = None) -> str:
     """:func:`run` for the event loop (backups run beside qemu): the same errors, the loop never blocked."""
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL if stdin is None else stdin,
         )
     except FileNotFoundError:
         raise PodvmError(NOT_INSTALLED) from None

@@ -36,8 +36,8 @@ async def session(
 ) -> list[object]:
     """qemu's answers to ``commands``, sent one after the other on one connection within ``timeout`` seconds.
     With ``wait=False`` a monitor nobody listens on fails at once instead of being retried until the deadline.
-    ``fd`` is handed to qemu (SCM_RIGHTS) before the first command, which names it (``getfd``): qemu then writes
-    through a descriptor the runner opened, never by a path.
+    ``fd`` is handed to qemu (SCM_RIGHTS) before the first command, which takes it (``getfd`` or ``add-fd``):
+    qemu then writes or opens a file the runner opened, never a path.
 
     :raise PodvmError: when no qemu answers there in time, or a command fails.
     """

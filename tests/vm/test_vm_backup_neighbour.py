@@ -1,0 +1,122 @@
+"""A neighbour on the backup volume acting between the backup's checks and its use of the target, against a real
+qemu (a paused machine holding the pet disk: the backup job needs no guest) and the real qemu-img."""
+
+import asyncio
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.errors import PodvmError
+from tests.harness.pod import runner_env
+from vmrunner.backups import job, plans
+from vmrunner.config import Config, load
+from vmrunner.qemu import img
+from vmrunner.run.argv import PET_NODE, RunPaths
+
+
+@pytest.fixture
+def backed_up(shared_dir: Path) -> Iterator[Config]:
+    """A runner's configuration with a backup volume, and a qemu holding its pet disk as the runner's node."""
+    pet = shared_dir / "vm" / "vm-0.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(pet), "16M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xaa 0 1M", str(pet)], check=True, capture_output=True)
+    (shared_dir / "backup").mkdir()
+    cfg = load(runner_env(shared_dir, BACKUP_DIR=str(shared_dir / "backup")), image=False)
+    qmp = RunPaths.of(cfg.run_dir).qmp
+    drive = f"file={pet},if=none,id=disk0,node-name={PET_NODE},format=qcow2"
+    argv = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-S"]
+    qemu = subprocess.Popen([*argv, "-qmp", f"unix:{qmp},server=on,wait=off", "-drive", drive])
+    try:
+        deadline = time.monotonic() + 10
+        while not qmp.exists() and qemu.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert qmp.exists(), "qemu did not start"
+        yield cfg
+    finally:
+        qemu.kill()
+        qemu.wait()
+
+
+def planting(monkeypatch: pytest.MonkeyPatch, act: Callable[[plans.BackupPlan], None]) -> None:
+    """Run the neighbour's ``act`` right after the backup planned its target, before anything is made."""
+    real = plans.plan_backup
+
+    def plan_then_act(*args: object, **kwargs: object) -> plans.BackupPlan:
+        plan = real(*args, **kwargs)  # type: ignore[arg-type]
+        act(plan)
+        return plan
+
+    monkeypatch.setattr(plans, "plan_backup", plan_then_act)
+
+
+def test_a_link_planted_at_the_target_name_gets_nothing_written_through_it(
+    backed_up: Config, shared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    victim = shared_dir / "vm" / "victim"
+    victim.write_bytes(b"the VM's own bytes")
+
+    def plant(plan: plans.BackupPlan) -> None:
+        plan.directory.mkdir(parents=True, exist_ok=True)
+        plan.partial.symlink_to(victim)
+
+    planting(monkeypatch, plant)
+    with pytest.raises(PodvmError, match=r"^BACKUP_DIR=.*: File exists: .*\.0000-full\.qcow2\.partial$") as caught:
+        asyncio.run(job.run_backup(backed_up))
+    assert "\n" not in str(caught.value)
+    assert victim.read_bytes() == b"the VM's own bytes"
+
+
+def test_a_chain_folder_swapped_for_a_link_during_the_backup_gets_nothing_written_through_it(
+    backed_up: Config, shared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the target exists the neighbour moves the chain folder away and links its name to a folder of its own
+    holding a file under the target's name: qemu still writes the runner's file, nothing reaches the other folder."""
+    elsewhere = shared_dir / "elsewhere"
+    elsewhere.mkdir()
+    own = elsewhere / ".0000-full.qcow2.partial"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(own), "16M"], check=True)
+    before = own.read_bytes()
+    real = img.run_async
+
+    async def create_then_swap(argv: tuple[str, ...], what: img.Job, **kwargs: int | None) -> str:
+        out = await real(argv, what, **kwargs)
+        directory = Path(what.subject).parent
+        directory.rename(shared_dir / "moved")
+        directory.symlink_to(elsewhere)
+        return out
+
+    monkeypatch.setattr(img, "run_async", create_then_swap)
+    try:
+        asyncio.run(job.run_backup(backed_up))
+    except PodvmError as err:
+        assert "\n" not in str(err) and "symbolic link" in str(err), err
+    assert list(elsewhere.iterdir()) == [own] and own.read_bytes() == before, "nothing written through the link"
+    written = [p for p in (shared_dir / "moved").iterdir() if p.name.endswith(".qcow2")]
+    assert [p.name for p in written] == ["0000-full.qcow2"], "the backup went into the file the runner made"
+    check = subprocess.run(["qemu-img", "check", "-q", "-f", "qcow2", str(written[0])], check=False)
+    assert check.returncode == 0
+
+
+def test_a_target_renamed_over_by_a_neighbour_is_refused_not_recorded(
+    backed_up: Config, shared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The neighbour puts its own file under the target's name just before the rename: the name renamed into the
+    chain is not the file qemu wrote, so it is removed and the backup fails in one line; no manifest names it."""
+    real = job._rename
+
+    def swap_then_rename(cfg: Config, plan: plans.BackupPlan, chain_fd: int, target: int) -> None:
+        (plan.directory / ".neighbour").write_bytes(b"forged")
+        os.replace(plan.directory / ".neighbour", plan.partial)
+        real(cfg, plan, chain_fd, target)
+
+    monkeypatch.setattr(job, "_rename", swap_then_rename)
+    with pytest.raises(PodvmError, match=r"is not the file qemu wrote .*; removed it") as caught:
+        asyncio.run(job.run_backup(backed_up))
+    assert "\n" not in str(caught.value)
+    root = plans.vm_root(backed_up.backup_dir, backed_up.hostname)
+    assert list(root.glob("*/0000-full.qcow2")) == []
+    assert list(root.glob(f"*/{plans.MANIFEST}")) == []
