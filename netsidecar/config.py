@@ -39,6 +39,9 @@ _IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
 _OPEN_PORT = re.compile(r"^(\d{1,5})(?:/(tcp|udp))?$")
 _LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 SEARCH_LIMIT = 255
+# What the gateway's MAC is derived from besides the hostname (the VM's has no label: its MAC stays as it was). A
+# hostname never holds a NUL, so the two derivations never hash the same bytes.
+GW_MAC_LABEL = "podvm-gateway\0"
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class Settings:
     pod_ip6: ipaddress.IPv6Address | None
     families: tuple[str, ...]  # what IP_FAMILIES asks for; () means every family the pod has
     mac: str
+    gw_mac: str  # the bridge's: the guest's IPv4 gateway and IPv6 router
     hostname: str
     tap_owner: int | None
     open_ports: tuple[tuple[int, str], ...]
@@ -114,22 +118,38 @@ def eui64(mac: str) -> int:
     return int.from_bytes(bytes([*octets[:3], 0xFF, 0xFE, *octets[3:]]), "big")
 
 
-def derive_mac(hostname: str) -> str:
-    """A stable, locally administered, unicast MAC from the pod hostname, so a restarted pod keeps its lease."""
-    digest = hashlib.sha256(hostname.encode()).digest()
+def derive_mac(hostname: str, label: str = "") -> str:
+    """A stable, locally administered, unicast MAC from the pod hostname, so a restarted pod keeps its lease (the
+    VM's, no ``label``) and a VM resumed in a new pod finds its gateway at the MAC its caches hold (GW_MAC_LABEL)."""
+    digest = hashlib.sha256(label.encode() + hostname.encode()).digest()
     return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
 
 
-def _mac(env: Env, hostname: str) -> str:
-    raw = env.optional("VM_MAC")
+def _mac(env: Env, name: str, derived: str) -> str:
+    """The MAC setting ``name`` (VM_MAC, GW_MAC), else ``derived``."""
+    raw = env.optional(name)
     if raw is None:
-        return derive_mac(hostname)
+        return derived
     mac = raw.lower().replace("-", ":")
     if not _MAC.match(mac):
-        raise ConfigError(f"VM_MAC={raw!r}: expected six hex octets such as 02:00:00:00:00:01")
+        raise ConfigError(f"{name}={raw!r}: expected six hex octets such as 02:00:00:00:00:01")
     if int(mac[:2], 16) & 1:
-        raise ConfigError(f"VM_MAC={raw!r}: a multicast address cannot be a NIC's address (first octet must be even)")
+        raise ConfigError(f"{name}={raw!r}: a multicast address cannot be a NIC's address (first octet must be even)")
     return mac
+
+
+def _macs(env: Env, hostname: str) -> tuple[str, str]:
+    """The VM's MAC and its gateway's, never the same (the guest would take its gateway's frames for its own)."""
+    mac = _mac(env, "VM_MAC", derive_mac(hostname))
+    gw_mac = _mac(env, "GW_MAC", derive_mac(hostname, GW_MAC_LABEL))
+    if gw_mac == mac:
+        given = [name for name in ("GW_MAC", "VM_MAC") if env.optional(name) is not None]
+        name = given[0] if given else "HOSTNAME"
+        raise ConfigError(
+            f"{name}={env.values.get(name, hostname)!r}: the VM and its gateway would share the MAC {mac};"
+            " set GW_MAC to another one"
+        )
+    return mac, gw_mac
 
 
 def _tap_owner(env: Env) -> int | None:
@@ -247,6 +267,7 @@ def read_settings(env: Env) -> Settings:
     pod_mtu = env.integer("POD_MTU", 0, 576, 65535) if env.optional("POD_MTU") is not None else None
     families = FAMILY_CHOICES[env.choice("IP_FAMILIES", "auto", FAMILY_CHOICES)]
     hostname = pod_hostname(env)
+    mac, gw_mac = _macs(env, hostname)
     if env.optional("NET_DRAIN_TIMEOUT") is not None:  # a manifest written for an earlier release
         log.warning("NET_DRAIN_TIMEOUT is no longer read: the network is kept for SHUTDOWN_TIMEOUT, as the runner's")
     run_dir = env.path("RUN_DIR", RUN_DIR)
@@ -263,7 +284,8 @@ def read_settings(env: Env) -> Settings:
         prefix6=_prefix6(env),
         pod_ip6=_ipv6(env, "POD_IP6") if env.optional("POD_IP6") is not None else None,
         families=families,
-        mac=_mac(env, hostname),
+        mac=mac,
+        gw_mac=gw_mac,
         hostname=hostname,
         tap_owner=_tap_owner(env),
         open_ports=_open_ports(env),

@@ -127,6 +127,8 @@ def ensure_links(plan: LinkPlan) -> None:
             ipr.link("add", ifname=plan.bridge, kind="bridge")
             log.info("bridge %s created", plan.bridge)
         bridge = ipr.link_lookup(ifname=plan.bridge)[0]
+        # An address set explicitly pins it: the bridge no longer takes the lowest MAC of its ports.
+        ipr.link("set", index=bridge, address=plan.bridge_mac)
         _ipv6_off(ipr, bridge, plan.bridge, plan.bridge_sysctls())
         ipr.link("set", index=bridge, mtu=plan.mtu)
         for family, wanted in (
@@ -144,7 +146,7 @@ def ensure_links(plan: LinkPlan) -> None:
         ipr.link("set", index=tap, mtu=plan.mtu, master=bridge, state="up")
         ipr.link("set", index=bridge, state="up")
     addresses = " ".join(filter(None, [plan.bridge_address, *plan.bridge_addresses6]))
-    log.info("bridge %s %s mtu %d, tap %s", plan.bridge, addresses, plan.mtu, plan.tap)
+    log.info("bridge %s %s mac %s mtu %d, tap %s", plan.bridge, addresses, plan.bridge_mac, plan.mtu, plan.tap)
 
 
 def _set_addresses(ipr: Any, index: int, family: int, wanted: list[str]) -> None:

@@ -89,9 +89,10 @@ def link_sysctls(link: str, served: bool) -> tuple[SysctlChange, ...]:
 
 @dataclass(frozen=True)
 class LinkPlan:
-    """The bridge and the tap: names, addresses, MTU and who may open the tap."""
+    """The bridge and the tap: names, addresses, MACs, MTU and who may open the tap."""
 
     bridge: str
+    bridge_mac: str  # set explicitly, so the bridge never takes a port's MAC and keeps it in every pod
     bridge_address: str | None  # None: the pod has no IPv4 (or IP_FAMILIES leaves it out)
     bridge_addresses6: tuple[str, ...]  # the router's link-local and the gateway; empty: no IPv6 on the bridge
     tap: str
@@ -515,7 +516,7 @@ def build(settings: Settings, pod: PodFacts, resolv: Resolv) -> Plan:
     """The whole plan from validated inputs."""
     bridge4 = f"{settings.gateway}/{PREFIX}" if pod.ip is not None else None
     bridge6 = (f"{ROUTER6}/64", f"{settings.gateway6}/{PREFIX6}") if pod.ip6 is not None else ()
-    links = LinkPlan(BRIDGE, bridge4, bridge6, TAP, settings.tap_owner, settings.mac, pod.mtu)
+    links = LinkPlan(BRIDGE, settings.gw_mac, bridge4, bridge6, TAP, settings.tap_owner, settings.mac, pod.mtu)
     ipv6 = None
     if pod.ip6 is not None:
         ipv6 = Ipv6(

@@ -66,6 +66,7 @@ def value_for(name: str, sandbox: Path) -> st.SearchStrategy[str]:
         "FETCH_RETRIES": within(0, 100),
         "TAP_OWNER": st.one_of(within(0, 2**32 - 2), st.just("root")),
         "VM_MAC": st.one_of(st.from_regex(r"\A([0-9a-fA-F]{2}[:-]){5}[0-9a-fA-F]{2}\Z"), garbage),
+        "GW_MAC": st.one_of(st.sampled_from(["02:00:00:00:00:aa", "02-00-00-00-00-AA"]), garbage),
         "HOSTNAME": hostnames,
         "VM_MEMORY": sizes,
         "VM_DISK_SIZE": sizes,

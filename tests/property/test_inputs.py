@@ -43,8 +43,8 @@ from vmrunner.start import show_plan
 
 SANDBOX = Path(tempfile.gettempdir()) / f"podvm-property-{os.getpid()}"  # the strategies need it before the tests
 NET_VARS = (
-    "VM_IP", "VM_GW", "NO_VNC", "POD_IFACE", "POD_IP", "POD_MTU", "VM_MAC", "TAP_OWNER", "RUN_DIR", "RESOLV_CONF",
-    "POD_WAIT_TIMEOUT", "SHUTDOWN_TIMEOUT", "HOSTNAME", "METRICS_PORT", "CONSOLE_POD_PORT",
+    "VM_IP", "VM_GW", "NO_VNC", "POD_IFACE", "POD_IP", "POD_MTU", "VM_MAC", "GW_MAC", "TAP_OWNER", "RUN_DIR",
+    "RESOLV_CONF", "POD_WAIT_TIMEOUT", "SHUTDOWN_TIMEOUT", "HOSTNAME", "METRICS_PORT", "CONSOLE_POD_PORT",
 )  # fmt: skip
 VM_VARS = (
     "IMG_SOURCE", "IMG_TARGET", "IMG_CHECKSUM", "IMG_FORMAT", "IMG_MAX_SIZE", "FETCH_RETRIES", "IMAGE_DIR", "VM_DIR",

@@ -4,7 +4,16 @@ import ipaddress
 
 import pytest
 
-from netsidecar.config import PodFacts, Settings, check_overlap, derive_mac, parse_resolv, pod_from, read_settings
+from netsidecar.config import (
+    GW_MAC_LABEL,
+    PodFacts,
+    Settings,
+    check_overlap,
+    derive_mac,
+    parse_resolv,
+    pod_from,
+    read_settings,
+)
 from shared.env import Env
 from shared.errors import ConfigError
 
@@ -34,6 +43,10 @@ def test_defaults() -> None:
         ({"NO_VNC": "maybe"}, "NO_VNC"),
         ({"VM_MAC": "01:00:00:00:00:01"}, "VM_MAC"),  # multicast
         ({"VM_MAC": "zz:00:00:00:00:01"}, "VM_MAC"),
+        ({"GW_MAC": "03:00:00:00:00:01"}, "GW_MAC"),  # multicast
+        ({"GW_MAC": "02:00:00:00:00"}, "GW_MAC"),
+        ({"GW_MAC": "02:00:00:00:00:aa", "VM_MAC": "02-00-00-00-00-AA"}, "GW_MAC"),  # the VM's own
+        ({"VM_MAC": derive_mac("vm-a", GW_MAC_LABEL)}, "VM_MAC"),  # the gateway's derived one
         ({"TAP_OWNER": "-1"}, "TAP_OWNER"),
         ({"TAP_OWNER": "bob"}, "TAP_OWNER"),
         ({"RUN_DIR": "run"}, "RUN_DIR"),
@@ -79,6 +92,36 @@ def test_mac_is_stable_local_unicast_and_overridable() -> None:
     assert first & 2 and not first & 1
     assert settings().mac == mac
     assert settings(VM_MAC="02-AA-BB-CC-DD-EE").mac == "02:aa:bb:cc:dd:ee"
+
+
+def test_gateway_mac_is_stable_per_hostname_local_unicast_apart_from_the_vms_and_overridable() -> None:
+    gw = derive_mac("vm-a", GW_MAC_LABEL)
+    assert gw == derive_mac("vm-a", GW_MAC_LABEL) != derive_mac("vm-b", GW_MAC_LABEL)
+    assert gw != derive_mac("vm-a"), "a label of its own: never the VM's MAC"
+    assert derive_mac("vm-a") == "02:9f:5f:9c:a7:be", "the VM's MAC is derived as it always was"
+    assert gw == "02:3f:cf:38:d4:d5", "the gateway's is fixed for good: a resumed guest's caches hold it"
+    first = int(gw[:2], 16)
+    assert first & 2 and not first & 1
+    assert (settings().gw_mac, settings(HOSTNAME="vm-b").gw_mac) == (gw, derive_mac("vm-b", GW_MAC_LABEL))
+    assert settings(GW_MAC="02-AA-BB-CC-DD-01").gw_mac == "02:aa:bb:cc:dd:01"
+    assert settings(VM_MAC=gw, GW_MAC="02:aa:bb:cc:dd:01").mac == gw, "free once the gateway has another"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"GW_MAC": "02:00:00:00:00:aa", "VM_MAC": "02:00:00:00:00:AA"},
+            "GW_MAC='02:00:00:00:00:aa': the VM and its gateway would share the MAC 02:00:00:00:00:aa; set GW_MAC to"
+            " another one",
+        ),
+        ({"GW_MAC": "01:00:5e:00:00:01"}, "GW_MAC='01:00:5e:00:00:01': a multicast address cannot be a NIC's"),
+    ],
+)
+def test_gateway_mac_refusals_are_one_line(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        settings(**env)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
 def test_vm_net_must_not_overlap_the_pod() -> None:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from netsidecar import plan
-from netsidecar.config import PodFacts, Resolv, read_settings
+from netsidecar import cli, plan
+from netsidecar.config import GW_MAC_LABEL, PodFacts, Resolv, derive_mac, read_settings
 from netsidecar.plan import build, rule_count, ruleset
 from shared.env import Env
 from shared.errors import ConfigError
@@ -156,6 +156,31 @@ def test_links_and_handshake_carry_the_pod_mtu_and_validate() -> None:
     data = json.loads(json.dumps(plan.to_dict()))
     back = Handshake.from_dict(data["handshake"])
     assert back == plan.handshake and back.mtu == 1440 and back.vnc_in_pod and back.pod_ip == "10.1.2.3"
+
+
+def test_the_plan_pins_the_bridges_mac_the_gateways_and_routers() -> None:
+    s = read_settings(Env({"HOSTNAME": "vm"}))
+    data = json.loads(json.dumps(build(s, DUAL, RESOLV6).to_dict()))
+    assert data["links"]["bridge_mac"] == s.gw_mac == derive_mac("vm", GW_MAC_LABEL) != data["links"]["mac"]
+    other = read_settings(Env({"HOSTNAME": "vm", "GW_MAC": "02:00:00:00:01:01"}))
+    assert build(other, POD, RESOLV).links.bridge_mac == "02:00:00:00:01:01"
+
+
+def test_netsidecar_plan_shows_the_bridges_mac(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {
+        "HOSTNAME": "vm-b",
+        "POD_IFACE": "eth0",
+        "POD_IP": "10.1.2.3",
+        "POD_MTU": "1440",
+        "RESOLV_CONF": "/nonexistent",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.command(["plan"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["links"]["bridge_mac"] == derive_mac("vm-b", GW_MAC_LABEL)
 
 
 # ------------------------------------------------------------------------------------------- guest isolation
