@@ -164,11 +164,16 @@ def test_statefulset_runs_the_network_as_a_native_sidecar() -> None:
     assert _kind("PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
-def test_configmap_feeds_the_config_drive() -> None:
+def test_configmap_and_secret_feed_the_config_drive() -> None:
+    """Meta data in a ConfigMap; user data, which carries passwords and keys, in a Secret."""
     data = _kind("ConfigMap")["data"]
-    assert set(data) == {"metadata", "userdata"}
+    assert set(data) == {"metadata"}
     yaml.safe_load(data["metadata"])
-    assert data["userdata"].startswith("#cloud-config")
+    userdata = _kind("Secret")["stringData"]
+    assert set(userdata) == {"userdata"}
+    assert userdata["userdata"].startswith("#cloud-config")
+    volumes = {v["name"]: v for v in _kind("Pod")["spec"]["volumes"]}
+    assert volumes["userdata"]["secret"]["secretName"] == _kind("Secret")["metadata"]["name"]
 
 
 def _localpod() -> Any:
