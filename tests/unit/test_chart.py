@@ -15,7 +15,7 @@ from helm_python.errors import HelmRenderError, HelmValuesError
 from netsidecar.config import read_settings
 from shared.env import Env, parse_size
 from tests.harness import paths
-from tests.unit.test_manifests import VERSIONS
+from tests.unit.test_manifests import VERSIONS, _container, _env
 from vmrunner.config import load
 
 manifests = paths.script("scripts/manifests.py")
@@ -55,14 +55,6 @@ def _workload(objects: list[dict[str, Any]]) -> dict[str, Any]:
 def _annotations(obj: dict[str, Any]) -> dict[str, str]:
     annotations: dict[str, str] = obj["metadata"].get("annotations") or {}
     return annotations
-
-
-def _container(spec: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(c for c in spec["containers"] + spec["initContainers"] if c["name"] == name)
-
-
-def _env(container: dict[str, Any]) -> dict[str, str]:
-    return {item["name"]: item["value"] for item in container["env"]}
 
 
 @pytest.mark.parametrize("path", [None, *CI], ids=lambda p: p.name if p else "defaults")
