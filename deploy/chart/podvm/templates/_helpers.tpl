@@ -151,7 +151,9 @@ labels:
     {{- if $v.backup.enabled }}
     # A live backup of the pet disk every {{ $v.backup.interval }} onto its backup volume (README "Backups").
     - {name: BACKUP_INTERVAL, value: {{ $v.backup.interval }}}
+    {{- if ne (int $v.backup.keep) 2 }}
     - {name: BACKUP_KEEP, value: {{ $v.backup.keep | quote }}}
+    {{- end }}
     {{- end }}
     {{- if not $v.console.enabled }}
     - {name: CONSOLE_PORT, value: "off"}
