@@ -309,6 +309,28 @@ volumes:
   {{- end }}
 {{- end -}}
 
+{{/* A claim the release makes: .name, .mode, .class, .size, and a .comment on its access mode. */}}
+{{- define "podvm.claim" }}
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: {{ .name }}
+  {{- include "podvm.metadata" .root | nindent 2 }}
+  # Kept by `helm uninstall`: a VM's disk, its backups and the shared cache outlive the release.
+  annotations:
+    helm.sh/resource-policy: keep
+spec:
+  {{- with .comment }}
+  # {{ . }}
+  {{- end }}
+  accessModes: [{{ .mode }}]
+  {{- with .class }}
+  storageClassName: {{ . }}
+  {{- end }}
+  resources:
+    requests: {storage: {{ .size }}}
+{{- end }}
+
 {{- define "podvm.annotations" -}}
 {{- if and .Values.metrics.enabled .Values.metrics.annotations }}
 # Prometheus finds the pod's one metrics endpoint here (METRICS_PORT in both containers; the runner serves it).
