@@ -142,6 +142,33 @@ def test_an_exposed_console_is_served_behind_its_token_and_its_own_policy_rule(c
     assert tcp == [(1, 5899), (5901, 6080), (6082, 9099), (9101, 65535)]
 
 
+def test_ipv6_only_with_the_users_own_policy_for_the_vm(chart: Chart) -> None:
+    objects = _objects(chart, _values(CHART / "ci" / "ipv6-only-values.yaml"))
+    net = _env(_container(_workload(objects), "net"))
+    assert (net["IP_FAMILIES"], net["VM_OPEN_PORTS"]) == ("ipv6", "53/udp,8080")
+    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    assert policy["spec"]["ingress"][0] == {"ports": [{"protocol": "TCP", "port": 80}]}
+    assert [rule["ports"] for rule in policy["spec"]["ingress"][1:]] == [
+        [{"protocol": "TCP", "port": 5900}],
+        [{"protocol": "TCP", "port": 9100}],
+    ]
+
+
+def test_pets_by_digest_on_selected_nodes_with_an_existing_cache(chart: Chart) -> None:
+    objects = _objects(chart, _values(CHART / "ci" / "pets-values.yaml"))
+    (pets,) = [o for o in objects if o["kind"] == "StatefulSet"]
+    spec = pets["spec"]["template"]["spec"]
+    assert pets["spec"]["replicas"] == 3
+    assert _container(spec, "vm")["image"] == "registry.example.com/podvm-vm@sha256:" + "a" * 64
+    assert _container(spec, "net")["image"] == "registry.example.com/podvm-net:0.1.0"
+    assert spec["nodeSelector"] == {"kubevirt.io/schedulable": "true"}
+    images = next(v for v in spec["volumes"] if v["name"] == "images")
+    assert images["persistentVolumeClaim"]["claimName"] == "shared-images"
+    assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"], "the cache is someone else's"
+    assert [o["kind"] for o in objects if o["kind"] == "PodMonitor"] == ["PodMonitor"]
+    assert _env(_container(spec, "vm"))["BACKUP_KEEP"] == "4"
+
+
 def test_backups_off_leaves_no_backup_claim_or_mount(chart: Chart) -> None:
     off = {"backup": {"enabled": False}}
     for kind in ("Pod", "StatefulSet"):
@@ -178,6 +205,7 @@ def test_the_chart_test_connects_to_the_vm_through_the_service(chart: Chart) -> 
     ("values", "message"),
     [
         ({"vm": {"cpu": 2}}, "at '/vm': additional properties 'cpu' not allowed"),
+        ({"imageCach": {"size": "1Gi"}}, "additional properties 'imageCach' not allowed"),
         ({"vm": {"cpus": "2"}}, "at '/vm/cpus': got string, want integer"),
         ({"console": {"expose": {"enabled": True}}}, "at '/console/expose/tokenSecret': minLength: got 0, want 1"),
         ({"devices": {"mode": "tcg", "requireKvm": True}}, "at '/devices/requireKvm': value must be false"),
