@@ -3,7 +3,7 @@ PYTHON ?= /usr/bin/python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: test deps lint unit images demo demo-down bench plan clean
+.PHONY: test deps lint unit manifests images demo demo-down bench plan clean
 
 ## test: install what is missing, lint, type-check, then run every test tier (needs root)
 test: deps lint
@@ -34,6 +34,10 @@ lint: deps
 ## unit: the fast tier only (no root needed)
 unit: deps
 	$(BIN)/pytest tests/unit
+
+## manifests: render the plain manifests in deploy/ from the Helm chart (tests/unit/test_chart.py fails when stale)
+manifests: deps
+	$(BIN)/python scripts/manifests.py
 
 ## images: build the two container images with podman (on a local Debian base when no registry is reachable)
 images: deps

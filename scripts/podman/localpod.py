@@ -5,7 +5,8 @@ and emptyDirs become host directories (podman names emptyDirs globally): the run
 sidecar's state directory by root with mode 0700; the privileges and the init container stay as they are (run at
 every start of the pod); /dev/net/tun becomes a device node the runner may open (a host's own node is often
 root-only), /dev/kvm is dropped and the accelerator set explicitly, the image comes from a local URL, and the ConfigMap
-(podman ignores subPath) is mounted as a directory named by METADATA and USERDATA. ``plan`` computes it all as data;
+(podman ignores subPath), with the user data of deploy/configmap.yaml's Secret beside the meta data, is mounted as a
+directory named by METADATA and USERDATA. ``plan`` computes it all as data;
 ``apply`` makes it.
 
     localpod.py --state DIR --image-source URL [--name NAME] [--tag TAG] [--env K=V ...] [--print]
@@ -99,7 +100,7 @@ def plan(pod: dict[str, Any], configmap: dict[str, Any], settings: LocalSettings
     spec["volumes"] = [
         {"name": v["name"], **sources[v["name"]]} if v["name"] in sources else v
         for v in spec["volumes"]
-        if v["name"] != "kvm"
+        if v["name"] not in ("kvm", "userdata")
     ]
     net_env = dict(settings.net_env)
     if "SHUTDOWN_TIMEOUT" in settings.env:  # both containers read it, or the guest loses its network while it stops
@@ -109,7 +110,7 @@ def plan(pod: dict[str, Any], configmap: dict[str, Any], settings: LocalSettings
     for container in spec.get("initContainers", []) + spec["containers"]:
         image = container["image"].rsplit(":", 1)[0]
         container["image"] = f"{image}:{settings.tag}"
-        mounts = [m for m in container.get("volumeMounts", []) if m["name"] not in ("kvm", "config")]
+        mounts = [m for m in container.get("volumeMounts", []) if m["name"] not in ("kvm", "config", "userdata")]
         if container["name"] == "vm":
             mounts.append({"name": "config", "mountPath": "/config", "readOnly": True})
             variables = {"IMG_SOURCE": settings.image_source, "ACCEL": settings.accel}
@@ -151,9 +152,11 @@ def apply(local: LocalPod) -> Path:
 
 
 def cluster_manifests() -> tuple[dict[str, Any], dict[str, Any]]:
-    """deploy/pod.yaml and deploy/configmap.yaml, the sources of every local pod."""
+    """deploy/pod.yaml, and deploy/configmap.yaml's meta data ConfigMap holding its Secret's user data too: the
+    sources of every local pod."""
     pod = yaml.safe_load((REPO / "deploy" / "pod.yaml").read_text())
-    configmap = yaml.safe_load((REPO / "deploy" / "configmap.yaml").read_text())
+    configmap, secret = yaml.safe_load_all((REPO / "deploy" / "configmap.yaml").read_text())
+    configmap["data"] |= secret["stringData"]
     return pod, configmap
 
 

@@ -1,8 +1,6 @@
 """The Kubernetes manifests in deploy/ are valid API objects and keep the promises the README makes about them."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ from shared import shutdown
 from shared.env import Env, parse_size
 from shared.figures import CATALOG, sample_name
 from shared.handshake import Ipv6
-from tests.harness import samples
+from tests.harness import paths, samples
 from vmrunner.config import DRIVE_KINDS, load
 from vmrunner.run import configdrive
 
@@ -164,22 +162,21 @@ def test_statefulset_runs_the_network_as_a_native_sidecar() -> None:
     assert _kind("PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
-def test_configmap_feeds_the_config_drive() -> None:
+def test_configmap_and_secret_feed_the_config_drive() -> None:
+    """Meta data in a ConfigMap; user data, which carries passwords and keys, in a Secret."""
     data = _kind("ConfigMap")["data"]
-    assert set(data) == {"metadata", "userdata"}
+    assert set(data) == {"metadata"}
     yaml.safe_load(data["metadata"])
-    assert data["userdata"].startswith("#cloud-config")
+    userdata = _kind("Secret")["stringData"]
+    assert set(userdata) == {"userdata"}
+    assert userdata["userdata"].startswith("#cloud-config")
+    volumes = {v["name"]: v for v in _kind("Pod")["spec"]["volumes"]}
+    assert volumes["userdata"]["secret"]["secretName"] == _kind("Secret")["metadata"]["name"]
 
 
 def _localpod() -> Any:
     """scripts/podman/localpod.py, which turns deploy/pod.yaml into the pod podman runs here."""
-    path = DEPLOY.parent / "scripts" / "podman" / "localpod.py"
-    spec = importlib.util.spec_from_file_location("localpod", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["localpod"] = module
-    spec.loader.exec_module(module)
-    return module
+    return paths.script("scripts/podman/localpod.py")
 
 
 def test_local_pod_is_the_cluster_pod_with_local_storage_and_no_kvm(tmp_path: Path) -> None:

@@ -1,0 +1,240 @@
+"""The Helm chart, rendered and linted by Helm's own engine (helm-python-sdk): every ci/ values file gives valid
+Kubernetes objects the two containers accept, bad values are refused with Helm's message, and deploy/*.yaml are
+its rendering."""
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from helm_python.chart import Chart, lint
+from helm_python.errors import HelmRenderError, HelmValuesError
+
+from netsidecar.config import read_settings
+from shared.env import Env, parse_size
+from tests.harness import paths
+from tests.unit.test_manifests import VERSIONS, _container, _env
+from vmrunner.config import load
+
+manifests = paths.script("scripts/manifests.py")
+CHART: Path = manifests.CHART
+CI = sorted((CHART / "ci").glob("*-values.yaml"))
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[Chart]:
+    with Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def _values(path: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(path.read_text())
+    return loaded
+
+
+def _objects(chart: Chart, values: dict[str, Any]) -> list[dict[str, Any]]:
+    rendered = manifests.render(chart, values)
+    return [
+        doc
+        for name, text in rendered.items()
+        if name.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc is not None
+    ]
+
+
+def _workload(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The pod spec of the Pod or the StatefulSet."""
+    (found,) = [o for o in objects if o["kind"] in ("Pod", "StatefulSet") and "helm.sh/hook" not in _annotations(o)]
+    spec: dict[str, Any] = found["spec"]
+    return spec["template"]["spec"] if found["kind"] == "StatefulSet" else spec
+
+
+def _annotations(obj: dict[str, Any]) -> dict[str, str]:
+    annotations: dict[str, str] = obj["metadata"].get("annotations") or {}
+    return annotations
+
+
+@pytest.mark.parametrize("path", [None, *CI], ids=lambda p: p.name if p else "defaults")
+def test_lint_passes(path: Path | None) -> None:
+    report = lint(CHART, _values(path) if path else None, strict=True)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not problems, report
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("path", [None, *CI], ids=lambda p: p.name if p else "defaults")
+def test_rendering_is_valid_against_the_api_schema(chart: Chart, path: Path | None, version: str) -> None:
+    """Strict, like deploy/*.yaml; the PodMonitor is the Prometheus operator's own kind and is checked by shape."""
+    objects = _objects(chart, _values(path) if path else {})
+    for obj in objects:
+        if obj["kind"] == "PodMonitor":
+            assert obj["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+        else:
+            kubernetes_validate.validate(obj, version, strict=True)
+    assert {o["kind"] for o in objects} >= {"Service", "NetworkPolicy", "ConfigMap", "Secret"} - _existing(path)
+
+
+def _existing(path: Path | None) -> set[str]:
+    """The kinds a values file names an existing object for."""
+    values = _values(path) if path else {}
+    return {kind for kind, key in (("ConfigMap", "metaData"), ("Secret", "userData")) if key in values}
+
+
+@pytest.mark.parametrize("path", [None, *CI], ids=lambda p: p.name if p else "defaults")
+def test_both_containers_accept_the_rendered_settings(chart: Chart, path: Path | None) -> None:
+    """The runner's and the sidecar's own validation of their environment, and the pod's resources derived from
+    the VM's size with qemu's overhead."""
+    spec = _workload(_objects(chart, _values(path) if path else {}))
+    vm, net = _container(spec, "vm"), _container(spec, "net")
+    config = load({**_env(vm), "HOSTNAME": "vm"})
+    settings = read_settings(Env({**_env(net), "HOSTNAME": "vm"}))
+    assert settings.metrics_port == config.metrics_port
+    assert settings.console_port == (config.console.pod_port if config.console else None)
+    requests, limits = vm["resources"]["requests"], vm["resources"]["limits"]
+    assert parse_size(requests["memory"]) == config.memory + (256 << 20)
+    assert parse_size(limits["memory"]) == config.memory + (512 << 20)
+    assert requests["cpu"] == f"{config.cpus * 250}m"
+    devices = {k: v for k, v in limits.items() if "/" in k}
+    assert devices == {k: v for k, v in requests.items() if "/" in k}, "device resources are requested as limited"
+    kvm = [v for v in spec["volumes"] if v.get("hostPath", {}).get("path") == "/dev/kvm"]
+    if config.accel == "tcg":
+        assert not devices and not kvm
+    else:
+        assert bool(devices) != bool(kvm), "KVM comes either from a device plugin or from the node's /dev/kvm"
+
+
+def _render(chart: Chart, values: dict[str, Any]) -> dict[str, Any]:
+    """The pod spec of a rendering with ``values``."""
+    return _workload(_objects(chart, values))
+
+
+def test_device_plugin_tcg_and_host_path(chart: Chart) -> None:
+    plugin = _container(_render(chart, _values(CHART / "ci" / "device-plugin-values.yaml")), "vm")
+    assert plugin["resources"]["limits"]["squat.ai/kvm"] == "1"
+    assert plugin["resources"]["limits"]["squat.ai/vhost-net"] == "1"
+    assert _env(plugin)["ACCEL"] == "kvm"
+    default = _container(_render(chart, {}), "vm")
+    assert default["resources"]["limits"]["devices.kubevirt.io/kvm"] == "1" and _env(default)["ACCEL"] == "auto"
+    tcg = _container(_render(chart, {"devices": {"mode": "tcg"}}), "vm")
+    assert _env(tcg)["ACCEL"] == "tcg" and "/dev/kvm" not in {m["mountPath"] for m in tcg["volumeMounts"]}
+    host = _container(_render(chart, {"devices": {"mode": "hostPath"}}), "vm")
+    assert "/dev/kvm" in {m["mountPath"] for m in host["volumeMounts"]}
+
+
+def test_an_exposed_console_is_served_behind_its_token_and_its_own_policy_rule(chart: Chart) -> None:
+    values = _values(CHART / "ci" / "exposed-console-values.yaml")
+    objects = _objects(chart, values)
+    spec = _workload(objects)
+    for name in ("net", "vm"):
+        assert _env(_container(spec, name))["CONSOLE_POD_PORT"] == "6081"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["console-token"]["secret"]["secretName"] == "podvm-console"
+    assert volumes["userdata"]["secret"]["secretName"] == "my-userdata"
+    assert volumes["config"]["configMap"]["name"] == "my-metadata"
+    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    limited = {rule["ports"][0]["port"]: rule["from"] for rule in policy["spec"]["ingress"] if "from" in rule}
+    assert sorted(limited) == [5900, 6081, 9100]
+    (open_rule,) = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
+    tcp = [(p["port"], p["endPort"]) for p in open_rule["ports"] if p["protocol"] == "TCP"]
+    assert tcp == [(1, 5899), (5901, 6080), (6082, 9099), (9101, 65535)]
+
+
+def test_ipv6_only_with_the_users_own_policy_for_the_vm(chart: Chart) -> None:
+    objects = _objects(chart, _values(CHART / "ci" / "ipv6-only-values.yaml"))
+    net = _env(_container(_workload(objects), "net"))
+    assert (net["IP_FAMILIES"], net["VM_OPEN_PORTS"]) == ("ipv6", "53/udp,8080")
+    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    assert policy["spec"]["ingress"][0] == {"ports": [{"protocol": "TCP", "port": 80}]}
+    assert [rule["ports"] for rule in policy["spec"]["ingress"][1:]] == [
+        [{"protocol": "TCP", "port": 5900}],
+        [{"protocol": "TCP", "port": 9100}],
+    ]
+
+
+def test_pets_by_digest_on_selected_nodes_with_an_existing_cache(chart: Chart) -> None:
+    objects = _objects(chart, _values(CHART / "ci" / "pets-values.yaml"))
+    (pets,) = [o for o in objects if o["kind"] == "StatefulSet"]
+    spec = pets["spec"]["template"]["spec"]
+    assert pets["spec"]["replicas"] == 3
+    assert _container(spec, "vm")["image"] == "registry.example.com/podvm-vm@sha256:" + "a" * 64
+    assert _container(spec, "net")["image"] == "registry.example.com/podvm-net:0.1.0"
+    assert spec["nodeSelector"] == {"kubevirt.io/schedulable": "true"}
+    images = next(v for v in spec["volumes"] if v["name"] == "images")
+    assert images["persistentVolumeClaim"]["claimName"] == "shared-images"
+    assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"], "the cache is someone else's"
+    assert [o["kind"] for o in objects if o["kind"] == "PodMonitor"] == ["PodMonitor"]
+    assert _env(_container(spec, "vm"))["BACKUP_KEEP"] == "4"
+
+
+def test_backups_off_leaves_no_backup_claim_or_mount(chart: Chart) -> None:
+    off = {"backup": {"enabled": False}}
+    for kind in ("Pod", "StatefulSet"):
+        objects = _objects(chart, off | {"workload": {"kind": kind, "replicas": 1}})
+        spec = _workload(objects)
+        assert "/backup" not in {m["mountPath"] for m in _container(spec, "vm")["volumeMounts"]}
+        assert "BACKUP_INTERVAL" not in _env(_container(spec, "vm"))
+        claims = [o["metadata"]["name"] for o in objects if o["kind"] == "PersistentVolumeClaim"]
+        templates = [
+            t["metadata"]["name"]
+            for o in objects
+            if o["kind"] == "StatefulSet"
+            for t in o["spec"]["volumeClaimTemplates"]
+        ]
+        assert not any("backup" in name for name in claims + templates)
+
+
+def test_claims_are_kept_on_uninstall(chart: Chart) -> None:
+    objects = _objects(chart, {"workload": {"kind": "Pod", "replicas": 1}})
+    claims = [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    assert {o["metadata"]["name"] for o in claims} == {"podvm-images", "podvm-disk", "podvm-backup"}
+    assert all(_annotations(o)["helm.sh/resource-policy"] == "keep" for o in claims)
+
+
+def test_the_chart_test_connects_to_the_vm_through_the_service(chart: Chart) -> None:
+    objects = _objects(chart, {})
+    (hook,) = [o for o in objects if _annotations(o).get("helm.sh/hook") == "test"]
+    (service,) = [o for o in objects if o["kind"] == "Service"]
+    command = hook["spec"]["containers"][0]["command"]
+    assert command[-2:] == [f"podvm-0.{service['metadata']['name']}", str(service["spec"]["ports"][0]["port"])]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"vm": {"cpu": 2}}, "at '/vm': additional properties 'cpu' not allowed"),
+        ({"imageCach": {"size": "1Gi"}}, "additional properties 'imageCach' not allowed"),
+        ({"vm": {"cpus": "2"}}, "at '/vm/cpus': got string, want integer"),
+        ({"console": {"expose": {"enabled": True}}}, "at '/console/expose/tokenSecret': minLength: got 0, want 1"),
+        ({"devices": {"mode": "tcg", "requireKvm": True}}, "at '/devices/requireKvm': value must be false"),
+        ({"workload": {"kind": "Pod", "replicas": 2}}, "at '/workload/replicas': value must be 1"),
+        ({"image": {"source": "ftp://x/y.qcow2"}}, "at '/image/source'"),
+    ],
+)
+def test_bad_values_are_refused_by_the_schema(chart: Chart, values: dict[str, Any], message: str) -> None:
+    with pytest.raises(HelmValuesError, match="values don't meet the specifications") as refused:
+        chart.render(values=values, name="podvm")
+    assert message in str(refused.value)
+    assert message in "".join(lint(CHART, values)["errors"]), "helm lint says the same"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"metrics": {"port": 5900}}, "metrics.port=5900: VNC has that port"),
+        ({"readiness": {"port": 9100}}, "readiness.port=9100: the metrics hold that port"),
+        ({"console": {"enabled": False, "expose": {"enabled": True, "tokenSecret": "t"}}}, "needs console.enabled"),
+    ],
+)
+def test_impossible_combinations_fail_the_rendering(chart: Chart, values: dict[str, Any], message: str) -> None:
+    with pytest.raises(HelmRenderError, match=message):
+        chart.render(values=values, name="podvm")
+
+
+def test_the_plain_manifests_are_the_charts_rendering() -> None:
+    """Byte for byte: `make manifests` rewrites them, and this fails until it has."""
+    for path, text in manifests.plan().items():
+        assert path.read_text() == text, f"{path.name} is stale: run `make manifests`"
+    assert manifests.main(["--check"]) == 0
