@@ -1,5 +1,5 @@
 """Command line of vmrunner: ``run``, ``plan``, ``prepare``, ``fetch``, ``rebase``, ``gc``, ``configdrive OUT``,
-``backup``, ``restore``, ``console`` and ``status``.
+``backup``, ``restore``, ``cdrom``, ``console`` and ``status``.
 
 Arguments after ``run`` are handed to qemu unchanged (the container's ``args:``), so they are not parsed here.
 """
@@ -49,6 +49,9 @@ USAGE = """usage: vmrunner COMMAND
   restore [POINT] [--name NAME] [--overwrite]
                       make a standalone pet disk in VM_DIR from a backup point (CHAIN.SEQ, chain id or UTC
                       time; default the newest), as <hostname>.qcow2 or NAME.qcow2; never over a disk unless told
+  cdrom insert SLOT URL|PATH [--checksum sha256:HEX]
+                      fetch and vet an ISO, then put it into CD-ROM slot SLOT of the running VM
+  cdrom eject SLOT    take the disc out of CD-ROM slot SLOT of the running VM
   console             attach to the guest's serial console (Ctrl-] leaves)
   status              print the VM's run state from QMP, its pet disk's base and references, and the figures
                       of the metrics endpoint (JSON)
@@ -129,6 +132,16 @@ def cmd_status(cfg: Config) -> int:
         state = RunState(phase="running" if status == "running" else "stopped", vm=cfg.hostname)
     items = gather(state, start.sources(cfg, monitor), directory_size(cfg.image_dir))
     figures = [item.to_dict() for item in items]
+    cdroms = None
+    if cfg.cdroms:
+        from vmrunner.run import cdrom
+
+        try:
+            block = asyncio.run(qmp.execute(monitor, "query-block", timeout=1.0)) if status != "not running" else None
+        except PodvmError as err:
+            log.info("%s", err)
+            block = None
+        cdroms = cdrom.describe(cfg, block)
     accel = {"in_use": state.accel or None, "fallback": state.accel_fallback or None}  # why ACCEL=auto is on TCG
     document = {
         "state": status,
@@ -137,6 +150,7 @@ def cmd_status(cfg: Config) -> int:
         "suspend": state.suspend or None,  # this run resumed a saved state, booted cold instead (why), or was saved
         "pet": describe(cfg),
         "own_state": own_state(cfg),
+        "cdroms": cdroms,  # what is in each CD-ROM slot now, as qemu says
         "figures": figures,
     }
     print(json.dumps(document, indent=2))
@@ -170,6 +184,32 @@ def cmd_restore(cfg: Config, args: list[str]) -> int:
     parsed = parser.parse(args)
     wanted, name, overwrite = parsed.point, parsed.name, parsed.overwrite
     print(restore(cfg, wanted, name, overwrite))
+    return 0
+
+
+def cmd_cdrom(cfg: Config, args: list[str]) -> int:
+    """``cdrom insert SLOT SOURCE`` or ``cdrom eject SLOT`` on the running VM; prints what the slot holds now."""
+    import asyncio
+
+    from vmrunner.config import parse_cdrom
+    from vmrunner.run import cdrom
+
+    parser = Arguments("cdrom", "insert SLOT URL|PATH [--checksum sha256:HEX] | eject SLOT")
+    parser.add_argument("action", choices=("insert", "eject"))
+    parser.add_argument("slot")
+    parser.add_argument("source", nargs="?")
+    parser.add_argument("--checksum")
+    parsed = parser.parse(args)
+    monitor = RunPaths.of(cfg.run_dir).monitor
+    if parsed.action == "eject":
+        if parsed.source is not None or parsed.checksum is not None:
+            raise ConfigError("cdrom eject: takes only the slot")
+        print(json.dumps(asyncio.run(cdrom.eject(cfg, monitor, parsed.slot))))
+        return 0
+    if parsed.source is None:
+        raise ConfigError("cdrom insert: give the slot and the ISO's http(s) URL or absolute path")
+    wanted = parse_cdrom("cdrom insert", parsed.source, parsed.checksum)
+    print(json.dumps(asyncio.run(cdrom.insert(cfg, monitor, parsed.slot, wanted))))
     return 0
 
 
@@ -243,6 +283,10 @@ def dispatch(args: list[str]) -> int:
         cfg = load(env, image=False)
         with volume_errors(cfg):
             return cmd_restore(cfg, rest)
+    if command == "cdrom":
+        cfg = load(env, image=False)
+        with volume_errors(cfg):
+            return cmd_cdrom(cfg, rest)
     if command == "configdrive" and len(rest) == 1:
         return cmd_configdrive(load(env, image=False), rest[0])
     print(USAGE, file=sys.stderr)

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from shared import shutdown
 from shared.env import Env, console_pod_port, metrics_port, pod_hostname
 from shared.errors import ConfigError, PodvmError
-from vmrunner.profiles import Hardware, resolve
+from vmrunner.profiles import Hardware, cdrom_units, resolve
 
 _HEX = re.compile(r"^[0-9a-f]+$")
 _DIGEST_LENGTH = {"sha256": 64, "sha512": 128}
@@ -58,6 +58,61 @@ def parse_checksum(name: str, raw: str) -> Checksum:
     if length is None or len(digest) != length or not _HEX.match(digest):
         raise ConfigError(f"{name}={raw!r}: expected sha256:<64 hex digits> or sha512:<128 hex digits>")
     return Checksum(algorithm, digest)
+
+
+@dataclass(frozen=True)
+class Cdrom:
+    """An ISO for a CD-ROM slot: an http(s) URL or an absolute path, and the digest it must have (optional)."""
+
+    source: str
+    checksum: Checksum | None = None
+
+    @property
+    def is_url(self) -> bool:
+        """True when the ISO is downloaded rather than copied from a local file."""
+        return self.source.startswith(("http://", "https://"))
+
+
+ISO_FORMAT = "iso"  # the format of a CD-ROM's ISO in the cache (vmrunner.images.iso), never an IMG_FORMAT
+EMPTY = "empty"  # a VM_CDROMS entry: a drive with no disc, for ``vmrunner cdrom insert`` later
+
+
+def parse_cdrom(name: str, source: str, checksum: str | None = None) -> Cdrom:
+    """One ISO source (and its checksum); ConfigError naming ``name`` for anything but an http(s) URL with a host
+    or an absolute path."""
+    if source.startswith(("http://", "https://")):
+        try:
+            host = urlsplit(source).hostname
+        except ValueError as err:
+            raise ConfigError(f"{name}={redact(source)!r}: not a valid URL: {err}") from None
+        if not host:
+            raise ConfigError(f"{name}={redact(source)!r}: the URL has no host")
+    elif not source.startswith("/"):
+        raise ConfigError(f"{name}={redact(source)!r}: expected an http(s) URL or an absolute path of an ISO")
+    return Cdrom(source, parse_checksum(name, checksum) if checksum is not None else None)
+
+
+def parse_cdroms(raw: str, machine: str) -> tuple[Cdrom | None, ...]:
+    """VM_CDROMS: one entry per slot, separated by white space: an http(s) URL or an absolute path of an ISO, each
+    optionally followed by its ``sha256:<hex>`` (or ``sha512:``), or ``empty`` for a drive without a disc.
+
+    :raise ConfigError: naming VM_CDROMS and the entry at fault, or more entries than the machine has slots.
+    """
+    slots: list[Cdrom | None] = []
+    for token in raw.split():
+        if token.lower().startswith(tuple(f"{a}:" for a in _DIGEST_LENGTH)):
+            last = slots[-1] if slots else None
+            if last is None or last.checksum is not None:
+                raise ConfigError(f"VM_CDROMS: {token[:20]!r}...: a checksum must follow the URL or path it checks")
+            slots[-1] = Cdrom(last.source, parse_checksum("VM_CDROMS", token))
+        elif token == EMPTY:
+            slots.append(None)
+        else:
+            slots.append(parse_cdrom("VM_CDROMS", token))
+    units = cdrom_units(machine)
+    if len(slots) > len(units):
+        raise ConfigError(f"VM_CDROMS: {len(slots)} entries, but VM_MACHINE={machine} has {len(units)} CD-ROM slots")
+    return tuple(slots)
 
 
 @dataclass(frozen=True)
@@ -135,6 +190,9 @@ class Config:
     on_stop: str = "shutdown"  # ON_STOP: shutdown (ACPI) or suspend (saved to VM_DIR, resumed by the next start)
     suspend_timeout: float = 30.0  # SUSPEND_TIMEOUT: seconds a save may take before the guest is shut down instead
     img_ova_disk: str | None = None  # IMG_OVA_DISK: the OVF disk (id or file name) of an ova; None: the first
+    cdroms: tuple[Cdrom | None, ...] = ()  # VM_CDROMS: the ISO in each CD-ROM slot at start (None: no disc)
+    source_setting: str = "IMG_SOURCE"  # the setting the fetch's errors name (VM_CDROMS for an ISO)
+    checksum_setting: str = "IMG_CHECKSUM"
 
     @property
     def base_format(self) -> str:
@@ -282,6 +340,7 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: boo
         hardware=hardware,
         on_stop=env.choice("ON_STOP", "shutdown", ON_STOP),
         suspend_timeout=env.duration("SUSPEND_TIMEOUT", 30.0),
+        cdroms=parse_cdroms(env.text("VM_CDROMS", ""), machine),
     )
 
 

@@ -156,6 +156,15 @@ def is_q35(machine: str) -> bool:
     return kind == "q35" or kind.startswith("pc-q35-")
 
 
+def cdrom_units(machine: str) -> tuple[tuple[str, int], ...]:
+    """The ``(bus, unit)`` of each CD-ROM slot, 1 first: IDE units no other drive takes, which every guest (a Windows
+    installer without virtio drivers too) reads. The pet on ``ide`` holds ide.0 unit 0 and the config drive ide.1
+    unit 0; on q35 each ide.N is one AHCI port with one unit, on pc ide.0 and ide.1 have a master and a slave."""
+    if is_q35(machine):
+        return (("ide.2", 0), ("ide.3", 0), ("ide.4", 0), ("ide.5", 0))
+    return (("ide.1", 1), ("ide.0", 1))
+
+
 def resolve(
     env: Env, disk_buses: Iterable[str], nic_models: Iterable[str], accel: str
 ) -> tuple[str, str, str, Hardware]:

@@ -20,7 +20,7 @@ from vmrunner.metrics.endpoint import serve
 from vmrunner.metrics.runs import runs_file
 from vmrunner.metrics.sources import Sources
 from vmrunner.metrics.tracker import Tracker, base_in_use, fetching, outcome
-from vmrunner.run import configdrive, suspend
+from vmrunner.run import cdrom, configdrive, suspend
 from vmrunner.run.argv import QemuPlan, RunPaths, choose_accel, kvm_problem, plan_qemu, vnc_enabled
 from vmrunner.run.vnc import read_password
 
@@ -60,6 +60,7 @@ def run(cfg: Config) -> int:
         started = prepare(cfg)
     with volume_errors(cfg):
         ownstate.ensure(cfg)
+        media = cdrom.prepare(cfg)
     base_in_use(tracker, started.digest)
     iso = None
     if drive is not None:
@@ -70,7 +71,7 @@ def run(cfg: Config) -> int:
     else:
         drive_path(cfg).unlink(missing_ok=True)
     kvm = kvm_problem()
-    plan = plan_qemu(cfg, hs, choose_accel(cfg.accel, kvm), vnc_enabled(cfg, hs), iso)
+    plan = plan_qemu(cfg, hs, choose_accel(cfg.accel, kvm), vnc_enabled(cfg, hs), iso, cdroms=media)
     log.info("qemu: %s", " ".join(plan.argv))
     fell_back = cfg.accel == "auto" and plan.accel == "tcg"
     tracker.set(phase="starting", accel=plan.accel, accel_fallback=(kvm or "") if fell_back else "")
@@ -229,6 +230,7 @@ def show_plan(cfg: Config) -> int:
         if drive is None
         else {"path": str(drive_path(cfg)), "label": drive.label, "files": {k: len(v) for k, v in drive.files.items()}},
     }
+    media, document["cdroms"] = cdrom.planned(cfg)
     ownstate.preflight(cfg)
     accel = choose_accel(cfg.accel, kvm_problem())
     document["hardware"] = ownstate.describe(cfg, accel)
@@ -236,7 +238,7 @@ def show_plan(cfg: Config) -> int:
         document["qemu"] = f"waits for {path}"
     else:
         iso = drive_path(cfg) if drive is not None else None
-        argv = plan_qemu(cfg, hs, accel, vnc_enabled(cfg, hs), iso).argv
+        argv = plan_qemu(cfg, hs, accel, vnc_enabled(cfg, hs), iso, cdroms=media).argv
         document["qemu"] = list(argv)
         document["resume"] = suspend.describe(cfg, argv)  # the saved state the start would take up (or why not)
         served = web_plan(cfg, hs, RunPaths.of(cfg.run_dir), token is not None)

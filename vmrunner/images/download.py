@@ -5,6 +5,7 @@ them into the file it is given and returns their digests.
 """
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -14,10 +15,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from shared import files
 from shared.errors import ConfigError, ImageRejected, PodvmError
-from vmrunner.config import Config, redact
+from vmrunner.config import ISO_FORMAT, Config, redact
 
 if TYPE_CHECKING:
     import requests
@@ -305,13 +308,13 @@ def _download(cfg: Config, out: IO[bytes]) -> dict[str, str]:
             except _Transient as err:
                 reason = str(err)
             except requests.RequestException as err:
-                raise PodvmError(f"IMG_SOURCE={source}: {redact(f'{type(err).__name__}: {err}')}") from None
+                raise PodvmError(f"{cfg.source_setting}={source}: {redact(f'{type(err).__name__}: {err}')}") from None
             # Only a try that took the file further than ever before restarts the count: a server that keeps
             # answering with a changed file or dropping early cannot keep the runner busy for ever.
             attempt = 1 if part.size > furthest else attempt + 1
             furthest = max(furthest, part.size)
             if attempt > cfg.fetch_retries:
-                raise PodvmError(f"IMG_SOURCE={source}: download failed after {attempt} attempts: {reason}")
+                raise PodvmError(f"{cfg.source_setting}={source}: download failed after {attempt} attempts: {reason}")
             FETCH.retries += 1
             delay = min(30.0, 0.5 * 2 ** (attempt - 1))
             log.warning(
@@ -335,7 +338,7 @@ def _one_request(session: "requests.Session", cfg: Config, part: Part, progress:
         if resp.status_code in TRANSIENT_STATUS:
             raise _Transient(f"HTTP {resp.status_code} {resp.reason}")
         if resp.status_code not in (200, 206):
-            raise PodvmError(f"IMG_SOURCE={source}: HTTP {resp.status_code} {resp.reason}")
+            raise PodvmError(f"{cfg.source_setting}={source}: HTTP {resp.status_code} {resp.reason}")
         try:
             fresh = judge_answer(asked, part.size, resp.status_code, resp.headers)
         except NotTheSameFile:
@@ -344,7 +347,7 @@ def _one_request(session: "requests.Session", cfg: Config, part: Part, progress:
         if fresh is not None:
             if fresh.length is not None and fresh.length > cfg.img_max_size:
                 raise ImageRejected(
-                    f"IMG_SOURCE={source}: {fresh.length} bytes announced, more than IMG_MAX_SIZE "
+                    f"{cfg.source_setting}={source}: {fresh.length} bytes announced, more than IMG_MAX_SIZE "
                     f"({cfg.img_max_size}); refused, nothing was cached"
                 )
             if part.size:
@@ -359,7 +362,9 @@ def _one_request(session: "requests.Session", cfg: Config, part: Part, progress:
             limit, too_large = total, f"more than the {total} bytes announced"
         progress.start(part.size)
         # read1 hands over whatever has arrived, so a dropped connection loses no byte already received.
-        with part.appending(limit, f"IMG_SOURCE={source}: {too_large}; refused, nothing was cached") as append:
+        with part.appending(
+            limit, f"{cfg.source_setting}={source}: {too_large}; refused, nothing was cached"
+        ) as append:
             while chunk := resp.raw.read1(CHUNK, decode_content=False):
                 append(chunk)
                 FETCH.received += len(chunk)
@@ -372,22 +377,40 @@ def _copy(cfg: Config, out: IO[bytes]) -> dict[str, str]:
     """Copy a local ``IMG_SOURCE`` into ``out``, no more than IMG_MAX_SIZE bytes, and return its digests."""
     part = Part(out, _algorithms(cfg))
     source = cfg.img_source
-    too_large = f"IMG_SOURCE={source}: more than IMG_MAX_SIZE ({cfg.img_max_size}) bytes; refused, nothing was cached"
+    too_large = (
+        f"{cfg.source_setting}={source}: more than IMG_MAX_SIZE ({cfg.img_max_size}) bytes; refused, nothing was cached"
+    )
     with _writing_into(cfg):
         try:
-            with open(source, "rb") as src, part.appending(cfg.img_max_size, too_large) as append:
+            with _open_local(cfg) as src, part.appending(cfg.img_max_size, too_large) as append:
                 while chunk := src.read(CHUNK):
                     append(chunk)
                     FETCH.received += len(chunk)
         except FileNotFoundError:
-            raise ConfigError(f"IMG_SOURCE={source}: no such file") from None
+            raise ConfigError(f"{cfg.source_setting}={source}: no such file") from None
         except IsADirectoryError:
-            raise ConfigError(f"IMG_SOURCE={source}: is a directory, expected an image file") from None
+            raise ConfigError(f"{cfg.source_setting}={source}: is a directory, expected an image file") from None
         except PermissionError:
-            raise ConfigError(f"IMG_SOURCE={source}: permission denied") from None
+            raise ConfigError(f"{cfg.source_setting}={source}: permission denied") from None
+        except files.Forged:
+            raise ConfigError(f"{cfg.source_setting}={source}: not a regular file (a FIFO, device or folder)") from None
         except OSError as err:
-            raise PodvmError(f"IMG_SOURCE={source}: cannot read: {err.strerror}") from None
+            if err.errno != errno.ELOOP:
+                raise PodvmError(f"{cfg.source_setting}={source}: cannot read: {err.strerror}") from None
+            raise ConfigError(f"{cfg.source_setting}={source}: a symbolic link; refused") from None
         return part.finish()
+
+
+def _open_local(cfg: Config) -> IO[bytes]:
+    """The local source, read-only. An ISO (a file mounted in the runner, perhaps by another tenant) is opened without
+    following a link in its last component and without waiting on a FIFO, and must be a regular file.
+
+    :raise files.Forged: when it is not a regular file; OSError (ELOOP for a link) when it cannot be opened.
+    """
+    if cfg.img_format != ISO_FORMAT:
+        return open(cfg.img_source, "rb")
+    path = Path(cfg.img_source)
+    return open(files.open_file(path, path.parent), "rb")
 
 
 def fetch_into(cfg: Config, out: IO[bytes]) -> dict[str, str]:

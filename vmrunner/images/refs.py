@@ -11,7 +11,7 @@ from pathlib import Path
 from shared.errors import PodvmError
 from shared.files import list_below, open_below, read_record, remove_below, stat_below, write_atomic
 from vmrunner.config import Config
-from vmrunner.images.layout import RECORD_MAX, VOLUME_FILE, Layout, check_locks, locked, utc_now
+from vmrunner.images.layout import HEX64, RECORD_MAX, VOLUME_FILE, Layout, check_locks, locked, utc_now
 
 log = logging.getLogger("vmrunner.cache")
 
@@ -50,12 +50,13 @@ def pet_id(cfg: Config) -> str:
     return f"{cfg.hostname}.{volume_id(cfg.vm_dir)}"
 
 
-def claim(cfg: Config, hexdigest: str) -> bool:
-    """Record this pet's reference to the base, under its lock; False when the base is not (any more) there."""
+def claim(cfg: Config, hexdigest: str, suffix: str = "") -> bool:
+    """Record this pet's reference to the base (``suffix``: one of its CD-ROM slots' to an ISO, ``.cd1``...), under
+    its lock; False when the base is not (any more) there."""
     layout = Layout(cfg.image_dir)
     layout.make()
     check_locks(layout.root)
-    ref_name = pet_id(cfg)
+    ref_name = pet_id(cfg) + suffix
     with locked(layout.lock(hexdigest)):
         if stat_below(layout.root, layout.base(hexdigest)) is None:
             return False
@@ -63,16 +64,27 @@ def claim(cfg: Config, hexdigest: str) -> bool:
         if read_record(path, RECORD_MAX, layout.root) is None:
             remove_below(layout.root, path)  # a forged one: replaced by this pet's own
             os.close(open_below(layout.root, path.parent, create=True))
-            ref = Ref(str(cfg.pet_path), ref_name.rsplit(".", 1)[1], cfg.hostname, utc_now())
+            ref = Ref(str(cfg.pet_path), volume_id(cfg.vm_dir), cfg.hostname, utc_now())
             write_atomic(path, json.dumps(asdict(ref)).encode(), mode=0o644, root=layout.root)
     return True
 
 
-def release(cfg: Config, hexdigest: str) -> None:
-    """Remove this pet's reference to the base."""
+def release(cfg: Config, hexdigest: str, suffix: str = "") -> None:
+    """Remove this pet's reference to the base (``suffix``: a CD-ROM slot's, as for :func:`claim`)."""
     layout = Layout(cfg.image_dir)
     with locked(layout.lock(hexdigest)):
-        remove_below(layout.root, layout.refs(hexdigest) / pet_id(cfg))
+        remove_below(layout.root, layout.refs(hexdigest) / (pet_id(cfg) + suffix))
+
+
+def held(cfg: Config, suffix: str) -> list[str]:
+    """The digests this pet's reference ``suffix`` (a CD-ROM slot's) is on, found by listing ``refs/``."""
+    layout = Layout(cfg.image_dir)
+    name = pet_id(cfg) + suffix
+    return [
+        hexdigest
+        for hexdigest in list_below(layout.root, layout.root / "refs")
+        if HEX64.match(hexdigest) and stat_below(layout.root, layout.refs(hexdigest) / name) is not None
+    ]
 
 
 def references(layout: Layout, hexdigest: str) -> dict[str, Ref | None]:

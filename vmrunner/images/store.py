@@ -165,7 +165,8 @@ def _fetch(cfg: Config, layout: Layout) -> Cached:
             raise PodvmError(f"IMAGE_DIR={cfg.image_dir}: cannot store {name}: {err.strerror}") from None
         if cfg.img_checksum and digests[cfg.img_checksum.algorithm] != cfg.img_checksum.hexdigest:
             raise ImageRejected(
-                f"IMG_CHECKSUM: {name} has {cfg.img_checksum.algorithm}:{digests[cfg.img_checksum.algorithm]}, "
+                f"{cfg.checksum_setting}: {name} has "
+                f"{cfg.img_checksum.algorithm}:{digests[cfg.img_checksum.algorithm]}, "
                 f"expected {cfg.img_checksum}; nothing was cached"
             )
         if cfg.conversion is not None:

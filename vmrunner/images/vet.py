@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ImageRejected
-from vmrunner.images import vmdk
+from vmrunner.config import ISO_FORMAT
+from vmrunner.images import iso, vmdk
 from vmrunner.qemu import img
 
 CPU_SECONDS = 30
@@ -73,8 +74,13 @@ def vet(path: Path, fmt: str, max_size: int, name: str, *, check: bool = True) -
     """Inspect ``path`` as ``fmt`` with ``qemu-img info`` (and ``check`` where qemu-img has one, unless ``check`` is
     false: the cheap re-vet at every start of a base already checked) and judge it.
 
+    An ISO (a CD-ROM's, :mod:`vmrunner.images.iso`) is judged from its bytes alone: qemu reads it as raw.
+
     :raise ImageRejected: when qemu-img fails or a rule is broken.
     """
+    if fmt == ISO_FORMAT:
+        with open(path, "rb") as src:  # the caller's own file: a download's descriptor
+            return Verdict(fmt, iso.judge_fd(src.fileno(), max_size, name).size)
     if fmt == "vmdk":
         _vmdk_descriptor(path, name)
     out = img.run(["qemu-img", "info", "-f", fmt, "--output=json", str(path)], _job(name))

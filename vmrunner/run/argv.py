@@ -3,13 +3,14 @@
 import fcntl
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ConfigError
 from shared.handshake import Handshake
 from vmrunner.config import Config
-from vmrunner.run import devices, firmware
+from vmrunner.run import cdrom, devices, firmware
 from vmrunner.run import vnc as vnc_password
 from vmrunner.run.tpm import SwtpmPlan, plan_swtpm, tpm_args
 
@@ -136,8 +137,11 @@ def _disk_args(bus: str, pet: Path) -> list[str]:
     return [*drive, "-device", "virtio-scsi-pci,id=scsi0", "-device", "scsi-hd,drive=disk0,bus=scsi0.0,bootindex=1"]
 
 
-def plan_qemu(cfg: Config, hs: Handshake, accel: str, vnc: bool, drive: Path | None) -> QemuPlan:
-    """The complete argv: explicit formats everywhere, no defaults, the handshake's tap and MAC, extra args last.
+def plan_qemu(
+    cfg: Config, hs: Handshake, accel: str, vnc: bool, drive: Path | None, *, cdroms: Sequence[Path | None] = ()
+) -> QemuPlan:
+    """The complete argv: explicit formats everywhere, no defaults, the handshake's tap and MAC, extra args last;
+    ``cdroms`` are the ISOs of the CD-ROM slots (:mod:`vmrunner.run.cdrom`).
 
     A VNC password is read by qemu from its standard input, where the runner puts it (see :mod:`vmrunner.run.vnc`).
     """
@@ -175,6 +179,7 @@ def plan_qemu(cfg: Config, hs: Handshake, accel: str, vnc: bool, drive: Path | N
             "-device",
             "ide-cd,drive=cd0,bus=ide.1,unit=0",
         ]
+    argv += cdrom.cdrom_args(cfg, cdroms)
     argv += [
         "-netdev",
         f"tap,id=net0,ifname={hs.tap},script=no,downscript=no",
