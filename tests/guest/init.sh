@@ -252,6 +252,24 @@ EOF
 chmod +x /www/cgi-bin/ram
 # ---- end of RAM only -----------------------------------------------------------------------------------------------
 
+# ---- CD-ROMs (tests/e2e/test_cdrom.py, one block) -------------------------------------------------------------
+# /cgi-bin/cdroms reads each CD-ROM drive's ISO 9660 volume label from the disc itself at every call (sector 16,
+# bytes 40-71, past the page cache), so a disc changed on the running VM shows: cdroms=sr0:config-2,sr1:LABEL
+# ("-" for a drive without a disc).
+cat > /www/cgi-bin/cdroms <<'EOF'
+#!/bin/sh
+found=
+for dev in /dev/sr*; do
+    [ -b "$dev" ] || continue
+    label=$(dd if="$dev" bs=2048 skip=16 count=1 iflag=direct 2>/dev/null | dd bs=1 skip=40 count=32 2>/dev/null \
+        | tr -d ' ')
+    found="$found${found:+,}${dev#/dev/}:${label:--}"
+done
+printf 'Content-Type: text/plain\r\n\r\ncdroms=%s\n' "$found"
+EOF
+chmod +x /www/cgi-bin/cdroms
+# ---- end of CD-ROMs -------------------------------------------------------------------------------------------
+
 httpd -h /www -p 80
 
 # --- consoles: a shell on the serial port and one on the screen (tty1), each restarted when it exits, so a line

@@ -7,6 +7,7 @@ gives the volume's size, which the file must hold. A UDF image has a volume reco
 ``NSR02`` or ``NSR03``, ``TEA01``), perhaps after an ISO 9660 set (a bridge disc), and its anchor at sector 256.
 """
 
+import errno
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ def judge(read_at: Callable[[int, int], bytes], size: int, max_size: int, name: 
         raise ImageRejected(f"{name}: {size} bytes, more than IMG_MAX_SIZE ({max_size}); refused")
     if size < (FIRST + 1) * SECTOR:
         raise ImageRejected(f"{name}: {size} bytes, too short for an ISO 9660 or UDF image; refused")
-    label, volume, terminated, udf = None, 0, False, False
+    label, volume, terminated, vrs, udf = None, 0, False, False, False
     for index in range(FIRST, FIRST + MOST):
         block = read_at(index * SECTOR, SECTOR)
         if len(block) < SECTOR:
@@ -55,8 +56,8 @@ def judge(read_at: Callable[[int, int], bytes], size: int, max_size: int, name: 
             elif kind == 255:
                 terminated = True
             continue
-        if ident in _VRS and (terminated or index == FIRST):
-            udf = udf or ident in _UDF
+        if ident in _VRS and (terminated or vrs or index == FIRST):  # UDF's sequence, after an ISO 9660 set or not
+            vrs, udf = True, udf or ident in _UDF
             if ident == b"TEA01":
                 break
             continue
@@ -91,6 +92,8 @@ def vet(path: Path, max_size: int, name: str, root: Path | None = None) -> Disc:
     except files.Forged:
         raise ImageRejected(f"{name}: not a regular file; refused") from None
     except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ImageRejected(f"{name}: a symbolic link; refused") from None
         raise ImageRejected(f"{name}: cannot be opened ({err.strerror}); refused") from None
     try:
         return judge_fd(fd, max_size, name)
