@@ -97,10 +97,11 @@ def _slot(cfg: Config, raw: str) -> int:
 
 async def insert(cfg: Config, monitor: Path, raw_slot: str, cdrom: Cdrom) -> dict[str, object]:
     """Fetch and vet the ISO, then put it into the slot's drive of the running VM (a guest-locked tray is opened
-    anyway); returns what the slot holds now."""
+    anyway); returns what the slot holds now. The slot's reference moves to the new ISO once qemu has it: until
+    then the one in the drive stays referenced (a fresh fetch is young, which gc's grace period spares)."""
     slot = _slot(cfg, raw_slot)
+    await qmp.execute(monitor, "query-status")  # no fetch for a VM that is not running
     medium = cdroms.ensure(cfg, cdrom, "cdrom insert")
-    cdroms.hold(cfg, slot, medium.hex)
     change = {
         "id": device_id(slot),
         "filename": str(medium.path),
@@ -109,6 +110,7 @@ async def insert(cfg: Config, monitor: Path, raw_slot: str, cdrom: Cdrom) -> dic
         "force": True,
     }
     await qmp.execute(monitor, "blockdev-change-medium", arguments=change)
+    cdroms.hold(cfg, slot, medium.hex)
     log.info("CD-ROM %d: inserted %s (%r, sha256:%s)", slot, redact(cdrom.source), medium.disc.label, medium.hex)
     return {"slot": slot, "digest": f"sha256:{medium.hex}", "label": medium.disc.label, "kind": medium.disc.kind}
 
