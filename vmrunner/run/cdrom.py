@@ -100,7 +100,7 @@ async def insert(cfg: Config, monitor: Path, raw_slot: str, cdrom: Cdrom) -> dic
     anyway); returns what the slot holds now. The slot's reference moves to the new ISO once qemu has it: until
     then the one in the drive stays referenced (a fresh fetch is young, which gc's grace period spares)."""
     slot = _slot(cfg, raw_slot)
-    await qmp.execute(monitor, "query-status")  # no fetch for a VM that is not running
+    await qmp.session(monitor, [("query-status", None)], qmp.TIMEOUT, wait=False)  # no fetch for a stopped VM
     medium = cdroms.ensure(cfg, cdrom, "cdrom insert")
     change = {
         "id": device_id(slot),
