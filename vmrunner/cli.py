@@ -53,8 +53,8 @@ USAGE = """usage: vmrunner COMMAND
                       fetch and vet an ISO, then put it into CD-ROM slot SLOT of the running VM
   cdrom eject SLOT    take the disc out of CD-ROM slot SLOT of the running VM
   console             attach to the guest's serial console (Ctrl-] leaves)
-  status              print the VM's run state from QMP, its pet disk's base and references, and the figures
-                      of the metrics endpoint (JSON)
+  status              print the VM's run state from QMP, its pet disk's base and references, what each CD-ROM
+                      slot holds, and the figures of the metrics endpoint (JSON)
 Configuration comes from environment variables (see the README)."""
 ESCAPE = b"\x1d"
 

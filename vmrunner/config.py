@@ -67,11 +67,6 @@ class Cdrom:
     source: str
     checksum: Checksum | None = None
 
-    @property
-    def is_url(self) -> bool:
-        """True when the ISO is downloaded rather than copied from a local file."""
-        return self.source.startswith(("http://", "https://"))
-
 
 ISO_FORMAT = "iso"  # the format of a CD-ROM's ISO in the cache (vmrunner.images.iso), never an IMG_FORMAT
 EMPTY = "empty"  # a VM_CDROMS entry: a drive with no disc, for ``vmrunner cdrom insert`` later
