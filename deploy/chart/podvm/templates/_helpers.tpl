@@ -3,6 +3,12 @@
 {{- .Release.Name | trunc 52 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* The first VM's DNS name in the namespace, through the headless Service. */}}
+{{- define "podvm.firstVm" -}}
+{{- $name := include "podvm.fullname" . -}}
+{{- ternary $name (printf "%s-0.%s" $name $name) (eq .Values.workload.kind "Pod") -}}
+{{- end -}}
+
 {{- define "podvm.selector" -}}
 app.kubernetes.io/name: podvm
 app.kubernetes.io/instance: {{ .Release.Name }}
