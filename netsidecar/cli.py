@@ -134,7 +134,7 @@ def run_command(settings: Settings) -> int:
             _publish_figures(settings, server.figures)
         time.sleep(0.2)
     log.info(
-        "signal %d: keeping the network while the VM holds its tap (up to %gs: SHUTDOWN_TIMEOUT and a hard stop)",
+        "signal %d: keeping the network while the VM holds its tap (up to %gs: the runner's stop and a hard stop)",
         stop[0],
         settings.drain_timeout,
     )

@@ -66,7 +66,7 @@ class Settings:
     state_dir: Path
     resolv_conf: Path
     pod_wait_timeout: float
-    drain_timeout: float  # SHUTDOWN_TIMEOUT plus the runner's hard-stop grace (shared.shutdown)
+    drain_timeout: float  # the runner's stop budget plus its hard-stop grace (shared.shutdown)
     metrics_port: int | None
     console_port: int | None  # CONSOLE_POD_PORT
     metrics_interval: float
@@ -293,7 +293,7 @@ def read_settings(env: Env) -> Settings:
         state_dir=state_dir,
         resolv_conf=env.path("RESOLV_CONF", "/etc/resolv.conf"),
         pod_wait_timeout=env.duration("POD_WAIT_TIMEOUT", 30.0),
-        drain_timeout=shutdown.network_hold(shutdown.shutdown_timeout(env)),
+        drain_timeout=shutdown.network_hold(shutdown.stop_budget(env)),
         metrics_port=metrics_port(env, no_vnc=env.flag("NO_VNC")),
         console_port=console_pod_port(env, no_vnc=env.flag("NO_VNC")),
         metrics_interval=_metrics_interval(env),

@@ -26,7 +26,6 @@ CONVERTED = ("vmdk", "vhdx", "vdi", "vpc", "ova")  # imported once into a qcow2 
 _OVA_DISK = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,63}$")
 DRIVE_KINDS = ("config-2", "nocloud")
 DISK_MODES = ("overlay", "standalone")
-ON_STOP = ("shutdown", "suspend")
 VERIFY_MODES = ("changed", "always")
 RUN_DIR_MAX = 107 - len("/console.sock")  # qemu's sockets live there, and a Unix socket's path holds 107 bytes
 
@@ -183,7 +182,7 @@ class Config:
     backup_speed: int = 0  # BACKUP_SPEED: bytes per second a backup job may read (0: no limit)
     hardware: Hardware = field(default_factory=Hardware)  # VM_PROFILE, VM_FIRMWARE, VM_TPM, ... (vmrunner.profiles)
     on_stop: str = "shutdown"  # ON_STOP: shutdown (ACPI) or suspend (saved to VM_DIR, resumed by the next start)
-    suspend_timeout: float = 30.0  # SUSPEND_TIMEOUT: seconds a save may take before the guest is shut down instead
+    suspend_timeout: float = shutdown.SUSPEND_TIMEOUT  # SUSPEND_TIMEOUT: seconds a save may take, then the shutdown
     img_ova_disk: str | None = None  # IMG_OVA_DISK: the OVF disk (id or file name) of an ova; None: the first
     cdroms: tuple[Cdrom | None, ...] = ()  # VM_CDROMS: the ISO in each CD-ROM slot at start (None: no disc)
     source_setting: str = "IMG_SOURCE"  # the setting the fetch's errors name (VM_CDROMS for an ISO)
@@ -333,8 +332,8 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: boo
         backup_chain_length=env.integer("BACKUP_CHAIN_LENGTH", 6, 0, 1000),
         backup_speed=env.size("BACKUP_SPEED", 0),
         hardware=hardware,
-        on_stop=env.choice("ON_STOP", "shutdown", ON_STOP),
-        suspend_timeout=env.duration("SUSPEND_TIMEOUT", 30.0),
+        on_stop=shutdown.on_stop(env),
+        suspend_timeout=shutdown.suspend_timeout(env),
         cdroms=parse_cdroms(env.text("VM_CDROMS", ""), machine),
     )
 

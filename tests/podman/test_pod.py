@@ -7,7 +7,10 @@ import time
 import urllib.request
 
 import pytest
+import yaml
+from helm_python.chart import Chart
 
+from tests.harness import paths
 from tests.podman.conftest import Pod, podman, wait_for
 
 pytestmark = pytest.mark.podman
@@ -50,6 +53,31 @@ def test_vnc_answers_on_5900_in_the_pod(pod: Pod, first_page: str) -> None:
     with socket.create_connection((pod.ip, 5900), timeout=5) as conn:
         conn.settimeout(5)
         assert conn.recv(12).startswith(b"RFB 003.")
+
+
+def _chart_test_command(port: int) -> list[str]:
+    """The command of the chart's `helm test` pod for a Service whose first port is ``port``."""
+    manifests = paths.script("scripts/manifests.py")
+    with Chart.load(manifests.CHART) as chart:
+        values = {"workload": {"kind": "Pod", "replicas": 1}, "service": {"ports": [{"name": "http", "port": port}]}}
+        hook = yaml.safe_load(manifests.render(chart, values)["tests/vm-answers.yaml"])
+    command: list[str] = hook["spec"]["containers"][0]["command"]
+    return command
+
+
+def test_the_charts_test_pod_finds_the_guest(pod: Pod, first_page: str, images: str, network: str) -> None:
+    """The chart's test command, run in the runner's image as the test pod runs it, with the pod IP for the Service's
+    name (no cluster DNS here): it passes on the guest's HTTP port and fails on a port the guest does not serve."""
+
+    def run(port: int) -> int:
+        entrypoint, *args, _host, _port = _chart_test_command(port)  # Kubernetes' command replaces the ENTRYPOINT
+        argv = ["run", "--rm", "--network", network, "--user", "10001", "--read-only", "--cap-drop", "ALL"]
+        image = f"localhost/podvm-vm:{images}"
+        done = podman(*argv, "--entrypoint", entrypoint, image, *args, pod.ip, str(port), check=False, timeout=60)
+        return done.returncode
+
+    assert run(80) == 0
+    assert run(81) != 0
 
 
 def test_pod_stop_powers_the_guest_off_through_acpi(pod: Pod, first_page: str) -> None:

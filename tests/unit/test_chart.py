@@ -13,6 +13,7 @@ from helm_python.chart import Chart, lint
 from helm_python.errors import HelmRenderError, HelmValuesError
 
 from netsidecar.config import read_settings
+from shared import shutdown
 from shared.env import Env, parse_size
 from tests.harness import paths
 from tests.unit.test_manifests import VERSIONS, _container, _env
@@ -93,6 +94,9 @@ def test_both_containers_accept_the_rendered_settings(chart: Chart, path: Path |
     settings = read_settings(Env({**_env(net), "HOSTNAME": "vm"}))
     assert settings.metrics_port == config.metrics_port
     assert settings.console_port == (config.console.pod_port if config.console else None)
+    budget = shutdown.stop_budget(Env(_env(vm)))
+    assert settings.drain_timeout == shutdown.network_hold(budget), "the network stays for a save and a shutdown"
+    assert spec["terminationGracePeriodSeconds"] >= shutdown.grace_period(budget)
     requests, limits = vm["resources"]["requests"], vm["resources"]["limits"]
     assert parse_size(requests["memory"]) == config.memory + (256 << 20)
     assert parse_size(limits["memory"]) == config.memory + (512 << 20)
@@ -211,6 +215,9 @@ def test_the_chart_test_connects_to_the_vm_through_the_service(chart: Chart) -> 
         ({"devices": {"mode": "tcg", "requireKvm": True}}, "at '/devices/requireKvm': value must be false"),
         ({"workload": {"kind": "Pod", "replicas": 2}}, "at '/workload/replicas': value must be 1"),
         ({"image": {"source": "ftp://x/y.qcow2"}}, "at '/image/source'"),
+        ({"image": {"ovaDisk": "vmdisk1"}}, "at '/image/ovaDisk': value must be ''"),
+        ({"vm": {"profile": "windows-xp"}}, "at '/vm/profile': value must be one of"),
+        ({"vm": {"onStop": "hibernate"}}, "at '/vm/onStop': value must be one of"),
     ],
 )
 def test_bad_values_are_refused_by_the_schema(chart: Chart, values: dict[str, Any], message: str) -> None:
@@ -238,3 +245,21 @@ def test_the_plain_manifests_are_the_charts_rendering() -> None:
     for path, text in manifests.plan().items():
         assert path.read_text() == text, f"{path.name} is stale: run `make manifests`"
     assert manifests.main(["--check"]) == 0
+
+
+def test_a_windows_ova_that_a_drain_suspends(chart: Chart) -> None:
+    """The profile, firmware and import settings reach the runner; ON_STOP reaches both containers, and the grace
+    period leaves the save its time before the fallback shutdown's."""
+    spec = _render(chart, _values(CHART / "ci" / "windows-suspend-values.yaml"))
+    vm, net = _env(_container(spec, "vm")), _env(_container(spec, "net"))
+    assert {k: vm[k] for k in ("IMG_FORMAT", "IMG_OVA_DISK", "VM_PROFILE")} == {
+        "IMG_FORMAT": "ova",
+        "IMG_OVA_DISK": "vmdisk1",
+        "VM_PROFILE": "windows",
+    }
+    for env in (vm, net):
+        assert (env["ON_STOP"], env["SUSPEND_TIMEOUT"], env["SHUTDOWN_TIMEOUT"]) == ("suspend", "120s", "180s")
+    assert spec["terminationGracePeriodSeconds"] == 120 + 180 + 30
+    assert load({**vm, "HOSTNAME": "vm"}).hardware.tpm, "the windows profile brings its TPM"
+    default = _render(chart, {})
+    assert "ON_STOP" not in _env(_container(default, "vm")) and default["terminationGracePeriodSeconds"] == 90

@@ -315,7 +315,7 @@ def _timeout_specs() -> list[tuple[str, dict[str, Any]]]:
 def test_the_shutdown_timeouts_and_the_grace_period_agree(where: str, spec: dict[str, Any]) -> None:
     """Both containers read SHUTDOWN_TIMEOUT the same way (shared.shutdown): the sidecar keeps the network for the
     runner's whole shutdown, hard stop included, and the kubelet waits for both."""
-    runner = shutdown.shutdown_timeout(Env(_env(_container(spec, "vm"))))
+    runner = shutdown.stop_budget(Env(_env(_container(spec, "vm"))))
     sidecar_env = _env(_container(spec, "net"))
     assert "NET_DRAIN_TIMEOUT" not in sidecar_env, f"{where}: a second timeout to keep in step"
     assert read_settings(Env(sidecar_env)).drain_timeout == shutdown.network_hold(runner), where

@@ -3,6 +3,12 @@
 {{- .Release.Name | trunc 52 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* The first VM's DNS name in the namespace, through the headless Service. */}}
+{{- define "podvm.firstVm" -}}
+{{- $name := include "podvm.fullname" . -}}
+{{- ternary $name (printf "%s-0.%s" $name $name) (eq .Values.workload.kind "Pod") -}}
+{{- end -}}
+
 {{- define "podvm.selector" -}}
 app.kubernetes.io/name: podvm
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -47,6 +53,11 @@ labels:
 {{- define "podvm.sharedEnv" -}}
 {{- $v := .Values -}}
 - {name: SHUTDOWN_TIMEOUT, value: {{ printf "%ds" (int $v.vm.shutdownTimeout) }}}
+{{- if eq $v.vm.onStop "suspend" }}
+# The runner saves the VM first, and shuts it down only when the save fails: the network stays for both.
+- {name: ON_STOP, value: suspend}
+- {name: SUSPEND_TIMEOUT, value: {{ printf "%ds" (int $v.vm.suspendTimeout) }}}
+{{- end }}
 {{- if $v.metrics.enabled }}
 # TCP {{ $v.metrics.port }} stays in the pod for the metrics, like 5900 for VNC: the same port in both containers.
 - {name: METRICS_PORT, value: {{ $v.metrics.port | quote }}}
@@ -144,6 +155,18 @@ labels:
     {{- if ne $v.image.format "qcow2" }}
     - {name: IMG_FORMAT, value: {{ $v.image.format }}}
     {{- end }}
+    {{- with $v.image.ovaDisk }}
+    - {name: IMG_OVA_DISK, value: {{ . | quote }}}
+    {{- end }}
+    {{- with $v.vm.profile }}
+    - {name: VM_PROFILE, value: {{ . }}}
+    {{- end }}
+    {{- with $v.vm.firmware }}
+    - {name: VM_FIRMWARE, value: {{ . }}}
+    {{- end }}
+    {{- with $v.vm.tpm }}
+    - {name: VM_TPM, value: {{ . | quote }}}
+    {{- end }}
     - {name: ACCEL, value: {{ ternary "tcg" (ternary "kvm" "auto" $v.devices.requireKvm) (eq $v.devices.mode "tcg") }}}
     - {name: VM_CPUS, value: {{ $v.vm.cpus | quote }}}
     - {name: VM_MEMORY, value: {{ $v.vm.memory }}}
@@ -222,9 +245,10 @@ labels:
 {{- define "podvm.podSpec" -}}
 {{- $v := .root.Values -}}
 {{- $name := include "podvm.fullname" .root -}}
-# At least SHUTDOWN_TIMEOUT ({{ $v.vm.shutdownTimeout }}s, in BOTH containers) + 6s for the runner's hard stop + 10s for the
-# sidecar's teardown: the guest gets its ACPI power-down and keeps its network until qemu is gone.
-terminationGracePeriodSeconds: {{ add (int $v.vm.shutdownTimeout) 30 }}
+{{- $suspend := ternary (int $v.vm.suspendTimeout) 0 (eq $v.vm.onStop "suspend") -}}
+# At least {{ if $suspend }}SUSPEND_TIMEOUT ({{ $suspend }}s) + {{ end }}SHUTDOWN_TIMEOUT ({{ $v.vm.shutdownTimeout }}s, in BOTH containers) + 6s for the runner's hard stop
+# + 10s for the sidecar's teardown: the guest gets its {{ if $suspend }}save or its {{ end }}ACPI power-down and keeps its network until qemu is gone.
+terminationGracePeriodSeconds: {{ add (int $v.vm.shutdownTimeout) $suspend 30 }}
 # Volumes (the handshake directory, the cache, the disk) writable by the runner's group.
 securityContext:
   fsGroup: 10001
