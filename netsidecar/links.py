@@ -1,14 +1,18 @@
-"""The links by netlink (pyroute2): the pod's facts, the bridge, the tap and their addresses, as the plan says.
+"""The links: the pod's facts, the bridge, the tap and their addresses, as the plan says.
 
-pyroute2 is imported only where netlink is used: its import alone costs a third of a second.
+The start (the pod's facts, making the links) talks to the kernel through iproute2's ``ip -json`` and ``ip -batch``:
+a few of its processes cost a few milliseconds, where importing pyroute2 costs 90-200 ms before the first message.
+What runs after the handshake (status, figures, probes, the drain and teardown) reads through pyroute2, imported
+there.
 """
 
 import fcntl
 import ipaddress
+import json
 import logging
 import os
-import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -39,55 +43,76 @@ def _link(ipr: Any, name: str) -> Any | None:
     return ipr.get_links(links[0])[0] if links else None
 
 
+def _ip(args: list[str], script: str | None = None) -> subprocess.CompletedProcess[str]:
+    """One ``ip`` command (``-batch -`` reads ``script``), its output as text; never raises on its status."""
+    try:
+        return subprocess.run(["ip", *args], input=script, capture_output=True, text=True, check=False)
+    except OSError as err:
+        raise PodvmError(f"ip (iproute2) cannot run: {err.strerror}") from err
+
+
+def _ip_json(args: list[str]) -> list[Json]:
+    """``ip -json ARGS``: the objects it lists; a missing device lists none."""
+    done = _ip(["-json", *args])
+    if done.returncode != 0:
+        if "does not exist" in done.stderr:
+            return []
+        raise PodvmError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+    listed: list[Json] = json.loads(done.stdout or "[]")
+    return listed
+
+
+def _ip_batch(script: list[str]) -> None:
+    """Run ``script`` (one ``ip`` command a line) in one process; it stops at the first error, which is raised."""
+    done = _ip(["-batch", "-"], "".join(f"{line}\n" for line in script))
+    if done.returncode != 0:
+        raise PodvmError(f"ip -batch: {done.stderr.strip()}")
+
+
 def pod_facts(settings: Settings) -> PodFacts:
     """Find the pod interface (the default route's of either family, unless POD_IFACE) and its addresses, waiting
     up to POD_WAIT_TIMEOUT until it holds the families IP_FAMILIES asks for (on auto: at least one)."""
     deadline = time.monotonic() + settings.pod_wait_timeout
-    with _ipr() as ipr:
-        while True:
-            facts = _try_pod_facts(ipr, settings)
-            if facts is not None:
-                return facts
-            if time.monotonic() >= deadline:
-                what = f"POD_IFACE={settings.pod_iface}" if settings.pod_iface else "the default route's interface"
-                wanted = " and ".join(settings.families) or "IPv4 or IPv6"
-                raise PodvmError(
-                    f"{what}: no {wanted} address after POD_WAIT_TIMEOUT={settings.pod_wait_timeout:g}s"
-                    " (IP_FAMILIES chooses the families)"
-                )
-            time.sleep(0.1)
+    while True:
+        facts = _try_pod_facts(settings)
+        if facts is not None:
+            return facts
+        if time.monotonic() >= deadline:
+            what = f"POD_IFACE={settings.pod_iface}" if settings.pod_iface else "the default route's interface"
+            wanted = " and ".join(settings.families) or "IPv4 or IPv6"
+            raise PodvmError(
+                f"{what}: no {wanted} address after POD_WAIT_TIMEOUT={settings.pod_wait_timeout:g}s"
+                " (IP_FAMILIES chooses the families)"
+            )
+        time.sleep(0.1)
 
 
-def _default_route_index(ipr: Any) -> int | None:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        routes = [r for r in ipr.get_default_routes(family=family) if r.get_attr("RTA_OIF")]
+def _default_route_iface() -> str | None:
+    for family in ("-4", "-6"):
+        routes = [r for r in _ip_json([family, "route", "show", "default"]) if r.get("dev")]
         if routes:
-            index: int = routes[0].get_attr("RTA_OIF")
-            return index
+            return str(routes[0]["dev"])
     return None
 
 
-def _try_pod_facts(ipr: Any, settings: Settings) -> PodFacts | None:
-    if settings.pod_iface:
-        found = ipr.link_lookup(ifname=settings.pod_iface)
-        index = found[0] if found else None
-    else:
-        index = _default_route_index(ipr)
-    if index is None:
+def _try_pod_facts(settings: Settings) -> PodFacts | None:
+    name = settings.pod_iface or _default_route_iface()
+    if name is None:
         return None
-    link = ipr.get_links(index)[0]
-    v4 = [
-        ipaddress.IPv4Interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
-        for a in ipr.get_addr(index=index, family=socket.AF_INET)
-    ]
-    # Global addresses only (scope 0); a tentative one counts, it is the pod's once duplicate detection is done.
+    found = _ip_json(["address", "show", "dev", name])
+    if not found:
+        return None
+    link = found[0]
+    addrs = link.get("addr_info", [])
+    v4 = [ipaddress.IPv4Interface(f"{a['local']}/{a['prefixlen']}") for a in addrs if a.get("family") == "inet"]
+    # Global addresses only; a tentative one counts, it is the pod's once duplicate detection is done.
     v6 = [
-        ipaddress.IPv6Interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
-        for a in ipr.get_addr(index=index, family=socket.AF_INET6)
-        if a["scope"] == 0
+        ipaddress.IPv6Interface(f"{a['local']}/{a['prefixlen']}")
+        for a in addrs
+        if a.get("family") == "inet6" and a.get("scope") == "global"
     ]
     return config.pod_from(
-        settings, link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_MTU"), v4[0] if v4 else None, v6[0] if v6 else None
+        settings, str(link["ifname"]), int(link["mtu"]), v4[0] if v4 else None, v6[0] if v6 else None
     )
 
 
@@ -103,62 +128,52 @@ def _create_tap(name: str, owner: int | None) -> None:
         os.close(fd)
 
 
-_ADDR_GEN_MODE_NONE = 1
-_IFA_F_NODAD = 0x02
-
-
-def _ipv6_off(ipr: Any, index: int, name: str, changes: tuple[SysctlChange, ...]) -> None:
-    """No IPv6 the kernel makes up on a link: no link-local address of its own (netlink works even where /proc/sys
-    is read-only), then the link's planned IPv6 sysctls where /proc/sys is writable."""
-    from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415 - pyroute2 only where netlink is used
-
-    spec = {"attrs": [("AF_INET6", {"attrs": [("IFLA_INET6_ADDR_GEN_MODE", _ADDR_GEN_MODE_NONE)]})]}
-    try:
-        ipr.link("set", index=index, IFLA_AF_SPEC=spec)
-    except NetlinkError as err:
-        log.info("%s: IPv6 address generation left as it is (%s)", name, os.strerror(err.code))
-    sysctl.write_link(name, changes)
-
-
 def ensure_links(plan: LinkPlan) -> None:
     """Create the bridge and tap if missing, else keep them (a VM may hold the tap open) and fix their settings."""
-    with _ipr() as ipr:
-        if _link(ipr, plan.bridge) is None:
-            ipr.link("add", ifname=plan.bridge, kind="bridge")
-            log.info("bridge %s created", plan.bridge)
-        bridge = ipr.link_lookup(ifname=plan.bridge)[0]
-        # An address set explicitly pins it: the bridge no longer takes the lowest MAC of its ports.
-        ipr.link("set", index=bridge, address=plan.bridge_mac)
-        _ipv6_off(ipr, bridge, plan.bridge, plan.bridge_sysctls())
-        ipr.link("set", index=bridge, mtu=plan.mtu)
-        for family, wanted in (
-            (socket.AF_INET, [plan.bridge_address] if plan.bridge_address else []),
-            (socket.AF_INET6, list(plan.bridge_addresses6)),
-        ):
-            _set_addresses(ipr, bridge, family, wanted)
-        if _link(ipr, plan.tap) is None:
-            _create_tap(plan.tap, plan.tap_owner)
-            log.info("tap %s created (owner %s)", plan.tap, "root" if plan.tap_owner is None else plan.tap_owner)
-        else:
-            log.info("tap %s kept as it is (a VM may hold it open)", plan.tap)
-        tap = ipr.link_lookup(ifname=plan.tap)[0]
-        _ipv6_off(ipr, tap, plan.tap, plan.tap_sysctls())
-        ipr.link("set", index=tap, mtu=plan.mtu, master=bridge, state="up")
-        ipr.link("set", index=bridge, state="up")
+    have = {str(link["ifname"]): link for link in _ip_json(["address", "show"])}
+    if plan.tap not in have:
+        _create_tap(plan.tap, plan.tap_owner)
+        log.info("tap %s created (owner %s)", plan.tap, "root" if plan.tap_owner is None else plan.tap_owner)
+    else:
+        log.info("tap %s kept as it is (a VM may hold it open)", plan.tap)
+    script = []
+    if plan.bridge not in have:
+        script.append(f"link add name {plan.bridge} type bridge")
+    # An address set explicitly pins it: the bridge no longer takes the lowest MAC of its ports.
+    script.append(f"link set dev {plan.bridge} address {plan.bridge_mac} mtu {plan.mtu}")
+    old = have.get(plan.bridge, {}).get("addr_info", [])
+    script += _address_changes(plan.bridge, "inet", old, [plan.bridge_address] if plan.bridge_address else [])
+    script += _address_changes(plan.bridge, "inet6", old, list(plan.bridge_addresses6))
+    script.append(f"link set dev {plan.tap} mtu {plan.mtu} master {plan.bridge}")
+    _ip_batch(script)
+    if plan.bridge not in have:
+        log.info("bridge %s created", plan.bridge)
+    _ipv6_off(((plan.bridge, plan.bridge_sysctls()), (plan.tap, plan.tap_sysctls())))
+    _ip_batch([f"link set dev {plan.tap} up", f"link set dev {plan.bridge} up"])
     addresses = " ".join(filter(None, [plan.bridge_address, *plan.bridge_addresses6]))
     log.info("bridge %s %s mac %s mtu %d, tap %s", plan.bridge, addresses, plan.bridge_mac, plan.mtu, plan.tap)
 
 
-def _set_addresses(ipr: Any, index: int, family: int, wanted: list[str]) -> None:
-    """Exactly ``wanted`` on the link for ``family`` (IPv6 without duplicate detection: a guest's DAD probe must
-    never make the bridge give up its address)."""
-    have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index, family=family)}
-    want = {(str(ipaddress.ip_interface(w).ip), int(w.split("/")[1])) for w in wanted}
-    for addr, plen in have - want:
-        ipr.addr("del", index=index, address=addr, prefixlen=plen)
-    for addr, plen in want - have:
-        flags = {"IFA_FLAGS": _IFA_F_NODAD} if family == socket.AF_INET6 else {}
-        ipr.addr("add", index=index, address=addr, prefixlen=plen, **flags)
+def _ipv6_off(links: tuple[tuple[str, tuple[SysctlChange, ...]], ...]) -> None:
+    """No IPv6 the kernel makes up on the links before they come up: no link-local address of their own (netlink
+    works even where /proc/sys is read-only; a kernel without IPv6 refuses it, which is logged), then their
+    planned IPv6 sysctls where /proc/sys is writable."""
+    done = _ip(["-force", "-batch", "-"], "".join(f"link set dev {name} addrgenmode none\n" for name, _ in links))
+    if done.returncode != 0:
+        log.info("IPv6 address generation left as it is (%s)", done.stderr.strip())
+    for name, changes in links:
+        sysctl.write_link(name, changes)
+
+
+def _address_changes(name: str, family: str, have: list[Json], wanted: list[str]) -> list[str]:
+    """The ``ip`` lines that leave exactly ``wanted`` on the link for ``family`` (IPv6 without duplicate
+    detection: a guest's DAD probe must never make the bridge give up its address)."""
+    old = {f"{a['local']}/{a['prefixlen']}" for a in have if a.get("family") == family}
+    new = {f"{ipaddress.ip_interface(w).ip}/{w.split('/')[1]}" for w in wanted}
+    nodad = " nodad" if family == "inet6" else ""
+    return [f"address del {a} dev {name}" for a in sorted(old - new)] + [
+        f"address add {a} dev {name}{nodad}" for a in sorted(new - old)
+    ]
 
 
 def tap_carrier() -> bool:
