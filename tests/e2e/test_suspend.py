@@ -75,6 +75,7 @@ class World:
     files_after_save: list[str] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
     backups: list[str] = field(default_factory=list)
+    pinned_first: str = ""
 
 
 def _run(s: Scenario, world: World, name: str, env: dict[str, str], ready: str = harness.READY) -> Proc:
@@ -102,6 +103,12 @@ def world() -> Iterator[World]:
         seen.files_after_save = sorted(p.name for p in s.dirs["vm"].iterdir() if "suspend" in p.name)
         seen.plan = json.loads(s.vmrunner(env, "plan").stdout)
         seen.plan["memory changed"] = json.loads(s.vmrunner({**env, "VM_MEMORY": "320M"}, "plan").stdout)["resume"]
+        # As a release without the machine pin saved it: on the alias, with no pin beside the pet. The guest must
+        # resume on the versioned machine it ran on, which becomes its pin.
+        saved = s.dirs["vm"] / f"{HOSTNAME}.suspended.json"
+        seen.pinned_first = json.loads((s.dirs["vm"] / f"{HOSTNAME}.machine.json").read_text())["machine"]
+        saved.write_text(json.dumps({**json.loads(saved.read_text()), "machine": "pc"}))
+        (s.dirs["vm"] / f"{HOSTNAME}.machine.json").unlink()
 
         new_pod(s)
         runner = _run(s, seen, "resumed", env, RESUMED)
@@ -161,6 +168,12 @@ def test_a_suspended_vm_resumes_in_the_next_pod_with_its_ram(world: World) -> No
     assert float(world.after["uptime"]) >= float(world.before["uptime"])
     assert "podvm-guest: booted" not in world.logs["resumed"]
     assert world.status["state"] == "running" and world.status["suspend"].startswith("resumed in ")
+
+
+def test_a_state_saved_on_the_alias_before_any_pin_resumes_and_pins_that_machine(world: World) -> None:
+    assert world.pinned_first.startswith("pc-i440fx-"), world.pinned_first
+    assert f"machine type pc pinned as {world.pinned_first}" in world.logs["resumed"]
+    assert f"-machine {world.pinned_first} " in world.logs["resumed"]
 
 
 def test_the_backup_after_a_resume_is_incremental(world: World) -> None:
