@@ -50,7 +50,7 @@ _CHAIN_ID = re.compile(r"^\d{8}T\d{6}Z(-\d{1,3})?$")
 _POINT_FILE = re.compile(r"^(\d{4})-(full|incremental)\.qcow2$")
 # a point's copies of the VM's own files: NNNN.<suffix>
 OWN_SUFFIX = {MACHINE: "machine.json", UEFI_VARS: "efivars.fd", TPM_STATE: "tpm"}
-_OWN_FILE = re.compile(r"^(\d{4})\.(efivars\.fd|tpm)$")
+_OWN_FILE = re.compile(rf"^(\d{{4}})\.({'|'.join(re.escape(s) for s in OWN_SUFFIX.values())})$")
 
 
 @dataclass(frozen=True)

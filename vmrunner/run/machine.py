@@ -84,12 +84,14 @@ def versioned(help_text: str, kind: str) -> str | None:
 def resolve(cfg: Config, kind: str) -> str:
     """What this qemu calls ``kind`` with its version.
 
-    :raise ConfigError: naming VM_MACHINE when qemu has no such machine type or cannot say.
+    :raise ConfigError: naming QEMU when it is missing, VM_MACHINE when qemu has no such type or cannot say.
     """
     try:
         shown = subprocess.run(
             [cfg.qemu, "-machine", "help"], capture_output=True, text=True, timeout=HELP_TIMEOUT, check=True
         ).stdout
+    except FileNotFoundError:
+        raise ConfigError(f"QEMU={cfg.qemu}: no such program") from None
     except (OSError, subprocess.SubprocessError) as err:
         raise ConfigError(f"VM_MACHINE={cfg.machine}: {cfg.qemu} -machine help failed: {err}") from None
     name = versioned(shown, kind)
