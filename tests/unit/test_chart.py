@@ -251,8 +251,8 @@ def test_the_plain_manifests_are_the_charts_rendering() -> None:
 
 
 def test_a_windows_ova_that_a_drain_suspends(chart: Chart) -> None:
-    """The profile, firmware, import and CD-ROM settings reach the runner; ON_STOP reaches both containers, and the grace
-    period leaves the save its time before the fallback shutdown's."""
+    """The profile, firmware, import and CD-ROM settings reach the runner; ON_STOP reaches both containers, and the
+    grace period leaves the save its time before the fallback shutdown's."""
     spec = _render(chart, _values(CHART / "ci" / "windows-suspend-values.yaml"))
     vm, net = _env(_container(spec, "vm")), _env(_container(spec, "net"))
     assert {k: vm[k] for k in ("IMG_FORMAT", "IMG_OVA_DISK", "VM_PROFILE")} == {
