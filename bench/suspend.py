@@ -19,7 +19,7 @@ SECTION = "6c. VM restart, as a client sees it (TCG)"
 # The guest's root file system is a tmpfs of half its memory: 2560M holds the 1 GiB it fills.
 GUESTS: tuple[tuple[str, dict[str, str], int], ...] = (
     ("tiny guest", {}, 0),
-    ("1 GiB touched", {"VM_MEMORY": "1536M"}, 1024),
+    ("1 GiB touched", {"VM_MEMORY": "2560M"}, 1024),
 )
 FILL_TIMEOUT = 300  # seconds for the guest to write its RAM under TCG
 
