@@ -16,7 +16,8 @@ Layout (documented for users in docs/backups.md)::
 The pet carries one persistent dirty bitmap named after its chain (``podvm-<chain id>``). An incremental backup is
 only taken when that bitmap is there, consistent, and the chain is intact; anything else makes the next backup a
 full one, with the reason in the log. Each data disk carries the same bitmap, and every disk is copied by one QMP
-transaction (grouped: one job failing cancels all), so a point holds all disks of one instant or none.
+transaction (an incremental one grouped: one job failing cancels all), so a point holds all disks of one instant or
+none.
 """
 
 import contextlib
@@ -440,8 +441,10 @@ def plan_backup(
         for index, (name, (size, found)) in enumerate(sorted((data or {}).items()), start=1)
     )
     transaction: dict[str, object] = {"actions": actions}
-    if targets:
-        transaction["properties"] = {"completion-mode": "grouped"}  # one job failing cancels all: one instant or none
+    if targets and decision.kind == "incremental":
+        # One job failing cancels all, so no disk's bitmap is cleared for a point that is never recorded. (qemu takes
+        # no bitmap-add in a grouped transaction; a failed full backup clears no bitmap that a chain follows.)
+        transaction["properties"] = {"completion-mode": "grouped"}
     return BackupPlan(
         kind=decision.kind,
         reason=decision.reason,
