@@ -163,6 +163,16 @@ def test_both_disks_are_made_empty_and_the_guest_finds_each_by_its_serial(seen: 
     assert all(d["exists"] and d["owner"] == HOSTNAME and d["virtual_size"] == 64 << 20 for d in shown.values())
 
 
+def test_the_metrics_have_each_data_disk_as_a_drive_of_its_own(seen: Seen) -> None:
+    written = {
+        f["labels"].get("drive"): f["value"]
+        for f in seen.status["figures"]  # type: ignore[attr-defined]
+        if f["name"] == "podvm_vm_storage_write_traffic_bytes_total"
+    }
+    assert written.get("data-db", 0) >= 1024 and written.get("data-share", 0) >= 1024, written
+    assert "disk0" in written, "the pet's drive as before"
+
+
 def test_one_backup_point_holds_the_pet_and_both_disks(seen: Seen) -> None:
     assert seen.backup.returncode == 0, seen.backup.stderr
     points = seen.manifest["points"]
