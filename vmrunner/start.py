@@ -61,7 +61,7 @@ def run(cfg: Config) -> int:
         started = prepare(cfg)
     with datadisks.held(cfg):  # locked until qemu is gone: no other VM opens them meanwhile
         with volume_errors(cfg):
-            ownstate.ensure(cfg)
+            cfg = ownstate.ensure(cfg)
             media = cdrom.prepare(cfg)
         base_in_use(tracker, started.digest)
         iso = None
@@ -103,7 +103,7 @@ def _supervise(cfg: Config, plan: QemuPlan, secret: bytes | None, tracker: Track
         if taken is not None:
             try:
                 resumed = suspend.resumed_plan(plan, taken)
-                saver = None if saving is None else suspend.Saver(cfg, saving, plan.argv, taken.record.pinned)
+                saver = None if saving is None else suspend.Saver(cfg, saving, plan.argv)
                 return asyncio.run(
                     Supervisor(resumed, cfg.shutdown_timeout, secret, tracker, duties, saver=saver).run()
                 )
@@ -208,7 +208,7 @@ def show_plan(cfg: Config) -> int:
     from vmrunner.images.names import resolve
     from vmrunner.pet import datadisks
     from vmrunner.pet.binding import describe
-    from vmrunner.run import ownstate
+    from vmrunner.run import machine, ownstate
 
     path = cfg.run_dir / handshake.FILE_NAME
     hs = handshake.read(path) if path.exists() else None
@@ -239,6 +239,7 @@ def show_plan(cfg: Config) -> int:
     ownstate.preflight(cfg)
     accel = choose_accel(cfg.accel, kvm_problem())
     document["hardware"] = ownstate.describe(cfg, accel)
+    cfg = machine.pinned(cfg)  # the argv as run has it; a VM not started yet is pinned on its first start
     if hs is None:
         document["qemu"] = f"waits for {path}"
     else:

@@ -13,7 +13,6 @@ new file: qemu pauses the VM, the runner says so in one line naming VM_DIR, stay
 clean shutdown the pet passes ``qemu-img check``.
 """
 
-import contextlib
 import json
 import os
 import signal
@@ -191,21 +190,6 @@ def test_the_guest_keeps_booting_and_stops_cleanly_after_the_kills(kills: Kills)
     assert sound(kills.checks[2]), kills.checks[2]
 
 
-@contextlib.contextmanager
-def small_tmpfs(path: Path, mib: int) -> Iterator[Path]:
-    """A tmpfs of ``mib`` MiB at ``path``, the runner's; unmounted (lazily, if qemu still holds it) when done."""
-    path.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0755,uid={harness.RUNNER_UID},gid={harness.RUNNER_UID}",
-         "podvm-crash", str(path)],
-        check=True,
-    )  # fmt: skip
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 @dataclass
 class Full:
     """What the full-disk scenario saw."""
@@ -229,7 +213,7 @@ def _lines(runner: Proc, text: str) -> list[str]:
 def full(pod: Pod, kills: Kills) -> Iterator[Full]:
     """Boot on a small tmpfs VM_DIR, fill it up under a write of the guest, free it, stop cleanly."""
     del kills  # one VM on the pod's tap at a time: the kill scenario is over
-    with small_tmpfs(pod.base / "vm-small", FULL_TMPFS_MIB) as vm_dir:
+    with harness.small_tmpfs(pod.base / "vm-small", FULL_TMPFS_MIB) as vm_dir:
         runner = pod.boot("full.log", VM_DIR=str(vm_dir), VM_DIR_MIN_FREE=RESUME_FREE)
         ballast = vm_dir / "ballast"
         room = os.statvfs(vm_dir).f_bavail * os.statvfs(vm_dir).f_frsize

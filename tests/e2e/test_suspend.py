@@ -32,6 +32,8 @@ pytestmark = pytest.mark.guest
 HOSTNAME = "sleeper-0"
 RESUMED = "resumed the saved state"
 SUSPENDED = "suspended: "
+SMALL_VM_DIR_MIB = 48  # a VM_DIR for the pet, filled up to SMALL_LEFT: the stream (about 100 MiB) cannot fit
+SMALL_LEFT = 4 << 20
 
 
 def ram(s: Scenario, value: str = "") -> dict[str, str]:
@@ -75,6 +77,9 @@ class World:
     files_after_save: list[str] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
     backups: list[str] = field(default_factory=list)
+    pinned_first: str = ""
+    files_no_room: list[str] = field(default_factory=list)
+    plan_no_room: dict[str, Any] = field(default_factory=dict)
 
 
 def _run(s: Scenario, world: World, name: str, env: dict[str, str], ready: str = harness.READY) -> Proc:
@@ -102,6 +107,12 @@ def world() -> Iterator[World]:
         seen.files_after_save = sorted(p.name for p in s.dirs["vm"].iterdir() if "suspend" in p.name)
         seen.plan = json.loads(s.vmrunner(env, "plan").stdout)
         seen.plan["memory changed"] = json.loads(s.vmrunner({**env, "VM_MEMORY": "320M"}, "plan").stdout)["resume"]
+        # As a release without the machine pin saved it: on the alias, with no pin beside the pet. The guest must
+        # resume on the versioned machine it ran on, which becomes its pin.
+        saved = s.dirs["vm"] / f"{HOSTNAME}.suspended.json"
+        seen.pinned_first = json.loads((s.dirs["vm"] / f"{HOSTNAME}.machine.json").read_text())["machine"]
+        saved.write_text(json.dumps({**json.loads(saved.read_text()), "machine": "pc"}))
+        (s.dirs["vm"] / f"{HOSTNAME}.machine.json").unlink()
 
         new_pod(s)
         runner = _run(s, seen, "resumed", env, RESUMED)
@@ -149,6 +160,18 @@ def world() -> Iterator[World]:
         runner = _run(s, seen, "after mid-save kill", env)
         _stop(s, seen, "after mid-save kill", runner)
         seen.checks["end"] = check(pet)
+
+        new_pod(s)  # a VM_DIR with no room for the save: the guest is shut down instead, nothing half-saved is left
+        with harness.small_tmpfs(s.base / "vm-small", SMALL_VM_DIR_MIB) as small:
+            on_small = {**env, "VM_DIR": str(small)}
+            runner = _run(s, seen, "no room", on_small)
+            room = os.statvfs(small)
+            (small / "filler").write_bytes(bytes(room.f_bavail * room.f_frsize - SMALL_LEFT))
+            _stop(s, seen, "no room", runner)
+            (small / "filler").unlink()
+            seen.files_no_room = sorted(p.name for p in small.iterdir())
+            seen.plan_no_room = json.loads(s.vmrunner(on_small, "plan").stdout)
+            seen.checks["no room"] = check(small / f"{HOSTNAME}.qcow2")
         yield seen
 
 
@@ -161,6 +184,12 @@ def test_a_suspended_vm_resumes_in_the_next_pod_with_its_ram(world: World) -> No
     assert float(world.after["uptime"]) >= float(world.before["uptime"])
     assert "podvm-guest: booted" not in world.logs["resumed"]
     assert world.status["state"] == "running" and world.status["suspend"].startswith("resumed in ")
+
+
+def test_a_state_saved_on_the_alias_before_any_pin_resumes_and_pins_that_machine(world: World) -> None:
+    assert world.pinned_first.startswith("pc-i440fx-"), world.pinned_first
+    assert f"machine type pc pinned as {world.pinned_first}" in world.logs["resumed"]
+    assert f"-machine {world.pinned_first} " in world.logs["resumed"]
 
 
 def test_the_backup_after_a_resume_is_incremental(world: World) -> None:
@@ -209,3 +238,12 @@ def test_a_runner_killed_mid_save_leaves_a_clean_cold_boot(world: World) -> None
     log = world.logs["after mid-save kill"]
     assert "podvm-guest: booted" in log and RESUMED not in log
     assert world.checks["killed mid-save"] in (0, 3) and world.checks["end"] in (0, 3)  # 3: leaked clusters only
+
+
+def test_a_save_without_room_on_vm_dir_shuts_the_guest_down_and_leaves_nothing_half_saved(world: World) -> None:
+    log = world.logs["no room"]
+    assert "suspend failed: qemu could not save the VM" in log, log[-3000:]
+    assert "guest powered off" in log and world.codes["no room"] == 0
+    assert [name for name in world.files_no_room if "suspend" in name] == []
+    assert world.plan_no_room["resume"] is None  # the next start boots cold from the disk
+    assert world.checks["no room"] == 0

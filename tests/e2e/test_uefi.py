@@ -12,6 +12,7 @@ which the runner's log and ``status`` show.
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -195,6 +196,7 @@ def test_a_restore_brings_back_the_variables_and_tpm_of_the_backup_s_instant(uef
     assert uefi.restore is not None and uefi.restore.returncode == 0, uefi.restore.stderr if uefi.restore else ""
     assert "uefi-0.efivars.fd of the same point" in uefi.restore.stderr
     assert "uefi-0.tpm of the same point" in uefi.restore.stderr
+    assert "uefi-0.machine.json of the same point" in uefi.restore.stderr  # the VM's pinned machine type
     assert (uefi.pages["restored"]["efivars"], uefi.nv["restored"]) == ("A:podvm42", NV_DATA)
     # the disk came back with them: the boot counter of the backup's instant, then this boot
     assert [uefi.pages[b]["counter"] for b in ("first", "restarted", "restored")] == ["1", "2", "2"]
@@ -203,7 +205,7 @@ def test_a_restore_brings_back_the_variables_and_tpm_of_the_backup_s_instant(uef
 def test_the_vm_s_own_state_is_closed_to_others_and_planned(uefi: Uefi) -> None:
     assert (uefi.state_mode, uefi.vars_mode) == (0o700, 0o600)
     kinds = [entry["kind"] for entry in uefi.plan["own_state"]]
-    assert kinds == ["disk", "uefi-vars", "tpm-state"]
+    assert kinds == ["disk", "machine", "uefi-vars", "tpm-state"]
 
 
 def test_the_guest_has_an_absolute_pointer_by_default(uefi: Uefi) -> None:
@@ -294,8 +296,10 @@ def profiles() -> Iterator[dict[str, str]]:
 def test_each_windows_profile_boots_the_guest_s_kernel(profiles: dict[str, str], profile: str) -> None:
     qemu = next(line for line in profiles[profile].splitlines() if "vmrunner: qemu: " in line)
     if profile == "windows":
-        assert "OVMF_CODE_4M.secboot.fd" in qemu and "-tpmdev" in qemu and "e1000e" in qemu and "q35,smm=on" in qemu
+        assert "OVMF_CODE_4M.secboot.fd" in qemu and "-tpmdev" in qemu and "e1000e" in qemu
+        assert re.search(r"-machine pc-q35-[\d.]+,smm=on ", qemu), qemu
         assert "hv_" not in qemu  # Hyper-V enlightenments are KVM only: left out under TCG
     else:
-        assert "-machine pc " in qemu and "rtl8139" in qemu and "pflash" not in qemu and "usb-tablet" not in qemu
+        assert re.search(r"-machine pc-i440fx-[\d.]+ ", qemu), qemu
+        assert "rtl8139" in qemu and "pflash" not in qemu and "usb-tablet" not in qemu
     assert "podvm-guest: booted" in profiles[profile]

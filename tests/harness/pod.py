@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,3 +237,18 @@ def children(pid: int) -> list[int]:
 def report(*procs: Proc) -> str:
     """Every process's log, for a failing test's output."""
     return "\n".join(f"----- {p.name} ({p.log}) -----\n{p.text()}" for p in procs)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, mib: int) -> Iterator[Path]:
+    """A tmpfs of ``mib`` MiB at ``path``, the runner's; unmounted (lazily, if qemu still holds it) when done."""
+    path.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0755,uid={RUNNER_UID},gid={RUNNER_UID}",
+         "podvm-small", str(path)],
+        check=True,
+    )  # fmt: skip
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

@@ -218,6 +218,9 @@ def test_the_chart_test_connects_to_the_vm_through_the_service(chart: Chart) -> 
         ({"image": {"ovaDisk": "vmdisk1"}}, "at '/image/ovaDisk': value must be ''"),
         ({"vm": {"profile": "windows-xp"}}, "at '/vm/profile': value must be one of"),
         ({"vm": {"onStop": "hibernate"}}, "at '/vm/onStop': value must be one of"),
+        ({"vm": {"cdroms": [{"source": "", "checksum": "sha256:" + "0" * 64}]}}, "at '/vm/cdroms/0/checksum'"),
+        ({"vm": {"cdroms": [{"source": "ftp://x/y.iso"}]}}, "at '/vm/cdroms/0/source'"),
+        ({"vm": {"cdroms": [{"source": ""}] * 5}}, "at '/vm/cdroms': maxItems"),
     ],
 )
 def test_bad_values_are_refused_by_the_schema(chart: Chart, values: dict[str, Any], message: str) -> None:
@@ -248,8 +251,8 @@ def test_the_plain_manifests_are_the_charts_rendering() -> None:
 
 
 def test_a_windows_ova_that_a_drain_suspends(chart: Chart) -> None:
-    """The profile, firmware and import settings reach the runner; ON_STOP reaches both containers, and the grace
-    period leaves the save its time before the fallback shutdown's."""
+    """The profile, firmware, import and CD-ROM settings reach the runner; ON_STOP reaches both containers, and the
+    grace period leaves the save its time before the fallback shutdown's."""
     spec = _render(chart, _values(CHART / "ci" / "windows-suspend-values.yaml"))
     vm, net = _env(_container(spec, "vm")), _env(_container(spec, "net"))
     assert {k: vm[k] for k in ("IMG_FORMAT", "IMG_OVA_DISK", "VM_PROFILE")} == {
@@ -260,6 +263,10 @@ def test_a_windows_ova_that_a_drain_suspends(chart: Chart) -> None:
     for env in (vm, net):
         assert (env["ON_STOP"], env["SUSPEND_TIMEOUT"], env["SHUTDOWN_TIMEOUT"]) == ("suspend", "120s", "180s")
     assert spec["terminationGracePeriodSeconds"] == 120 + 180 + 30
-    assert load({**vm, "HOSTNAME": "vm"}).hardware.tpm, "the windows profile brings its TPM"
+    loaded = load({**vm, "HOSTNAME": "vm"})
+    assert loaded.hardware.tpm, "the windows profile brings its TPM"
+    virtio, empty = loaded.cdroms  # the drivers' disc by its digest, and a drive without a disc
+    assert virtio is not None and virtio.source.endswith("/virtio-win.iso") and virtio.checksum is not None
+    assert empty is None
     default = _render(chart, {})
     assert "ON_STOP" not in _env(_container(default, "vm")) and default["terminationGracePeriodSeconds"] == 90

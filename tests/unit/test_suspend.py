@@ -53,10 +53,12 @@ def test_what_differs_between_two_pods_is_not_hardware_but_memory_and_devices_ar
     assert suspend.hardware_digest(resumed)[0] == digest
 
 
-def test_a_resume_runs_on_the_pinned_machine_with_its_options() -> None:
-    assert suspend.with_machine(ARGV, "q35,smm=on", "pc-q35-7.2")[4] == "pc-q35-7.2,smm=on"
-    plain = tuple("pc" if a == "q35,smm=on" else a for a in ARGV)
-    assert suspend.with_machine(plain, "pc", "pc-i440fx-7.2")[4] == "pc-i440fx-7.2"
+def test_a_state_saved_on_an_alias_resumes_on_its_versioned_name_with_its_options() -> None:
+    assert suspend.runs_on(record()) == "pc-q35-7.2,smm=on"
+    digest = suspend.hardware_digest(ARGV)[0]
+    own = {"vm-0.qcow2": [1, 2, 3, 4]}
+    assert suspend.judge(record(), own, digest, "pc-q35-7.2,smm=on") is None
+    assert suspend.judge(record(), own, digest, "pc-q35-8.2,smm=on") is not None
 
 
 def test_anything_changed_since_the_save_refuses_the_resume() -> None:
@@ -67,7 +69,10 @@ def test_anything_changed_since_the_save_refuses_the_resume() -> None:
     assert why == "vm-0.qcow2 changed since the save (written, restored or rebased)"
     grown = suspend.judge(record(), {**own, "vm-0.efivars.fd": [9, 9, 9, 9]}, digest, machine)
     assert grown is not None and "vm-0.efivars.fd" in grown
-    assert suspend.judge(record(), own, digest, "pc") == "VM_MACHINE is 'pc' now, the state was saved on 'q35,smm=on'"
+    assert (
+        suspend.judge(record(), own, digest, "pc")
+        == "the machine is 'pc' now, the state was saved on 'pc-q35-7.2,smm=on'"
+    )
     assert suspend.judge(record(), own, "other", machine) is not None
 
 

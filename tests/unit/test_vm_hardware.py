@@ -13,7 +13,7 @@ import pytest
 from shared.errors import ChildFailed, ConfigError
 from tests.harness import samples
 from vmrunner.config import Config, load
-from vmrunner.pet.state import DISK, TPM_STATE, UEFI_VARS, own_files
+from vmrunner.pet.state import DISK, MACHINE, TPM_STATE, UEFI_VARS, own_files
 from vmrunner.profiles import OVMF_FILES, PROFILES
 from vmrunner.run import firmware, ownstate, tpm
 from vmrunner.run.argv import plan_qemu
@@ -192,15 +192,17 @@ def test_missing_firmware_file_or_swtpm_is_one_line_before_anything(tmp_path: Pa
     ownstate.preflight(cfg(VM_FIRMWARE="bios", VM_TPM="off", SWTPM="/nowhere/swtpm"))  # nothing needed, no refusal
 
 
-def test_own_state_lists_disk_vars_and_tpm_with_modes() -> None:
-    assert [(f.kind, str(f.path)) for f in own_files(cfg())] == [(DISK, "/vm/vm-0.qcow2")]
+def test_own_state_lists_disk_machine_vars_and_tpm_with_modes() -> None:
+    pin = (MACHINE, "/vm/vm-0.machine.json")
+    assert [(f.kind, str(f.path)) for f in own_files(cfg())] == [(DISK, "/vm/vm-0.qcow2"), pin]
     files = own_files(cfg(VM_PROFILE="windows"))
     assert [(f.kind, str(f.path), f.mode, f.directory) for f in files] == [
         (DISK, "/vm/vm-0.qcow2", None, False),
+        (*pin, 0o644, False),
         (UEFI_VARS, "/vm/vm-0.efivars.fd", 0o600, False),
         (TPM_STATE, "/vm/vm-0.tpm", 0o700, True),
     ]
-    assert files[1].template == OVMF_FILES["uefi-secure"][1]
+    assert files[2].template == OVMF_FILES["uefi-secure"][1]
 
 
 def test_variable_store_is_copied_once_and_never_overwritten(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from vmrunner.backups.plans import (
     Point,
 )
 from vmrunner.config import DATA_DISKS_MAX, Config
-from vmrunner.pet.state import own_files
+from vmrunner.pet.state import LIVE, own_files
 from vmrunner.qemu import img, qmp
 from vmrunner.run import agent
 from vmrunner.run.argv import PET_NODE, RunPaths, data_node
@@ -355,7 +355,7 @@ async def _start(
     if not freeze.frozen:
         log.info("backup: not freezing the guest's file systems: %s", freeze.why)
     try:
-        async with _paused(cfg, len(own_files(cfg)) > 1):
+        async with _paused(cfg, any(own.kind in LIVE for own in own_files(cfg))):
             now, started = datetime.now(UTC), time.monotonic()
             sent.append(True)
             await _qmp(cfg, "transaction", plan.transaction)

@@ -1,4 +1,4 @@
-"""The VM's own files beside its disk (the UEFI variable store, the TPM's state) in every backup point and restore.
+"""The VM's own files beside its disk (its machine type, UEFI variables, TPM state) in every backup point and restore.
 
 They follow :func:`vmrunner.pet.state.own_files`, the one list of what the VM keeps. A backup copies them while the
 VM is paused for the instant of the disk's transaction, so the disk, the variables and the TPM are of one instant (a
@@ -17,7 +17,7 @@ from shared import files
 from shared.errors import PodvmError
 from vmrunner.backups.plans import Chain, Point, own_file
 from vmrunner.config import Config
-from vmrunner.pet.state import TPM_OWNER, TPM_STATE, UEFI_VARS, own_files, tpm_dir_of, vars_path_of
+from vmrunner.pet.state import COPIED, MACHINE, TPM_OWNER, TPM_STATE, own_files, path_of
 
 STATE_MAX = 64 << 20  # bytes one own file may hold: OVMF's stores are 2-4 MiB, swtpm's state some KiB
 _SKIPPED = (TPM_OWNER, ".lock")  # in the TPM's folder: this VM's name (written anew on restore) and swtpm's lock
@@ -53,8 +53,8 @@ def capture(cfg: Config, chain: Path, seq: int, previous: Point | None) -> dict[
     """
     taken: dict[str, str] = {}
     for own in own_files(cfg):
-        if own.kind not in (UEFI_VARS, TPM_STATE):  # the disk is the job's; a saved RAM image is never backed up
-            continue
+        if own.kind not in COPIED or (own.kind == MACHINE and files.stat_below(cfg.vm_dir, own.path) is None):
+            continue  # the disk is the job's; a saved RAM image is never backed up; a VM never started has no pin
         try:
             content = _read_tree(cfg.vm_dir, own.path, own.directory)
             before = previous.own.get(own.kind) if previous is not None else None
@@ -78,7 +78,7 @@ def restore_own(cfg: Config, chain_dir: Path, chain: Chain, point: Point, name: 
     written = []
     for kind, stored in sorted(point.own.items()):
         directory = kind == TPM_STATE
-        target = tpm_dir_of(cfg.vm_dir, name) if directory else vars_path_of(cfg.vm_dir, name)
+        target = path_of(cfg.vm_dir, name, kind)
         try:
             content = _read_tree(cfg.backup_dir, chain_dir / stored, directory)
         except (OSError, files.Forged) as err:

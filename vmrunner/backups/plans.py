@@ -32,7 +32,7 @@ from pathlib import Path
 from shared import documents
 from shared.errors import ConfigError
 from shared.files import list_below, read_small, stat_below
-from vmrunner.pet.state import TPM_STATE, UEFI_VARS
+from vmrunner.pet.state import MACHINE, TPM_STATE, UEFI_VARS
 from vmrunner.run.argv import PET_NODE, data_node
 
 Argv = tuple[str, ...]
@@ -51,8 +51,9 @@ MANIFEST_VERSION = 1
 KINDS = ("full", "incremental")
 _CHAIN_ID = re.compile(r"^\d{8}T\d{6}Z(-\d{1,3})?$")
 _POINT_FILE = re.compile(r"^(\d{4})-(full|incremental)\.qcow2$")
-OWN_SUFFIX = {UEFI_VARS: "efivars.fd", TPM_STATE: "tpm"}  # a point's copies of the VM's own files: NNNN.<suffix>
-_OWN_FILE = re.compile(r"^(\d{4})\.(efivars\.fd|tpm)$")
+# a point's copies of the VM's own files: NNNN.<suffix>
+OWN_SUFFIX = {MACHINE: "machine.json", UEFI_VARS: "efivars.fd", TPM_STATE: "tpm"}
+_OWN_FILE = re.compile(rf"^(\d{{4}})\.({'|'.join(re.escape(s) for s in OWN_SUFFIX.values())})$")
 _DATA_FILE = re.compile(r"^(\d{4})-(full|incremental)\.([a-z0-9][a-z0-9_-]{0,19})\.qcow2$")
 
 

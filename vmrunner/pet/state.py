@@ -1,5 +1,5 @@
-"""The VM's own state, as one list: the pet disk, the UEFI variable store, the TPM's state on VM_DIR, and the data
-disks, each on a volume of its own.
+"""The VM's own state, as one list: the pet disk, its machine type, the UEFI variables, the TPM's state on VM_DIR,
+and the data disks, each on a volume of its own.
 
 Backups, restore, ``status`` and the runner all follow this list, so a file the VM keeps (a Windows guest's boot
 entries, its BitLocker keys sealed in the TPM) is never left out of one of them. Pure: nothing here touches a file.
@@ -15,13 +15,16 @@ UEFI_VARS = "uefi-vars"
 TPM_STATE = "tpm-state"
 SUSPENDED = "suspended"
 DATA_DISK = "data-disk"
+MACHINE = "machine"
+COPIED = (MACHINE, UEFI_VARS, TPM_STATE)  # what a backup copies as files beside the disk's own job
+LIVE = (UEFI_VARS, TPM_STATE)  # what the VM writes while it runs: copied with the VM paused, for one instant
 
 
 @dataclass(frozen=True)
 class OwnFile:
     """One file (or directory) of the VM's own state and how it comes to be."""
 
-    kind: str  # DISK, UEFI_VARS, TPM_STATE, SUSPENDED or DATA_DISK
+    kind: str  # DISK, MACHINE, UEFI_VARS, TPM_STATE, SUSPENDED or DATA_DISK
     path: Path
     mode: int | None  # what the runner makes it with (None: as qemu-img makes it); the TPM's never readable by others
     directory: bool
@@ -48,6 +51,16 @@ def tpm_dir_of(vm_dir: Path, name: str) -> Path:
     return vm_dir / f"{name}.tpm"
 
 
+def machine_path_of(vm_dir: Path, name: str) -> Path:
+    """The versioned machine type the VM ``name`` was pinned to when its pet was made: ``<name>.machine.json``."""
+    return vm_dir / f"{name}.machine.json"
+
+
+def path_of(vm_dir: Path, name: str, kind: str) -> Path:
+    """Where the VM ``name`` keeps its own file of ``kind`` (MACHINE, UEFI_VARS or TPM_STATE), for a restore."""
+    return {MACHINE: machine_path_of, UEFI_VARS: vars_path_of, TPM_STATE: tpm_dir_of}[kind](vm_dir, name)
+
+
 def vars_path(cfg: Config) -> Path:
     """This VM's UEFI variable store."""
     return vars_path_of(cfg.vm_dir, cfg.hostname)
@@ -60,7 +73,16 @@ def tpm_dir(cfg: Config) -> Path:
 
 def own_files(cfg: Config) -> tuple[OwnFile, ...]:
     """The VM's own files on VM_DIR for ``cfg``, the pet disk first."""
-    files = [OwnFile(DISK, cfg.pet_path, None, False, "made by qemu-img on the base image (or restored)")]
+    files = [
+        OwnFile(DISK, cfg.pet_path, None, False, "made by qemu-img on the base image (or restored)"),
+        OwnFile(
+            MACHINE,
+            machine_path_of(cfg.vm_dir, cfg.hostname),
+            0o644,
+            False,
+            "written on the first start: VM_MACHINE's versioned name then, kept across upgrades of qemu",
+        ),
+    ]
     hw = cfg.hardware
     if hw.uefi and hw.ovmf_vars is not None:
         files.append(

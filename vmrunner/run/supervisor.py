@@ -220,8 +220,6 @@ class Supervisor:
             self.tracker.set(phase="suspending")
         monitor = self.plan.paths.qmp
         try:
-            machine = suspend.hardware_digest(saver.cold_argv)[1]
-            pinned = saver.pinned or await suspend.pinned_machine(monitor, machine)
             seconds = await suspend.save(monitor, saver.fd, budget)
         except PodvmError as err:
             log.warning("suspend failed: %s; the guest runs again and is shut down instead", err)
@@ -235,7 +233,7 @@ class Supervisor:
             proc.kill()
             await exited
         try:
-            record = suspend.commit(saver.cfg, saver.fd, saver.cold_argv, pinned, seconds)
+            record = suspend.commit(saver.cfg, saver.fd, saver.cold_argv, seconds)
         except OSError as err:
             log.error("the saved state could not be recorded (%s): the next start boots cold from the disk", err)
             return True

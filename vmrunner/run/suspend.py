@@ -6,8 +6,9 @@ TPM state: :func:`vmrunner.pet.state.own_files`) by inode, size, mtime and ctime
 them, the hardware (qemu's argv without what differs between two pods of one VM) and the stream's own digest. A
 start whose files or hardware differ in any of these, or whose stream does not hash to the record, boots cold with
 one line saying why, and the state is removed: RAM resumed on a disk written since would corrupt the guest's file
-systems. The machine type is pinned to qemu's versioned name at the save, so a newer qemu in an upgraded image loads
-the stream with the machine it was taken on (qemu's compatibility rule); a qemu that still refuses it boots cold.
+systems. The argv runs on the machine type pinned when the pet was first started (:mod:`vmrunner.run.machine`), so a
+newer qemu in an upgraded image loads the stream on the machine it was taken on (qemu's compatibility rule); a qemu
+that still refuses it boots cold.
 
 Files on VM_DIR: ``<hostname>.suspended`` (the stream) with ``<hostname>.suspended.json`` (its record, written
 last: a state without a record is no state), ``.<hostname>.suspending`` while a save runs (qemu writes it through
@@ -28,7 +29,7 @@ from pathlib import Path
 from shared import documents, files
 from shared.errors import PodvmError
 from vmrunner.config import Config
-from vmrunner.pet.state import SUSPENDED, own_files
+from vmrunner.pet.state import MACHINE, SUSPENDED, own_files
 from vmrunner.qemu import qmp
 from vmrunner.run.argv import QemuPlan
 
@@ -69,16 +70,17 @@ class Record:
     sha256: str  # of the stream
     size: int
     hardware: str  # digest of qemu's argv without its volatile options and the machine type
-    machine: str  # VM_MACHINE as the argv had it (an alias such as ``pc``, or a versioned name)
-    pinned: str  # the versioned machine type it resolved to (``pc-i440fx-7.2``), used on resume
+    machine: str  # ``-machine`` as the argv had it, options included (``pc-q35-7.2,smm=on``)
+    pinned: str  # its versioned type alone (``pc-q35-7.2``); an alias in ``machine`` was resolved to it
     saved: float  # unix time of the save
     seconds: float  # how long the save took
     own: dict[str, list[int]] = field(default_factory=dict)  # path name -> [inode, size, mtime_ns, ctime_ns]
 
 
 def hardware_digest(argv: tuple[str, ...]) -> tuple[str, str]:
-    """``(digest, machine)``: what the guest's devices are made of, without the machine type (compared apart,
-    since a resume uses its pinned name) and the options that differ between two pods of one VM."""
+    """``(digest, machine)``: what the guest's devices are made of, without the machine type (compared apart, as
+    a state saved on an alias resumes on its versioned name) and the options that differ between two pods of one
+    VM."""
     kept: list[str] = []
     machine = ""
     skip = False
@@ -96,14 +98,9 @@ def hardware_digest(argv: tuple[str, ...]) -> tuple[str, str]:
     return hashlib.sha256("\0".join(kept).encode()).hexdigest(), machine
 
 
-def with_machine(argv: tuple[str, ...], machine: str, pinned: str) -> tuple[str, ...]:
-    """``argv`` with its ``-machine`` alias replaced by the versioned name the state was saved with (the options
-    after the first comma kept)."""
-    out = list(argv)
-    at = out.index("-machine") + 1
-    options = machine.partition(",")[2]
-    out[at] = pinned + ("," + options if options else "") if out[at] == machine else out[at]
-    return tuple(out)
+def runs_on(record: Record) -> str:
+    """The ``-machine`` value a state was taken on: its versioned type with the options the argv had."""
+    return record.pinned + "".join(record.machine.partition(",")[1:])
 
 
 def fingerprints(cfg: Config) -> dict[str, list[int]]:
@@ -111,7 +108,7 @@ def fingerprints(cfg: Config) -> dict[str, list[int]]:
     a write, a restore, a rebase or a copy changes at least one of them (ctime cannot be set back)."""
     found: dict[str, list[int]] = {}
     for own in own_files(cfg):
-        if own.kind == SUSPENDED:
+        if own.kind in (SUSPENDED, MACHINE):  # the machine type is compared on its own (judge)
             continue
         info = files.stat_below(own.root(cfg.vm_dir), own.path)
         if info is None:
@@ -137,8 +134,8 @@ def judge(record: Record, now_own: dict[str, list[int]], hardware: str, machine:
     if record.own != now_own:
         changed = sorted(set(record.own) ^ set(now_own) | {k for k in record.own if now_own.get(k) != record.own[k]})
         return f"{', '.join(changed)} changed since the save (written, restored or rebased)"
-    if record.machine != machine:
-        return f"VM_MACHINE is {machine!r} now, the state was saved on {record.machine!r}"
+    if machine not in (record.machine, runs_on(record)):
+        return f"the machine is {machine!r} now, the state was saved on {runs_on(record)!r}"
     if record.hardware != hardware:
         return "the VM's hardware settings changed since the save (memory, CPUs, devices or firmware)"
     return None
@@ -194,17 +191,29 @@ class Claim:
     record: Record
 
 
-def verdict(cfg: Config, argv: tuple[str, ...]) -> tuple[Record | None, str]:
-    """The saved state's record when it may be resumed on this start's files and ``argv``, else None and why
-    ("" when there is no state at all). Reads only."""
+def _load(cfg: Config) -> tuple[Record | None, str]:
+    """The saved state's record, or None and why ("" when there is no state at all)."""
     raw = files.read_record(record_path(cfg), RECORD_MAX, cfg.vm_dir)
     if raw is None:
         stream = files.stat_below(cfg.vm_dir, stream_path(cfg))
         return None, "" if stream is None else "it has no record (the save did not finish)"
     try:
-        record = parse_record(raw)
+        return parse_record(raw), ""
     except ValueError as err:
         return None, f"its record is unusable ({err})"
+
+
+def saved(cfg: Config) -> Record | None:
+    """The saved state's record as it stands, not yet judged (None without one): what machine it was taken on."""
+    return _load(cfg)[0]
+
+
+def verdict(cfg: Config, argv: tuple[str, ...]) -> tuple[Record | None, str]:
+    """The saved state's record when it may be resumed on this start's files and ``argv``, else None and why
+    ("" when there is no state at all). Reads only."""
+    record, missing = _load(cfg)
+    if record is None:
+        return None, missing
     hardware, machine = hardware_digest(argv)
     why = judge(record, fingerprints(cfg), hardware, machine)
     return (record, "") if why is None else (None, why)
@@ -217,7 +226,7 @@ def describe(cfg: Config, argv: tuple[str, ...]) -> dict[str, object] | None:
         return None
     if record is None:
         return {"resumes": False, "why": why}
-    return {"resumes": True, "saved": record.saved, "size": record.size, "machine": record.pinned}
+    return {"resumes": True, "saved": record.saved, "size": record.size, "machine": runs_on(record)}
 
 
 def claim(cfg: Config, argv: tuple[str, ...]) -> Claim | None:
@@ -256,20 +265,18 @@ def _ago(when: float) -> str:
 
 @dataclass(frozen=True)
 class Saver:
-    """What a run that may be suspended keeps ready: the file a save writes, the cold argv the state will be bound
-    to, and the machine's pinned name when the run itself was resumed (the running machine is that one)."""
+    """What a run that may be suspended keeps ready: the file a save writes and the cold argv (on the pinned
+    machine type) the state will be bound to."""
 
     cfg: Config
     fd: int
     cold_argv: tuple[str, ...]
-    pinned: str | None = None
 
 
 def resumed_plan(plan: QemuPlan, taken: Claim) -> QemuPlan:
-    """The cold plan made to take up the claimed state: the pinned machine, paused (``-S``) until the stream is in,
-    the stream on an inherited descriptor."""
-    hardware_argv = with_machine(plan.argv, taken.record.machine, taken.record.pinned)
-    argv = (*hardware_argv, "-S", "-incoming", f"fd:{taken.fd}")
+    """The cold plan made to take up the claimed state: paused (``-S``) until the stream is in, the stream on an
+    inherited descriptor."""
+    argv = (*plan.argv, "-S", "-incoming", f"fd:{taken.fd}")
     return replace(plan, argv=argv, incoming=True, pass_fds=(*plan.pass_fds, taken.fd))
 
 
@@ -284,16 +291,6 @@ def open_saving(cfg: Config) -> int:
         return os.open(saving_path(cfg).name, flags, 0o600, dir_fd=parent)
     finally:
         os.close(parent)
-
-
-async def pinned_machine(monitor: Path, machine: str) -> str:
-    """qemu's versioned name of the machine type ``machine`` runs on (``pc`` -> ``pc-i440fx-7.2``)."""
-    kind = machine.split(",", 1)[0]
-    machines = await qmp.execute(monitor, "query-machines")
-    for entry in machines if isinstance(machines, list) else []:
-        if isinstance(entry, dict) and kind in (entry.get("alias"), entry.get("name")):
-            return str(entry["name"])
-    raise PodvmError(f"qemu names no machine type {kind!r}")
 
 
 async def save(monitor: Path, fd: int, budget: float) -> float:
@@ -340,7 +337,7 @@ async def undo(monitor: Path) -> None:
         await qmp.execute(monitor, "cont")
 
 
-def commit(cfg: Config, fd: int, cold_argv: tuple[str, ...], pinned: str, seconds: float) -> Record:
+def commit(cfg: Config, fd: int, cold_argv: tuple[str, ...], seconds: float) -> Record:
     """Once qemu has exited after a save: the stream renamed into place, then its record written (last).
 
     :raise OSError: when VM_DIR refuses either (no state is then left that a start could take).
@@ -364,7 +361,7 @@ def commit(cfg: Config, fd: int, cold_argv: tuple[str, ...], pinned: str, second
         size,
         hardware,
         machine,
-        pinned,
+        machine.split(",", 1)[0],
         time.time(),
         round(seconds, 3),
         fingerprints(cfg),

@@ -167,6 +167,9 @@ labels:
     {{- with $v.vm.tpm }}
     - {name: VM_TPM, value: {{ . | quote }}}
     {{- end }}
+    {{- with $v.vm.cdroms }}
+    - {name: VM_CDROMS, value: {{ include "podvm.cdroms" . | quote }}}
+    {{- end }}
     - {name: ACCEL, value: {{ ternary "tcg" (ternary "kvm" "auto" $v.devices.requireKvm) (eq $v.devices.mode "tcg") }}}
     - {name: VM_CPUS, value: {{ $v.vm.cpus | quote }}}
     - {name: VM_MEMORY, value: {{ $v.vm.memory }}}
@@ -363,4 +366,17 @@ annotations:
   prometheus.io/port: {{ .Values.metrics.port | quote }}
   prometheus.io/path: /metrics
 {{- end }}
+{{- end -}}
+
+{{/* VM_CDROMS from vm.cdroms: each slot's source with its checksum, or "empty" for a drive without a disc. */}}
+{{- define "podvm.cdroms" -}}
+{{- $slots := list -}}
+{{- range . -}}
+{{- if .source -}}
+{{- $slots = append $slots (trim (printf "%s %s" .source (.checksum | default ""))) -}}
+{{- else -}}
+{{- $slots = append $slots "empty" -}}
+{{- end -}}
+{{- end -}}
+{{- join " " $slots -}}
 {{- end -}}
