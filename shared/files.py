@@ -135,17 +135,18 @@ def read_small(path: Path, limit: int, *, root: Path | None = None) -> bytes:
     return data
 
 
-def open_file(path: Path, root: Path) -> int:
-    """A read-only descriptor of the regular file ``path``, with no link followed at any component below ``root``
-    and no wait on a FIFO: for a large file on a shared volume (a base image) that is hashed or checked, not read
-    whole into memory.
+def open_file(path: Path, root: Path, *, writable: bool = False) -> int:
+    """A read-only (``writable``: read-write) descriptor of the regular file ``path``, with no link followed at any
+    component below ``root`` and no wait on a FIFO: for a large file on a shared volume (a base image, a data disk)
+    that is hashed, checked or grown, not read whole into memory.
 
     :raise OSError: when it cannot be opened (ELOOP or ENOTDIR for a link, ENOENT when it is missing).
     :raise ValueError: (:class:`Forged`) when it is not a regular file.
     """
     dir_fd = _parent(path, root)
     try:
-        fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        access = os.O_RDWR if writable else os.O_RDONLY
+        fd = os.open(path.name, access | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     finally:
         os.close(dir_fd)
     if not stat.S_ISREG(os.fstat(fd).st_mode):

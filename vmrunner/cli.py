@@ -114,6 +114,7 @@ def cmd_status(cfg: Config) -> int:
     metrics endpoint, as JSON."""
     import asyncio
 
+    from vmrunner.pet import datadisks
     from vmrunner.pet.binding import describe
     from vmrunner.pet.state import own_state
     from vmrunner.qemu import qmp
@@ -150,6 +151,7 @@ def cmd_status(cfg: Config) -> int:
         "suspend": state.suspend or None,  # this run resumed a saved state, booted cold instead (why), or was saved
         "pet": describe(cfg),
         "own_state": own_state(cfg),
+        "data_disks": datadisks.describe(cfg),
         "cdroms": cdroms,  # what is in each CD-ROM slot now, as qemu says
         "figures": figures,
     }

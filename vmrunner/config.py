@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from shared import shutdown
-from shared.env import Env, console_pod_port, metrics_port, pod_hostname
+from shared.env import Env, console_pod_port, metrics_port, parse_size, pod_hostname
 from shared.errors import ConfigError, PodvmError
 from vmrunner.profiles import Hardware, cdrom_units, resolve
 
@@ -65,6 +65,87 @@ class Cdrom:
 
     source: str
     checksum: Checksum | None = None
+
+
+DATA_BUSES = ("virtio", "scsi", "sata")  # sata: a port of an AHCI controller of their own, never an IDE unit
+DATA_FORMATS = ("qcow2", "raw")
+DATA_DISKS_MAX = 6  # the ports of the data disks' AHCI controller; the same bound for every bus keeps one rule
+# The guest sees the name as the disk's serial (/dev/disk/by-id/virtio-<name>): 20 bytes is what virtio-blk and
+# ATA hand the guest.
+_DATA_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,19}$")
+
+
+@dataclass(frozen=True)
+class DataDisk:
+    """One DATA_DISKS entry: a disk of the VM's own on a volume of its own (a PVC mounted at ``directory``)."""
+
+    name: str  # the disk's serial in the guest, and its file's name on the volume
+    directory: Path  # the volume's mount point in the runner
+    size: int  # bytes: the size it is created with, and grown to (never shrunk)
+    bus: str  # virtio, scsi or sata
+    format: str  # qcow2 or raw
+
+    @property
+    def path(self) -> Path:
+        """The disk: ``<directory>/<name>.<format>``."""
+        return self.directory / f"{self.name}.{self.format}"
+
+    @property
+    def owner_path(self) -> Path:
+        """The record beside it naming the VM (hostname) the disk belongs to."""
+        return self.directory / f".{self.name}.owner"
+
+    @property
+    def lock_path(self) -> Path:
+        """The lock the runner holds while its VM may open the disk."""
+        return self.directory / f".{self.name}.lock"
+
+    @property
+    def setting(self) -> str:
+        """How errors name it: ``DATA_DISKS entry 'db'``."""
+        return f"DATA_DISKS entry {self.name!r}"
+
+
+def parse_data_disks(raw: str, default_bus: str) -> tuple[DataDisk, ...]:
+    """DATA_DISKS: entries separated by ``,`` (or white space), each ``name:/volume/dir:size[:bus[:format]]``;
+    the bus defaults to the pet's (``sata`` for a pet on ``ide``), the format to qcow2.
+
+    :raise ConfigError: naming DATA_DISKS and the entry at fault.
+    """
+    disks: list[DataDisk] = []
+    for entry in raw.replace(",", " ").split():
+        parts = entry.split(":")
+        if not 3 <= len(parts) <= 5:
+            raise ConfigError(f"DATA_DISKS: {entry!r}: expected name:/volume/dir:size[:bus[:format]]")
+        name, directory, size_text = parts[:3]
+        bus = parts[3] if len(parts) > 3 and parts[3] else ("sata" if default_bus == "ide" else default_bus)
+        fmt = parts[4] if len(parts) > 4 else "qcow2"
+        if not _DATA_NAME.match(name):
+            raise ConfigError(
+                f"DATA_DISKS: {entry!r}: the name must be 1 to 20 lower-case letters, digits, '-' or '_' (it is the "
+                "disk's serial in the guest)"
+            )
+        if not directory.startswith("/") or any(p in ("", ".", "..") for p in directory.strip("/").split("/")):
+            raise ConfigError(f"DATA_DISKS: {entry!r}: expected the absolute path of the disk's volume, without '..'")
+        try:
+            size = parse_size(size_text)
+        except ValueError:
+            raise ConfigError(f"DATA_DISKS: {entry!r}: expected a size such as 512M or 20G") from None
+        if size < 1 << 20:
+            raise ConfigError(f"DATA_DISKS: {entry!r}: a data disk has at least 1M")
+        if bus not in DATA_BUSES:
+            raise ConfigError(f"DATA_DISKS: {entry!r}: bus {bus!r}: expected one of {', '.join(DATA_BUSES)}")
+        if fmt not in DATA_FORMATS:
+            raise ConfigError(f"DATA_DISKS: {entry!r}: format {fmt!r}: expected one of {', '.join(DATA_FORMATS)}")
+        disk = DataDisk(name, Path(directory), size, bus, fmt)
+        if any(d.name == name for d in disks):
+            raise ConfigError(f"DATA_DISKS: {entry!r}: the name {name!r} is given twice")
+        if any(d.path == disk.path or d.directory == disk.directory for d in disks):
+            raise ConfigError(f"DATA_DISKS: {entry!r}: each data disk needs a volume of its own")
+        disks.append(disk)
+    if len(disks) > DATA_DISKS_MAX:
+        raise ConfigError(f"DATA_DISKS: {len(disks)} disks, at most {DATA_DISKS_MAX}")
+    return tuple(disks)
 
 
 ISO_FORMAT = "iso"  # the format of a CD-ROM's ISO in the cache (vmrunner.images.iso), never an IMG_FORMAT
@@ -185,6 +266,7 @@ class Config:
     suspend_timeout: float = shutdown.SUSPEND_TIMEOUT  # SUSPEND_TIMEOUT: seconds a save may take, then the shutdown
     img_ova_disk: str | None = None  # IMG_OVA_DISK: the OVF disk (id or file name) of an ova; None: the first
     cdroms: tuple[Cdrom | None, ...] = ()  # VM_CDROMS: the ISO in each CD-ROM slot at start (None: no disc)
+    data_disks: tuple[DataDisk, ...] = ()  # DATA_DISKS: the VM's data disks, each on a volume of its own
     source_setting: str = "IMG_SOURCE"  # the setting the fetch's errors name (VM_CDROMS for an ISO)
     checksum_setting: str = "IMG_CHECKSUM"
 
@@ -335,7 +417,21 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: boo
         on_stop=shutdown.on_stop(env),
         suspend_timeout=shutdown.suspend_timeout(env),
         cdroms=parse_cdroms(env.text("VM_CDROMS", ""), machine),
+        data_disks=_data_disks(env, disk_bus),
     )
+
+
+def _data_disks(env: Env, default_bus: str) -> tuple[DataDisk, ...]:
+    """DATA_DISKS, none of them on VM_DIR, IMAGE_DIR or BACKUP_DIR (each is a volume of its own)."""
+    disks = parse_data_disks(env.text("DATA_DISKS", ""), default_bus)
+    for disk in disks:
+        for name in ("VM_DIR", "IMAGE_DIR", "BACKUP_DIR"):
+            other = env.path(name, {"VM_DIR": "/vm", "IMAGE_DIR": "/image", "BACKUP_DIR": "/backup"}[name])
+            if disk.directory.is_relative_to(other) or other.is_relative_to(disk.directory):
+                raise ConfigError(
+                    f"DATA_DISKS: {disk.name!r}: {disk.directory} is not a volume of its own ({name}={other})"
+                )
+    return disks
 
 
 def _ova_disk(env: Env) -> str | None:

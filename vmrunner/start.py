@@ -40,6 +40,7 @@ def drive_path(cfg: Config) -> Path:
 def run(cfg: Config) -> int:
     """The container's main command: the network, the disks and the drive, then qemu and its duties."""
     from vmrunner.console.web import read_token
+    from vmrunner.pet import datadisks
     from vmrunner.pet.binding import prepare
     from vmrunner.run import diskwatch, ownstate
 
@@ -58,32 +59,34 @@ def run(cfg: Config) -> int:
     # The short name, not img_name: that one carries a hash of the URL with its query, which may hold a token.
     with volume_errors(cfg), fetching(tracker, cfg.img_target):
         started = prepare(cfg)
-    with volume_errors(cfg):
-        cfg = ownstate.ensure(cfg)
-        media = cdrom.prepare(cfg)
-    base_in_use(tracker, started.digest)
-    iso = None
-    if drive is not None:
-        iso = drive_path(cfg)
-        iso.unlink(missing_ok=True)  # the last start's, of no use now: its room counts for the new one
-        configdrive.write(drive, iso, f"RUN_DIR={cfg.run_dir}", configdrive.RUN_DIR_ROOM)
-        log.info("config drive %s (%s) with %s", iso, drive.label, ", ".join(sorted(drive.files)))
-    else:
-        drive_path(cfg).unlink(missing_ok=True)
-    kvm = kvm_problem()
-    plan = plan_qemu(cfg, hs, choose_accel(cfg.accel, kvm), vnc_enabled(cfg, hs), iso, cdroms=media)
-    log.info("qemu: %s", " ".join(plan.argv))
-    fell_back = cfg.accel == "auto" and plan.accel == "tcg"
-    tracker.set(phase="starting", accel=plan.accel, accel_fallback=(kvm or "") if fell_back else "")
-    duties = console_duties(plan, served, token)
-    duties.append(diskwatch.watch(plan.paths.monitor, cfg.vm_dir, cfg.vm_dir_min_free))
-    if cfg.backup_interval is not None:
-        from vmrunner.backups.job import schedule
+    with datadisks.held(cfg):  # locked until qemu is gone: no other VM opens them meanwhile
+        with volume_errors(cfg):
+            cfg = ownstate.ensure(cfg)
+            media = cdrom.prepare(cfg)
+        base_in_use(tracker, started.digest)
+        iso = None
+        if drive is not None:
+            iso = drive_path(cfg)
+            iso.unlink(missing_ok=True)  # the last start's, of no use now: its room counts for the new one
+            configdrive.write(drive, iso, f"RUN_DIR={cfg.run_dir}", configdrive.RUN_DIR_ROOM)
+            log.info("config drive %s (%s) with %s", iso, drive.label, ", ".join(sorted(drive.files)))
+        else:
+            drive_path(cfg).unlink(missing_ok=True)
+        kvm = kvm_problem()
+        plan = plan_qemu(cfg, hs, choose_accel(cfg.accel, kvm), vnc_enabled(cfg, hs), iso, cdroms=media)
+        log.info("qemu: %s", " ".join(plan.argv))
+        fell_back = cfg.accel == "auto" and plan.accel == "tcg"
+        tracker.set(phase="starting", accel=plan.accel, accel_fallback=(kvm or "") if fell_back else "")
+        duties = console_duties(plan, served, token)
+        volumes = [("VM_DIR", cfg.vm_dir), *((f"DATA_DISKS {d.name}", d.directory) for d in cfg.data_disks)]
+        duties.append(diskwatch.watch(plan.paths.monitor, volumes, cfg.vm_dir_min_free))
+        if cfg.backup_interval is not None:
+            from vmrunner.backups.job import schedule
 
-        log.info("backups every %gs into %s", cfg.backup_interval, cfg.backup_dir)
-        duties.append(schedule(cfg, cfg.backup_interval))
-    with outcome(tracker):
-        return _supervise(cfg, plan, password if plan.secret else None, tracker, duties)
+            log.info("backups every %gs into %s", cfg.backup_interval, cfg.backup_dir)
+            duties.append(schedule(cfg, cfg.backup_interval))
+        with outcome(tracker):
+            return _supervise(cfg, plan, password if plan.secret else None, tracker, duties)
 
 
 def _supervise(cfg: Config, plan: QemuPlan, secret: bytes | None, tracker: Tracker, duties: list["Duty"]) -> int:
@@ -203,6 +206,7 @@ def show_plan(cfg: Config) -> int:
     from vmrunner.console.web import read_token
     from vmrunner.images.layout import Layout
     from vmrunner.images.names import resolve
+    from vmrunner.pet import datadisks
     from vmrunner.pet.binding import describe
     from vmrunner.run import machine, ownstate
 
@@ -226,6 +230,7 @@ def show_plan(cfg: Config) -> int:
             "checksum": str(cfg.img_checksum) if cfg.img_checksum else None,
         },
         "pet": {**describe(cfg), "grow_to": cfg.vm_disk_size},
+        "data_disks": datadisks.describe(cfg),
         "config_drive": None
         if drive is None
         else {"path": str(drive_path(cfg)), "label": drive.label, "files": {k: len(v) for k, v in drive.files.items()}},

@@ -279,6 +279,51 @@ EOF
 chmod +x /www/cgi-bin/cdroms
 # ---- end of CD-ROMs -------------------------------------------------------------------------------------------
 
+# ---- Data disks (tests/e2e/test_data_disks.py, one block) --------------------------------------------------------
+# Each disk is found by the serial qemu gives it (/sys/block/*/serial: no udev here, so no /dev/disk/by-id).
+# /cgi-bin/disks lists every disk with a serial and the marker in its first sector, read past the page cache:
+# disks=db:VALUE,share:VALUE ("-" without a marker); /cgi-bin/mark?SERIAL.VALUE writes "podvm-mark VALUE" there and
+# flushes it (VALUE: 1-16 lower-case letters and digits); /cgi-bin/diskfill?SERIAL.KIB writes KIB KiB of random
+# bytes after the disk's first MiB and flushes them (filled=BYTES), so a data disk can fill its volume.
+cat > /www/cgi-bin/serial <<'EOF'
+for block in /sys/block/*; do
+    [ "$(cat "$block/serial" 2>/dev/null)" = "$1" ] && { echo "/dev/${block##*/}"; exit 0; }
+done
+exit 1
+EOF
+cat > /www/cgi-bin/disks <<'EOF'
+#!/bin/sh
+found=
+for block in /sys/block/*; do
+    serial=$(cat "$block/serial" 2>/dev/null) && [ -n "$serial" ] || continue
+    mark=$(dd if="/dev/${block##*/}" bs=512 count=1 iflag=direct 2>/dev/null | tr -d '\000' | head -n 1)
+    case $mark in "podvm-mark "*) mark=${mark#podvm-mark } ;; *) mark=- ;; esac
+    found="$found${found:+,}$serial:$mark"
+done
+printf 'Content-Type: text/plain\r\n\r\ndisks=%s\n' "$found"
+EOF
+cat > /www/cgi-bin/mark <<'EOF'
+#!/bin/sh
+serial=${QUERY_STRING%%.*} value=${QUERY_STRING#*.}
+bad() { printf 'Status: 400\r\nContent-Type: text/plain\r\n\r\n%s\n' "$1"; exit 0; }
+case $value in ''|*[!a-z0-9]*) bad "bad value" ;; esac
+[ ${#value} -gt 16 ] && bad "value too long"
+dev=$(sh /www/cgi-bin/serial "$serial") || bad "no such disk"
+printf 'podvm-mark %s\n' "$value" | dd of="$dev" bs=512 count=1 conv=sync,fsync 2>/dev/null && sync
+printf 'Content-Type: text/plain\r\n\r\nmark=%s:%s\n' "$serial" "$value"
+EOF
+cat > /www/cgi-bin/diskfill <<'EOF'
+#!/bin/sh
+serial=${QUERY_STRING%%.*} kib=${QUERY_STRING#*.}
+bad() { printf 'Status: 400\r\nContent-Type: text/plain\r\n\r\n%s\n' "$1"; exit 0; }
+case $kib in ''|*[!0-9]*) bad "bad size" ;; esac
+dev=$(sh /www/cgi-bin/serial "$serial") || bad "no such disk"
+dd if=/dev/urandom of="$dev" bs=1024 seek=1024 count="$kib" conv=fsync 2>/dev/null && sync
+printf 'Content-Type: text/plain\r\n\r\nfilled=%s\n' "$((kib * 1024))"
+EOF
+chmod +x /www/cgi-bin/disks /www/cgi-bin/mark /www/cgi-bin/diskfill
+# ---- end of data disks -------------------------------------------------------------------------------------------
+
 httpd -h /www -p 80
 
 # --- consoles: a shell on the serial port and one on the screen (tty1), each restarted when it exits, so a line

@@ -6,6 +6,7 @@ import re
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -335,3 +336,115 @@ def test_the_schedule_counts_from_the_last_success_not_from_the_start() -> None:
     assert plans.next_backup_in(failed, now, day, first=False) == plans.RETRY_AFTER - 60
     future: dict[str, dict[str, object]] = {"last_success": {"time": now + 10 * day}, "last": {"time": "x"}}
     assert plans.next_backup_in(future, now, day, first=False) == day
+
+
+# ---- data disks: one transaction, one manifest -----------------------------------------------------------------------
+
+DATA_SIZE = 8 << 20
+
+
+def data_chain(n: int = 2, names: tuple[str, ...] = ("db", "share")) -> Chain:
+    base = chain(n)
+    points = tuple(
+        replace(p, disks={name: plans.data_file(p.seq, p.kind, name) for name in names}) for p in base.points
+    )
+    return Chain(base.id, base.virtual_size, points, dict.fromkeys(names, DATA_SIZE))
+
+
+def data(
+    *names: str, bitmaps: list[Bitmap] | None = None, size: int = DATA_SIZE
+) -> dict[str, tuple[int, list[Bitmap]]]:
+    return {name: (size, [ok()] if bitmaps is None else bitmaps) for name in names}
+
+
+def test_a_manifest_names_each_data_disks_file_of_each_point() -> None:
+    c = data_chain()
+    doc = json.loads(plans.manifest_document(c))
+    assert doc["data_disks"] == {"db": DATA_SIZE, "share": DATA_SIZE}
+    assert doc["points"][1]["disks"] == {"db": "0001-incremental.db.qcow2", "share": "0001-incremental.share.qcow2"}
+    assert plans.parse_manifest(plans.manifest_document(c), c.id) == c
+    assert "data_disks" not in json.loads(plans.manifest_document(chain())), "a pet alone: the manifest as before"
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        lambda d: d["points"][0]["disks"].pop("share"),
+        lambda d: d["points"][1]["disks"].update(db="0000-full.db.qcow2"),
+        lambda d: d["points"][0]["disks"].update(db="../../vm/vm-0.qcow2"),
+        lambda d: d["data_disks"].update({"../x": 1}),
+        lambda d: d["data_disks"].update(db=-1),
+    ],
+)
+def test_a_manifest_with_forged_data_disk_files_is_refused(forge: object) -> None:
+    doc = json.loads(plans.manifest_document(data_chain()))
+    forge(doc)  # type: ignore[operator]
+    with pytest.raises(ValueError):
+        plans.parse_manifest(json.dumps(doc).encode(), "20261128T040000Z")
+
+
+def test_an_incremental_needs_every_data_disks_bitmap_and_the_same_disks() -> None:
+    assert decision([data_chain()], [ok()], data=data("db", "share")).kind == "incremental"
+    for changed, why in (
+        (data("db"), "the data disks changed since chain 20261128T040000Z"),
+        (data("db", "share", size=2 * DATA_SIZE), "the data disks changed"),
+        ({**data("db"), **data("share", bitmaps=[])}, "the data disk share's bitmap podvm-20261128T040000Z is missing"),
+        (
+            {**data("db", bitmaps=[Bitmap("podvm-20261128T040000Z", True, True)]), **data("share")},
+            "the data disk db's bitmap podvm-20261128T040000Z is inconsistent",
+        ),
+    ):
+        got = decision([data_chain()], [ok()], data=changed)
+        assert got.kind == "full" and why in got.reason, (changed, got.reason)
+    assert decision([chain()], [ok()], data=data("db")).kind == "full", "a data disk added since the chain"
+
+
+def test_one_transaction_backs_up_the_pet_and_every_data_disk() -> None:
+    full = plan_backup(
+        Path("/b/vm"), decision([], []), SIZE, [], chain_id="20261128T050000Z", speed=0,
+        data=data("db", "share", bitmaps=[ok("podvm-20261120T000000Z")]),
+    )  # fmt: skip
+    actions: list[dict[str, Any]] = full.transaction["actions"]  # type: ignore[assignment]
+    assert [(a["type"], a["data"].get("node") or a["data"]["device"]) for a in actions] == [
+        ("block-dirty-bitmap-add", "pet0"),
+        ("blockdev-backup", "pet0"),
+        ("block-dirty-bitmap-add", "data-db"),
+        ("blockdev-backup", "data-db"),
+        ("block-dirty-bitmap-add", "data-share"),
+        ("blockdev-backup", "data-share"),
+    ]
+    assert "properties" not in full.transaction, "qemu takes no bitmap-add in a grouped transaction"
+    db = full.data[0]
+    assert (db.file, db.partial, db.final, db.fdset) == (
+        "0000-full.db.qcow2",
+        Path("/b/vm/20261128T050000Z/.0000-full.db.qcow2.partial"),
+        Path("/b/vm/20261128T050000Z/0000-full.db.qcow2"),
+        26,
+    )
+    assert db.attach["node-name"] == "podvm-backup-target-db" and full.data[1].fdset == 27
+    assert actions[3]["data"] == {
+        "job-id": "podvm-backup-db", "device": "data-db", "target": "podvm-backup-target-db", "auto-dismiss": False,
+        "sync": "full",
+    }  # fmt: skip
+    assert db.remove_bitmaps == ("podvm-20261120T000000Z",)
+
+    inc = plan_backup(
+        Path("/b/vm"), decision([data_chain()], [ok()], data=data("db", "share")), SIZE, [ok()],
+        chain_id="ignored", speed=0, data=data("db", "share"),
+    )  # fmt: skip
+    assert inc.transaction["properties"] == {"completion-mode": "grouped"}
+    assert inc.data[0].create == (
+        "qemu-img", "create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", "0001-incremental.db.qcow2",
+        "/dev/stdin", str(DATA_SIZE),
+    )  # fmt: skip
+    assert inc.transaction["actions"][1]["data"]["bitmap-mode"] == "on-success"  # type: ignore[index]
+
+
+def test_a_restore_reads_each_data_disk_through_its_own_files() -> None:
+    c = data_chain(3)
+    assert plans.expected_backings(c, c.points[2], "db") == [
+        ("0002-incremental.db.qcow2", "0001-incremental.db.qcow2"),
+        ("0001-incremental.db.qcow2", "0000-full.db.qcow2"),
+        ("0000-full.db.qcow2", None),
+    ]
+    assert plans.plan_restore(["/dev/fd/5"], Path("/d/.db.raw.restore.tmp"), "raw")[3:5] == ("-O", "raw")

@@ -36,11 +36,11 @@ from vmrunner.backups.plans import (
     Chain,
     Point,
 )
-from vmrunner.config import Config
+from vmrunner.config import DATA_DISKS_MAX, Config
 from vmrunner.pet.state import LIVE, own_files
 from vmrunner.qemu import img, qmp
 from vmrunner.run import agent
-from vmrunner.run.argv import PET_NODE, RunPaths
+from vmrunner.run.argv import PET_NODE, RunPaths, data_node
 from vmrunner.run.supervisor import Duty
 
 log = logging.getLogger("vmrunner.backup")
@@ -113,82 +113,121 @@ async def _qmp(cfg: Config, command: str, arguments: dict[str, object] | None = 
     return await qmp.execute(RunPaths.of(cfg.run_dir).qmp, command, timeout, arguments)
 
 
+def _ours(name: object, prefix: str) -> bool:
+    """The pet's name (``prefix``) or a data disk's (``prefix-<disk>``)."""
+    return isinstance(name, str) and (name == prefix or name.startswith(f"{prefix}-"))
+
+
 async def _leftover_job(cfg: Config) -> None:
-    """Cancel and dismiss a job and detach a target an interrupted backup left in this qemu."""
+    """Cancel and dismiss the jobs and detach the targets an interrupted backup left in this qemu."""
     jobs = await _qmp(cfg, "query-jobs")
     for job in jobs if isinstance(jobs, list) else []:
-        if isinstance(job, dict) and job.get("id") == JOB_ID:
+        if isinstance(job, dict) and _ours(job.get("id"), JOB_ID):
+            job_id = str(job.get("id"))
             log.warning("backup: an interrupted backup's job is still in qemu (%s); removing it", job.get("status"))
             if job.get("status") != "concluded":
                 with contextlib.suppress(PodvmError):
-                    await _qmp(cfg, "job-cancel", {"id": JOB_ID})
+                    await _qmp(cfg, "job-cancel", {"id": job_id})
                 await _wait_concluded(cfg, ABANDON_TIMEOUT * 3)
             with contextlib.suppress(PodvmError):
-                await _qmp(cfg, "job-dismiss", {"id": JOB_ID})
+                await _qmp(cfg, "job-dismiss", {"id": job_id})
     nodes = await _qmp(cfg, "query-named-block-nodes", {"flat": True})
     names = [n.get("node-name") for n in nodes if isinstance(n, dict)] if isinstance(nodes, list) else []
-    if TARGET_NODE in names:
-        await _qmp(cfg, "blockdev-del", {"node-name": TARGET_NODE})
+    for name in names:
+        if _ours(name, TARGET_NODE):
+            await _qmp(cfg, "blockdev-del", {"node-name": name})
     fdsets = await _qmp(cfg, "query-fdsets")
     ids = [s.get("fdset-id") for s in fdsets if isinstance(s, dict)] if isinstance(fdsets, list) else []
-    if TARGET_FDSET in ids:
-        await _qmp(cfg, "remove-fd", {"fdset-id": TARGET_FDSET})  # else /dev/fdset would give the old target
+    for fdset in range(TARGET_FDSET, TARGET_FDSET + DATA_DISKS_MAX + 1):
+        if fdset in ids:
+            await _qmp(cfg, "remove-fd", {"fdset-id": fdset})  # else /dev/fdset would give the old target
 
 
-async def _detach(cfg: Config, timeout: float = 5.0) -> None:
-    """Detach the target and drop qemu's descriptor of it."""
-    await _qmp(cfg, "blockdev-del", {"node-name": TARGET_NODE}, timeout=timeout)
-    with contextlib.suppress(PodvmError):  # already gone when no monitor was left holding it
-        await _qmp(cfg, "remove-fd", {"fdset-id": TARGET_FDSET}, timeout=timeout)
+async def _detach(cfg: Config, plan: BackupPlan, timeout: float = 5.0) -> None:
+    """Detach the targets and drop qemu's descriptors of them."""
+    for node, fdset in ((TARGET_NODE, TARGET_FDSET), *((d.target_node, d.fdset) for d in plan.data)):
+        await _qmp(cfg, "blockdev-del", {"node-name": node}, timeout=timeout)
+        with contextlib.suppress(PodvmError):  # already gone when no monitor was left holding it
+            await _qmp(cfg, "remove-fd", {"fdset-id": fdset}, timeout=timeout)
 
 
 @contextlib.contextmanager
-def _target(cfg: Config, plan: BackupPlan) -> Iterator[tuple[int, int]]:
-    """The chain folder (no link below BACKUP_DIR followed) and the backup's new target file in it, created by the
-    runner (``O_EXCL | O_NOFOLLOW``: a name planted there is refused) and held open until it is renamed, so qemu-img
-    and qemu write this inode, whatever another pod does to the names meanwhile."""
+def _target(cfg: Config, plan: BackupPlan) -> Iterator[tuple[int, int, list[int]]]:
+    """The chain folder (no link below BACKUP_DIR followed) and the backup's new target files in it (the pet's, then
+    each data disk's), created by the runner (``O_EXCL | O_NOFOLLOW``: a name planted there is refused) and held open
+    until they are renamed, so qemu-img and qemu write these inodes, whatever another pod does to the names."""
     chain_fd = files.open_below(cfg.backup_dir, plan.directory, create=True)
-    try:
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(plan.partial.name, flags, 0o644, dir_fd=chain_fd)
-        except OSError as err:
-            err.filename = str(plan.partial)
-            raise
-        try:
-            yield chain_fd, fd
-        finally:
-            os.close(fd)
-    finally:
-        os.close(chain_fd)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with contextlib.ExitStack() as opened:
+        opened.callback(os.close, chain_fd)
+        fds: list[int] = []
+        for partial in (plan.partial, *(d.partial for d in plan.data)):
+            try:
+                fd = os.open(partial.name, flags, 0o644, dir_fd=chain_fd)
+            except OSError as err:
+                err.filename = str(partial)
+                raise
+            opened.callback(os.close, fd)
+            fds.append(fd)
+        yield chain_fd, fds[0], fds[1:]
 
 
 async def _wait_concluded(cfg: Config, timeout: float) -> dict[str, object] | None:
-    """The backup job once concluded, or None when it is gone or still running after ``timeout``."""
+    """The backup job once concluded (every one of them: the pet's is returned, carrying the first error of any),
+    or None when one is gone or still running after ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = await _job(cfg)
-        if job is None or job.get("status") == "concluded":
-            return job
+        jobs = await _jobs(cfg)
+        if not jobs or any(j is None for j in jobs):
+            return None
+        if all(j is not None and j.get("status") == "concluded" for j in jobs):
+            return _joined(jobs)
         await asyncio.sleep(POLL_EVERY)
     return None
 
 
-async def _job(cfg: Config) -> dict[str, object] | None:
+def _joined(jobs: list[dict[str, object] | None]) -> dict[str, object]:
+    """The pet's job with the first error of any job, and the progress of all."""
+    found = [j for j in jobs if j is not None]
+    first = dict(found[0])
+    errors = [j.get("error") for j in found if j.get("error") is not None]
+    if errors:
+        first["error"] = errors[0]
+    for key in ("current-progress", "total-progress"):
+        values = [j.get(key) for j in found]
+        if all(isinstance(v, int) for v in values):
+            first[key] = sum(v for v in values if isinstance(v, int))
+    return first
+
+
+async def _jobs(cfg: Config) -> list[dict[str, object] | None]:
+    """The pet's job, then each data disk's job (None for one that is gone); empty when the pet's is gone."""
     jobs = await _qmp(cfg, "query-jobs", timeout=1.0)
-    for job in jobs if isinstance(jobs, list) else []:
-        if isinstance(job, dict) and job.get("id") == JOB_ID:
-            return job
-    return None
+    by_id = {j.get("id"): j for j in jobs if isinstance(j, dict)} if isinstance(jobs, list) else {}
+    if JOB_ID not in by_id:
+        return []
+    return [by_id[JOB_ID], *(by_id.get(f"{JOB_ID}-{d.name}") for d in cfg.data_disks)]
 
 
-def _virtual_size(nodes: object) -> int:
+async def _job(cfg: Config) -> dict[str, object] | None:
+    """All of the backup's jobs as one: None when one is gone."""
+    jobs = await _jobs(cfg)
+    if not jobs or any(j is None for j in jobs):
+        return None
+    joined = _joined(jobs)
+    if any(j is not None and j.get("status") != "concluded" for j in jobs):
+        joined["status"] = "running"
+    return joined
+
+
+def _virtual_size(nodes: object, node: str = PET_NODE) -> int:
     for entry in nodes if isinstance(nodes, list) else []:
-        if isinstance(entry, dict) and entry.get("node-name") == PET_NODE:
+        if isinstance(entry, dict) and entry.get("node-name") == node:
             size = (entry.get("image") or {}).get("virtual-size")
             if isinstance(size, int) and size > 0:
                 return size
-    raise PodvmError(f"QMP: qemu reports no node {PET_NODE} (the pet disk): is this qemu started by vmrunner?")
+    what = "the pet disk" if node == PET_NODE else "a data disk"
+    raise PodvmError(f"QMP: qemu reports no node {node} ({what}): is this qemu started by vmrunner with DATA_DISKS?")
 
 
 def _remove(path: Path) -> None:
@@ -218,7 +257,12 @@ async def plan_next(cfg: Config, root: Path, *, want_full: bool) -> tuple[Backup
     nodes = await _qmp(cfg, "query-named-block-nodes", {"flat": True})
     bitmaps = plans.parse_bitmaps(nodes)
     size = _virtual_size(nodes)
-    missing = tuple(p.file for p in chains[-1].points if not (root / chains[-1].id / p.file).exists()) if chains else ()
+    data = {
+        d.name: (_virtual_size(nodes, data_node(d.name)), plans.parse_bitmaps(nodes, data_node(d.name)))
+        for d in cfg.data_disks
+    }
+    names = [name for p in chains[-1].points for name in (p.file, *p.disks.values())] if chains else []
+    missing = tuple(name for name in names if not (root / chains[-1].id / name).exists())
     decision = plans.decide(
         chains,
         bitmaps,
@@ -227,9 +271,10 @@ async def plan_next(cfg: Config, root: Path, *, want_full: bool) -> tuple[Backup
         interrupted=interrupted,
         chain_length=cfg.backup_chain_length,
         missing=missing,
+        data=data,
     )
     chain_id = plans.new_chain_id(datetime.now(UTC), {c.id for c in chains} | {p.name for p in broken})
-    plan = plans.plan_backup(root, decision, size, bitmaps, chain_id=chain_id, speed=cfg.backup_speed)
+    plan = plans.plan_backup(root, decision, size, bitmaps, chain_id=chain_id, speed=cfg.backup_speed, data=data)
     return plan, plans.leftovers(root, chains, broken)
 
 
@@ -239,6 +284,7 @@ async def show_plan(cfg: Config, *, want_full: bool) -> dict[str, object]:
     plan, leftovers = await plan_next(cfg, root, want_full=want_full)
     document = asdict(plan)
     document.update(directory=str(plan.directory), partial=str(plan.partial), final=str(plan.final))
+    document["data"] = [{**asdict(d), "partial": str(d.partial)} for d in plan.data]
     document["leftovers"] = [str(p) for p in leftovers]
     return document
 
@@ -250,15 +296,28 @@ async def _locked_backup(cfg: Config, root: Path, want_full: bool) -> Result:
         log.info("backup: removing %s, left by an interrupted backup", path)
         _remove(path)
     log.info("backup: %s backup into %s: %s", plan.kind, plan.directory, plan.reason)
-    with _target(cfg, plan) as (chain_fd, target):
-        return await _attached_backup(cfg, root, plan, chain_fd, target)
+    with _target(cfg, plan) as (chain_fd, target, data_targets):
+        return await _attached_backup(cfg, root, plan, chain_fd, target, data_targets=data_targets)
 
 
-async def _attached_backup(cfg: Config, root: Path, plan: BackupPlan, chain_fd: int, target: int) -> Result:
+async def _attached_backup(
+    cfg: Config, root: Path, plan: BackupPlan, chain_fd: int, target: int, *, data_targets: list[int]
+) -> Result:
     volume = f"BACKUP_DIR={cfg.backup_dir}"
     await img.run_async(plan.create, img.Job(str(plan.partial), "creating the backup target", volume), stdin=target)
-    commands: list[qmp.Command] = [("add-fd", {"fdset-id": TARGET_FDSET}), ("blockdev-add", plan.attach)]
-    await qmp.session(RunPaths.of(cfg.run_dir).qmp, commands, qmp.TIMEOUT, fd=target)
+    for disk, fd in zip(plan.data, data_targets, strict=True):
+        await img.run_async(disk.create, img.Job(str(disk.partial), "creating the backup target", volume), stdin=fd)
+    attached = [
+        (TARGET_FDSET, plan.attach, target),
+        *((d.fdset, d.attach, fd) for d, fd in zip(plan.data, data_targets, strict=True)),
+    ]
+    try:
+        for fdset, attach, fd in attached:
+            commands: list[qmp.Command] = [("add-fd", {"fdset-id": fdset}), ("blockdev-add", attach)]
+            await qmp.session(RunPaths.of(cfg.run_dir).qmp, commands, qmp.TIMEOUT, fd=fd)
+    except PodvmError:
+        await _abandon(cfg, plan, started=False)
+        raise
     sent: list[bool] = []  # set once the transaction is on its way: from then on a job may exist
     try:
         freeze, now, started, own = await _start(cfg, plan, sent)
@@ -267,17 +326,22 @@ async def _attached_backup(cfg: Config, root: Path, plan: BackupPlan, chain_fd: 
         await _abandon(cfg, plan, started=bool(sent))
         raise
     seconds = time.monotonic() - started
-    await _qmp(cfg, "job-dismiss", {"id": JOB_ID})
-    await _detach(cfg)
+    for job_id in (JOB_ID, *(d.job_id for d in plan.data)):
+        await _qmp(cfg, "job-dismiss", {"id": job_id})
+    await _detach(cfg, plan)
     error = job.get("error")
     if error is not None:
-        files.remove_below(cfg.backup_dir, plan.partial)  # the job failed: its bitmap kept every change (on-success)
+        for partial in (plan.partial, *(d.partial for d in plan.data)):  # failed: the bitmaps kept every change
+            files.remove_below(cfg.backup_dir, partial)
         raise PodvmError(f"backup into {plan.partial} failed: {str(error)[:300]}")
-    for name in plan.remove_bitmaps:
-        log.info("backup: removing the pet's bitmap %s (its chain is no longer followed)", name)
-        await _qmp(cfg, "block-dirty-bitmap-remove", {"node": PET_NODE, "name": name})
+    for node, names in ((PET_NODE, plan.remove_bitmaps), *((d.node, d.remove_bitmaps) for d in plan.data)):
+        for name in names:
+            log.info("backup: removing the bitmap %s of %s (its chain is no longer followed)", name, node)
+            await _qmp(cfg, "block-dirty-bitmap-remove", {"node": node, "name": name})
+    for disk, fd in zip(plan.data, data_targets, strict=True):
+        _rename_file(cfg, disk.partial, disk.final, chain_fd, fd)
     _rename(cfg, plan, chain_fd, target)
-    size = os.fstat(target).st_size
+    size = os.fstat(target).st_size + sum(os.fstat(fd).st_size for fd in data_targets)
     return _record(cfg, root, plan, now=now, seconds=seconds, job=job, freeze=freeze, size=size, own=own)
 
 
@@ -350,14 +414,18 @@ async def _abandon(cfg: Config, plan: BackupPlan, *, started: bool) -> None:
         async with asyncio.timeout(ABANDON_TIMEOUT):
             job: dict[str, object] | None = {"error": "not started"}
             if started:
-                with contextlib.suppress(PodvmError):
-                    await _qmp(cfg, "job-cancel", {"id": JOB_ID}, timeout=1.0)
+                for job_id in (JOB_ID, *(d.job_id for d in plan.data)):
+                    with contextlib.suppress(PodvmError):
+                        await _qmp(cfg, "job-cancel", {"id": job_id}, timeout=1.0)
                 job = await _wait_concluded(cfg, ABANDON_TIMEOUT)
             if job is not None and job.get("error") is not None:
                 if started:
-                    await _qmp(cfg, "job-dismiss", {"id": JOB_ID}, timeout=1.0)
-                await _detach(cfg, timeout=1.0)
-                files.remove_below(cfg.backup_dir, plan.partial)
+                    for job_id in (JOB_ID, *(d.job_id for d in plan.data)):
+                        with contextlib.suppress(PodvmError):
+                            await _qmp(cfg, "job-dismiss", {"id": job_id}, timeout=1.0)
+                await _detach(cfg, plan, timeout=1.0)
+                for partial in (plan.partial, *(d.partial for d in plan.data)):
+                    files.remove_below(cfg.backup_dir, partial)
                 if plan.kind == "full":
                     with contextlib.suppress(OSError):
                         plan.directory.rmdir()
@@ -374,13 +442,18 @@ def _rename(cfg: Config, plan: BackupPlan, chain_fd: int, target: int) -> None:
 
     :raise PodvmError: when another file stood under the target's name.
     """
-    os.rename(plan.partial.name, plan.final.name, src_dir_fd=chain_fd, dst_dir_fd=chain_fd)
-    now = os.stat(plan.final.name, dir_fd=chain_fd, follow_symlinks=False)
+    _rename_file(cfg, plan.partial, plan.final, chain_fd, target)
+
+
+def _rename_file(cfg: Config, partial: Path, final: Path, chain_fd: int, target: int) -> None:
+    """Rename one target (the pet's or a data disk's) as :func:`_rename` says."""
+    os.rename(partial.name, final.name, src_dir_fd=chain_fd, dst_dir_fd=chain_fd)
+    now = os.stat(final.name, dir_fd=chain_fd, follow_symlinks=False)
     mine = os.fstat(target)
     if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
-        os.unlink(plan.final.name, dir_fd=chain_fd)
+        os.unlink(final.name, dir_fd=chain_fd)
         raise PodvmError(
-            f"BACKUP_DIR={cfg.backup_dir}: {plan.partial} is not the file qemu wrote (another writer replaced it); "
+            f"BACKUP_DIR={cfg.backup_dir}: {partial} is not the file qemu wrote (another writer replaced it); "
             "removed it, the chain ends at its last complete point"
         )
     os.fsync(chain_fd)
@@ -411,8 +484,10 @@ def _record(
         seconds=round(seconds, 3),
         frozen=freeze.frozen,
         own=own,
+        disks={d.name: d.file for d in plan.data},
     )
-    chain = Chain(plan.chain_id, plan.virtual_size, (*plan.previous, point))
+    sizes = {d.name: d.virtual_size for d in plan.data}
+    chain = Chain(plan.chain_id, plan.virtual_size, (*plan.previous, point), sizes)
     write_atomic(plan.directory / MANIFEST, plans.manifest_document(chain), root=cfg.backup_dir)
     result = Result(plan.kind, chain.point_id(point), point.copied, point.size, seconds, freeze.frozen, freeze.why)
     if plan.kind == "full":

@@ -10,11 +10,14 @@ Layout (documented for users in docs/backups.md)::
             manifest.json                  the points, written atomically after each completed backup
             0000-full.qcow2                a standalone copy of the disk at that instant
             0001-incremental.qcow2         the clusters changed since the point before, backed by it (relative name)
+            0000-full.<disk>.qcow2         the same for each data disk (DATA_DISKS), of the same instant
             .0002-incremental.qcow2.partial  a backup in progress (or interrupted): never part of the chain
 
 The pet carries one persistent dirty bitmap named after its chain (``podvm-<chain id>``). An incremental backup is
 only taken when that bitmap is there, consistent, and the chain is intact; anything else makes the next backup a
-full one, with the reason in the log.
+full one, with the reason in the log. Each data disk carries the same bitmap, and every disk is copied by one QMP
+transaction (an incremental one grouped: one job failing cancels all), so a point holds all disks of one instant or
+none.
 """
 
 import contextlib
@@ -30,7 +33,7 @@ from shared import documents
 from shared.errors import ConfigError
 from shared.files import list_below, read_small, stat_below
 from vmrunner.pet.state import MACHINE, TPM_STATE, UEFI_VARS
-from vmrunner.run.argv import PET_NODE
+from vmrunner.run.argv import PET_NODE, data_node
 
 Argv = tuple[str, ...]
 BITMAP_PREFIX = "podvm-"
@@ -51,6 +54,7 @@ _POINT_FILE = re.compile(r"^(\d{4})-(full|incremental)\.qcow2$")
 # a point's copies of the VM's own files: NNNN.<suffix>
 OWN_SUFFIX = {MACHINE: "machine.json", UEFI_VARS: "efivars.fd", TPM_STATE: "tpm"}
 _OWN_FILE = re.compile(rf"^(\d{{4}})\.({'|'.join(re.escape(s) for s in OWN_SUFFIX.values())})$")
+_DATA_FILE = re.compile(r"^(\d{4})-(full|incremental)\.([a-z0-9][a-z0-9_-]{0,19})\.qcow2$")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class Point:
     seconds: float
     frozen: bool  # the guest's file systems were frozen by its agent for that instant
     own: dict[str, str] = field(default_factory=dict)  # the VM's own files of that instant, by kind (ownstate)
+    disks: dict[str, str] = field(default_factory=dict)  # each data disk's file of this point, by name
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ class Chain:
     id: str
     virtual_size: int
     points: tuple[Point, ...]
+    data_sizes: dict[str, int] = field(default_factory=dict)  # each data disk's virtual size, by name
 
     @property
     def bitmap(self) -> str:
@@ -106,6 +112,32 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class DataTarget:
+    """One data disk's part of a backup: its node, its target file, and the job that copies it."""
+
+    name: str
+    node: str  # the data disk's node (data-<name>)
+    file: str
+    partial: Path
+    create: Argv
+    attach: dict[str, object]
+    job_id: str
+    fdset: int
+    virtual_size: int
+    remove_bitmaps: tuple[str, ...]
+
+    @property
+    def target_node(self) -> str:
+        """The target's node in qemu while the job runs."""
+        return str(self.attach["node-name"])
+
+    @property
+    def final(self) -> Path:
+        """Where the target is renamed once the jobs completed."""
+        return self.partial.parent / self.file
+
+
+@dataclass(frozen=True)
 class BackupPlan:
     """Everything one backup does, in order: remove stale bitmaps, create the target, attach it, start the job in
     one transaction, then (applied once the job completed) rename the target, record the point and remove the
@@ -124,6 +156,7 @@ class BackupPlan:
     remove_bitmaps: tuple[str, ...]
     virtual_size: int
     previous: tuple[Point, ...]  # the points this backup follows in its chain (none for a full backup)
+    data: tuple[DataTarget, ...] = ()  # each data disk's target, in the same transaction
 
     @property
     def final(self) -> Path:
@@ -150,6 +183,11 @@ def point_file(seq: int, kind: str) -> str:
     return f"{seq:04d}-{kind}.qcow2"
 
 
+def data_file(seq: int, kind: str, name: str) -> str:
+    """The file name of the data disk ``name`` in point ``seq``."""
+    return f"{seq:04d}-{kind}.{name}.qcow2"
+
+
 def own_file(seq: int, kind: str) -> str:
     """The name of point ``seq``'s copy of the VM's own file of ``kind``."""
     return f"{seq:04d}.{OWN_SUFFIX[kind]}"
@@ -163,6 +201,7 @@ def manifest_document(chain: Chain) -> bytes:
         "bitmap": chain.bitmap,
         "virtual_size": chain.virtual_size,
         "points": [asdict(p) for p in chain.points],
+        **({"data_disks": chain.data_sizes} if chain.data_sizes else {}),
     }
     return json.dumps(doc, indent=2).encode()
 
@@ -173,7 +212,7 @@ def _int(value: object, what: str) -> int:
     return value
 
 
-def _point(raw: object, expected_seq: int) -> Point:
+def _point(raw: object, expected_seq: int, data_sizes: Mapping[str, int]) -> Point:
     if not isinstance(raw, dict):
         raise ValueError("a point must be an object")
     try:
@@ -203,6 +242,13 @@ def _point(raw: object, expected_seq: int) -> Point:
         for kind, name in own.items()
     ):
         raise ValueError(f"point {expected_seq}: own must name the VM's own files of this point or an earlier one")
+    disks = point.disks
+    if (
+        not isinstance(disks, dict)
+        or set(disks) != set(data_sizes)
+        or any(disks[name] != data_file(point.seq, point.kind, name) for name in data_sizes)
+    ):
+        raise ValueError(f"point {expected_seq}: disks must name each data disk's file of this point")
     return point
 
 
@@ -217,10 +263,17 @@ def parse_manifest(data: bytes, directory_name: str) -> Chain:
     points = doc.get("points")
     if not isinstance(points, list) or not points:
         raise ValueError("a manifest lists at least the full backup")
+    sizes = doc.get("data_disks", {})
+    if not isinstance(sizes, dict) or any(
+        not isinstance(name, str) or not _DATA_FILE.match(data_file(0, "full", name)) for name in sizes
+    ):
+        raise ValueError("data_disks must map data disk names to their sizes")
+    data_sizes = {name: _int(size, f"data_disks.{name}") for name, size in sizes.items()}
     return Chain(
         directory_name,
         _int(doc.get("virtual_size"), "virtual_size"),
-        tuple(_point(raw, seq) for seq, raw in enumerate(points)),
+        tuple(_point(raw, seq, data_sizes) for seq, raw in enumerate(points)),
+        data_sizes,
     )
 
 
@@ -274,12 +327,15 @@ def decide(
     interrupted: bool,
     chain_length: int,
     missing: tuple[str, ...] = (),
+    data: Mapping[str, tuple[int, list[Bitmap]]] | None = None,
 ) -> Decision:
     """Full or incremental, and why: an incremental only extends the newest chain when the pet's bitmap for that
     chain is there and consistent, the chain is whole, not yet at its length, and no earlier backup into it ended at
     an unknown point (its job may have cleared the bitmap before the file was recorded). Pure, for unit tests.
 
-    ``missing`` lists files of the newest chain that are gone from the volume.
+    ``missing`` lists files of the newest chain that are gone from the volume; ``data`` gives each data disk's
+    virtual size and bitmaps: an incremental also needs the same data disks as the chain, each of its size and with
+    the chain's bitmap consistent.
     """
     chain = chains[-1] if chains else None
     if want_full:
@@ -297,6 +353,14 @@ def decide(
         )
     if not bitmap.recording:
         return Decision("full", f"bitmap {chain.bitmap} is not recording", None)
+    disks = dict(data or {})
+    if {n: size for n, (size, _) in disks.items()} != chain.data_sizes:
+        return Decision("full", f"the data disks changed since chain {chain.id} (names or sizes)", None)
+    for name, (_, found) in sorted(disks.items()):
+        mark = next((b for b in found if b.name == chain.bitmap), None)
+        if mark is None or mark.inconsistent or not mark.recording:
+            why = "missing" if mark is None else "inconsistent or not recording"
+            return Decision("full", f"the data disk {name}'s bitmap {chain.bitmap} is {why}", None)
     if interrupted:
         return Decision("full", f"an earlier backup into chain {chain.id} was interrupted at an unknown point", None)
     if missing:
@@ -309,10 +373,18 @@ def decide(
 
 
 def plan_backup(
-    root: Path, decision: Decision, virtual_size: int, bitmaps: list[Bitmap], *, chain_id: str, speed: int
+    root: Path,
+    decision: Decision,
+    virtual_size: int,
+    bitmaps: list[Bitmap],
+    *,
+    chain_id: str,
+    speed: int,
+    data: Mapping[str, tuple[int, list[Bitmap]]] | None = None,
 ) -> BackupPlan:
     """The qemu-img and QMP documents of the backup ``decision`` chose. ``chain_id`` names a new chain (full);
-    every other ``podvm-`` bitmap of the pet is removed after a full backup (its chain is no longer followed)."""
+    every other ``podvm-`` bitmap of the pet is removed after a full backup (its chain is no longer followed).
+    ``data``: each data disk's virtual size and bitmaps, backed up in the same transaction (grouped)."""
     if decision.kind == "incremental":
         assert decision.chain is not None
         chain = decision.chain
@@ -354,6 +426,26 @@ def plan_backup(
     else:
         job.update({"sync": "incremental", "bitmap": bitmap, "bitmap-mode": "on-success"})
     actions.append({"type": "blockdev-backup", "data": job})
+    targets = tuple(
+        _data_target(
+            directory,
+            decision,
+            name=name,
+            size=size,
+            bitmaps=found,
+            seq=seq,
+            chain_id=chain_id,
+            speed=speed,
+            index=index,
+            actions=actions,
+        )
+        for index, (name, (size, found)) in enumerate(sorted((data or {}).items()), start=1)
+    )
+    transaction: dict[str, object] = {"actions": actions}
+    if targets and decision.kind == "incremental":
+        # One job failing cancels all, so no disk's bitmap is cleared for a point that is never recorded. (qemu takes
+        # no bitmap-add in a grouped transaction; a failed full backup clears no bitmap that a chain follows.)
+        transaction["properties"] = {"completion-mode": "grouped"}
     return BackupPlan(
         kind=decision.kind,
         reason=decision.reason,
@@ -364,11 +456,58 @@ def plan_backup(
         partial=partial,
         create=create,
         attach=attach,
-        transaction={"actions": actions},
+        transaction=transaction,
         remove_bitmaps=remove,
         virtual_size=virtual_size,
         previous=decision.chain.points if decision.chain is not None else (),
+        data=targets,
     )
+
+
+def _data_target(
+    directory: Path,
+    decision: Decision,
+    *,
+    name: str,
+    size: int,
+    bitmaps: list[Bitmap],
+    seq: int,
+    chain_id: str,
+    speed: int,
+    index: int,
+    actions: list[dict[str, object]],
+) -> DataTarget:
+    """A data disk's target and its actions (appended to ``actions``), as the pet's."""
+    node, bitmap = data_node(name), f"{BITMAP_PREFIX}{chain_id}"
+    file = data_file(seq, decision.kind, name)
+    backing: tuple[str, ...] = ()
+    if decision.kind == "incremental":
+        assert decision.chain is not None
+        backing = ("-F", "qcow2", "-b", decision.chain.points[-1].disks[name])
+    create = ("qemu-img", "create", "-q", "-u", "-f", "qcow2", *backing, "/dev/stdin", str(size))
+    fdset = TARGET_FDSET + index
+    attach: dict[str, object] = {
+        "driver": "qcow2",
+        "node-name": f"{TARGET_NODE}-{name}",
+        "file": {"driver": "file", "filename": f"/dev/fdset/{fdset}"},
+        "backing": None,
+    }
+    job: dict[str, object] = {"job-id": f"{JOB_ID}-{name}", "device": node, "target": attach["node-name"]}
+    job["auto-dismiss"] = False
+    if speed:
+        job["speed"] = speed
+    remove: tuple[str, ...] = ()
+    if decision.kind == "full":
+        remove = tuple(b.name for b in bitmaps if b.name.startswith(BITMAP_PREFIX) and b.name != bitmap)
+        verb = "clear" if any(b.name == bitmap for b in bitmaps) else "add"
+        extra = {"persistent": True} if verb == "add" else {}
+        actions.append({"type": f"block-dirty-bitmap-{verb}", "data": {"node": node, "name": bitmap, **extra}})
+        job["sync"] = "full"
+    else:
+        job.update({"sync": "incremental", "bitmap": bitmap, "bitmap-mode": "on-success"})
+    actions.append({"type": "blockdev-backup", "data": job})
+    partial = directory / f".{file}{PARTIAL}"
+    return DataTarget(name, node, file, partial, create, attach, str(job["job-id"]), fdset, size, remove)
 
 
 def plan_retention(chains: list[Chain], keep: int) -> list[str]:
@@ -384,7 +523,10 @@ def leftovers(root: Path, chains: list[Chain], broken: list[Path]) -> list[Path]
         out += sorted(p for p in (root / chain.id).iterdir() if p.name.endswith(PARTIAL))
     for directory in broken:
         names = [p.name for p in directory.iterdir()]
-        if all(_POINT_FILE.match(n) or n.endswith(PARTIAL) or n.startswith(f".{MANIFEST}") for n in names):
+        if all(
+            _POINT_FILE.match(n) or _DATA_FILE.match(n) or n.endswith(PARTIAL) or n.startswith(f".{MANIFEST}")
+            for n in names
+        ):
             out.append(directory)
     return out
 
@@ -427,20 +569,21 @@ def _moment(text: str) -> float | None:
     return when.timestamp()
 
 
-def plan_restore(layers: Sequence[str], staging: Path) -> Argv:
+def plan_restore(layers: Sequence[str], staging: Path, fmt: str = "qcow2") -> Argv:
     """``qemu-img convert`` of a point into one standalone qcow2 at ``staging``, read through ``layers``: the files
     of its chain newest first (as :func:`expected_backings` lists them), each as the runner opened it
     (``/dev/fd/N``), each one's backing the next, the oldest's none: no backing is ever resolved by a name."""
     image: dict[str, object] | None = None
     for layer in reversed(layers):
         image = {"driver": "qcow2", "file": {"driver": "file", "filename": layer}, "backing": image}
-    return ("qemu-img", "convert", "-p", "-O", "qcow2", f"json:{json.dumps(image)}", str(staging))
+    return ("qemu-img", "convert", "-p", "-O", fmt, f"json:{json.dumps(image)}", str(staging))
 
 
-def expected_backings(chain: Chain, point: Point) -> list[tuple[str, str | None]]:
-    """The files a point is read through, newest first, each with the backing name its header must hold: every
-    file is backed by the point before it, in the same directory, and the full backup by nothing."""
-    files = [p.file for p in chain.points[: point.seq + 1]]
+def expected_backings(chain: Chain, point: Point, disk: str | None = None) -> list[tuple[str, str | None]]:
+    """The files a point is read through (the pet's, or the data disk ``disk``'s), newest first, each with the
+    backing name its header must hold: every file is backed by the point before it, in the same directory, and the
+    full backup by nothing."""
+    files = [p.file if disk is None else p.disks[disk] for p in chain.points[: point.seq + 1]]
     return [(files[i], files[i - 1] if i else None) for i in range(len(files) - 1, -1, -1)]
 
 

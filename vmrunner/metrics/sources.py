@@ -98,7 +98,8 @@ _BLOCK = {
 
 
 def block_figures(blockstats: object) -> list[Figure]:
-    """Per-drive figures from QMP ``query-blockstats`` (drives named by their -drive id)."""
+    """Per-drive figures from QMP ``query-blockstats`` (drives named by their -drive id; a data disk, which has
+    none, by its node: ``data-<name>``)."""
     out: list[Figure] = []
     for entry in blockstats if isinstance(blockstats, list) else []:
         drive = entry.get("device") or entry.get("node-name") or entry.get("qdev") if isinstance(entry, dict) else None

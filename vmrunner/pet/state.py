@@ -1,4 +1,5 @@
-"""The VM's own state on VM_DIR, as one list: the pet disk, its machine type, the UEFI variables, the TPM's state.
+"""The VM's own state, as one list: the pet disk, its machine type, the UEFI variables, the TPM's state on VM_DIR,
+and the data disks, each on a volume of its own.
 
 Backups, restore, ``status`` and the runner all follow this list, so a file the VM keeps (a Windows guest's boot
 entries, its BitLocker keys sealed in the TPM) is never left out of one of them. Pure: nothing here touches a file.
@@ -13,6 +14,7 @@ DISK = "disk"
 UEFI_VARS = "uefi-vars"
 TPM_STATE = "tpm-state"
 SUSPENDED = "suspended"
+DATA_DISK = "data-disk"
 MACHINE = "machine"
 COPIED = (MACHINE, UEFI_VARS, TPM_STATE)  # what a backup copies as files beside the disk's own job
 LIVE = (UEFI_VARS, TPM_STATE)  # what the VM writes while it runs: copied with the VM paused, for one instant
@@ -22,12 +24,18 @@ LIVE = (UEFI_VARS, TPM_STATE)  # what the VM writes while it runs: copied with t
 class OwnFile:
     """One file (or directory) of the VM's own state and how it comes to be."""
 
-    kind: str  # DISK, MACHINE, UEFI_VARS, TPM_STATE or SUSPENDED
+    kind: str  # DISK, MACHINE, UEFI_VARS, TPM_STATE, SUSPENDED or DATA_DISK
     path: Path
     mode: int | None  # what the runner makes it with (None: as qemu-img makes it); the TPM's never readable by others
     directory: bool
     created: str  # how it is made, once; none of them is ever overwritten by a start
     template: Path | None = None  # the file it is copied from, once (the firmware's variable template)
+    volume: Path | None = None  # the volume it lives on when not VM_DIR (a data disk's own)
+    name: str | None = None  # a data disk's name (DATA_DISKS)
+
+    def root(self, vm_dir: Path) -> Path:
+        """The volume its path is opened below (:mod:`shared.files`)."""
+        return self.volume if self.volume is not None else vm_dir
 
 
 TPM_OWNER = "vm"  # in the TPM's state directory: the hostname of the VM the state belongs to
@@ -101,6 +109,19 @@ def own_files(cfg: Config) -> tuple[OwnFile, ...]:
                 "the running VM saved on SIGTERM (ON_STOP=suspend), taken up once by the next start",
             )
         )
+    files += [
+        OwnFile(
+            DATA_DISK,
+            disk.path,
+            0o600,
+            False,
+            f"made once by qemu-img ({disk.format}, {disk.size} bytes, {disk.bus}), grown but never shrunk; bound to "
+            f"this VM by {disk.owner_path.name}",
+            volume=disk.directory,
+            name=disk.name,
+        )
+        for disk in cfg.data_disks
+    ]
     return tuple(files)
 
 
@@ -114,6 +135,7 @@ def own_state(cfg: Config) -> list[dict[str, object]]:
             "created": own.created,
             "template": None if own.template is None else str(own.template),
             "exists": own.path.exists(),
+            **({"name": own.name, "volume": str(own.volume)} if own.kind == DATA_DISK else {}),
         }
         for own in own_files(cfg)
     ]

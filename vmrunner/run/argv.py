@@ -1,6 +1,7 @@
 """qemu's command line, planned as data from the config, the handshake and a few observed facts."""
 
 import fcntl
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from shared.errors import ConfigError
 from shared.handshake import Handshake
-from vmrunner.config import Config
+from vmrunner.config import Config, DataDisk
 from vmrunner.run import cdrom, devices, firmware
 from vmrunner.run import vnc as vnc_password
 from vmrunner.run.tpm import SwtpmPlan, plan_swtpm, tpm_args
@@ -126,6 +127,7 @@ def vnc_enabled(cfg: Config, hs: Handshake) -> bool:
 # werror=enospc pauses the VM when VM_DIR is full (the runner's storage watch resumes it once there is room) and
 # hands any other write error to the guest, as rerror=report does for reads.
 DISK_DATA = "cache=writeback,werror=enospc,rerror=report"
+DEVICE_ERRORS = "werror=enospc,rerror=report,write-cache=on"  # the same, set on a device of a -blockdev node
 
 
 def _disk_args(bus: str, pet: Path) -> list[str]:
@@ -135,6 +137,58 @@ def _disk_args(bus: str, pet: Path) -> list[str]:
     if bus == "ide":
         return [*drive, "-device", "ide-hd,drive=disk0,bus=ide.0,unit=0,bootindex=1"]
     return [*drive, "-device", "virtio-scsi-pci,id=scsi0", "-device", "scsi-hd,drive=disk0,bus=scsi0.0,bootindex=1"]
+
+
+DATA_SCSI = "datascsi"  # the data disks' own controllers: the pet's bus and the IDE units stay as they are
+DATA_SATA = "datasata"
+
+
+def data_node(name: str) -> str:
+    """The block node of the data disk ``name``: backups and the metrics name it."""
+    return f"data-{name}"
+
+
+def data_device(name: str) -> str:
+    """The guest device of the data disk ``name``."""
+    return f"datadisk-{name}"
+
+
+def _data_blockdev(disk: DataDisk) -> str:
+    """The disk's node, with the pet's data handling (writeback cache, discard) and no backing file, whatever its
+    header says (it was checked to name none: this holds even if it were swapped since)."""
+    node: dict[str, object] = {
+        "driver": disk.format,
+        "node-name": data_node(disk.name),
+        "discard": "unmap",
+        "cache": {"direct": False, "no-flush": False},
+        "file": {"driver": "file", "filename": str(disk.path), "discard": "unmap"},
+    }
+    if disk.format == "qcow2":
+        node["backing"] = None
+    return json.dumps(node, separators=(",", ":"))
+
+
+def data_disk_args(disks: Sequence[DataDisk]) -> list[str]:
+    """Each data disk as its own node and device, its name as the serial the guest sees (/dev/disk/by-id); the
+    errors handled as the pet's (``werror=enospc``: a full volume pauses the VM); scsi and sata disks on a
+    controller of their own, so no IDE unit of the pet, the config drive or a CD-ROM is ever taken."""
+    args: list[str] = []
+    if any(d.bus == "scsi" for d in disks):
+        args += ["-device", f"virtio-scsi-pci,id={DATA_SCSI}"]
+    if any(d.bus == "sata" for d in disks):
+        args += ["-device", f"ich9-ahci,id={DATA_SATA}"]
+    port = 0
+    for disk in disks:
+        common = f"drive={data_node(disk.name)},id={data_device(disk.name)},serial={disk.name},{DEVICE_ERRORS}"
+        args += ["-blockdev", _data_blockdev(disk)]
+        if disk.bus == "virtio":
+            args += ["-device", f"virtio-blk-pci,{common}"]
+        elif disk.bus == "scsi":
+            args += ["-device", f"scsi-hd,{common},bus={DATA_SCSI}.0"]
+        else:
+            args += ["-device", f"ide-hd,{common},bus={DATA_SATA}.{port}"]
+            port += 1
+    return args
 
 
 def plan_qemu(
@@ -166,6 +220,7 @@ def plan_qemu(
         "-device",
         "VGA",
         *_disk_args(cfg.disk_bus, cfg.pet_path),
+        *data_disk_args(cfg.data_disks),
         *firmware.firmware_args(cfg),
         *devices.pointer_args(cfg),
         *devices.rtc_args(cfg),

@@ -1,16 +1,19 @@
-"""The watch on a full VM_DIR: a VM that qemu paused because its pet disk could not grow is named in one log line,
-and resumed by the runner once VM_DIR has room again.
+"""The watch on a full VM_DIR (or a data disk's volume): a VM that qemu paused because a disk could not grow is named
+in one log line, and resumed by the runner once that volume has room again.
 
 The pet's drive runs with ``werror=enospc`` (:mod:`vmrunner.run.argv`): when a write of the guest cannot get space on
 VM_DIR, qemu stops the VM (run state ``io-error``) and keeps the failed request to retry it on ``cont``; the guest
 sees a pause, not an I/O error, and its disk stays consistent. Without a watch the VM would stay paused until someone
 typed ``cont`` into qemu's monitor. The watch is a Supervisor duty: every few seconds one short QMP call on the
-status monitor and one ``statvfs`` of VM_DIR; what to do is decided by :func:`step`, a pure function.
+status monitor and one ``statvfs`` of each volume (the fullest is the one named); what to do is decided by
+:func:`step`, a pure function. Every data disk's drive has ``werror=enospc`` too, so a full data-disk volume pauses
+and resumes the VM in the same way.
 """
 
 import asyncio
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +44,9 @@ class Step:
     infos: tuple[str, ...] = ()
 
 
-def step(seen: Seen, status: str, free: int, resume_free: int, vm_dir: Path) -> Step:
-    """Decide from qemu's run state ``status`` and VM_DIR's ``free`` bytes.
+def step(seen: Seen, status: str, free: int, resume_free: int, vm_dir: Path, *, setting: str = "VM_DIR") -> Step:
+    """Decide from qemu's run state ``status`` and the fullest volume's ``free`` bytes (``vm_dir``, or the volume
+    of the data disk ``setting`` names).
 
     A pause is told once (a line naming VM_DIR and what to do). The VM is resumed once VM_DIR has ``resume_free``
     bytes free; if it fills again at once (a quota or another writer the free space does not show), it is resumed
@@ -57,14 +61,14 @@ def step(seen: Seen, status: str, free: int, resume_free: int, vm_dir: Path) -> 
     warnings: tuple[str, ...] = ()
     if not seen.paused:
         warnings = (
-            f"VM_DIR={vm_dir} is full ({_mib(free)} free): qemu paused the VM, whose disk could not grow; it is "
-            f"intact and resumes by itself once VM_DIR has {_mib(resume_free)} free (VM_DIR_MIN_FREE): free space "
-            "there or grow the volume",
+            f"{setting}={vm_dir} is full ({_mib(free)} free): qemu paused the VM, whose disk could not grow; it is "
+            f"intact and resumes by itself once {setting} has {_mib(resume_free)} free (VM_DIR_MIN_FREE): free "
+            "space there or grow the volume",
         )
     stuck = seen.resumed_with is not None and free <= seen.resumed_with
     if free < resume_free or stuck:
         return Step(Seen(True, seen.resumed_with), False, warnings=warnings)
-    info = f"VM_DIR={vm_dir} has {_mib(free)} free again: resuming the VM"
+    info = f"{setting}={vm_dir} has {_mib(free)} free again: resuming the VM"
     return Step(Seen(False, free), True, warnings=warnings, infos=(info,))
 
 
@@ -78,9 +82,15 @@ def free_bytes(path: Path) -> int:
     return stat.f_bavail * stat.f_frsize
 
 
-def watch(monitor: Path, vm_dir: Path, resume_free: int, every: float = POLL_EVERY) -> Duty:
-    """The duty: look every ``every`` seconds until cancelled; a look that fails (qemu busy, VM_DIR unreadable) is
-    logged at DEBUG and the next one tries again."""
+def fullest(volumes: Sequence[tuple[str, Path]]) -> tuple[str, Path, int]:
+    """The volume with the fewest free bytes: ``(setting, path, free)``."""
+    return min(((setting, path, free_bytes(path)) for setting, path in volumes), key=lambda v: v[2])
+
+
+def watch(monitor: Path, volumes: Sequence[tuple[str, Path]], resume_free: int, every: float = POLL_EVERY) -> Duty:
+    """The duty: look every ``every`` seconds until cancelled at ``volumes`` (``(setting, path)``: VM_DIR and each
+    data disk's); a look that fails (qemu busy, a volume unreadable) is logged at DEBUG and the next one tries
+    again."""
 
     async def watch_storage() -> None:
         seen = Seen()
@@ -89,7 +99,8 @@ def watch(monitor: Path, vm_dir: Path, resume_free: int, every: float = POLL_EVE
             try:
                 answer = await qmp.execute(monitor, "query-status", timeout=1.0)
                 status = answer.get("status") if isinstance(answer, dict) else None
-                decided = step(seen, str(status), free_bytes(vm_dir), resume_free, vm_dir)
+                setting, path, free = fullest(volumes)
+                decided = step(seen, str(status), free, resume_free, path, setting=setting)
                 for line in decided.warnings:
                     log.warning("%s", line)
                 if decided.resume:

@@ -110,10 +110,12 @@ def fingerprints(cfg: Config) -> dict[str, list[int]]:
     for own in own_files(cfg):
         if own.kind in (SUSPENDED, MACHINE):  # the machine type is compared on its own (judge)
             continue
-        info = files.stat_below(cfg.vm_dir, own.path)
+        info = files.stat_below(own.root(cfg.vm_dir), own.path)
         if info is None:
             continue
-        if stat.S_ISDIR(info.st_mode):
+        if own.volume is not None:  # a data disk: its full path, as its name may be the name of a file on VM_DIR
+            found[str(own.path)] = _print(info)
+        elif stat.S_ISDIR(info.st_mode):
             for name in files.list_below(cfg.vm_dir, own.path):
                 inner = files.stat_below(cfg.vm_dir, own.path / name)
                 if inner is not None and stat.S_ISREG(inner.st_mode):
