@@ -171,6 +171,10 @@ def test_pets_by_digest_on_selected_nodes_with_an_existing_cache(chart: Chart) -
     assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"], "the cache is someone else's"
     assert [o["kind"] for o in objects if o["kind"] == "PodMonitor"] == ["PodMonitor"]
     assert _env(_container(spec, "vm"))["BACKUP_KEEP"] == "4"
+    (db,) = [t for t in pets["spec"]["volumeClaimTemplates"] if t["metadata"]["name"] == "data-db"]
+    assert db["spec"]["resources"]["requests"]["storage"] == "51Gi"  # 50 GiB for the guest, room for qcow2's metadata
+    assert {"name": "data-db", "mountPath": "/data/db"} in _container(spec, "vm")["volumeMounts"]
+    assert _env(_container(spec, "vm"))["DATA_DISKS"] == "db:/data/db:50G:virtio:qcow2"
 
 
 def test_backups_off_leaves_no_backup_claim_or_mount(chart: Chart) -> None:
@@ -221,6 +225,8 @@ def test_the_chart_test_connects_to_the_vm_through_the_service(chart: Chart) -> 
         ({"vm": {"cdroms": [{"source": "", "checksum": "sha256:" + "0" * 64}]}}, "at '/vm/cdroms/0/checksum'"),
         ({"vm": {"cdroms": [{"source": "ftp://x/y.iso"}]}}, "at '/vm/cdroms/0/source'"),
         ({"vm": {"cdroms": [{"source": ""}] * 5}}, "at '/vm/cdroms': maxItems"),
+        ({"dataDisks": [{"name": "my_db", "size": 5}]}, "at '/dataDisks/0/name'"),
+        ({"dataDisks": [{"name": "db", "size": "5Gi"}]}, "at '/dataDisks/0/size': got string, want integer"),
     ],
 )
 def test_bad_values_are_refused_by_the_schema(chart: Chart, values: dict[str, Any], message: str) -> None:
@@ -236,6 +242,7 @@ def test_bad_values_are_refused_by_the_schema(chart: Chart, values: dict[str, An
         ({"metrics": {"port": 5900}}, "metrics.port=5900: VNC has that port"),
         ({"readiness": {"port": 9100}}, "readiness.port=9100: the metrics hold that port"),
         ({"console": {"enabled": False, "expose": {"enabled": True, "tokenSecret": "t"}}}, "needs console.enabled"),
+        ({"dataDisks": [{"name": "db", "size": 5}, {"name": "db", "size": 9}]}, 'two disks are named "db"'),
     ],
 )
 def test_impossible_combinations_fail_the_rendering(chart: Chart, values: dict[str, Any], message: str) -> None:
@@ -268,5 +275,14 @@ def test_a_windows_ova_that_a_drain_suspends(chart: Chart) -> None:
     virtio, empty = loaded.cdroms  # the drivers' disc by its digest, and a drive without a disc
     assert virtio is not None and virtio.source.endswith("/virtio-win.iso") and virtio.checksum is not None
     assert empty is None
+    (data,) = loaded.data_disks  # on its own claim, on the SATA bus the windows profile's IDE pet implies
+    assert (data.name, str(data.directory), data.size, data.bus) == ("data", "/data/data", 200 << 30, "sata")
+    as_pod = {**_values(CHART / "ci" / "windows-suspend-values.yaml"), "workload": {"kind": "Pod", "replicas": 1}}
+    objects = _objects(chart, as_pod)
+    claims = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    assert claims["podvm-data-data"]["resources"]["requests"]["storage"] == "203Gi"
+    assert claims["podvm-data-data"]["storageClassName"] == "fast"
+    volume = next(v for v in _workload(objects)["volumes"] if v["name"] == "data-data")
+    assert volume["persistentVolumeClaim"]["claimName"] == "podvm-data-data"
     default = _render(chart, {})
     assert "ON_STOP" not in _env(_container(default, "vm")) and default["terminationGracePeriodSeconds"] == 90

@@ -38,6 +38,13 @@ labels:
 {{- if and $v.console.expose.enabled (not $v.console.enabled) -}}
 {{- fail "console.expose.enabled=true needs console.enabled=true" -}}
 {{- end -}}
+{{- $disks := list -}}
+{{- range $v.dataDisks -}}
+{{- if has .name $disks -}}
+{{- fail (printf "dataDisks: two disks are named %q; each needs a name of its own" .name) -}}
+{{- end -}}
+{{- $disks = append $disks .name -}}
+{{- end -}}
 {{- if and $v.metrics.podMonitor.enabled (not $v.metrics.enabled) -}}
 {{- fail "metrics.podMonitor.enabled=true needs metrics.enabled=true" -}}
 {{- end -}}
@@ -167,6 +174,9 @@ labels:
     {{- with $v.vm.tpm }}
     - {name: VM_TPM, value: {{ . | quote }}}
     {{- end }}
+    {{- with $v.dataDisks }}
+    - {name: DATA_DISKS, value: {{ include "podvm.dataDisks" . | quote }}}
+    {{- end }}
     {{- with $v.vm.cdroms }}
     - {name: VM_CDROMS, value: {{ include "podvm.cdroms" . | quote }}}
     {{- end }}
@@ -213,6 +223,9 @@ labels:
     - {name: run, mountPath: /run/podvm}
     - {name: images, mountPath: /image}
     - {name: disk, mountPath: /vm}
+    {{- range $v.dataDisks }}
+    - {name: data-{{ .name }}, mountPath: /data/{{ .name }}}
+    {{- end }}
     {{- if $v.backup.enabled }}
     - {name: backup, mountPath: /backup}
     {{- end }}
@@ -309,6 +322,10 @@ volumes:
   - name: backup
     persistentVolumeClaim: {claimName: {{ $name }}-backup}
   {{- end }}
+  {{- range $v.dataDisks }}
+  - name: data-{{ .name }}
+    persistentVolumeClaim: {claimName: {{ $name }}-data-{{ .name }}}
+  {{- end }}
   {{- end }}
   {{- if or $v.metaData.inline $v.metaData.existingConfigMap }}
   - name: config
@@ -379,4 +396,18 @@ annotations:
 {{- end -}}
 {{- end -}}
 {{- join " " $slots -}}
+{{- end -}}
+
+{{/* DATA_DISKS from dataDisks: name:/data/<name>:<size>G[:bus]:format for each. */}}
+{{- define "podvm.dataDisks" -}}
+{{- $entries := list -}}
+{{- range . -}}
+{{- $entries = append $entries (printf "%s:/data/%s:%dG:%s:%s" .name .name (int .size) (.bus | default "") (.format | default "qcow2")) -}}
+{{- end -}}
+{{- join "," $entries -}}
+{{- end -}}
+
+{{/* A data disk's claim size: the disk's GiB, 1 % and 1 GiB more for qcow2's metadata and a full disk's last writes. */}}
+{{- define "podvm.dataClaimSize" -}}
+{{- printf "%dGi" (add (div (mul (int .size) 101) 100) 1) -}}
 {{- end -}}
