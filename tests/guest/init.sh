@@ -250,15 +250,6 @@ printf 'Content-Type: text/plain\r\n\r\nram=%s\nboot_id=%s\nuptime=%s\n' "$(cat 
     "$(cat /proc/sys/kernel/random/boot_id)" "$(cut -d' ' -f1 /proc/uptime)"
 EOF
 chmod +x /www/cgi-bin/ram
-# /cgi-bin/fill?MIB keeps MIB MiB of non-zero bytes in RAM (qemu's migration skips zero pages, not these): a guest
-# with that much touched memory for the suspend benchmark.
-cat > /www/cgi-bin/fill <<'EOF'
-#!/bin/sh
-case $QUERY_STRING in ''|*[!0-9]*) printf 'Status: 400\r\nContent-Type: text/plain\r\n\r\nbad size\n'; exit 0 ;; esac
-yes podvm-touched-ram | head -c $((QUERY_STRING << 20)) > /run/ram-fill
-printf 'Content-Type: text/plain\r\n\r\nfilled=%s\n' "$(($(wc -c < /run/ram-fill) >> 20))"
-EOF
-chmod +x /www/cgi-bin/fill
 # ---- end of RAM only -----------------------------------------------------------------------------------------------
 
 # ---- CD-ROMs (tests/e2e/test_cdrom.py, one block) -------------------------------------------------------------
