@@ -7,7 +7,6 @@ write of the guest: the VM pauses with one line naming it and resumes once there
 disks (never recreated); a runner of another VM is refused the disks; the restore of the point brings back A on both
 disks (the same instant), bound to this VM again."""
 
-import contextlib
 import json
 import os
 import subprocess
@@ -54,21 +53,6 @@ def marker_on_file(path: Path) -> str:
     return sector.removeprefix("podvm-mark ") if sector.startswith("podvm-mark ") else "-"
 
 
-@contextlib.contextmanager
-def small_tmpfs(path: Path, mib: int) -> Iterator[Path]:
-    """A tmpfs of ``mib`` MiB at ``path``, the runner's; unmounted (lazily, if qemu still holds it) when done."""
-    path.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0755,uid={harness.RUNNER_UID},gid={harness.RUNNER_UID}",
-         "podvm-disks", str(path)],
-        check=True,
-    )  # fmt: skip
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 @dataclass
 class Seen:
     """What the scenario saw."""
@@ -98,7 +82,7 @@ def seen() -> Iterator[Seen]:
         db = s.base / "data-db"
         db.mkdir()
         os.chown(db, harness.RUNNER_UID, harness.RUNNER_UID)
-        with small_tmpfs(s.base / "data-share", SHARE_TMPFS_MIB) as share:
+        with harness.small_tmpfs(s.base / "data-share", SHARE_TMPFS_MIB) as share:
             env = s.env(DATA_DISKS=f"db:{db}:64M:virtio,share:{share}:64M:virtio:qcow2", VM_DIR_MIN_FREE="8M")
             runner = s.boot("first.log", env)
             fresh = markers(s)
