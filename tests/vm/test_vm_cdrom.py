@@ -12,7 +12,7 @@ import pycdlib
 import pytest
 
 from shared.errors import ImageRejected
-from tests.harness.wait import until
+from tests.harness.qemu import monitored
 from vmrunner.config import Cdrom, Config, load
 from vmrunner.qemu import qmp
 from vmrunner.run import cdrom
@@ -46,22 +46,14 @@ def running(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Co
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(pet), "16M"], check=True)
     drive = make_iso(tmp_path / "config.iso", "config-2")
     monitor = cfg.run_dir / "status.sock"
-    argv = [
-        "qemu-system-x86_64", "-nodefaults", "-machine", cfg.machine, "-accel", "tcg", "-display", "none",
+    devices = [
         *_disk_args("ide", pet),
         "-drive", f"file={drive},if=none,id=cd0,format=raw,readonly=on,media=cdrom",
         "-device", "ide-cd,drive=cd0,bus=ide.1,unit=0",
         *cdrom.cdrom_args(cfg, cdrom.prepare(cfg)),
-        "-chardev", f"socket,id=monitor,path={monitor},server=on,wait=off", "-mon", "chardev=monitor,mode=control",
     ]  # fmt: skip
-    qemu = subprocess.Popen(argv, stderr=subprocess.PIPE)
-    try:
-        until("qemu's monitor", lambda: monitor.exists() or qemu.poll() is not None, 10, 0.02)
-        assert qemu.poll() is None, qemu.stderr.read() if qemu.stderr else ""
+    with monitored(cfg.machine, devices, monitor):
         yield cfg, monitor
-    finally:
-        qemu.kill()
-        qemu.wait()
 
 
 def slots(cfg: Config, monitor: Path) -> list[dict[str, object]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ConfigError
-from tests.harness.wait import until
+from tests.harness.qemu import monitored
 from vmrunner.config import Config, load
 from vmrunner.pet import datadisks
 from vmrunner.qemu import qmp
@@ -40,23 +40,15 @@ def running(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Co
     drive.write_bytes(bytes(64 << 10))
     monitor = cfg.run_dir / "status.sock"
     with datadisks.held(cfg):
-        argv = [
-            "qemu-system-x86_64", "-nodefaults", "-machine", cfg.machine, "-accel", "tcg", "-display", "none",
+        devices = [
             *_disk_args("ide", cfg.pet_path),
             "-drive", f"file={drive},if=none,id=cd0,format=raw,readonly=on,media=cdrom",
             "-device", "ide-cd,drive=cd0,bus=ide.1,unit=0",
             *cdrom.cdrom_args(cfg, (None, None)),
             *data_disk_args(cfg.data_disks),
-            "-chardev", f"socket,id=monitor,path={monitor},server=on,wait=off", "-mon", "chardev=monitor,mode=control",
         ]  # fmt: skip
-        qemu = subprocess.Popen(argv, stderr=subprocess.PIPE)
-        try:
-            until("qemu's monitor", lambda: monitor.exists() or qemu.poll() is not None, 10, 0.02)
-            assert qemu.poll() is None, qemu.stderr.read() if qemu.stderr else ""
+        with monitored(cfg.machine, devices, monitor):
             yield cfg, monitor
-        finally:
-            qemu.kill()
-            qemu.wait()
 
 
 def test_each_disk_is_its_own_node_with_its_serial_and_no_backing(running: tuple[Config, Path]) -> None:
