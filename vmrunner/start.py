@@ -59,19 +59,19 @@ def run(cfg: Config) -> int:
     # The short name, not img_name: that one carries a hash of the URL with its query, which may hold a token.
     with volume_errors(cfg), fetching(tracker, cfg.img_target):
         started = prepare(cfg)
+    iso = None  # before anything that asks qemu: a RUN_DIR too small for the drive is refused without it
+    if drive is not None:
+        iso = drive_path(cfg)
+        iso.unlink(missing_ok=True)  # the last start's, of no use now: its room counts for the new one
+        configdrive.write(drive, iso, f"RUN_DIR={cfg.run_dir}", configdrive.RUN_DIR_ROOM)
+        log.info("config drive %s (%s) with %s", iso, drive.label, ", ".join(sorted(drive.files)))
+    else:
+        drive_path(cfg).unlink(missing_ok=True)
     with datadisks.held(cfg):  # locked until qemu is gone: no other VM opens them meanwhile
         with volume_errors(cfg):
             cfg = ownstate.ensure(cfg)
             media = cdrom.prepare(cfg)
         base_in_use(tracker, started.digest)
-        iso = None
-        if drive is not None:
-            iso = drive_path(cfg)
-            iso.unlink(missing_ok=True)  # the last start's, of no use now: its room counts for the new one
-            configdrive.write(drive, iso, f"RUN_DIR={cfg.run_dir}", configdrive.RUN_DIR_ROOM)
-            log.info("config drive %s (%s) with %s", iso, drive.label, ", ".join(sorted(drive.files)))
-        else:
-            drive_path(cfg).unlink(missing_ok=True)
         kvm = kvm_problem()
         plan = plan_qemu(cfg, hs, choose_accel(cfg.accel, kvm), vnc_enabled(cfg, hs), iso, cdroms=media)
         log.info("qemu: %s", " ".join(plan.argv))
