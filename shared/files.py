@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,14 +186,34 @@ def list_below(root: Path, path: Path) -> list[str]:
 
 
 def remove_below(root: Path, path: Path) -> None:
-    """Unlink ``path`` on a shared volume (a link is removed, never followed); nothing when it is missing."""
+    """Remove ``path`` on a shared volume, a folder with all it holds (a link is removed, never followed, at any
+    depth: the tree is walked by descriptors); nothing when it is missing."""
     try:
         dir_fd = open_below(root, path.parent)
     except (FileNotFoundError, NotADirectoryError):
         return
     try:
-        with contextlib.suppress(FileNotFoundError):
+        info = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISDIR(info.st_mode):
+            shutil.rmtree(path.name, dir_fd=dir_fd)
+        else:
             os.unlink(path.name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def rename_below(root: Path, path: Path, name: str) -> None:
+    """Rename ``path`` on a shared volume to ``name`` in the same folder, through the folder's descriptor, and make
+    it durable.
+
+    :raise FileNotFoundError: when ``path`` is missing.
+    """
+    dir_fd = open_below(root, path.parent)
+    try:
+        os.rename(path.name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 

@@ -2,6 +2,7 @@
 qemu (a paused machine holding the pet disk: the backup job needs no guest) and the real qemu-img."""
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import time
@@ -120,3 +121,33 @@ def test_a_target_renamed_over_by_a_neighbour_is_refused_not_recorded(
     root = plans.vm_root(backed_up.backup_dir, backed_up.hostname)
     assert list(root.glob("*/0000-full.qcow2")) == []
     assert list(root.glob(f"*/{plans.MANIFEST}")) == []
+
+
+def test_retention_through_a_backup_folder_swapped_for_a_link_removes_nothing_behind_it(
+    backed_up: Config, shared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With BACKUP_KEEP=1 the second full backup removes the first chain. Just before, the neighbour moves the VM's
+    backup folder away and links its name to a folder of its own holding a chain of that very name: the removal
+    goes through no link, so the neighbour's folder keeps every file."""
+    cfg = dataclasses.replace(backed_up, backup_keep=1)
+    first = asyncio.run(job.run_backup(cfg, want_full=True))
+    root = plans.vm_root(cfg.backup_dir, cfg.hostname)
+    (chain,) = [p.name for p in root.iterdir() if p.is_dir()]
+    elsewhere = shared_dir / "elsewhere"
+    (elsewhere / chain).mkdir(parents=True)
+    (elsewhere / chain / "0000-full.qcow2").write_bytes(b"another VM's backup")
+    real = plans.plan_retention
+
+    def swap_then_plan(chains: list[plans.Chain], keep: int) -> list[str]:
+        planned = real(chains, keep)
+        root.rename(shared_dir / "moved")
+        root.symlink_to(elsewhere)
+        return planned
+
+    monkeypatch.setattr(plans, "plan_retention", swap_then_plan)
+    try:
+        asyncio.run(job.run_backup(cfg, want_full=True))
+    except PodvmError as err:
+        assert "\n" not in str(err), err
+    assert first.kind == "full"
+    assert (elsewhere / chain / "0000-full.qcow2").read_bytes() == b"another VM's backup"

@@ -146,3 +146,36 @@ def test_a_base_swapped_for_a_link_is_not_started_on_even_with_the_same_bytes(
     done = as_runner([*VMRUNNER, "prepare"], env, 60)
     assert done.returncode == 7, done.stderr  # BaseMismatch: not started
     assert f"{base}: the pet's base is not a regular file any more; not starting the VM" in done.stderr
+
+
+def test_an_old_layout_base_the_runner_cannot_link_is_copied_and_a_swap_in_tmp_never_stores_other_bytes(
+    shared_dir: Path, swapper: subprocess.Popen[bytes]
+) -> None:
+    """A pet of the first release's layout on a base another uid owns: fs.protected_hardlinks forbids the runner a
+    link to it, so the base is copied into ``tmp/`` to be stored under its digest, while a neighbour renames its own
+    qcow2 over every name there. What is stored and bound is the old base's bytes, or nothing."""
+    image, vm = shared_dir / "image", shared_dir / "vm"
+    old, raw = image / "old.qcow2", shared_dir / "data.raw"
+    raw.write_bytes(os.urandom(24 << 20))  # copied for a good fraction of a second: the neighbour has time
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(old)], check=True)
+    raw.unlink()
+    qcow2_bytes = old.read_bytes()
+    old.chmod(0o444)  # root's: the runner may read it, not link it
+    vm.mkdir(exist_ok=True)
+    os.chown(vm, 10001, 10001)
+    pet = vm / "vm-0.qcow2"
+    made = [*AS_RUNNER, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(old), str(pet)]
+    subprocess.run(made, check=True)
+    env = runner_env(shared_dir, IMG_SOURCE="https://example.invalid/old.qcow2")
+    done = as_runner([*VMRUNNER, "prepare"], env, 60)
+    sha = hashlib.sha256(qcow2_bytes).hexdigest()
+    base = image / "sha256" / sha
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    if done.returncode == 0:
+        assert base.read_bytes() == qcow2_bytes and base.stat().st_ino != old.stat().st_ino, "copied, not linked"
+        info = subprocess.run(["qemu-img", "info", "--output=json", str(pet)], capture_output=True, check=True)
+        assert f'"backing-filename": "{base}"' in info.stdout.decode()
+    else:
+        assert not base.exists() or base.read_bytes() == qcow2_bytes, done.stderr
+    assert [p for p in (image / "sha256").iterdir() if p.read_bytes() != qcow2_bytes] == []
+    assert swapper.poll() is None, "the neighbour ran through the whole start"

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -230,13 +229,6 @@ def _virtual_size(nodes: object, node: str = PET_NODE) -> int:
     raise PodvmError(f"QMP: qemu reports no node {node} ({what}): is this qemu started by vmrunner with DATA_DISKS?")
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
 async def run_backup(cfg: Config, *, want_full: bool = False) -> Result:
     """One backup of the running VM: decide its kind, make and attach the target, freeze the guest, start the job
     in one transaction, thaw, follow the job, then record the point.
@@ -253,7 +245,7 @@ async def plan_next(cfg: Config, root: Path, *, want_full: bool) -> tuple[Backup
     (removed before it runs); reads only, for ``vmrunner backup --plan`` as for the backup itself."""
     chains, broken = plans.read_chains(root)
     newest = root / chains[-1].id if chains else None
-    interrupted = newest is not None and any(p.name.endswith(plans.PARTIAL) for p in newest.iterdir())
+    interrupted = newest is not None and any(n.endswith(plans.PARTIAL) for n in files.list_below(root, newest))
     nodes = await _qmp(cfg, "query-named-block-nodes", {"flat": True})
     bitmaps = plans.parse_bitmaps(nodes)
     size = _virtual_size(nodes)
@@ -262,7 +254,7 @@ async def plan_next(cfg: Config, root: Path, *, want_full: bool) -> tuple[Backup
         for d in cfg.data_disks
     }
     names = [name for p in chains[-1].points for name in (p.file, *p.disks.values())] if chains else []
-    missing = tuple(name for name in names if not (root / chains[-1].id / name).exists())
+    missing = tuple(name for name in names if files.stat_below(root, root / chains[-1].id / name) is None)
     decision = plans.decide(
         chains,
         bitmaps,
@@ -294,7 +286,7 @@ async def _locked_backup(cfg: Config, root: Path, want_full: bool) -> Result:
     plan, leftovers = await plan_next(cfg, root, want_full=want_full)
     for path in leftovers:
         log.info("backup: removing %s, left by an interrupted backup", path)
-        _remove(path)
+        files.remove_below(cfg.backup_dir, path)
     log.info("backup: %s backup into %s: %s", plan.kind, plan.directory, plan.reason)
     with _target(cfg, plan) as (chain_fd, target, data_targets):
         return await _attached_backup(cfg, root, plan, chain_fd, target, data_targets=data_targets)
@@ -427,8 +419,7 @@ async def _abandon(cfg: Config, plan: BackupPlan, *, started: bool) -> None:
                 for partial in (plan.partial, *(d.partial for d in plan.data)):
                     files.remove_below(cfg.backup_dir, partial)
                 if plan.kind == "full":
-                    with contextlib.suppress(OSError):
-                        plan.directory.rmdir()
+                    files.remove_below(cfg.backup_dir, plan.directory)
                 log.warning("backup: cancelled; the chain ends at its last complete point")
                 return
     except (TimeoutError, PodvmError):
@@ -493,7 +484,7 @@ def _record(
     if plan.kind == "full":
         for old in plans.plan_retention(plans.read_chains(root)[0], cfg.backup_keep):
             log.info("backup: removing chain %s (BACKUP_KEEP=%d)", old, cfg.backup_keep)
-            shutil.rmtree(root / old)
+            files.remove_below(cfg.backup_dir, root / old)
     write_last(root, result, ok=True)
     log.info("%s", result.line())
     return result

@@ -9,8 +9,6 @@ descriptors (:mod:`shared.files`): the backup volume is shared with other pods.
 
 import contextlib
 import os
-import shutil
-import stat
 from pathlib import Path
 
 from shared import files
@@ -88,27 +86,16 @@ def restore_own(cfg: Config, chain_dir: Path, chain: Chain, point: Point, name: 
         if directory:
             content[TPM_OWNER] = f"{name}\n".encode()
             staging = target.with_name(f".{target.name}.restore.tmp")
-            _remove_tree(cfg.vm_dir, staging)
+            files.remove_below(cfg.vm_dir, staging)
             _write_tree(cfg.vm_dir, staging, content)
             old = target.with_name(f".{target.name}.old")
-            _remove_tree(cfg.vm_dir, old)
+            files.remove_below(cfg.vm_dir, old)
             with contextlib.suppress(FileNotFoundError):
-                os.rename(target, old)
-            os.rename(staging, target)
-            _remove_tree(cfg.vm_dir, old)
+                files.rename_below(cfg.vm_dir, target, old.name)
+            files.rename_below(cfg.vm_dir, staging, target.name)
+            files.remove_below(cfg.vm_dir, old)
         else:
             _write_tree(cfg.vm_dir, target, content)
         files.fsync_directory(cfg.vm_dir)
         written.append(target)
     return written
-
-
-def _remove_tree(root: Path, path: Path) -> None:
-    """Remove a folder the runner made on VM_DIR (a link in its place is removed, never followed)."""
-    info = files.stat_below(root, path)
-    if info is None:
-        return
-    if stat.S_ISDIR(info.st_mode):
-        shutil.rmtree(path)  # rmtree refuses to follow a link given as its top and does not follow links inside
-    else:
-        files.remove_below(root, path)

@@ -520,9 +520,9 @@ def leftovers(root: Path, chains: list[Chain], broken: list[Path]) -> list[Path]
     usable manifest (removed whole only when they hold nothing but backup files and partials)."""
     out: list[Path] = []
     for chain in chains:
-        out += sorted(p for p in (root / chain.id).iterdir() if p.name.endswith(PARTIAL))
+        out += [root / chain.id / n for n in list_below(root, root / chain.id) if n.endswith(PARTIAL)]
     for directory in broken:
-        names = [p.name for p in directory.iterdir()]
+        names = list_below(root, directory)
         if all(
             _POINT_FILE.match(n) or _DATA_FILE.match(n) or n.endswith(PARTIAL) or n.startswith(f".{MANIFEST}")
             for n in names

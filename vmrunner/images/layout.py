@@ -38,6 +38,11 @@ class Layout:
         """A base image, named by the sha256 of its bytes."""
         return self.root / "sha256" / hexdigest
 
+    def stored(self, hexdigest: str) -> os.stat_result | None:
+        """``lstat`` of the base through the cache's walked folders; None when it is missing (a link or a FIFO there
+        is reported as it is, and refused where the base is opened)."""
+        return files.stat_below(self.root, self.base(hexdigest))
+
     def name(self, key: str) -> Path:
         """What a configured image name points to."""
         return self.root / "names" / key

@@ -61,7 +61,7 @@ def conversion_key(conversion: str, source_hex: str) -> str:
 def resolve(cfg: Config, layout: Layout) -> str | None:
     """The digest the configured image names, when it can be used without fetching; None otherwise."""
     record = read_name(layout, cfg.img_name)
-    if record is None or not matches_checksum(cfg, record) or not layout.base(record.hex).exists():
+    if record is None or not matches_checksum(cfg, record) or layout.stored(record.hex) is None:
         return None
     return record.hex
 

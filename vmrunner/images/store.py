@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shared import files
-from shared.errors import ImageRejected, PodvmError
+from shared.errors import BaseMismatch, ImageRejected, PodvmError
 from shared.files import open_below, write_atomic
 from vmrunner.config import Config, redact
 from vmrunner.images import ova
 from vmrunner.images.download import fetch_into, human
-from vmrunner.images.vet import ADDRESS_SPACE, Verdict, vet
+from vmrunner.images.vet import ADDRESS_SPACE, NO_LIMIT, Verdict, vet
 from vmrunner.qemu import img
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def _known_digest(cfg: Config, layout: Layout) -> str | None:
             return None
         hexdigest, converted = earlier.hex, earlier.converted
     base = layout.base(hexdigest)
-    if not base.exists() or hash_file(base, cfg.image_dir) != hexdigest:
+    if layout.stored(hexdigest) is None or hash_file(base, cfg.image_dir) != hexdigest:
         return None
     _point(cfg, layout, NameRecord(f"sha256:{hexdigest}", redact(cfg.img_source), utc_now(), {}, converted))
     log.info("%s is sha256:%s, already cached: not fetched", cfg.img_name, hexdigest)
@@ -189,7 +189,7 @@ def _point(cfg: Config, layout: Layout, record: NameRecord, key: str | None = No
 
 
 def _cached(cfg: Config, layout: Layout, hexdigest: str, verdict: Verdict, started: float) -> None:
-    size = layout.base(hexdigest).stat().st_size
+    size = getattr(layout.stored(hexdigest), "st_size", 0)
     elapsed = time.monotonic() - started
     log.info(
         "cached %s as sha256:%s (%s in %.1fs, %s/s, %s virtual)",
@@ -213,7 +213,7 @@ def _import(cfg: Config, layout: Layout, source: _Private, digests: dict[str, st
     if (
         earlier is not None
         and _same_source(earlier, cfg.conversion, digests["sha256"])
-        and layout.base(earlier.hex).exists()
+        and layout.stored(earlier.hex) is not None
     ):
         log.info("%s (sha256:%s) was converted before: sha256:%s; not converted again", name, digests["sha256"],
                  earlier.hex)  # fmt: skip
@@ -283,6 +283,47 @@ def hash_file(path: Path, root: Path) -> str | None:
         raise
     with open(fd, "rb") as src:
         return hashlib.file_digest(src, "sha256").hexdigest()
+
+
+def adopt(layout: Layout, fd: int, hexdigest: str, fmt: str, name: str) -> None:
+    """Store the open file ``fd`` (hashed as ``hexdigest`` by the caller) as ``sha256/<hex>``: its inode itself,
+    linked through the descriptor (never through a name another pod could swap), else a private copy hashed again as
+    it is copied, stored as a download is.
+
+    :raise BaseMismatch: when the copy's bytes are not ``hexdigest``'s.
+    """
+    if layout.stored(hexdigest) is not None:
+        return  # stored already; binding checks its bytes
+    vet(Path(f"/proc/{os.getpid()}/fd/{fd}"), fmt, NO_LIMIT, name)
+    part = _Private(layout, f"adopt.{hexdigest[:16]}")
+    try:
+        if part.named:  # a volume without O_TMPFILE: the name is wanted for the link, the file stays open for a copy
+            os.unlink(part.name, dir_fd=part.dir_fd)
+            part.named = False
+        try:
+            os.link(f"/proc/self/fd/{fd}", part.name, dst_dir_fd=part.dir_fd, follow_symlinks=True)
+        except OSError:  # another file system under tmp/, or a base another uid owns (fs.protected_hardlinks)
+            _copy_hashed(fd, part, hexdigest, name)
+        else:
+            os.close(part.fd)
+            part.fd, part.named = os.dup(fd), True
+        _store(layout, part, hexdigest)
+    finally:
+        part.close()
+
+
+def _copy_hashed(fd: int, part: _Private, hexdigest: str, name: str) -> None:
+    hasher = hashlib.sha256()
+    with open(fd, "rb", closefd=False) as src, _Writeback(part.fd) as out:
+        src.seek(0)
+        while chunk := src.read(1 << 20):
+            hasher.update(chunk)
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    if hasher.hexdigest() != hexdigest:
+        raise BaseMismatch(f"{name}: changed while it was copied into the cache; not starting the VM")
+    os.fchmod(part.fd, 0o444)
 
 
 def _store(layout: Layout, part: _Private, hexdigest: str) -> os.stat_result:

@@ -70,6 +70,9 @@ def _vmdk_descriptor(path: Path, name: str) -> None:
         vmdk.judge_descriptor(vmdk.embedded_descriptor(src.read(vmdk.SECTOR), read_at, name), name)
 
 
+NO_LIMIT = 1 << 62  # a base a pet already uses is not refused for a size limit lowered later
+
+
 def vet(path: Path, fmt: str, max_size: int, name: str, *, check: bool = True) -> Verdict:
     """Inspect ``path`` as ``fmt`` with ``qemu-img info`` (and ``check`` where qemu-img has one, unless ``check`` is
     false: the cheap re-vet at every start of a base already checked) and judge it.

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,12 +21,11 @@ from vmrunner.config import Config
 from vmrunner.images.layout import HEX64, Layout, utc_now
 from vmrunner.images.names import lookup, read_name, resolve
 from vmrunner.images.refs import claim, references, release
-from vmrunner.images.store import ensure_image, hash_file
-from vmrunner.images.vet import Verdict, vet
+from vmrunner.images.store import adopt, ensure_image, hash_file
+from vmrunner.images.vet import NO_LIMIT, Verdict, vet
 from vmrunner.pet import disk
 
 log = logging.getLogger("vmrunner.binding")
-NO_LIMIT = 1 << 62  # a base a pet already uses is not refused for a size limit lowered later
 
 
 @dataclass(frozen=True)
@@ -232,29 +230,12 @@ def _store_old(cfg: Config, old: Path, fmt: str, fd: int) -> str:
         raise BaseMismatch(
             f"{old}: its bytes hash to sha256:{hexdigest}, not sha256:{recorded} as when it was cached; not starting"
         )
-    vet(Path(f"/proc/{os.getpid()}/fd/{fd}"), fmt, NO_LIMIT, str(old))
     layout = Layout(cfg.image_dir)
     layout.make()
-    target = layout.base(hexdigest)
-    if not target.exists():
-        try:
-            os.link(old, target, follow_symlinks=False)
-            linked, mine = os.stat(target, follow_symlinks=False), os.fstat(fd)
-            if (linked.st_dev, linked.st_ino) != (mine.st_dev, mine.st_ino):  # the name was swapped since it was opened
-                target.unlink()
-                raise BaseMismatch(f"{old}: replaced while it was checked; not starting the VM")
-        except OSError:
-            part = layout.tmp / f"migrate.{hexdigest}.{os.getpid()}.part"
-            try:
-                with open(fd, "rb", closefd=False) as src, open(part, "xb") as out:
-                    os.lseek(fd, 0, os.SEEK_SET)
-                    shutil.copyfileobj(src, out)
-                os.chmod(part, 0o444)
-                os.replace(part, target)
-            except OSError as err:
-                raise PodvmError(f"IMAGE_DIR={cfg.image_dir}: cannot store {old} as {target}: {err.strerror}") from None
-            finally:
-                part.unlink(missing_ok=True)
+    try:
+        adopt(layout, fd, hexdigest, fmt, str(old))
+    except OSError as err:
+        raise PodvmError(f"IMAGE_DIR={cfg.image_dir}: cannot store {old} by its digest: {err.strerror}") from None
     return hexdigest
 
 
@@ -389,7 +370,7 @@ def rebase(cfg: Config, wanted: str) -> str:
     if not cfg.pet_path.exists():
         raise ConfigError(f"{cfg.pet_path}: no pet disk to rebase (HOSTNAME={cfg.hostname}, VM_DIR={cfg.vm_dir})")
     target = lookup(layout, wanted)
-    if target is None or not layout.base(target).exists():
+    if target is None or layout.stored(target) is None:
         raise ConfigError(f"rebase {wanted}: no such base in IMAGE_DIR={cfg.image_dir} (vmrunner fetch caches one)")
     info = disk.info(cfg, cfg.pet_path)
     current = check_bound(cfg, info, restore=False)[0] if info.backing is not None else None
@@ -427,7 +408,7 @@ def describe(cfg: Config) -> dict[str, object]:
     hexdigest = layout.digest_of(info.backing)
     trust = read_trust(cfg)
     base = layout.base(hexdigest) if hexdigest else None
-    st = base.stat() if base is not None and base.exists() else None
+    st = layout.stored(hexdigest) if hexdigest else None
     doc["binding"] = {
         "backing": info.backing,
         "backing_format": info.backing_format,
