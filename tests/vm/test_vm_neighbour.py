@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import samples
 from tests.harness.httpserver import Server
 from tests.harness.paths import VMRUNNER
 from tests.harness.pod import AS_RUNNER, runner_env
@@ -96,11 +97,13 @@ def plant(kind: str, path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["fifo", "zero", "folder", "huge"])
 @pytest.mark.parametrize("where", ["name", "ref"])
-def test_a_forged_name_or_reference_never_hangs_fetch_prepare_or_gc_nor_is_an_internal_error(
+def test_a_forged_name_or_reference_never_hangs_fetch_prepare_run_or_gc_nor_is_an_internal_error(
     served: Server, qcow2_bytes: bytes, shared_dir: Path, kind: str, where: str
 ) -> None:
     served.served.files["/disk.qcow2"] = qcow2_bytes
-    env = runner_env(shared_dir, IMG_SOURCE=served.url("/disk.qcow2"), IMG_TARGET="debian")
+    # run: as far as the fetch and the pet (then no qemu: the machine type cannot be asked), behind a handshake
+    env = runner_env(shared_dir, IMG_SOURCE=served.url("/disk.qcow2"), IMG_TARGET="debian", QEMU="/nonexistent/qemu")
+    samples.handshake().write(shared_dir / "run")
     image = shared_dir / "image"
     os.chown(image, 10001, 10001)
     sha = hashlib.sha256(qcow2_bytes).hexdigest()
@@ -109,7 +112,7 @@ def test_a_forged_name_or_reference_never_hangs_fetch_prepare_or_gc_nor_is_an_in
     else:
         assert as_runner([*VMRUNNER, "fetch"], env, 30).returncode == 0
         plant(kind, image / "refs" / sha / "planted.0123456789abcdef")
-    for command in (["fetch"], ["prepare"], ["gc", "--grace", "0s"]):
+    for command in (["fetch"], ["prepare"], ["run"], ["gc", "--grace", "0s"]):
         started = time.monotonic()
         done = as_runner([*VMRUNNER, *command], env, 10)
         assert time.monotonic() - started < 10
