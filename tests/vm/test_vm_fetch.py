@@ -1,6 +1,7 @@
 """Fetching into the shared cache against a real HTTP server on loopback, and vetting crafted images."""
 
 import dataclasses
+import errno
 import hashlib
 import os
 import shutil
@@ -22,7 +23,7 @@ from vmrunner.config import Config, load
 from vmrunner.images.download import FETCH, ImageFigures, fetch_into
 from vmrunner.images.layout import Layout
 from vmrunner.images.names import read_name
-from vmrunner.images.store import ensure_image
+from vmrunner.images.store import Writeback, ensure_image
 
 
 def cache_names(root: Path) -> list[str]:
@@ -480,6 +481,19 @@ def test_a_full_image_dir_is_one_line_and_leaves_nothing(
     )
     assert cache_names(shared_dir) == []
     assert shutil.disk_usage(tiny_image_dir).used < 64 << 10, "the partial download was removed"
+
+
+def test_a_last_chunk_that_only_partly_fits_raises_and_never_leaves_a_short_file(tiny_image_dir: Path) -> None:
+    """The disk fills up in the middle of the download's last chunk: the kernel takes part of it without an error,
+    so a file written as it comes must write the rest again (and get ENOSPC), else a short file would be stored under
+    the digest of every byte received."""
+    fd = os.open(tiny_image_dir, os.O_TMPFILE | os.O_RDWR, 0o600)
+    try:
+        with Writeback(fd) as out, pytest.raises(OSError) as caught:
+            out.write(b"x" * (1 << 20))
+        assert caught.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
 
 
 def test_a_local_source_larger_than_img_max_size_is_refused_while_copying(tmp_path: Path, shared_dir: Path) -> None:

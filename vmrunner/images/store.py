@@ -87,7 +87,7 @@ def _known_digest(cfg: Config, layout: Layout) -> str | None:
     return hexdigest
 
 
-class _Writeback(io.FileIO):
+class Writeback(io.FileIO):
     """A download file that asks the kernel to start writing it to disk every few dozen MiB.
 
     The base must be on disk before its rename (a base half-written after a node crash would corrupt every pet on
@@ -103,8 +103,13 @@ class _Writeback(io.FileIO):
         self.unflushed = 0
 
     def write(self, data: "Buffer", /) -> int:
-        """Write, and start writeback once enough has accumulated."""
-        written = super().write(data) or 0
+        """Write all of ``data`` (a raw file's write may take only part of it, silently when the disk fills up with
+        the last chunk: the rest is written again, and raises ENOSPC), and start writeback once enough has
+        accumulated."""
+        view = memoryview(data).cast("B")
+        written = 0
+        while written < len(view):
+            written += super().write(view[written:]) or 0
         self.unflushed += written
         if self.unflushed >= self.EVERY:
             self.unflushed = 0
@@ -157,7 +162,7 @@ def _fetch(cfg: Config, layout: Layout) -> Cached:
     part = _private(cfg, layout, name)
     try:
         try:
-            with _Writeback(part.fd) as out:
+            with Writeback(part.fd) as out:
                 digests = fetch_into(cfg, out)
                 out.flush()
                 os.fsync(out.fileno())
@@ -224,7 +229,7 @@ def _import(cfg: Config, layout: Layout, source: _Private, digests: dict[str, st
     base = _private(cfg, layout, name)
     try:
         if disk is not source:
-            with open(source.fd, "rb", closefd=False) as archive, _Writeback(disk.fd) as out:
+            with open(source.fd, "rb", closefd=False) as archive, Writeback(disk.fd) as out:
                 archive.seek(0)
                 chosen = ova.extract_disk(archive, out, cfg.img_ova_disk, cfg.img_max_size, name)
             log.info("%s: system disk %s (%s) taken from the OVA", name, chosen.disk_id, chosen.href)
@@ -314,7 +319,7 @@ def adopt(layout: Layout, fd: int, hexdigest: str, fmt: str, name: str) -> None:
 
 def _copy_hashed(fd: int, part: _Private, hexdigest: str, name: str) -> None:
     hasher = hashlib.sha256()
-    with open(fd, "rb", closefd=False) as src, _Writeback(part.fd) as out:
+    with open(fd, "rb", closefd=False) as src, Writeback(part.fd) as out:
         src.seek(0)
         while chunk := src.read(1 << 20):
             hasher.update(chunk)
