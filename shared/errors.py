@@ -18,6 +18,7 @@ EACCES, ENOLCK...) is one line with its file and reason, exit 1; any other excep
 with its traceback logged only at ``LOG_LEVEL=DEBUG``.
 """
 
+import os
 import re
 
 _CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")  # C0, C1 and line separators; not tab
@@ -28,6 +29,12 @@ def escape_controls(text: str) -> str:
     an input, a server or a guest controls, so none can split or forge a log line or send escape sequences to the
     terminal of whoever reads ``kubectl logs``."""
     return _CONTROLS.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
+
+
+def reason(err: OSError) -> str:
+    """The system's own words for ``err`` ("Address already in use"), without what a library added to its message
+    (aiohttp names the address again): for one-line errors that name the setting themselves."""
+    return os.strerror(err.errno) if err.errno else str(err)
 
 
 class PodvmError(Exception):

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import re
+import socket
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from netsidecar.config import PodFacts, read_settings
 from netsidecar.figures import DhcpFigures, dhcp_figures, rule_figures, tap_figures
 from shared import figures
 from shared.env import Env
-from shared.errors import ChildFailed, ImageRejected, StoppedHard
+from shared.errors import ChildFailed, ImageRejected, PodvmError, StoppedHard
 from shared.figures import CATALOG, FiguresError, figure, parse_document, read_document
 from tests.harness import samples
 from tests.harness.paths import REPO
@@ -472,3 +474,25 @@ def test_the_sidecars_whole_document_passes_the_runners_check() -> None:
     made.append(figure("podvm_network_figures_timestamp_seconds", 3.0))
     when, kept = parse_document(json.dumps(figures.document(made, 3.0)).encode(), figures.NETWORK_NAMES)
     assert (when, kept) == (3.0, made)
+
+
+def test_the_endpoint_serves_the_scrape_on_every_address_and_a_taken_port_is_one_line(tmp_path: Path) -> None:
+    """The real listener (aiohttp in its own thread): ``/`` and ``/metrics`` give the exposition text on the pod's
+    addresses; a second endpoint on the same port is refused naming METRICS_PORT."""
+    tracker = _tracker(tmp_path)
+    tracker.set(phase="fetching")
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        port = probe.getsockname()[1]
+    endpoint.serve(port, tracker)
+    for path in ("/", "/metrics"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+            assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            names = {f.name for f in text_string_to_metric_families(answer.read().decode())}
+        assert names == {f.name for f in text_string_to_metric_families(scrape(tracker))} and names, names
+    asked = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Accept": "application/openmetrics-text"})
+    with urllib.request.urlopen(asked, timeout=10) as answer:
+        assert answer.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert answer.read().decode().endswith("# EOF\n")
+    with pytest.raises(PodvmError, match=rf"^METRICS_PORT={port}: cannot listen: Address already in use$"):
+        endpoint.serve(port, tracker)

@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -400,3 +401,17 @@ def test_stopping_the_server_closes_its_websockets_at_once(tmp_path: Path) -> No
         display.close()
 
     asyncio.run(scenario())
+
+
+def test_a_console_port_taken_on_localhost_is_one_line_naming_it(tmp_path: Path) -> None:
+    for directory in web.VENDOR.values():
+        (tmp_path / "assets" / directory).mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    plan = web.plan_web(port, None, pod_addresses=(), token=False, assets=tmp_path / "assets",
+                        display=tmp_path / "display.sock")  # fmt: skip
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        refused = rf"^console: cannot listen on 127\.0\.0\.1:{port}: Address already in use$"
+        with pytest.raises(ConfigError, match=refused):
+            asyncio.run(web.serve(plan, Broker(tmp_path / "none.sock"), None))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, reason
 from shared.secrets import read_secret
 from vmrunner.console.broker import CHUNK, Broker
 
@@ -331,9 +331,9 @@ async def serve(plan: WebPlan, broker: Broker, token: bytes | None) -> None:
                 await site.start()
             except OSError as err:
                 if address in ("::1", "::"):
-                    log.info("console: not listening on [%s]:%d: %s", address, port, err.strerror)
+                    log.info("console: not listening on [%s]:%d: %s", address, port, reason(err))
                     continue
-                raise ConfigError(f"console: cannot listen on {address}:{port}: {err.strerror}") from None
+                raise ConfigError(f"console: cannot listen on {address}:{port}: {reason(err)}") from None
         log.info(
             "console: http://localhost:%d/ (kubectl port-forward pod/NAME %d)%s",
             plan.listen[0][1],

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from shared import figures
-from shared.errors import PodvmError
+from shared.errors import PodvmError, reason
 from shared.figures import Figure
 from vmrunner.metrics.sources import GATHER_EVERY, gather
 from vmrunner.metrics.tracker import Tracker
@@ -69,16 +69,42 @@ class Collector:
 
 
 def serve(port: int, tracker: Tracker) -> None:
-    """Serve the endpoint on ``port`` of every address of the pod, in a thread of its own.
+    """Serve the endpoint on ``port`` of every address of the pod, on aiohttp (the console's HTTP stack too) in a
+    thread and event loop of its own: it answers from before the fetch to the end, whatever qemu's supervision
+    waits on, and a slow scrape (qemu's monitor) holds up only the next scrape.
 
     :raise PodvmError: when the port cannot be bound.
     """
-    from prometheus_client import CollectorRegistry, start_http_server
+    import asyncio
+    import concurrent.futures
+
+    from aiohttp import web
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import choose_encoder
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector(tracker))
-    try:
-        start_http_server(port, addr="0.0.0.0", registry=registry)  # noqa: S104 - scraped on the pod IP
-    except OSError as err:
-        raise PodvmError(f"METRICS_PORT={port}: cannot listen: {err.strerror}") from None
+
+    async def scrape(request: web.Request) -> web.Response:
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))  # OpenMetrics when asked for
+        return web.Response(body=encode(registry), headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_get("/", scrape)
+    app.router.add_get("/metrics", scrape)
+    bound: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    async def listen() -> None:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "0.0.0.0", port, reuse_address=True).start()  # noqa: S104 - scraped on the pod IP
+        except OSError as err:
+            bound.set_exception(PodvmError(f"METRICS_PORT={port}: cannot listen: {reason(err)}"))
+            return
+        bound.set_result(None)
+        await asyncio.Event().wait()
+
+    threading.Thread(target=asyncio.run, args=(listen(),), name="metrics", daemon=True).start()
+    bound.result()
     log.info("metrics on TCP port %d", port)
