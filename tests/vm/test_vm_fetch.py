@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ConfigError, ImageRejected, PodvmError
+from tests.harness import samples
 from tests.harness.httpserver import Server
 from tests.harness.paths import VMRUNNER
 from tests.harness.pod import runner_env
+from tests.harness.portforward import free_port
 from tests.harness.wait import until
 from vmrunner.config import Config, load
 from vmrunner.images.download import FETCH, ImageFigures, fetch_into
@@ -272,11 +274,17 @@ def test_fetch_command_exit_status_for_a_refused_image(tmp_path: Path, shared_di
     assert done.stderr.strip().count("\n") == 1 and "has a backing file" in done.stderr
 
 
-def test_sigterm_during_a_download_leaves_nothing(served: Server, qcow2_bytes: bytes, shared_dir: Path) -> None:
+@pytest.mark.parametrize("command", ["fetch", "run"])
+def test_sigterm_during_a_download_leaves_nothing(
+    served: Server, qcow2_bytes: bytes, shared_dir: Path, command: str
+) -> None:
+    """``run`` too: the pod is deleted while its image downloads (after the handshake, with the metrics endpoint
+    up); it ends at once as SIGTERM asks, with nothing in the cache."""
     served.served.files["/base.qcow2"] = qcow2_bytes
     served.served.delay = 3.0
+    samples.handshake(metrics_port=free_port()).write(shared_dir / "run")
     env = runner_env(shared_dir, IMG_SOURCE=served.url("/base.qcow2"))
-    proc = subprocess.Popen([*VMRUNNER, "fetch"], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*VMRUNNER, command], env=env, stderr=subprocess.PIPE, text=True)
     try:
         until("the download started", lambda: served.served.requests, 10, 0.02)  # its file may have no name
         proc.send_signal(signal.SIGTERM)
