@@ -87,7 +87,8 @@ def serve(port: int, tracker: Tracker) -> None:
 
     async def scrape(request: web.Request) -> web.Response:
         encode, content_type = choose_encoder(request.headers.get("Accept", ""))  # OpenMetrics when asked for
-        return web.Response(body=encode(registry), headers={"Content-Type": content_type})
+        body = await asyncio.to_thread(encode, registry)  # gathering asks qemu's monitor with an event loop of its own
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     app = web.Application()
     app.router.add_get("/", scrape)
