@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from types import FrameType
 
 from netsidecar import config, figures, paths, plan, sysctl
@@ -110,7 +110,9 @@ def run_command(settings: Settings) -> int:
     paths.state_dir(settings.state_dir, create=True)
     # A handshake left by a killed sidecar is withdrawn until this one has checked everything again.
     (settings.run_dir / FILE_NAME).unlink(missing_ok=True)
-    links.ensure_links(planned.links)
+    queues = links.ensure_links(planned.links)
+    if queues != planned.handshake.tap_queues:
+        planned = replace(planned, handshake=replace(planned.handshake, tap_queues=queues))
     nft.apply_ruleset(planned.ruleset)
     log.info("rules: %d in tables %s %s", rule_count(planned.ruleset), "/".join(config.TABLE_FAMILIES), config.TABLE)
     # The sidecar's own record of what it made, where the runner cannot write: what the probe holds the handshake to.

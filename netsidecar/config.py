@@ -61,6 +61,7 @@ class Settings:
     gw_mac: str  # the bridge's: the guest's IPv4 gateway and IPv6 router
     hostname: str
     tap_owner: int | None
+    tap_queues: int  # VM_NET_QUEUES: 1 a single-queue tap, N a multiqueue one (qemu opens up to N queue pairs)
     open_ports: tuple[tuple[int, str], ...]
     run_dir: Path
     state_dir: Path
@@ -159,6 +160,16 @@ def _tap_owner(env: Env) -> int | None:
     if raw in ("", "root"):
         return None
     return env.integer("TAP_OWNER", DEFAULT_TAP_OWNER, 0, 2**32 - 2) or None
+
+
+MAX_QUEUES = 8  # queue pairs: past a few the guest's interrupts cost more than the parallel queues bring
+
+
+def _tap_queues(env: Env) -> int:
+    """VM_NET_QUEUES: ``auto`` (one queue pair per vCPU of VM_CPUS, up to 8) or a number from 1 to 16."""
+    if env.text("VM_NET_QUEUES", "auto").strip().lower() == "auto":
+        return min(env.integer("VM_CPUS", 1, 1, 1024), MAX_QUEUES)
+    return env.integer("VM_NET_QUEUES", 1, 1, 16)
 
 
 def _open_ports(env: Env) -> tuple[tuple[int, str], ...]:
@@ -288,6 +299,7 @@ def read_settings(env: Env) -> Settings:
         gw_mac=gw_mac,
         hostname=hostname,
         tap_owner=_tap_owner(env),
+        tap_queues=_tap_queues(env),
         open_ports=_open_ports(env),
         run_dir=run_dir,
         state_dir=state_dir,

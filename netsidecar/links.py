@@ -29,6 +29,7 @@ _TUNSETPERSIST = 0x400454CB
 _TUNSETOWNER = 0x400454CC
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
+_IFF_MULTI_QUEUE = 0x0100
 
 
 def _ipr() -> Any:
@@ -116,11 +117,13 @@ def _try_pod_facts(settings: Settings) -> PodFacts | None:
     )
 
 
-def _create_tap(name: str, owner: int | None) -> None:
-    """A persistent tap owned by ``owner`` (so an unprivileged runner opens it); the creating fd is then closed."""
+def _create_tap(name: str, owner: int | None, multi_queue: bool) -> None:
+    """A persistent tap owned by ``owner`` (so an unprivileged runner opens it), multiqueue when asked; the creating
+    fd is then closed."""
+    flags = _IFF_TAP | _IFF_NO_PI | (_IFF_MULTI_QUEUE if multi_queue else 0)
     fd = os.open("/dev/net/tun", os.O_RDWR)
     try:
-        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TAP | _IFF_NO_PI))
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), flags))
         if owner is not None:
             fcntl.ioctl(fd, _TUNSETOWNER, owner)
         fcntl.ioctl(fd, _TUNSETPERSIST, 1)
@@ -128,14 +131,18 @@ def _create_tap(name: str, owner: int | None) -> None:
         os.close(fd)
 
 
-def ensure_links(plan: LinkPlan) -> None:
-    """Create the bridge and tap if missing, else keep them (a VM may hold the tap open) and fix their settings."""
-    have = {str(link["ifname"]): link for link in _ip_json(["address", "show"])}
+def ensure_links(plan: LinkPlan) -> int:
+    """Create the bridge and tap if missing, else keep them (a VM may hold the tap open) and fix their settings; the
+    queue pairs the tap takes (a kept tap stays what it is: a VM may hold its queues)."""
+    have = {str(link["ifname"]): link for link in _ip_json(["-details", "address", "show"])}
+    queues = plan.tap_queues
     if plan.tap not in have:
-        _create_tap(plan.tap, plan.tap_owner)
-        log.info("tap %s created (owner %s)", plan.tap, "root" if plan.tap_owner is None else plan.tap_owner)
+        _create_tap(plan.tap, plan.tap_owner, queues > 1)
+        owner = "root" if plan.tap_owner is None else plan.tap_owner
+        log.info("tap %s created (owner %s, %s)", plan.tap, owner, _queues_text(queues))
     else:
-        log.info("tap %s kept as it is (a VM may hold it open)", plan.tap)
+        queues = kept_queues(have[plan.tap], plan.tap_queues)
+        log.info("tap %s kept as it is (a VM may hold it open; %s)", plan.tap, _queues_text(queues))
     script = []
     if plan.bridge not in have:
         script.append(f"link add name {plan.bridge} type bridge")
@@ -152,6 +159,27 @@ def ensure_links(plan: LinkPlan) -> None:
     _ip_batch([f"link set dev {plan.tap} up", f"link set dev {plan.bridge} up"])
     addresses = " ".join(filter(None, [plan.bridge_address, *plan.bridge_addresses6]))
     log.info("bridge %s %s mac %s mtu %d, tap %s", plan.bridge, addresses, plan.bridge_mac, plan.mtu, plan.tap)
+    return queues
+
+
+def _queues_text(queues: int) -> str:
+    return "single-queue" if queues == 1 else f"multiqueue, up to {queues} queue pairs"
+
+
+def kept_queues(link: Json, planned: int) -> int:
+    """The queue pairs a tap made by an earlier sidecar takes, from ``ip -details``: a single-queue tap takes 1
+    whatever VM_NET_QUEUES says now; a multiqueue one the planned number, at least 2 (its opener must ask for
+    several: the kernel refuses a single-queue open of a multiqueue tap)."""
+    data = (link.get("linkinfo") or {}).get("info_data") or {}
+    multi = bool(data.get("multi_queue"))
+    if multi != (planned > 1):
+        log.warning(
+            "tap %s is %s from an earlier start, VM_NET_QUEUES asks %d: kept (a VM may hold it), the handshake says so",
+            link.get("ifname"),
+            "multiqueue" if multi else "single-queue",
+            planned,
+        )
+    return max(planned, 2) if multi else 1
 
 
 def _ipv6_off(links: tuple[tuple[str, tuple[SysctlChange, ...]], ...]) -> None:

@@ -99,6 +99,7 @@ class LinkPlan:
     tap_owner: int | None
     mac: str
     mtu: int
+    tap_queues: int = 1  # > 1: made multiqueue (IFF_MULTI_QUEUE)
 
     def bridge_sysctls(self) -> tuple[SysctlChange, ...]:
         """The bridge's IPv6 sysctls (IPv6 on where it carries IPv6 addresses)."""
@@ -516,7 +517,9 @@ def build(settings: Settings, pod: PodFacts, resolv: Resolv) -> Plan:
     """The whole plan from validated inputs."""
     bridge4 = f"{settings.gateway}/{PREFIX}" if pod.ip is not None else None
     bridge6 = (f"{ROUTER6}/64", f"{settings.gateway6}/{PREFIX6}") if pod.ip6 is not None else ()
-    links = LinkPlan(BRIDGE, settings.gw_mac, bridge4, bridge6, TAP, settings.tap_owner, settings.mac, pod.mtu)
+    links = LinkPlan(
+        BRIDGE, settings.gw_mac, bridge4, bridge6, TAP, settings.tap_owner, settings.mac, pod.mtu, settings.tap_queues
+    )
     ipv6 = None
     if pod.ip6 is not None:
         ipv6 = Ipv6(
@@ -541,6 +544,7 @@ def build(settings: Settings, pod: PodFacts, resolv: Resolv) -> Plan:
         hostname=settings.hostname,
         vnc_in_pod=not settings.no_vnc,
         tap_owner=settings.tap_owner,
+        tap_queues=settings.tap_queues,
         metrics_port=settings.metrics_port,
         console_port=settings.console_port,
         families=pod.families,

@@ -18,7 +18,7 @@ from shared import documents
 from shared.errors import HandshakeError
 from shared.files import read_small, write_atomic
 
-VERSION = "1.3"
+VERSION = "1.4"
 MAJOR = 1
 FILE_NAME = "network.json"
 MAX_SIZE = 64 * 1024
@@ -137,6 +137,8 @@ class Handshake:
     metrics_port: int | None = None
     # --- 1.3: the browser console's port on the pod IP (absent before: the console is not exposed there) ---
     console_port: int | None = None
+    # --- 1.4: a multiqueue tap (absent before: a single-queue tap) ---
+    tap_queues: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """The handshake as JSON-ready data, lists in place of tuples."""

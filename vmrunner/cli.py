@@ -147,6 +147,7 @@ def cmd_status(cfg: Config) -> int:
     document = {
         "state": status,
         "accel": accel,
+        "network_path": state.network_path or None,  # vhost-net or qemu's threads, and the NIC's queue pairs
         "boot_refused": state.boot_refused or None,  # the firmware refused the boot option (Secure Boot)
         "suspend": state.suspend or None,  # this run resumed a saved state, booted cold instead (why), or was saved
         "pet": describe(cfg),

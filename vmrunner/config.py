@@ -19,6 +19,7 @@ _DIGEST_LENGTH = {"sha256": 64, "sha512": 128}
 _TARGET = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,199}$")  # room for "name." and ".lock"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 ACCELS = ("auto", "kvm", "tcg")
+VHOSTS = ("auto", "on", "off")
 DISK_BUSES = ("virtio", "ide", "scsi")
 NIC_MODELS = ("virtio-net-pci", "e1000", "e1000e", "rtl8139")
 FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vdi", "vpc", "ova")
@@ -242,6 +243,7 @@ class Config:
     machine: str  # VM_MACHINE: qemu machine type
     disk_bus: str  # VM_DISK_BUS: virtio, ide or scsi
     nic_model: str  # VM_NIC_MODEL
+    vhost: str  # VM_VHOST: auto, on or off (the kernel's vhost-net for the NIC's packets)
     no_vnc: bool  # NO_VNC
     vnc_password_file: Path | None  # VNC_PASSWORD_FILE
     shutdown_timeout: float  # SHUTDOWN_TIMEOUT, seconds
@@ -394,6 +396,7 @@ def load(values: dict[str, str], extra_args: tuple[str, ...] = (), *, image: boo
         machine=machine,
         disk_bus=disk_bus,
         nic_model=nic_model,
+        vhost=env.choice("VM_VHOST", "auto", VHOSTS),
         no_vnc=env.flag("NO_VNC"),
         vnc_password_file=password_file,
         shutdown_timeout=shutdown.shutdown_timeout(env),

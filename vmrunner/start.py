@@ -21,7 +21,16 @@ from vmrunner.metrics.runs import runs_file
 from vmrunner.metrics.sources import Sources
 from vmrunner.metrics.tracker import Tracker, base_in_use, fetching, outcome
 from vmrunner.run import cdrom, configdrive, suspend
-from vmrunner.run.argv import QemuPlan, RunPaths, choose_accel, kvm_problem, plan_qemu, vnc_enabled
+from vmrunner.run.argv import (
+    QemuPlan,
+    RunPaths,
+    choose_accel,
+    choose_vhost,
+    kvm_problem,
+    plan_qemu,
+    vhost_problem,
+    vnc_enabled,
+)
 from vmrunner.run.vnc import read_password
 
 if TYPE_CHECKING:
@@ -73,10 +82,15 @@ def run(cfg: Config) -> int:
             media = cdrom.prepare(cfg)
         base_in_use(tracker, started.digest)
         kvm = kvm_problem()
-        plan = plan_qemu(cfg, hs, choose_accel(cfg.accel, kvm), vnc_enabled(cfg, hs), iso, cdroms=media)
+        accel = choose_accel(cfg.accel, kvm)
+        vhost = choose_vhost(cfg.vhost, accel, vhost_problem())
+        plan = plan_qemu(cfg, hs, accel, vnc_enabled(cfg, hs), iso, cdroms=media, vhost=vhost)
         log.info("qemu: %s", " ".join(plan.argv))
         fell_back = cfg.accel == "auto" and plan.accel == "tcg"
-        tracker.set(phase="starting", accel=plan.accel, accel_fallback=(kvm or "") if fell_back else "")
+        path = f"{'vhost-net' if plan.vhost else 'qemu'}, {plan.queues} queue pair{'s' if plan.queues > 1 else ''}"
+        tracker.set(
+            phase="starting", accel=plan.accel, accel_fallback=(kvm or "") if fell_back else "", network_path=path
+        )
         duties = console_duties(plan, served, token)
         volumes = [("VM_DIR", cfg.vm_dir), *((f"DATA_DISKS {d.name}", d.directory) for d in cfg.data_disks)]
         duties.append(diskwatch.watch(plan.paths.monitor, volumes, cfg.vm_dir_min_free))
@@ -244,7 +258,9 @@ def show_plan(cfg: Config) -> int:
         document["qemu"] = f"waits for {path}"
     else:
         iso = drive_path(cfg) if drive is not None else None
-        argv = plan_qemu(cfg, hs, accel, vnc_enabled(cfg, hs), iso, cdroms=media).argv
+        vhost = choose_vhost(cfg.vhost, accel, vhost_problem())
+        argv = plan_qemu(cfg, hs, accel, vnc_enabled(cfg, hs), iso, cdroms=media, vhost=vhost).argv
+        document["network_path"] = {"vhost": vhost, "queues": hs.tap_queues}
         document["qemu"] = list(argv)
         document["resume"] = suspend.describe(cfg, argv)  # the saved state the start would take up (or why not)
         served = web_plan(cfg, hs, RunPaths.of(cfg.run_dir), token is not None)

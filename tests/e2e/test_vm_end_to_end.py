@@ -6,6 +6,7 @@ find the same pet disk (the guest's counter grew) and the metrics must count bot
 """
 
 import asyncio
+import json
 import os
 import subprocess
 import time
@@ -75,6 +76,7 @@ class Exercise:
     paused: Scrape
     resumed: Scrape
     transfers: list[str]
+    status: dict[str, object]  # `vmrunner status` while the guest ran
 
 
 def _fresh_scrape(pod: PodNet, since: float) -> Scrape:
@@ -110,11 +112,13 @@ def _exercise(pod: PodNet, base: Path, env: dict[str, str]) -> Exercise:
     argv = [*harness.AS_RUNNER, str(harness.BIN / "vmrunner"), "backup"]
     backup = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert backup.returncode == 0, backup.stderr
+    argv = [*harness.AS_RUNNER, str(harness.BIN / "vmrunner"), "status"]
+    status = json.loads(subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=True).stdout)
     after = _fresh_scrape(pod, time.time())
     asyncio.run(qmp.execute(run_dir / "qmp.sock", "stop"))
     paused = _scrape_until(pod, "paused")
     asyncio.run(qmp.execute(run_dir / "qmp.sock", "cont"))
-    return Exercise(before, after, paused, _scrape_until(pod, "running"), transfers)
+    return Exercise(before, after, paused, _scrape_until(pod, "running"), transfers, status)
 
 
 def _scrape_until(pod: PodNet, state: str) -> Scrape:
@@ -175,7 +179,8 @@ def _boot(scenario: Scenario, env: dict[str, str], log: str, *, exercise: bool =
 def world() -> Iterator[World]:
     """Build the pod, start the sidecar, boot the guest twice; everything is removed afterwards, also on failure."""
     resolv = f"nameserver {DNS[0]}\nnameserver {DNS[1]}\nsearch {' '.join(SEARCH)}\n"
-    sidecar_env = {"METRICS_PORT": str(METRICS_PORT), "METRICS_INTERVAL": "1s"}
+    # A multiqueue tap: every figure and flow below then also goes through one (the guest has 1 vCPU, 2 queue pairs).
+    sidecar_env = {"METRICS_PORT": str(METRICS_PORT), "METRICS_INTERVAL": "1s", "VM_NET_QUEUES": "2"}
     with pod_scenario("e2e", hostname=HOSTNAME, image=ensure_guest(), sidecar_env=sidecar_env, resolv=resolv) as pod:
         (pod.dirs["config"] / "metadata").write_text(f"hostname: {METADATA_HOSTNAME}\nmeta:\n  role: e2e\n")
         (pod.dirs["config"] / "userdata").write_text("#cloud-config\nruncmd: [echo hello]\n")
@@ -185,6 +190,18 @@ def world() -> Iterator[World]:
         first = _boot(pod, env, "runner1.log", exercise=True)
         second = _boot(pod, env, "runner2.log")
         yield World(pod.net, pod.handshake, first, second, pod.sidecar)
+
+
+def test_a_multiqueue_tap_is_said_in_the_handshake_opened_with_its_queues_and_shown_in_status(world: World) -> None:
+    assert world.handshake.tap_queues == 2
+    shown = json.loads(
+        harness.in_ns(world.pod.pod_ns, ["ip", "-details", "-json", "link", "show", world.handshake.tap]).stdout
+    )
+    assert shown[0]["linkinfo"]["info_data"]["multi_queue"] is True
+    qemu = next(line for line in world.first.runner.text().splitlines() if " qemu: " in line)
+    assert ",queues=2" in qemu and ",mq=on,vectors=6" in qemu and "vhost=on" not in qemu, qemu  # no /dev/vhost-net
+    assert world.first.exercise is not None
+    assert world.first.exercise.status["network_path"] == "qemu, 2 queue pairs"
 
 
 def test_the_runner_and_qemu_run_as_uid_10001_without_capabilities(world: World) -> None:

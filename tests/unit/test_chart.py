@@ -227,6 +227,9 @@ def test_the_chart_test_connects_to_the_vm_through_the_service(chart: Chart) -> 
         ({"vm": {"cdroms": [{"source": ""}] * 5}}, "at '/vm/cdroms': maxItems"),
         ({"dataDisks": [{"name": "my_db", "size": 5}]}, "at '/dataDisks/0/name'"),
         ({"dataDisks": [{"name": "db", "size": "5Gi"}]}, "at '/dataDisks/0/size': got string, want integer"),
+        ({"network": {"queues": 17}}, "at '/network/queues'"),
+        ({"network": {"queues": "many"}}, "at '/network/queues'"),
+        ({"network": {"vhost": "yes"}}, "at '/network/vhost': value must be one of"),
     ],
 )
 def test_bad_values_are_refused_by_the_schema(chart: Chart, values: dict[str, Any], message: str) -> None:
@@ -286,3 +289,13 @@ def test_a_windows_ova_that_a_drain_suspends(chart: Chart) -> None:
     assert volume["persistentVolumeClaim"]["claimName"] == "podvm-data-data"
     default = _render(chart, {})
     assert "ON_STOP" not in _env(_container(default, "vm")) and default["terminationGracePeriodSeconds"] == 90
+
+
+def test_the_net_container_sizes_the_taps_queues_from_the_vcpus_and_the_runner_gets_vm_vhost(chart: Chart) -> None:
+    objects = _objects(chart, {"vm": {"cpus": 4}, "network": {"queues": 2, "vhost": "on"}})
+    (workload,) = [o for o in objects if o["kind"] == "StatefulSet"]
+    spec = workload["spec"]["template"]["spec"]
+    every = [*spec["containers"], *spec.get("initContainers", [])]
+    containers = {c["name"]: {e["name"]: e.get("value") for e in c.get("env", [])} for c in every}
+    assert (containers["net"]["VM_CPUS"], containers["net"]["VM_NET_QUEUES"]) == ("4", "2")
+    assert containers["vm"]["VM_VHOST"] == "on"

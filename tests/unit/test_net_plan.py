@@ -10,6 +10,7 @@ import pytest
 
 from netsidecar import cli, plan
 from netsidecar.config import GW_MAC_LABEL, PodFacts, Resolv, derive_mac, read_settings
+from netsidecar.links import kept_queues
 from netsidecar.plan import build, rule_count, ruleset
 from shared.env import Env
 from shared.errors import ConfigError
@@ -55,7 +56,7 @@ def test_metrics_port_stays_in_the_pod_like_vnc() -> None:
         assert 9100 in ports and 5900 in ports, chain
         assert {"dnat": {"addr": "192.168.254.2"}} in exprs[-1], "the exceptions come before the DNAT"
     handshake = build(read_settings(Env({"HOSTNAME": "vm", "METRICS_PORT": "9100"})), POD, RESOLV).handshake
-    assert handshake.metrics_port == 9100 and handshake.version == "1.3"
+    assert handshake.metrics_port == 9100 and handshake.version == "1.4"
     assert build(read_settings(Env({"HOSTNAME": "vm"})), POD, RESOLV).handshake.metrics_port is None
 
 
@@ -583,7 +584,9 @@ def test_links_carry_ipv6_only_where_the_pod_has_it() -> None:
 def test_handshake_1_1_carries_the_ipv6_side() -> None:
     s = read_settings(Env(ENV))
     hs = build(s, DUAL, RESOLV6).handshake
-    assert hs.version == "1.3" and hs.families == ("ipv4", "ipv6"), "1.1 brought IPv6; 1.2, 1.3 two ports"
+    assert hs.version == "1.4" and hs.families == ("ipv4", "ipv6"), (
+        "1.1 brought IPv6; 1.2, 1.3 two ports; 1.4 the queues"
+    )
     assert hs.ipv6 is not None and (hs.ipv6.vm_ip, hs.ipv6.gateway, hs.ipv6.router) == (VM_IP6, GW6, "fe80::1")
     assert (hs.ipv6.pod_ip, hs.ipv6.prefix, hs.ipv6.dns) == (str(POD6), 64, ("fd00::10",))
     assert hs.vm_ip == VM_IP and hs.dns == RESOLV.nameservers
@@ -592,3 +595,29 @@ def test_handshake_1_1_carries_the_ipv6_side() -> None:
     assert (only6.vm_ip, only6.gateway, only6.pod_ip, only6.dns, only6.families) == (None, None, None, (), ("ipv6",))
     assert Handshake.from_dict(json.loads(json.dumps(only6.to_dict()))) == only6
     assert build(s, POD, RESOLV6).handshake.ipv6 is None
+
+
+@pytest.mark.parametrize(
+    ("values", "queues"),
+    [({}, 1), ({"VM_CPUS": "4"}, 4), ({"VM_CPUS": "32"}, 8), ({"VM_NET_QUEUES": "3"}, 3),
+     ({"VM_NET_QUEUES": "1", "VM_CPUS": "4"}, 1), ({"VM_NET_QUEUES": "AUTO", "VM_CPUS": "2"}, 2)],
+)  # fmt: skip
+def test_the_tap_gets_one_queue_pair_per_vcpu_up_to_8_unless_vm_net_queues_says(
+    values: dict[str, str], queues: int
+) -> None:
+    planned = build(read_settings(Env({**ENV, **values})), POD, RESOLV)
+    assert planned.links.tap_queues == planned.handshake.tap_queues == queues
+    assert planned.links.to_dict()["tap_queues"] == queues, "netsidecar plan shows it"
+
+
+@pytest.mark.parametrize("bad", ["0", "17", "many"])
+def test_a_bad_vm_net_queues_is_one_line_naming_it(bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"^VM_NET_QUEUES="):
+        read_settings(Env({**ENV, "VM_NET_QUEUES": bad}))
+
+
+def test_a_kept_tap_stays_what_it_is_and_the_handshake_says_so() -> None:
+    single = {"ifname": "podvm-tap0", "linkinfo": {"info_kind": "tun", "info_data": {"multi_queue": False}}}
+    multi = {"ifname": "podvm-tap0", "linkinfo": {"info_kind": "tun", "info_data": {"multi_queue": True}}}
+    assert kept_queues(single, 1) == 1 and kept_queues(single, 4) == 1
+    assert kept_queues(multi, 4) == 4 and kept_queues(multi, 1) == 2, "a multiqueue tap is opened with 2 or more"

@@ -136,7 +136,7 @@ def test_a_handshake_before_1_3_has_no_console_port_and_1_3_carries_one() -> Non
     old = {k: v for k, v in SAMPLE.to_dict().items() if k != "console_port"} | {"version": "1.2"}
     assert handshake.Handshake.from_dict(old).console_port is None
     new = handshake.Handshake.from_dict({**SAMPLE.to_dict(), "console_port": 6080})
-    assert (new.console_port, new.version) == (6080, "1.3")
+    assert (new.console_port, new.version) == (6080, handshake.VERSION)
     jsonschema.validate(new.to_dict(), SCHEMA_1_0, format_checker=jsonschema.FormatChecker())
 
 
@@ -297,3 +297,13 @@ def test_an_unknown_log_level_is_said_not_silently_ignored(
     assert (
         "LOG_LEVEL='VERBOSE': expected one of DEBUG, INFO, WARNING, ERROR; logging at INFO" in capsys.readouterr().err
     )
+
+
+def test_a_handshake_before_1_4_is_a_single_queue_tap_and_1_4_carries_its_queues() -> None:
+    """1.4 added tap_queues: absent means a single-queue tap; the schema bounds it."""
+    old = {k: v for k, v in SAMPLE.to_dict().items() if k != "tap_queues"} | {"version": "1.3"}
+    assert handshake.Handshake.from_dict(old).tap_queues == 1
+    assert handshake.Handshake.from_dict({**SAMPLE.to_dict(), "tap_queues": 4}).tap_queues == 4
+    for bad in (0, 17, "4"):
+        with pytest.raises(HandshakeError, match="tap_queues"):
+            handshake.Handshake.from_dict({**SAMPLE.to_dict(), "tap_queues": bad})

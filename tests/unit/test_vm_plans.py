@@ -25,8 +25,9 @@ from vmrunner.images.vet import judge
 from vmrunner.pet.disk import plan_create, plan_flatten, plan_grow, plan_rebase, plan_repoint
 from vmrunner.run import configdrive
 from vmrunner.run.agent import AgentError
-from vmrunner.run.argv import choose_accel, plan_qemu, vnc_enabled
+from vmrunner.run.argv import choose_accel, choose_vhost, plan_qemu, vhost_problem, vnc_enabled
 from vmrunner.run.supervisor import Supervisor
+from vmrunner.run.suspend import hardware_digest
 from vmrunner.run.vnc import read_password
 
 BASE = {"IMG_SOURCE": "https://example.org/images/debian-12.qcow2", "HOSTNAME": "vm-0"}
@@ -556,3 +557,50 @@ def test_a_hostile_agents_error_cannot_forge_a_runner_line_nor_reach_a_terminal(
     message = str(AgentError(f"the guest agent refused: {forged}"))
     assert "\n" not in message and "\x1b" not in message
     assert message.endswith("no\\n2026-12-06 13:00:00 INFO vmrunner.backup: backup 1 done\\x1b[2J")
+
+
+@pytest.mark.parametrize(
+    ("queues", "model", "netdev", "device"),
+    [
+        (1, "virtio-net-pci", "", ""),
+        (4, "virtio-net-pci", ",queues=4", ",mq=on,vectors=10"),
+        (4, "e1000", ",queues=4", ""),  # the kernel refuses a single-queue open of a multiqueue tap
+    ],
+)
+def test_the_nic_takes_the_handshakes_queues_and_vhost_only_on_its_netdev(
+    queues: int, model: str, netdev: str, device: str
+) -> None:
+    hs = dataclasses.replace(HS, tap_queues=queues)
+    for vhost in (False, True):
+        plan = plan_qemu(cfg(VM_NIC_MODEL=model), hs, "kvm", False, None, vhost=vhost)
+        argv = list(plan.argv)
+        wanted = f"tap,id=net0,ifname={HS.tap},script=no,downscript=no{netdev}{',vhost=on' if vhost else ''}"
+        assert argv[argv.index("-netdev") + 1] == wanted
+        assert f"{model},netdev=net0,mac={HS.mac}{device}" in argv
+        assert (plan.vhost, plan.queues) == (vhost, queues)
+
+
+def test_vhost_is_used_under_kvm_when_the_device_opens_and_on_refuses_anything_else(tmp_path: Path) -> None:
+    missing = vhost_problem(str(tmp_path / "vhost-net"))
+    assert missing is not None and "is missing" in missing
+    unopenable = tmp_path / "vhost-ro"
+    unopenable.mkdir()
+    assert vhost_problem(str(unopenable)) is not None, "a folder cannot be opened read-write"
+    assert choose_vhost("auto", "kvm", None) is True
+    assert choose_vhost("auto", "kvm", missing) is False
+    assert choose_vhost("auto", "tcg", None) is False
+    assert choose_vhost("off", "kvm", None) is False
+    with pytest.raises(ConfigError, match=r"^VM_VHOST=on: .*vhost-net is missing"):
+        choose_vhost("on", "kvm", missing)
+    with pytest.raises(ConfigError, match=r"^VM_VHOST=on: ACCEL is tcg"):
+        choose_vhost("on", "tcg", None)
+    with pytest.raises(ConfigError, match="VM_VHOST"):
+        cfg(VM_VHOST="yes")
+
+
+def test_a_state_saved_with_vhost_resumes_without_it_but_not_on_other_queues() -> None:
+    """vhost-net is how the host moves packets, not a device the guest sees; the queue pairs are."""
+    one = plan_qemu(cfg(), HS, "kvm", False, None, vhost=True).argv
+    assert hardware_digest(one) == hardware_digest(plan_qemu(cfg(), HS, "kvm", False, None).argv)
+    four = dataclasses.replace(HS, tap_queues=4)
+    assert hardware_digest(one) != hardware_digest(plan_qemu(cfg(), four, "kvm", False, None).argv)

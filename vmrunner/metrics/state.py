@@ -22,6 +22,7 @@ class RunState:
     accel: str = ""
     accel_fallback: str = ""  # why ACCEL=auto runs under TCG: KVM was missing or could not be opened
     suspend: str = ""  # how this run began or ended with a saved state: "resumed ...", "cold: why", "saved ..."
+    network_path: str = ""  # how the NIC's packets move: "vhost-net" or "qemu", and its queue pairs
     boot_refused: str = ""  # the boot option the firmware refused (Secure Boot: an unsigned bootloader)
     vm: str = ""
     qemu_pid: int = 0

@@ -68,6 +68,53 @@ class QemuPlan:
     swtpm: SwtpmPlan | None = None  # the TPM's emulator, started before qemu (VM_TPM=on)
     incoming: bool = False  # qemu takes up a saved state (``-incoming``) instead of booting (vmrunner.run.suspend)
     pass_fds: tuple[int, ...] = ()  # descriptors qemu inherits (the saved state it reads)
+    vhost: bool = False  # the NIC's packets go through the kernel's vhost-net, not qemu's own threads
+    queues: int = 1  # the NIC's queue pairs: the handshake's multiqueue tap
+
+
+def vhost_problem(device: str = "/dev/vhost-net") -> str | None:
+    """Why qemu cannot use ``device`` for the NIC (missing, not openable by this container), or None."""
+    try:
+        os.close(os.open(device, os.O_RDWR | os.O_CLOEXEC))
+    except FileNotFoundError:
+        return f"{device} is missing: the node has no vhost-net, or the container was not given the device"
+    except PermissionError:
+        return f"the container may not open {device}: request the device through a device plugin (see deploy/README.md)"
+    except OSError as err:
+        return f"{device} cannot be opened: {err.strerror}"
+    return None
+
+
+def choose_vhost(wanted: str, accel: str, problem: str | None) -> bool:
+    """vhost-net for VM_VHOST=auto|on|off, given :func:`vhost_problem`'s answer: auto uses it under KVM when the
+    device opens (qemu's own threads otherwise, said at INFO: nothing is wrong, the path is only slower).
+
+    :raise ConfigError: for VM_VHOST=on when it cannot be used.
+    """
+    if wanted == "off":
+        return False
+    why = problem or ("ACCEL is tcg: vhost-net serves KVM guests" if accel != "kvm" else None)
+    if why is None:
+        return True
+    if wanted == "on":
+        raise ConfigError(f"VM_VHOST=on: {why}")
+    log.info("VM_VHOST=auto: %s; the NIC's packets go through qemu", why)
+    return False
+
+
+def nic_args(cfg: Config, hs: Handshake, vhost: bool) -> list[str]:
+    """The NIC on the handshake's tap: one queue pair per queue of a multiqueue tap (the kernel refuses a
+    single-queue open of one, so every NIC model gets them on its netdev; virtio-net also spreads them, with one
+    interrupt vector per queue, its config and control), and vhost-net when chosen."""
+    netdev = f"tap,id=net0,ifname={hs.tap},script=no,downscript=no"
+    device = f"{cfg.nic_model},netdev=net0,mac={hs.mac}"
+    if hs.tap_queues > 1:
+        netdev += f",queues={hs.tap_queues}"
+        if cfg.nic_model.startswith("virtio-net"):
+            device += f",mq=on,vectors={2 * hs.tap_queues + 2}"
+    if vhost:
+        netdev += ",vhost=on"
+    return ["-netdev", netdev, "-device", device]
 
 
 def kvm_problem(device: str = "/dev/kvm") -> str | None:
@@ -192,7 +239,14 @@ def data_disk_args(disks: Sequence[DataDisk]) -> list[str]:
 
 
 def plan_qemu(
-    cfg: Config, hs: Handshake, accel: str, vnc: bool, drive: Path | None, *, cdroms: Sequence[Path | None] = ()
+    cfg: Config,
+    hs: Handshake,
+    accel: str,
+    vnc: bool,
+    drive: Path | None,
+    *,
+    cdroms: Sequence[Path | None] = (),
+    vhost: bool = False,
 ) -> QemuPlan:
     """The complete argv: explicit formats everywhere, no defaults, the handshake's tap and MAC, extra args last;
     ``cdroms`` are the ISOs of the CD-ROM slots (:mod:`vmrunner.run.cdrom`).
@@ -235,12 +289,7 @@ def plan_qemu(
             "ide-cd,drive=cd0,bus=ide.1,unit=0",
         ]
     argv += cdrom.cdrom_args(cfg, cdroms)
-    argv += [
-        "-netdev",
-        f"tap,id=net0,ifname={hs.tap},script=no,downscript=no",
-        "-device",
-        f"{cfg.nic_model},netdev=net0,mac={hs.mac}",
-    ]
+    argv += nic_args(cfg, hs, vhost)
     display = cfg.console is not None
     password = ""
     if cfg.vnc_password_file is not None and (vnc or display):
@@ -272,4 +321,7 @@ def plan_qemu(
         "chardev:console",
         *cfg.extra_args,
     ]
-    return QemuPlan(tuple(argv), accel, vnc, paths, display, bool(password), devices.environment(cfg), swtpm)
+    return QemuPlan(
+        tuple(argv), accel, vnc, paths, display, bool(password), devices.environment(cfg), swtpm,
+        vhost=vhost, queues=hs.tap_queues,
+    )  # fmt: skip

@@ -102,6 +102,8 @@ labels:
     - {name: VM_IP, value: {{ $v.network.vmIP }}}
     - {name: VM_GW, value: {{ $v.network.vmGateway }}}
     - {name: TAP_OWNER, value: "10001"}
+    - {name: VM_CPUS, value: {{ $v.vm.cpus | quote }}}
+    - {name: VM_NET_QUEUES, value: {{ $v.network.queues | quote }}}
     {{- if ne $v.network.families "auto" }}
     - {name: IP_FAMILIES, value: {{ $v.network.families }}}
     {{- end }}
@@ -182,6 +184,7 @@ labels:
     {{- end }}
     - {name: ACCEL, value: {{ ternary "tcg" (ternary "kvm" "auto" $v.devices.requireKvm) (eq $v.devices.mode "tcg") }}}
     - {name: VM_CPUS, value: {{ $v.vm.cpus | quote }}}
+    - {name: VM_VHOST, value: {{ $v.network.vhost | quote }}}
     - {name: VM_MEMORY, value: {{ $v.vm.memory }}}
     {{- include "podvm.sharedEnv" . | nindent 4 }}
     {{- if $v.backup.enabled }}
