@@ -169,9 +169,17 @@ for name in ("tap", "mac", "hostname", "vnc_in_pod"):
         sys.exit(f"{path}: missing field {name!r}")
 print("TAP=" + shlex.quote(data["tap"]), "MAC=" + shlex.quote(data["mac"]), "NAME=" + shlex.quote(data["hostname"]))
 print("VNC=yes" if data["vnc_in_pod"] is True else "VNC=no")
+queues = data.get("tap_queues", 1)  # 1.4: a multiqueue tap must be opened with that many queues
+if not isinstance(queues, int) or isinstance(queues, bool) or not 1 <= queues <= 16:
+    sys.exit(f"{path}: tap_queues must be an integer from 1 to 16")
+print(f"QUEUES={queues}")
 ' "$HANDSHAKE" 2>&1) || die 4 "$fields"
 eval "$fields"
-say "handshake: tap $TAP, mac $MAC, VNC in pod: $VNC"
+say "handshake: tap $TAP ($QUEUES queue pairs), mac $MAC, VNC in pod: $VNC"
+netdev="tap,id=net0,ifname=$TAP,script=no,downscript=no" nic="virtio-net-pci,netdev=net0,mac=$MAC"
+if [ "$QUEUES" -gt 1 ]; then
+    netdev="$netdev,queues=$QUEUES" nic="$nic,mq=on,vectors=$((2 * QUEUES + 2))"
+fi
 
 # --- 2. The shared cache (section 7): sha256/<hex>, names/, refs/, locks/, tmp/. ---
 for sub in sha256 names refs locks tmp; do
@@ -496,7 +504,7 @@ trap 'stopping=yes' TERM INT
 # shellcheck disable=SC2086  # $display is several words on purpose
 printf '%s' "$vnc_password" | "$QEMU" -nodefaults -accel "$ACCEL" -smp "$VM_CPUS" -m "$memory_mib" $display \
     -drive "file=$pet,format=qcow2,if=virtio" \
-    -netdev "tap,id=net0,ifname=$TAP,script=no,downscript=no" -device "virtio-net-pci,netdev=net0,mac=$MAC" \
+    -netdev "$netdev" -device "$nic" \
     -serial stdio -monitor none -qmp "unix:$QMP_SOCKET,server=on,wait=off" "$@" &
 qemu=$!
 say "qemu started (pid $qemu, accel $ACCEL)"

@@ -71,8 +71,11 @@ def _owned_dir(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def pod() -> Iterator[Pod]:
-    """One bed, the real sidecar and an image server for the module; removed afterwards, also on failure."""
-    with pod_scenario("conformance", hostname=HOSTNAME, image=ensure_guest()) as pod:
+    """One bed, the real sidecar and an image server for the module; removed afterwards, also on failure. The tap is
+    multiqueue: every runner must open it with the handshake's queues (the kernel refuses a single-queue open)."""
+    with pod_scenario(
+        "conformance", hostname=HOSTNAME, image=ensure_guest(), sidecar_env={"VM_NET_QUEUES": "2"}
+    ) as pod:
         yield Pod(pod, pod.net, pod.handshake, pod.sidecar, pod.base, pod.dirs["run"], pod.tun)
 
 
