@@ -21,11 +21,16 @@ def _answers(pod: PodNet) -> bool:
     return harness.in_ns(pod.client_ns, argv).returncode == 0
 
 
-def _gap(s: Scenario, env: dict[str, str], name: str) -> tuple[float, float]:
+def _gap(s: Scenario, env: dict[str, str], name: str, touch_mib: int = 0) -> tuple[float, float]:
     """Milliseconds from the last answer before SIGTERM to the first answer of the next runner, and the seconds
-    the stop took (the save, or the shutdown)."""
+    the stop took (the save, or the shutdown); with ``touch_mib`` the guest first fills that much RAM."""
     runner = s.boot(f"{name}-1.log", env, BOOT_TIMEOUT)
     until("a first answer", lambda: _answers(s.net), 60, 0.05)
+    if touch_mib:
+        argv = ["curl", "-sf", "--max-time", "600", f"http://{s.net.pod_ip}/cgi-bin/ramfill?{touch_mib}"]
+        filled = harness.in_ns(s.net.client_ns, argv, timeout=610)
+        assert f"filled={touch_mib << 20}" in filled.stdout.decode(), filled
+        until("an answer after the fill", lambda: _answers(s.net), 60, 0.05)
     last = time.monotonic()
     stopping = time.monotonic()
     s.stop(runner)
@@ -50,24 +55,24 @@ def _plain_write(directory: str, size: int) -> float:
 
 
 def bench_suspend(res: Results, rounds: int) -> None:
-    """Per round, in one pod: a restart with shutdown and boot, then one with suspend and resume."""
-    reference = "restart gap, shutdown + cold boot"
-    for _ in range(rounds):
-        with pod_scenario("bench-suspend", hostname="bench-sleep", image=ensure_guest()) as s:
-            cold, _ = _gap(s, s.env(SHUTDOWN_TIMEOUT="30s"), "shutdown")
-            res.sample(SECTION, reference, cold, ref=reference)
-            for path in s.dirs["vm"].glob("bench-sleep*"):
-                if path.is_file():
-                    path.unlink()
-                else:
-                    shutil.rmtree(path)
-            warm, saved = _gap(s, s.env(ON_STOP="suspend"), "suspend")
-            res.sample(SECTION, "restart gap, suspend + resume", warm, ref=reference)
-            res.sample(SECTION, "  the save itself (runner's stop)", saved * 1000)
-            state = next(s.dirs["vm"].glob("*.suspended"), None)
-            size = state.stat().st_size if state is not None else 256 << 20
-            res.sample(
-                SECTION,
-                f"  plain write + fsync of {size >> 20} MiB on VM_DIR",
-                _plain_write(str(s.dirs["vm"]), size) * 1000,
-            )
+    """Per round, in one pod: a restart with shutdown and boot, then one with suspend and resume; then the same with
+    a 1280 MiB guest that filled 1 GiB of its RAM (the saved state a busy guest leaves)."""
+    for memory, touch, label in (("256M", 0, ""), ("1280M", 1024, ", 1 GiB of RAM touched")):
+        reference = f"restart gap, shutdown + cold boot{label}"
+        for _ in range(rounds if not touch else max(1, rounds - 1)):
+            with pod_scenario("bench-suspend", hostname="bench-sleep", image=ensure_guest()) as s:
+                cold, _ = _gap(s, s.env(SHUTDOWN_TIMEOUT="30s", VM_MEMORY=memory), "shutdown", touch)
+                res.sample(SECTION, reference, cold, ref=reference)
+                for path in s.dirs["vm"].glob("bench-sleep*"):
+                    if path.is_file():
+                        path.unlink()
+                    else:
+                        shutil.rmtree(path)
+                env = s.env(ON_STOP="suspend", VM_MEMORY=memory, SHUTDOWN_TIMEOUT="120s")
+                warm, saved = _gap(s, env, "suspend", touch)
+                res.sample(SECTION, f"restart gap, suspend + resume{label}", warm, ref=reference)
+                plain = f"  plain write + fsync of the state's size on VM_DIR{label}"
+                res.sample(SECTION, f"  the save itself (runner's stop){label}", saved * 1000, ref=plain)
+                state = next(s.dirs["vm"].glob("*.suspended"), None)
+                size = state.stat().st_size if state is not None else 256 << 20
+                res.sample(SECTION, plain, _plain_write(str(s.dirs["vm"]), size) * 1000, note=f"{size >> 20} MiB")

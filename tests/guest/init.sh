@@ -140,7 +140,18 @@ file=$(mktemp /mnt/boot/fillXXXXXX)
 dd if=/dev/urandom of="$file" bs=1024 count="$kib" conv=fsync 2>/dev/null && sync
 printf 'Content-Type: text/plain\r\n\r\nfilled=%s\n' "$(wc -c < "$file")"
 EOF
-chmod +x /www/cgi-bin/pattern /www/cgi-bin/churn /www/cgi-bin/fill
+# /cgi-bin/ramfill?MIB fills MIB MiB of the guest's RAM with non-zero pages (a tmpfs of its own; qemu's migration
+# stream skips zero pages only), so a saved state is as large as a busy guest's.
+cat > /www/cgi-bin/ramfill <<'EOF'
+#!/bin/sh
+mib=${QUERY_STRING:-0}
+case $mib in ''|*[!0-9]*) mib=0 ;; esac
+mkdir -p /ram && { grep -q ' /ram ' /proc/mounts || mount -t tmpfs -o size=95% tmpfs /ram; }
+head -c 1048576 /dev/urandom > /ram/block
+i=0; while [ "$i" -lt "$mib" ]; do cat /ram/block; i=$((i + 1)); done > /ram/fill
+printf 'Content-Type: text/plain\r\n\r\nfilled=%s\n' "$(wc -c < /ram/fill)"
+EOF
+chmod +x /www/cgi-bin/pattern /www/cgi-bin/churn /www/cgi-bin/fill /www/cgi-bin/ramfill
 # ---- end of crash safety --------------------------------------------------------------------------------------
 # ---- Known data for the backup tests (one block) ----------------------------------------------------------------
 # /cgi-bin/put?NAME writes 256 KiB of the line "podvm-data NAME" to data/NAME on the boot disk and flushes it (NAME:
