@@ -1,12 +1,10 @@
 """The one place where podvm's errors become log lines and exit statuses."""
 
-import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+from collections.abc import Callable
 
-from shared.errors import ConfigError, PodvmError, escape_controls
+from shared.errors import PodvmError, escape_controls
 
 
 def describe_os_error(err: OSError) -> str:
@@ -45,25 +43,3 @@ def run_main(logger: logging.Logger, command: Callable[[], int]) -> None:
         )
         status = PodvmError.exit_code
     sys.exit(status)
-
-
-class Arguments(argparse.ArgumentParser):
-    """argparse for one sub-command, whose mistakes are one line and exit 2 like every bad input (a ConfigError
-    naming the sub-command and its usage), never argparse's own usage dump and exit."""
-
-    def __init__(self, command: str, usage: str) -> None:
-        super().__init__(prog=command, usage=usage, add_help=False, allow_abbrev=False, exit_on_error=False)
-
-    def error(self, message: str) -> NoReturn:
-        """Every complaint of argparse's, as one line."""
-        raise ConfigError(f"{self.prog}: {message} (expected {self.usage})")
-
-    def parse(self, args: Sequence[str]) -> argparse.Namespace:
-        """The parsed ``args``; anything left over is refused by name."""
-        try:
-            parsed, extra = self.parse_known_args(list(args))
-        except argparse.ArgumentError as err:
-            self.error(str(err))
-        if extra:
-            self.error(f"unexpected argument {extra[0]!r}")
-        return parsed

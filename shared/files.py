@@ -11,7 +11,6 @@ import errno
 import fcntl
 import logging
 import os
-import secrets
 import shutil
 import stat
 from collections.abc import Iterator
@@ -85,7 +84,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, root: Path | Non
     """
     dir_fd = _parent(path, root)
     try:
-        tmp = f".{path.name}.{secrets.token_hex(8)}.tmp"
+        tmp = f".{path.name}.{os.urandom(8).hex()}.tmp"
         fd = os.open(tmp, _NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
         try:
             with os.fdopen(fd, "wb") as out:

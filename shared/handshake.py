@@ -10,7 +10,6 @@ import json
 import re
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,8 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 
 def schema() -> dict[str, Any]:
     """The handshake's JSON Schema, as shipped with the package."""
+    from importlib import resources  # noqa: PLC0415 - the sidecar writes the handshake, only its readers check it
+
     text = resources.files("shared").joinpath("handshake.schema.json").read_text()
     loaded: dict[str, Any] = json.loads(text)
     return loaded

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shared import handshake
-from shared.cli import Arguments, run_main
+from shared.arguments import Arguments
+from shared.cli import run_main
 from shared.env import Env
 from shared.errors import ConfigError, PodvmError
 from shared.log import configure

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netsidecar import nft
-from shared.cli import Arguments
+from shared.arguments import Arguments
 
 PROBES = ("dhcp", "arp", "ra", "nd", "port", "path", "all")
 USAGE = "dhcp|arp|ra|nd|path|all [--json] | port PORT[/udp] [--json]"
