@@ -123,7 +123,12 @@ def bench_ready(res: Results, runs: int) -> None:
     res.add(Figure(sec, "shell floor (ip, nft -f, dnsmasq)", "ms", floor_ms))
     res.add(
         Figure(
-            sec, "netsidecar run -> handshake", "ms", side_ms, "shell floor (ip, nft -f, dnsmasq)", "target < 100 ms, within 3x"
+            sec,
+            "netsidecar run -> handshake",
+            "ms",
+            side_ms,
+            "shell floor (ip, nft -f, dnsmasq)",
+            "target < 100 ms, within 3x",
         )
     )
     for name, _ in SEGMENTS:
