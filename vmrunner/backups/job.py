@@ -372,30 +372,37 @@ async def _paused(cfg: Config, wanted: bool) -> AsyncIterator[None]:
 
 
 async def _follow(cfg: Config) -> dict[str, object]:
-    """Poll the job until it concluded, with a progress line every PROGRESS_EVERY seconds.
+    """Poll the job until it concluded, looking again when it should be done at its pace so far (``qmp.next_look``),
+    with a progress line every PROGRESS_EVERY seconds.
 
     :raise PodvmError: when the job vanished or qemu stopped answering.
     """
-    failures, last_line = 0, time.monotonic()
+    failures, started, delay = 0, time.monotonic(), qmp.FIRST_LOOK
+    last_line = started
     while True:
-        await asyncio.sleep(POLL_EVERY)
+        await asyncio.sleep(delay)
         try:
             job = await _job(cfg)
         except PodvmError as err:
             failures += 1
             if failures >= QMP_FAILURES:
                 raise PodvmError(f"backup: qemu stopped answering during the backup: {err}") from None
+            delay = POLL_EVERY
             continue
         failures = 0
         if job is None:
             raise PodvmError("backup: the backup job vanished from qemu (qemu restarted?)")
         if job.get("status") == "concluded":
             return job
-        if time.monotonic() - last_line >= PROGRESS_EVERY:
-            last_line = time.monotonic()
-            done, total = job.get("current-progress"), job.get("total-progress")
-            if isinstance(done, int) and isinstance(total, int) and total > 0:
-                log.info("backup: %d%% (%s of %s)", done * 100 // total, mib(done), mib(total))
+        done, total = job.get("current-progress"), job.get("total-progress")
+        if not (isinstance(done, int) and isinstance(total, int) and total > 0):
+            delay = POLL_EVERY
+            continue
+        now = time.monotonic()
+        delay = qmp.next_look(done, total, now - started, POLL_EVERY)
+        if now - last_line >= PROGRESS_EVERY:
+            last_line = now
+            log.info("backup: %d%% (%s of %s)", done * 100 // total, mib(done), mib(total))
 
 
 async def _abandon(cfg: Config, plan: BackupPlan, *, started: bool) -> None:

@@ -18,6 +18,7 @@ from shared.errors import PodvmError
 TIMEOUT = 5.0  # seconds one QMP call may take, connect and greeting included
 RETRY_EVERY = 0.1  # seconds between two connects while qemu is not there yet
 Command = tuple[str, dict[str, object] | None]
+FIRST_LOOK = 0.02  # seconds before the first look at a job qemu runs: a small one is often done by then
 
 
 async def execute(
@@ -49,6 +50,17 @@ async def session(
     except TimeoutError:
         why = refused[-1] if refused else "the monitor accepted the connection but never answered"
         raise PodvmError(f"{socket}: no qemu answers QMP {names} within {timeout:g}s: {why}") from None
+
+
+def next_look(done: int, total: int, elapsed: float, most: float) -> float:
+    """Seconds until a job of qemu's (a backup, a save) that did ``done`` of ``total`` in ``elapsed`` seconds is worth
+    another look: when it should end at its pace so far, so that its end is seen within FIRST_LOOK rather than up to a
+    whole polling period late; at least FIRST_LOOK, at most ``most``. One that shows no progress yet is asked again
+    after as long as it has run."""
+    if done <= 0 or elapsed <= 0:
+        return min(most, max(FIRST_LOOK, elapsed))
+    left = max(0, total - done) * elapsed / done
+    return min(most, max(FIRST_LOOK, left))
 
 
 async def _session(

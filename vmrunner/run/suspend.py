@@ -320,9 +320,11 @@ async def save(monitor: Path, fd: int, budget: float) -> float:
         ("migrate", {"uri": f"fd:{STREAM_FD}"}),
     ]
     await qmp.session(monitor, commands, qmp.TIMEOUT, fd=fd)
+    delay = qmp.FIRST_LOOK
     while True:
-        await asyncio.sleep(min(SAVE_POLL, max(0.0, deadline - loop.time())))  # a look at the deadline, not past it
+        await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))  # a look at the deadline, not past it
         info = await qmp.execute(monitor, "query-migrate")
+        delay = _next_look(info, loop.time() - started)
         status = info.get("status") if isinstance(info, dict) else None
         if status == "completed":
             break
@@ -335,6 +337,15 @@ async def save(monitor: Path, fd: int, budget: float) -> float:
             raise PodvmError(f"SUSPEND_TIMEOUT={budget:g}s: the save did not finish in time")
     os.fsync(fd)
     return loop.time() - started
+
+
+def _next_look(info: object, elapsed: float) -> float:
+    """When a save ``query-migrate`` answered ``info`` about is worth another look: when it should end at its pace."""
+    ram = info.get("ram") if isinstance(info, dict) else None
+    total, left = (ram.get("total"), ram.get("remaining")) if isinstance(ram, dict) else (None, None)
+    if not (isinstance(total, int) and isinstance(left, int)):
+        return SAVE_POLL
+    return qmp.next_look(total - left, total, elapsed, SAVE_POLL)
 
 
 async def undo(monitor: Path) -> None:
