@@ -53,21 +53,87 @@ def _hmp(root: Path, line: str) -> str:
     return done.stdout
 
 
-def _backup(env: dict[str, str], *args: str) -> dict[str, object]:
-    """One ``vmrunner backup``; the point it recorded."""
+def _backup(env: dict[str, str], *args: str) -> tuple[Path, dict[str, object]]:
+    """One ``vmrunner backup``; its chain's folder and the point it recorded."""
     subprocess.run([*VMRUNNER, "backup", *args], env=env, check=True, capture_output=True)
     root = Path(env["BACKUP_DIR"]) / env["HOSTNAME"]
     last = json.loads((root / "last.json").read_text())["last_success"]
     chain, seq = str(last["point"]).split(".")
     point: dict[str, object] = json.loads((root / chain / "manifest.json").read_text())["points"][int(seq)]
-    return point
+    return root / chain, point
+
+
+def _warm(path: Path) -> None:
+    """Read ``path`` once, so that the copy timed next and its reference both read it from the page cache: a
+    reference read sometimes from the cache and sometimes from the disk moved fivefold within one run."""
+    with path.open("rb") as f:
+        while f.read(1 << 20):
+            pass
+
+
+def _timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+    """Seconds ``argv`` takes, from a clean start: with nothing left to write back of the step before (ext4's
+    ordered journal makes a file's flush write out other files' dirty data too)."""
+    os.sync()
+    begin = time.perf_counter()
+    subprocess.run(argv, env=env, check=True, capture_output=True)
+    return time.perf_counter() - begin
+
+
+def _round(root: Path, pet: Path, env: dict[str, str], run: int, got: dict[str, list[float]]) -> None:
+    """One round: convert and a full backup, a change, an incremental, then the point restored and its chain
+    converted; each pair in the other order every other round (whichever runs first pays for a cold page cache)."""
+    out = root / "convert.qcow2"
+    order = 1 if run % 2 == 0 else -1
+
+    def convert() -> None:
+        _warm(pet)
+        seconds = _timed(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", str(pet), str(out)])
+        got["convert"].append(FILLED / seconds / 1e6)
+        out.unlink()
+
+    def full() -> None:
+        _warm(pet)
+        os.sync()
+        begin = time.perf_counter()
+        _, point = _backup(env, "--full")
+        got["full command"].append(FILLED / (time.perf_counter() - begin) / 1e6)
+        got["full"].append(FILLED / float(str(point["seconds"])) / 1e6)
+
+    for step in (convert, full)[::order]:
+        step()
+    wrote = _hmp(root, f'qemu-io disk0 "write -P {run + 1} {run * CHANGED} {CHANGED}"')
+    assert wrote.strip() == "", wrote  # qemu-io prints its report on qemu's stdout, errors here
+    chain, point = _backup(env)
+    assert point["kind"] == "incremental", point
+    got["incremental"].append(float(str(point["seconds"])) * 1000 / (CHANGED >> 20))
+    got["size"].append(int(str(point["size"])) / (1 << 20))
+
+    def chain_convert() -> None:
+        for layer in chain.glob("*.qcow2"):
+            _warm(layer)
+        argv = ["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", str(chain / str(point["file"])), str(out)]
+        got["chain"].append(FILLED / _timed(argv) / 1e6)
+        out.unlink()
+
+    def restore() -> None:
+        for layer in chain.glob("*.qcow2"):
+            _warm(layer)
+        got["restore"].append(FILLED / _timed([*VMRUNNER, "restore", "--name", "restored"], env) / 1e6)
+        (root / "vm" / "restored.qcow2").unlink()
+
+    for step in (chain_convert, restore)[::order]:
+        step()
 
 
 def bench_throughput(res: Results, runs: int) -> None:
-    """Full and incremental backups of a running qemu's 1 GiB disk (512 MiB of data) against qemu-img convert."""
+    """Full and incremental backups of a running qemu's 1 GiB disk (512 MiB of data) against qemu-img convert, and
+    the restore of a point against qemu-img convert of its chain."""
     root = Path(tempfile.mkdtemp(prefix="podvm-bench-backup-"))
     qemu = None
-    full, incremental, convert, inc_bytes = [], [], [], []
+    got: dict[str, list[float]] = {
+        name: [] for name in ("convert", "full", "full command", "incremental", "size", "chain", "restore")
+    }
     try:
         for name in ("run", "vm", "backup"):
             (root / name).mkdir()
@@ -83,29 +149,22 @@ def bench_throughput(res: Results, runs: int) -> None:
         env = {**os.environ, "RUN_DIR": str(root / "run"), "BACKUP_DIR": str(root / "backup"), "HOSTNAME": "bench"}
         env |= {"VM_DIR": str(root / "vm"), "BACKUP_KEEP": "1", "LOG_LEVEL": "WARNING"}
         for run in range(runs):
-            begin = time.perf_counter()
-            out = root / "convert.qcow2"
-            subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", str(pet), str(out)], check=True)
-            convert.append(FILLED / (time.perf_counter() - begin) / 1e6)
-            out.unlink()
-            point = _backup(env, "--full")
-            full.append(FILLED / float(str(point["seconds"])) / 1e6)
-            wrote = _hmp(root, f'qemu-io disk0 "write -P {run + 1} {run * CHANGED} {CHANGED}"')
-            assert wrote.strip() == "", wrote  # qemu-io prints its report on qemu's stdout, errors here
-            point = _backup(env)
-            assert point["kind"] == "incremental", point
-            incremental.append(float(str(point["seconds"])))
-            inc_bytes.append(int(str(point["size"])) / (1 << 20))
+            _round(root, pet, env, run, got)
     finally:
         if qemu is not None:
             qemu.kill()
             qemu.wait()
         shutil.rmtree(root, ignore_errors=True)
     ref = "qemu-img convert of the same disk (512 MiB of data)"
-    res.add(Figure(SEC, ref, "MB/s", convert))
-    res.add(Figure(SEC, "full live backup (job time, guest agent absent)", "MB/s", full, ref))
-    res.add(Figure(SEC, f"incremental after {CHANGED >> 20} MiB changed: job time", "s", incremental))
-    res.add(Figure(SEC, f"incremental after {CHANGED >> 20} MiB changed: file size", "MiB", inc_bytes))
+    changed = f"incremental after {CHANGED >> 20} MiB changed"
+    chain_ref = "qemu-img convert of the chain (full + incremental)"
+    res.add(Figure(SEC, ref, "MB/s", got["convert"]))
+    res.add(Figure(SEC, "full live backup (job time, guest agent absent)", "MB/s", got["full"], ref))
+    res.add(Figure(SEC, "  the whole vmrunner backup --full command", "MB/s", got["full command"], ref))
+    res.add(Figure(SEC, f"{changed}: job time per changed MiB", "ms", got["incremental"]))
+    res.add(Figure(SEC, f"{changed}: file size", "MiB", got["size"]))
+    res.add(Figure(SEC, chain_ref, "MB/s", got["chain"]))
+    res.add(Figure(SEC, "vmrunner restore of that point (checks, convert, fsync)", "MB/s", got["restore"], chain_ref))
 
 
 def _write(pod: PodNet) -> float:
