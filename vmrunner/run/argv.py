@@ -66,7 +66,7 @@ class QemuPlan:
     secret: bool = False  # qemu reads the VNC password on its standard input (a display needs it)
     environment: tuple[tuple[str, str], ...] = ()  # variables qemu gets beyond the runner's (TZ for a local RTC)
     swtpm: SwtpmPlan | None = None  # the TPM's emulator, started before qemu (VM_TPM=on)
-    incoming: bool = False  # qemu takes up a saved state (``-incoming``) instead of booting (vmrunner.run.suspend)
+    incoming: int | None = None  # the saved state's descriptor qemu takes up (``-incoming``) instead of booting
     pass_fds: tuple[int, ...] = ()  # descriptors qemu inherits (the saved state it reads)
     vhost: bool = False  # the NIC's packets go through the kernel's vhost-net, not qemu's own threads
     queues: int = 1  # the NIC's queue pairs: the handshake's multiqueue tap

@@ -133,10 +133,10 @@ class Supervisor:
             reader = asyncio.create_task(self._read_stderr(proc.stderr))
             log.info("qemu started (pid %d, %s)", proc.pid, self.plan.accel)
             if self.tracker is not None:
-                self.tracker.qemu_started(proc.pid, boot=not self.plan.incoming)
+                self.tracker.qemu_started(proc.pid, boot=self.plan.incoming is None)
             exited = asyncio.create_task(proc.wait())
-            if self.plan.incoming:
-                await self._take_up(exited, reader)
+            if self.plan.incoming is not None:
+                await self._take_up(self.plan.incoming, exited, reader)
             stopping = asyncio.create_task(stop.wait())
             duties = [asyncio.create_task(self._duty(duty), name=_name(duty)) for duty in self.duties]
             # A dead swtpm leaves the guest without its TPM: reported, and the VM stopped, never silently lost.
@@ -192,13 +192,13 @@ class Supervisor:
             log.error("%s stopped: %s", _name(duty), err)
             log.debug("%s stopped", _name(duty), exc_info=True)
 
-    async def _take_up(self, exited: "asyncio.Task[int]", reader: "asyncio.Task[None]") -> None:
+    async def _take_up(self, stream: int, exited: "asyncio.Task[int]", reader: "asyncio.Task[None]") -> None:
         """qemu reads the saved state, then the guest runs on; its clock is set through its agent.
 
         :raise suspend.ResumeRefused: when qemu refuses the state (the caller boots cold).
         """
         try:
-            seconds = await suspend.resumed(self.plan.paths.qmp, exited)
+            seconds = await suspend.resumed(self.plan.paths.qmp, stream, exited)
         except PodvmError as err:
             raise suspend.ResumeRefused(f"{err}: {await self._drain(reader)}") from None
         log.info("resumed the saved state in %.1f s: the guest runs on where it stopped", seconds)

@@ -282,7 +282,7 @@ def resumed_plan(plan: QemuPlan, taken: Claim) -> QemuPlan:
     """The cold plan made to take up the claimed state: paused (``-S``) until the stream is in, the stream on an
     inherited descriptor."""
     argv = (*plan.argv, "-S", "-incoming", f"fd:{taken.fd}")
-    return replace(plan, argv=argv, incoming=True, pass_fds=(*plan.pass_fds, taken.fd))
+    return replace(plan, argv=argv, incoming=taken.fd, pass_fds=(*plan.pass_fds, taken.fd))
 
 
 def open_saving(cfg: Config) -> int:
@@ -389,13 +389,15 @@ def commit(cfg: Config, fd: int, cold_argv: tuple[str, ...], seconds: float) -> 
     return record
 
 
-async def resumed(monitor: Path, exited: "asyncio.Task[int]") -> float:
+async def resumed(monitor: Path, stream: int, exited: "asyncio.Task[int]") -> float:
     """Wait until qemu has read the stream (or exited refusing it), then let the guest run; the seconds it took.
+    qemu reads through a descriptor that shares its offset with ``stream``, so the read's pace says when to look.
 
     :raise ResumeRefused: when qemu exits while reading it.
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
+    size = os.fstat(stream).st_size
     while not exited.done():
         try:
             status = await qmp.execute(monitor, "query-status")
@@ -406,7 +408,8 @@ async def resumed(monitor: Path, exited: "asyncio.Task[int]") -> float:
         if isinstance(status, dict) and status.get("status") not in ("inmigrate", None):
             await qmp.execute(monitor, "cont")
             return loop.time() - started
-        await asyncio.sleep(SAVE_POLL)
+        read = os.lseek(stream, 0, os.SEEK_CUR)
+        await asyncio.sleep(qmp.next_look(read, size, loop.time() - started, SAVE_POLL))
     raise ResumeRefused("qemu exited while reading the saved state")
 
 
