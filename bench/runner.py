@@ -70,17 +70,18 @@ def netns_with_tap() -> Iterator[str]:
 
 
 def overhead_samples(root: Path, runs: int) -> tuple[list[float], list[float]]:
-    """Seconds to ``running`` for ``vmrunner run`` and for qemu alone, ``runs`` of each, alternated."""
+    """Seconds to ``running`` for ``vmrunner run`` and for qemu alone, ``runs`` of each, alternated. The runner is
+    configured as the manifests run it: the metrics endpoint on 9100, the browser console on localhost."""
     base = root / "base.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1G"], check=True)
     for name in ("image", "vm", "run"):
         (root / name).mkdir()
-    samples.handshake(tap="tap0", bridge="br0", mtu=1500, pod_ip="10.0.0.5", dns=(), search=(), tap_owner=None).write(
-        root / "run"
-    )
+    samples.handshake(
+        tap="tap0", bridge="br0", mtu=1500, pod_ip="10.0.0.5", dns=(), search=(), tap_owner=None, metrics_port=9100
+    ).write(root / "run")
     env = {
         **os.environ,
-        **runner_env(root, IMG_SOURCE=str(base), VM_MEMORY="128M", SHUTDOWN_TIMEOUT="100ms"),
+        **runner_env(root, IMG_SOURCE=str(base), VM_MEMORY="128M", SHUTDOWN_TIMEOUT="100ms", METRICS_PORT="9100"),
     }
     (root / "metadata").write_text("name: bench\n")
     sock = root / "run" / "qmp.sock"

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared.handshake import Handshake
 from tests.guest.build import ensure_guest
@@ -16,6 +17,7 @@ from tests.harness.pod import PodNet, Proc
 from tests.harness.scenario import pod_scenario
 
 pytestmark = pytest.mark.guest
+METRICS_PORT = 9100
 
 
 @dataclass
@@ -32,8 +34,11 @@ class Dual:
 @pytest.fixture(scope="module")
 def dual() -> Iterator[Dual]:
     """A dual-stack Calico-like pod with the sidecar and the booted guest; all removed afterwards."""
-    with pod_scenario("e2e-ipv6", hostname="pet-e2e6", image=ensure_guest(), families="dual") as pod:
-        runner = pod.boot("runner.log")
+    metrics = {"METRICS_PORT": str(METRICS_PORT)}
+    with pod_scenario(
+        "e2e-ipv6", hostname="pet-e2e6", image=ensure_guest(), families="dual", sidecar_env=metrics
+    ) as pod:
+        runner = pod.boot("runner.log", pod.env(**metrics))
         via6 = PodNet(pod.bed.pod.ns, pod.bed.client.ns, f"[{pod.bed.pod_ip6}]")
         yield Dual(pod.handshake, runner, pod.sidecar, pod.net, via6)
 
@@ -43,3 +48,18 @@ def test_the_guest_serves_its_page_on_the_pods_ipv6_address(dual: Dual) -> None:
     page6 = harness.guest_page(dual.via6)  # SLAAC and the RA's default route take a moment after DHCPv4
     assert page6 == page4 and page4["ip"] == dual.handshake.vm_ip, harness.report(dual.runner)
     assert dual.handshake.families == ("ipv4", "ipv6")
+
+
+def test_the_metrics_are_scraped_on_the_pods_ipv6_address_as_on_its_ipv4_one(dual: Dual) -> None:
+    """The endpoint stays in the pod on both families: Prometheus on an IPv6-only cluster scrapes the pod's IPv6."""
+    for via in (dual.via4, dual.via6):
+        url = f"http://{via.pod_ip}:{METRICS_PORT}/metrics"
+        done = harness.in_ns(via.client_ns, ["curl", "-sf", "--max-time", "5", url])
+        assert done.returncode == 0, f"{url}: curl exit {done.returncode}\n{harness.report(dual.runner)}"
+        states = {
+            sample.labels["state"]: sample.value
+            for family in text_string_to_metric_families(done.stdout.decode())
+            for sample in family.samples
+            if sample.name == "podvm_vm_state"
+        }
+        assert states["running"] == 1, states

@@ -476,18 +476,20 @@ def test_the_sidecars_whole_document_passes_the_runners_check() -> None:
     assert (when, kept) == (3.0, made)
 
 
-def test_the_endpoint_serves_the_scrape_on_every_address_and_a_taken_port_is_one_line(tmp_path: Path) -> None:
-    """The real listener (aiohttp in its own thread): ``/`` and ``/metrics`` give the exposition text on the pod's
-    addresses, also while the VM runs (the scrape then asks qemu's monitor, here absent); a second endpoint on the
-    same port is refused naming METRICS_PORT."""
+def test_the_endpoint_serves_the_scrape_on_both_families_and_a_taken_port_is_one_line(tmp_path: Path) -> None:
+    """The real listener (aiohttp in its own thread): ``/`` and ``/metrics`` give the exposition text on IPv4 and
+    IPv6 (an IPv6-only pod is scraped too), also while the VM runs (the scrape then asks qemu's monitor, here absent);
+    a scrape that comes before qemu has started waits for the server rather than being refused; a second endpoint on
+    the same port is refused naming METRICS_PORT."""
     tracker = _tracker(tmp_path)
     tracker.set(phase="running")
     with socket.socket() as probe:
         probe.bind(("0.0.0.0", 0))
         port = probe.getsockname()[1]
     endpoint.serve(port, tracker)
-    for path in ("/", "/metrics"):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+    assert not tracker.spawned.is_set()  # no qemu here: the server loads SERVE_AFTER in, the first scrape waits
+    for url in (f"http://127.0.0.1:{port}/", f"http://127.0.0.1:{port}/metrics", f"http://[::1]:{port}/"):
+        with urllib.request.urlopen(url, timeout=10) as answer:
             assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
             names = {f.name for f in text_string_to_metric_families(answer.read().decode())}
         assert names == {f.name for f in text_string_to_metric_families(scrape(tracker))} and names, names

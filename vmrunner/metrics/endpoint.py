@@ -1,6 +1,7 @@
 """The pod's one metrics endpoint (``METRICS_PORT``), serving :func:`vmrunner.metrics.sources.gather` at each scrape."""
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ from vmrunner.metrics.sources import GATHER_EVERY, gather
 from vmrunner.metrics.tracker import Tracker
 
 log = logging.getLogger("vmrunner")
+
+SERVE_AFTER = 1.0  # seconds into a start that qemu has not reached yet (a fetch) after which the server loads anyway
 
 
 def _values(spec: figures.Spec, sample: Figure) -> list[str]:
@@ -69,14 +72,34 @@ class Collector:
 
 
 def serve(port: int, tracker: Tracker) -> None:
-    """Serve the endpoint on ``port`` of every address of the pod, on aiohttp (the console's HTTP stack too) in a
-    thread and event loop of its own: it answers from before the fetch to the end, whatever qemu's supervision
-    waits on, and a slow scrape (qemu's monitor) holds up only the next scrape.
+    """Listen on ``port`` of every address of the pod, IPv4 and IPv6, and serve the endpoint there on aiohttp (the
+    console's HTTP stack too) in a thread and event loop of its own: it answers from before the fetch to the end,
+    whatever qemu's supervision waits on, and a slow scrape (qemu's monitor) holds up only the next scrape.
+
+    The port is bound here, so that a taken one fails the start in one line; the server is loaded once qemu runs, or
+    SERVE_AFTER into a longer start. Loading aiohttp costs about 100 ms of the one interpreter lock, which would
+    otherwise stand between the start and qemu; the kernel queues a scrape that comes meanwhile.
 
     :raise PodvmError: when the port cannot be bound.
     """
+    try:
+        listener = _listen(port)
+    except OSError as err:
+        raise PodvmError(f"METRICS_PORT={port}: cannot listen: {reason(err)}") from None
+    threading.Thread(target=_serve, args=(listener, tracker), name="metrics", daemon=True).start()
+    log.info("metrics on TCP port %d", port)
+
+
+def _listen(port: int) -> socket.socket:
+    """One socket for both families where the kernel has IPv6 (an IPv6-only pod is scraped too), else IPv4's."""
+    if socket.has_dualstack_ipv6():
+        return socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
+    return socket.create_server(("0.0.0.0", port))  # noqa: S104 - scraped on the pod IP
+
+
+def _serve(listener: socket.socket, tracker: Tracker) -> None:
+    tracker.spawned.wait(SERVE_AFTER)
     import asyncio
-    import concurrent.futures
 
     from aiohttp import web
     from prometheus_client import CollectorRegistry
@@ -93,19 +116,15 @@ def serve(port: int, tracker: Tracker) -> None:
     app = web.Application()
     app.router.add_get("/", scrape)
     app.router.add_get("/metrics", scrape)
-    bound: concurrent.futures.Future[None] = concurrent.futures.Future()
 
     async def listen() -> None:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        try:
-            await web.TCPSite(runner, "0.0.0.0", port, reuse_address=True).start()  # noqa: S104 - scraped on the pod IP
-        except OSError as err:
-            bound.set_exception(PodvmError(f"METRICS_PORT={port}: cannot listen: {reason(err)}"))
-            return
-        bound.set_result(None)
+        await web.SockSite(runner, listener).start()
         await asyncio.Event().wait()
 
-    threading.Thread(target=asyncio.run, args=(listen(),), name="metrics", daemon=True).start()
-    bound.result()
-    log.info("metrics on TCP port %d", port)
+    try:
+        asyncio.run(listen())
+    except Exception as err:  # the endpoint's loss must not stop the VM; it is said, with the traceback at DEBUG
+        log.error("metrics endpoint stopped: %s", err)
+        log.debug("metrics endpoint stopped", exc_info=True)

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -25,6 +26,7 @@ class Tracker:
         self.sources = sources
         self.state = RunState(vm=vm, image=FETCH)
         self._cache_size: tuple[float, int] = (0.0, 0)
+        self.spawned = threading.Event()  # qemu has been started: the endpoint's server may load
 
     def set(self, **changes: Any) -> None:
         """Change fields of the run state and save it (a failure to save is logged; the run goes on)."""
@@ -43,6 +45,7 @@ class Tracker:
             log.warning("%s", ended)
         record_run(self.sources.runs_file, boot=boot)
         self.set(phase="running", qemu_pid=pid, started=time.time())
+        self.spawned.set()
 
     def finished(self, outcome: str) -> None:
         """qemu has exited; ``outcome`` is clean, hard or crashed."""
