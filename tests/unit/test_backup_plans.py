@@ -14,8 +14,9 @@ from shared.errors import ConfigError
 from vmrunner import cli
 from vmrunner.backups import plans
 from vmrunner.backups.job import Result
-from vmrunner.backups.plans import Bitmap, Chain, Point, decide, plan_backup
+from vmrunner.backups.plans import Bitmap, Chain, Point, decide, may_offload, plan_backup
 from vmrunner.config import load
+from vmrunner.run.argv import data_node
 
 SIZE = 64 << 20
 T0 = datetime(2026, 11, 28, 4, 0, 0, tzinfo=UTC).timestamp()
@@ -448,3 +449,36 @@ def test_a_restore_reads_each_data_disk_through_its_own_files() -> None:
         ("0000-full.db.qcow2", None),
     ]
     assert plans.plan_restore(["/dev/fd/5"], Path("/d/.db.raw.restore.tmp"), "raw")[3:5] == ("-O", "raw")
+
+
+@pytest.mark.parametrize(
+    ("fstypes", "offload"),
+    [
+        (["ext4"], True),
+        (["ext4", "tmpfs"], True),
+        (["xfs"], False),  # reflinks: the backup would share the pet's blocks
+        (["ext4", "btrfs"], False),  # one data disk on a sharing file system turns it off for all
+        (["ext4", None], False),  # a volume whose mount is unknown
+        (["nfs4"], False),
+    ],
+)
+def test_copy_offload_is_used_only_where_every_disks_file_system_copies_rather_than_shares(
+    fstypes: list[str | None], offload: bool
+) -> None:
+    assert may_offload(fstypes) is offload
+
+
+def test_an_offloaded_plan_asks_every_job_for_copy_file_range_beside_its_speed() -> None:
+    plan = plan_backup(
+        Path("/b/vm"), decision([], []), SIZE, [], chain_id="20261128T050000Z", speed=1 << 20, offload=True,
+        data=data("db"),
+    )  # fmt: skip
+    actions: list[dict[str, Any]] = plan.transaction["actions"]  # type: ignore[assignment]
+    jobs = [a["data"] for a in actions if a["type"] == "blockdev-backup"]
+    assert [(j["device"], j["x-perf"], j["speed"]) for j in jobs] == [
+        ("pet0", {"use-copy-range": True}, 1 << 20),
+        (data_node("db"), {"use-copy-range": True}, 1 << 20),
+    ]
+    plain = plan_backup(Path("/b/vm"), decision([], []), SIZE, [], chain_id="20261128T050000Z", speed=0)
+    plain_actions: list[dict[str, Any]] = plain.transaction["actions"]  # type: ignore[assignment]
+    assert all("x-perf" not in a["data"] for a in plain_actions)

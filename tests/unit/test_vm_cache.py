@@ -11,7 +11,7 @@ import pytest
 from shared.errors import ConfigError
 from vmrunner.config import load, name_key, redact
 from vmrunner.images.gc import DigestFacts, judge_digest
-from vmrunner.images.layout import Layout, lock_problem, locked
+from vmrunner.images.layout import Layout, Mount, lock_problem, locked, mount_of
 from vmrunner.images.names import NameRecord, matches_checksum
 from vmrunner.images.refs import Ref
 from vmrunner.pet.binding import Trust, doubt
@@ -173,3 +173,12 @@ def test_a_lock_file_removed_while_waited_on_is_never_shared(tmp_path: Path) -> 
         path.unlink()
     thread.join(5)
     assert seen == [(True, False)]
+
+
+def test_the_mount_of_a_path_is_the_longest_mount_point_above_it_and_the_last_of_equal_ones() -> None:
+    table = MOUNTINFO + "40 22 0:50 / /vm rw - xfs /dev/sdb rw\n41 22 0:51 / /vm rw - ext4 /dev/sdc rw,noatime\n"
+    found = mount_of(table, Path("/vm/pets/vm-0.qcow2"))
+    assert found == Mount("/vm", "ext4", ("rw", "rw", "noatime"))
+    assert mount_of(table, Path("/image dir/x")) == Mount("/image dir", "nfs", ("rw", "rw", "vers=3", "local_lock=all"))
+    assert mount_of(table, Path("/vmx")) == Mount("/", "ext4", ("rw", "relatime", "rw"))
+    assert mount_of("garbage\n", Path("/vm")) is None

@@ -36,6 +36,7 @@ from vmrunner.backups.plans import (
     Point,
 )
 from vmrunner.config import DATA_DISKS_MAX, Config
+from vmrunner.images.layout import mount_of, read_mountinfo
 from vmrunner.pet.state import LIVE, own_files
 from vmrunner.qemu import img, qmp
 from vmrunner.run import agent
@@ -266,7 +267,13 @@ async def plan_next(cfg: Config, root: Path, *, want_full: bool) -> tuple[Backup
         data=data,
     )
     chain_id = plans.new_chain_id(datetime.now(UTC), {c.id for c in chains} | {p.name for p in broken})
-    plan = plans.plan_backup(root, decision, size, bitmaps, chain_id=chain_id, speed=cfg.backup_speed, data=data)
+    mountinfo = read_mountinfo()
+    volumes = (cfg.vm_dir, *(d.directory for d in cfg.data_disks))
+    mounts = [mount_of(mountinfo, volume.resolve()) for volume in volumes]
+    offload = plans.may_offload(mount.fstype if mount is not None else None for mount in mounts)
+    plan = plans.plan_backup(
+        root, decision, size, bitmaps, chain_id=chain_id, speed=cfg.backup_speed, offload=offload, data=data
+    )
     return plan, plans.leftovers(root, chains, broken)
 
 

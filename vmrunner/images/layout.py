@@ -84,13 +84,19 @@ class Layout:
             raise ConfigError(f"IMAGE_DIR={self.root}: cannot create the cache's folders: {err.strerror}") from None
 
 
-def lock_problem(mountinfo: str, path: Path) -> str | None:
-    """Why flock on ``path`` would not exclude other nodes, from ``/proc/self/mountinfo``'s text; None if it would.
+@dataclass(frozen=True)
+class Mount:
+    """The mount that holds a path: its file system type and its options (the mount's and the super block's)."""
 
-    Pure so each mount kind has a unit test. An NFS mount with ``nolock`` (``local_lock=all``) or
-    ``local_lock=flock`` takes flock locks on this node only: two nodes would both "hold" the lock.
-    """
-    best: tuple[int, str, str] | None = None
+    point: str
+    fstype: str
+    options: tuple[str, ...]
+
+
+def mount_of(mountinfo: str, path: Path) -> Mount | None:
+    """The mount holding ``path`` (resolved) in ``/proc/self/mountinfo``'s text: the longest mount point above it,
+    the last mounted of equal ones (it hides the others); None when no line parses."""
+    best: Mount | None = None
     target = str(path)
     for line in mountinfo.splitlines():
         head, _, tail = line.partition(" - ")
@@ -99,12 +105,29 @@ def lock_problem(mountinfo: str, path: Path) -> str | None:
             continue
         point = fields[4].replace("\\040", " ")
         inside = target == point or target.startswith(point.rstrip("/") + "/")
-        if inside and (best is None or len(point) >= best[0]):
-            best = (len(point), tail_fields[0], f"{fields[5]},{tail_fields[2]}")
-    if best is None or not best[1].startswith("nfs"):
+        if inside and (best is None or len(point) >= len(best.point)):
+            best = Mount(point, tail_fields[0], (*fields[5].split(","), *tail_fields[2].split(",")))
+    return best
+
+
+def read_mountinfo() -> str:
+    """This process's mount table, or "" where it cannot be read (every lookup then finds no mount)."""
+    try:
+        return Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return ""
+
+
+def lock_problem(mountinfo: str, path: Path) -> str | None:
+    """Why flock on ``path`` would not exclude other nodes, from ``/proc/self/mountinfo``'s text; None if it would.
+
+    Pure so each mount kind has a unit test. An NFS mount with ``nolock`` (``local_lock=all``) or
+    ``local_lock=flock`` takes flock locks on this node only: two nodes would both "hold" the lock.
+    """
+    mount = mount_of(mountinfo, path)
+    if mount is None or not mount.fstype.startswith("nfs"):
         return None
-    options = best[2].split(",")
-    local = [o for o in _LOCAL_LOCK_OPTIONS if o in options]
+    local = [o for o in _LOCAL_LOCK_OPTIONS if o in mount.options]
     if local:
         return f"it is an NFS mount with {local[0]}, so locks hold on this node only"
     return None
@@ -115,11 +138,7 @@ def check_locks(root: Path) -> None:
 
     :raise ConfigError: naming IMAGE_DIR and the mount option at fault.
     """
-    try:
-        mountinfo = Path("/proc/self/mountinfo").read_text()
-    except OSError:
-        return
-    problem = lock_problem(mountinfo, root.resolve())
+    problem = lock_problem(read_mountinfo(), root.resolve())
     if problem:
         raise ConfigError(
             f"IMAGE_DIR={root}: {problem}; the shared cache needs working locks (NFSv4, or NFSv3 with lockd)"
