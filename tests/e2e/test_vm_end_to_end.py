@@ -16,15 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
 from shared.handshake import Handshake
 from tests.guest.build import ensure_guest
 from tests.harness import pod as harness
 from tests.harness import samples
 from tests.harness.netbed import Sidecar
-from tests.harness.pod import PodNet, Proc
+from tests.harness.pod import PodNet, Proc, Scrape, scrape
 from tests.harness.scenario import IMAGE_PORT, Scenario, pod_scenario
 from tests.harness.wait import until
 from vmrunner.qemu import qmp
@@ -35,36 +33,11 @@ HOSTNAME = "pet-e2e"
 METADATA_HOSTNAME = "guest-from-metadata"
 DNS = ["10.96.0.10", "10.96.0.11"]
 SEARCH = ["default.svc.cluster.local", "svc.cluster.local", "cluster.local"]
-METRICS_PORT = 9100
+METRICS_PORT = harness.METRICS_PORT
 PINGS = 20
 KIB = 1024
 SECRET = "s3cret-pass-e2e"  # noqa: S105 - planted to be looked for
 TOKEN = "t0ken-e2e-signature"  # noqa: S105 - planted to be looked for
-
-
-@dataclass
-class Scrape:
-    """One scrape of the endpoint: its text and its samples as Prometheus' own parser reads them."""
-
-    text: str
-    samples: list[Sample]
-    types: dict[str, str]
-
-    def value(self, name: str, **labels: str) -> float:
-        """The value of exactly one series."""
-        found = [s.value for s in self.samples if s.name == name and s.labels == labels]
-        assert len(found) == 1, (name, labels, found)
-        return float(found[0])
-
-
-def scrape(pod: PodNet) -> Scrape:
-    """GET the metrics from the client namespace through the pod IP, parsed by prometheus_client's parser."""
-    done = harness.in_ns(pod.client_ns, ["curl", "-sf", "--max-time", "5", f"http://{pod.pod_ip}:{METRICS_PORT}/"])
-    assert done.returncode == 0, f"curl exit {done.returncode}"
-    text = done.stdout.decode()
-    families = list(text_string_to_metric_families(text))
-    samples = [sample for family in families for sample in family.samples]
-    return Scrape(text, samples, {family.name: family.type for family in families})
 
 
 @dataclass

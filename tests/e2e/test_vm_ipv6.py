@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from shared.handshake import Handshake
 from tests.guest.build import ensure_guest
@@ -17,7 +16,6 @@ from tests.harness.pod import PodNet, Proc
 from tests.harness.scenario import pod_scenario
 
 pytestmark = pytest.mark.guest
-METRICS_PORT = 9100
 
 
 @dataclass
@@ -34,7 +32,7 @@ class Dual:
 @pytest.fixture(scope="module")
 def dual() -> Iterator[Dual]:
     """A dual-stack Calico-like pod with the sidecar and the booted guest; all removed afterwards."""
-    metrics = {"METRICS_PORT": str(METRICS_PORT)}
+    metrics = {"METRICS_PORT": str(harness.METRICS_PORT)}
     with pod_scenario(
         "e2e-ipv6", hostname="pet-e2e6", image=ensure_guest(), families="dual", sidecar_env=metrics
     ) as pod:
@@ -53,13 +51,4 @@ def test_the_guest_serves_its_page_on_the_pods_ipv6_address(dual: Dual) -> None:
 def test_the_metrics_are_scraped_on_the_pods_ipv6_address_as_on_its_ipv4_one(dual: Dual) -> None:
     """The endpoint stays in the pod on both families: Prometheus on an IPv6-only cluster scrapes the pod's IPv6."""
     for via in (dual.via4, dual.via6):
-        url = f"http://{via.pod_ip}:{METRICS_PORT}/metrics"
-        done = harness.in_ns(via.client_ns, ["curl", "-sf", "--max-time", "5", url])
-        assert done.returncode == 0, f"{url}: curl exit {done.returncode}\n{harness.report(dual.runner)}"
-        states = {
-            sample.labels["state"]: sample.value
-            for family in text_string_to_metric_families(done.stdout.decode())
-            for sample in family.samples
-            if sample.name == "podvm_vm_state"
-        }
-        assert states["running"] == 1, states
+        assert harness.scrape(via).value("podvm_vm_state", state="running") == 1, harness.report(dual.runner)

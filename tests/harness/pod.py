@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from tests.harness.paths import BIN, REPO
 from tests.harness.wait import until
@@ -35,6 +37,8 @@ _DROP_PRIVILEGES = (
     f"exec setpriv --reuid {RUNNER_UID} --regid {RUNNER_UID} --clear-groups "
     '--inh-caps=-all --bounding-set=-all --no-new-privs -- "$@"'
 )
+
+METRICS_PORT = 9100  # the manifests' metrics port
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,32 @@ def guest_page(pod: PodNet, timeout: float = 30) -> dict[str, str]:
         f"http://{pod.pod_ip}/ from {pod.client_ns}", lambda: _answered(in_ns(pod.client_ns, argv)), timeout, 0.5
     )
     return dict(line.split("=", 1) for line in done.stdout.decode().splitlines() if "=" in line)
+
+
+@dataclass
+class Scrape:
+    """One scrape of the endpoint: its text and its samples as Prometheus' own parser reads them."""
+
+    text: str
+    samples: list[Sample]
+    types: dict[str, str]
+
+    def value(self, name: str, **labels: str) -> float:
+        """The value of exactly one series."""
+        found = [s.value for s in self.samples if s.name == name and s.labels == labels]
+        assert len(found) == 1, (name, labels, found)
+        return float(found[0])
+
+
+def scrape(pod: PodNet) -> Scrape:
+    """GET the metrics from the client namespace through the pod IP, parsed by prometheus_client's parser."""
+    url = f"http://{pod.pod_ip}:{METRICS_PORT}/"
+    done = in_ns(pod.client_ns, ["curl", "-sf", "--max-time", "5", url])
+    assert done.returncode == 0, f"{url}: curl exit {done.returncode}"
+    text = done.stdout.decode()
+    families = list(text_string_to_metric_families(text))
+    samples = [sample for family in families for sample in family.samples]
+    return Scrape(text, samples, {family.name: family.type for family in families})
 
 
 def _answered(done: subprocess.CompletedProcess[bytes]) -> subprocess.CompletedProcess[bytes] | None:
