@@ -88,6 +88,7 @@ def test_full_plan_adds_a_persistent_bitmap_in_the_same_transaction_as_the_job()
         "node-name": "podvm-backup-target",
         "file": {"driver": "file", "filename": "/dev/fdset/25"},
         "backing": None,
+        "cache": {"no-flush": True},  # written out by the runner's fsync once the job completed
     }
     assert plan.transaction == {
         "actions": [

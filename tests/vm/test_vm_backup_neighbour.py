@@ -15,7 +15,7 @@ from shared.errors import PodvmError
 from tests.harness.pod import runner_env
 from vmrunner.backups import job, plans
 from vmrunner.config import Config, load
-from vmrunner.qemu import img
+from vmrunner.qemu import img, qmp
 from vmrunner.run.argv import PET_NODE, RunPaths
 
 
@@ -151,3 +151,30 @@ def test_retention_through_a_backup_folder_swapped_for_a_link_removes_nothing_be
         assert "\n" not in str(err), err
     assert first.kind == "full"
     assert (elsewhere / chain / "0000-full.qcow2").read_bytes() == b"another VM's backup"
+
+
+def test_an_incremental_refused_after_its_copy_makes_the_next_backup_full_not_one_missing_its_changes(
+    backed_up: Config, shared_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The neighbour's swap comes once the incremental's job has succeeded, so qemu has already cleared the copied
+    changes from the chain's bitmap: the runner removes the bitmap, and the next backup is a full one (an incremental
+    on the last recorded point would silently lack the changes of the refused one)."""
+    assert asyncio.run(job.run_backup(backed_up)).kind == "full"
+    monitor = RunPaths.of(backed_up.run_dir).qmp
+    write: dict[str, object] = {"command-line": 'qemu-io disk0 "write -P 0xbb 2M 1M"'}
+    assert asyncio.run(qmp.execute(monitor, "human-monitor-command", 10, write)) == ""
+    real = job._rename
+
+    def swap_then_rename(cfg: Config, plan: plans.BackupPlan, chain_fd: int, target: int) -> None:
+        (plan.directory / ".neighbour").write_bytes(b"forged")
+        os.replace(plan.directory / ".neighbour", plan.partial)
+        real(cfg, plan, chain_fd, target)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(job, "_rename", swap_then_rename)
+        with pytest.raises(PodvmError, match=r"is not the file qemu wrote"):
+            asyncio.run(job.run_backup(backed_up))
+    assert "the point was not recorded; the next backup is a full one" in caplog.text
+    after = asyncio.run(job.run_backup(backed_up))
+    assert after.kind == "full", after
+    assert after.copied == 16 << 20, "the whole disk copied again, the changes of the refused point with it"

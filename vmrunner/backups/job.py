@@ -333,15 +333,62 @@ async def _attached_backup(
         for partial in (plan.partial, *(d.partial for d in plan.data)):  # failed: the bitmaps kept every change
             files.remove_below(cfg.backup_dir, partial)
         raise PodvmError(f"backup into {plan.partial} failed: {str(error)[:300]}")
+    try:
+        await _write_out(cfg, plan, [target, *data_targets])
+        for disk, fd in zip(plan.data, data_targets, strict=True):
+            _rename_file(cfg, disk.partial, disk.final, chain_fd, fd)
+        _rename(cfg, plan, chain_fd, target)
+        size = os.fstat(target).st_size + sum(os.fstat(fd).st_size for fd in data_targets)
+        result = _record(cfg, root, plan, now=now, seconds=seconds, job=job, freeze=freeze, size=size, own=own)
+    except (OSError, PodvmError):
+        await _forget(cfg, plan)
+        raise
     for node, names in ((PET_NODE, plan.remove_bitmaps), *((d.node, d.remove_bitmaps) for d in plan.data)):
         for name in names:
             log.info("backup: removing the bitmap %s of %s (its chain is no longer followed)", name, node)
             await _qmp(cfg, "block-dirty-bitmap-remove", {"node": node, "name": name})
-    for disk, fd in zip(plan.data, data_targets, strict=True):
-        _rename_file(cfg, disk.partial, disk.final, chain_fd, fd)
-    _rename(cfg, plan, chain_fd, target)
-    size = os.fstat(target).st_size + sum(os.fstat(fd).st_size for fd in data_targets)
-    return _record(cfg, root, plan, now=now, seconds=seconds, job=job, freeze=freeze, size=size, own=own)
+    return result
+
+
+WRITE_OUT_LOGGED = 1.0  # seconds: a longer write-out of the copies gets its own log line
+
+
+async def _write_out(cfg: Config, plan: BackupPlan, targets: list[int]) -> None:
+    """Write the completed targets out to the volume (qemu wrote them with its flushes off: see
+    ``plans._target_node``), in a thread, so the runner's other duties go on meanwhile.
+
+    :raise PodvmError: when the volume cannot take them (the partial files stay: the next backup is a full one).
+    """
+    begin = time.monotonic()
+    for partial, fd in zip((plan.partial, *(d.partial for d in plan.data)), targets, strict=True):
+        try:
+            await asyncio.to_thread(os.fsync, fd)
+        except OSError as err:
+            raise PodvmError(f"BACKUP_DIR={cfg.backup_dir}: cannot write {partial} out: {err.strerror}") from None
+    took = time.monotonic() - begin
+    if took >= WRITE_OUT_LOGGED:
+        log.info("backup: the copy was written out to BACKUP_DIR in %.1f s", took)
+
+
+async def _forget(cfg: Config, plan: BackupPlan) -> None:
+    """The job succeeded, so qemu has cleared the changes it copied from the chain's bitmap, but the point never
+    entered the chain: remove that bitmap from every disk, so that the next backup is a full one rather than an
+    incremental missing those changes. (Kept in qemu, not on the volume, where another pod could undo it.)"""
+    kept = []
+    for node in (PET_NODE, *(d.node for d in plan.data)):
+        try:
+            await _qmp(cfg, "block-dirty-bitmap-remove", {"node": node, "name": plan.bitmap})
+        except PodvmError as err:
+            kept.append(f"{node}: {err}")
+    if kept:
+        log.error(
+            "backup: the point was not recorded and the bitmap %s stays (%s); run `vmrunner backup --full`, "
+            "an incremental would miss the changes of that point",
+            plan.bitmap,
+            "; ".join(kept),
+        )
+    else:
+        log.warning("backup: the point was not recorded; the next backup is a full one")
 
 
 async def _start(
