@@ -79,7 +79,7 @@ def test_full_plan_adds_a_persistent_bitmap_in_the_same_transaction_as_the_job()
     stale = [ok("podvm-20261120T000000Z"), Bitmap("someone-elses", False, True)]
     plan = plan_backup(Path("/backup/vm-0"), full, SIZE, stale, chain_id="20261128T050000Z", speed=0)
     assert plan.create == (
-        "qemu-img", "create", "-q", "-u", "-f", "qcow2", "/dev/stdin", str(SIZE),
+        "qemu-img", "create", "-q", "-u", "-f", "qcow2", "/dev/fd/0", str(SIZE),
     )  # fmt: skip
     assert plan.final == Path("/backup/vm-0/20261128T050000Z/0000-full.qcow2")
     assert plan.partial == Path("/backup/vm-0/20261128T050000Z/.0000-full.qcow2.partial")
@@ -126,7 +126,7 @@ def test_incremental_plan_is_backed_by_the_previous_file_by_relative_name_and_us
     assert plan.seq == 2
     assert plan.create == (
         "qemu-img", "create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", "0001-incremental.qcow2",
-        "/dev/stdin", str(SIZE),
+        "/dev/fd/0", str(SIZE),
     )  # fmt: skip
     assert plan.transaction == {
         "actions": [
@@ -437,7 +437,7 @@ def test_one_transaction_backs_up_the_pet_and_every_data_disk() -> None:
     assert inc.transaction["properties"] == {"completion-mode": "grouped"}
     assert inc.data[0].create == (
         "qemu-img", "create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", "0001-incremental.db.qcow2",
-        "/dev/stdin", str(DATA_SIZE),
+        "/dev/fd/0", str(DATA_SIZE),
     )  # fmt: skip
     assert inc.transaction["actions"][1]["data"]["bitmap-mode"] == "on-success"  # type: ignore[index]
 

@@ -144,8 +144,8 @@ def test_owner_records_round_trip_and_forged_ones_count_as_none() -> None:
 
 
 def test_a_disk_is_created_at_its_size_grown_to_a_larger_one_and_never_shrunk() -> None:
-    assert datadisks.plan_create(DISK) == ("qemu-img", "create", "-q", "-f", "qcow2", "/dev/stdin", str(2 * MIB))
-    assert datadisks.plan_grow(DISK, MIB) == ("qemu-img", "resize", "-q", "-f", "qcow2", "/dev/stdin", str(2 * MIB))
+    assert datadisks.plan_create(DISK) == ("qemu-img", "create", "-q", "-f", "qcow2", "/dev/fd/0", str(2 * MIB))
+    assert datadisks.plan_grow(DISK, MIB) == ("qemu-img", "resize", "-q", "-f", "qcow2", "/dev/fd/0", str(2 * MIB))
     assert datadisks.plan_grow(DISK, 2 * MIB) is None
     assert datadisks.plan_grow(DISK, 3 * MIB) is None
 

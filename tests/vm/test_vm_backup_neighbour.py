@@ -178,3 +178,77 @@ def test_an_incremental_refused_after_its_copy_makes_the_next_backup_full_not_on
     after = asyncio.run(job.run_backup(backed_up))
     assert after.kind == "full", after
     assert after.copied == 16 << 20, "the whole disk copied again, the changes of the refused point with it"
+
+
+MARGIN_KIB = 2048  # the target's header and tables, not the 8 MiB of changes the incremental copies
+
+
+@pytest.fixture
+def failing_volume(backed_up: Config, shared_dir: Path) -> Iterator[Callable[[int], None]]:
+    """BACKUP_DIR on a real ext4 whose device loses its writes on demand: a loop device over a file on a tmpfs,
+    which ``full(margin_kib)`` makes too small for the device's blocks not yet written but for that margin, so their
+    write-back fails as on a failing disk: the page cache takes the writes, the fsync gets the device's error.
+    The teardown detaches lazily, as qemu may still hold the target."""
+    backing = shared_dir / "backing"
+    backing.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "podvm-test", str(backing)], check=True)
+    device = ""
+    try:
+        subprocess.run(["truncate", "-s", "48M", str(backing / "volume")], check=True)
+        device = subprocess.run(
+            ["losetup", "--find", "--show", str(backing / "volume")], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        # Every block of metadata written now, so that only the backups' data find the device failing later.
+        init = "lazy_itable_init=0,lazy_journal_init=0,nodiscard"
+        subprocess.run(["mkfs.ext4", "-q", "-E", init, device], check=True)
+        subprocess.run(["mount", device, str(backed_up.backup_dir)], check=True)
+
+        def full(margin_kib: int) -> None:
+            subprocess.run(["sync"], check=True)
+            size = os.stat(backing / "volume").st_blocks // 2 + margin_kib
+            subprocess.run(["mount", "-o", f"remount,size={size}k", str(backing)], check=True)
+
+        yield full
+    finally:
+        if device:
+            subprocess.run(["umount", "--lazy", str(backed_up.backup_dir)], check=False)
+            subprocess.run(["losetup", "--detach", device], check=False)  # once its last user is gone
+        subprocess.run(["umount", "--lazy", str(backing)], check=False)
+
+
+def test_a_backup_volume_failing_its_write_out_refuses_the_point_and_the_next_backup_is_full(
+    backed_up: Config, failing_volume: Callable[[int], None], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The device under BACKUP_DIR fails the incremental's write-back: the fsync before the chain reports it, the
+    point is not recorded, and the chain's bitmap is gone, so the next backup copies the whole disk."""
+    assert asyncio.run(job.run_backup(backed_up)).kind == "full"
+    monitor = RunPaths.of(backed_up.run_dir).qmp
+
+    def chain_bitmaps() -> list[str]:
+        nodes = asyncio.run(qmp.execute(monitor, "query-named-block-nodes", 10, {"flat": True}))
+        return [b.name for b in plans.parse_bitmaps(nodes) if b.name.startswith(plans.BITMAP_PREFIX)]
+
+    assert len(chain_bitmaps()) == 1
+    write: dict[str, object] = {"command-line": 'qemu-io disk0 "write -P 0xcc 4M 8M"'}
+    assert asyncio.run(qmp.execute(monitor, "human-monitor-command", 10, write)) == ""
+    failing_volume(MARGIN_KIB)
+    lost = "(Input/output error|No space left on device)"
+    refused = rf"^BACKUP_DIR=.*: cannot write .*/\.0001-incremental\.qcow2\.partial out: {lost}$"
+    with pytest.raises(PodvmError, match=refused) as err:
+        asyncio.run(job.run_backup(backed_up))
+    assert "\n" not in str(err.value)
+    assert "the point was not recorded; the next backup is a full one" in caplog.text
+    # The failed write-back may leave the file system read-only, so the proof is qemu's: no chain bitmap is left,
+    # which makes the next backup a full one (as the neighbour's refusal above shows end to end).
+    assert chain_bitmaps() == []
+
+
+def test_a_target_the_volume_cannot_create_leaves_the_standard_input_link_alone(
+    backed_up: Config, failing_volume: Callable[[int], None]
+) -> None:
+    """qemu-img removes a file it failed to create: the target is named inside procfs, so as root it could not
+    remove /dev/stdin (which it did when the target was named so, and the next backup then wrote a file there)."""
+    failing_volume(0)
+    with pytest.raises(PodvmError, match=r"^BACKUP_DIR=.*: no space left on device while creating the backup target$"):
+        asyncio.run(job.run_backup(backed_up))
+    assert Path("/dev/stdin").is_symlink()

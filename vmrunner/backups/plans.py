@@ -33,6 +33,7 @@ from shared import documents
 from shared.errors import ConfigError
 from shared.files import list_below, read_small, stat_below
 from vmrunner.pet.state import MACHINE, TPM_STATE, UEFI_VARS
+from vmrunner.qemu import img
 from vmrunner.run.argv import PET_NODE, data_node
 
 Argv = tuple[str, ...]
@@ -436,7 +437,7 @@ def plan_backup(
     partial = directory / f".{file}{PARTIAL}"
     bitmap = f"{BITMAP_PREFIX}{chain_id}"
     # -u: the backing file is named in the header, never opened (the restore checks the chain)
-    create = ("qemu-img", "create", "-q", "-u", "-f", "qcow2", *backing, "/dev/stdin", str(virtual_size))
+    create = ("qemu-img", "create", "-q", "-u", "-f", "qcow2", *backing, img.STDIN, str(virtual_size))
     attach = _target_node(TARGET_NODE, TARGET_FDSET)
     job: dict[str, object] = {
         "job-id": JOB_ID,
@@ -517,7 +518,7 @@ def _data_target(
     if decision.kind == "incremental":
         assert decision.chain is not None
         backing = ("-F", "qcow2", "-b", decision.chain.points[-1].disks[name])
-    create = ("qemu-img", "create", "-q", "-u", "-f", "qcow2", *backing, "/dev/stdin", str(size))
+    create = ("qemu-img", "create", "-q", "-u", "-f", "qcow2", *backing, img.STDIN, str(size))
     fdset = TARGET_FDSET + index
     attach = _target_node(f"{TARGET_NODE}-{name}", fdset)
     job: dict[str, object] = {"job-id": f"{JOB_ID}-{name}", "device": node, "target": attach["node-name"]}

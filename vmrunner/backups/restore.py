@@ -24,8 +24,13 @@ from vmrunner.run import suspend
 
 log = logging.getLogger("vmrunner.backup")
 # One file of a chain, read through the runner's descriptor (its standard input), its backing file never opened.
-INFO = ("qemu-img", "info", "-f", "qcow2", "--output=json", "/dev/stdin")
-CHECK = ("qemu-img", "check", "-q", 'json:{"driver": "qcow2", "backing": null, "file": {"filename": "/dev/stdin"}}')
+INFO = ("qemu-img", "info", "-f", "qcow2", "--output=json", img.STDIN)
+CHECK = (
+    "qemu-img",
+    "check",
+    "-q",
+    f'json:{{"driver": "qcow2", "backing": null, "file": {{"filename": "{img.STDIN}"}}}}',
+)
 
 
 @contextlib.contextmanager

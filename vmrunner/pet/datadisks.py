@@ -89,7 +89,7 @@ def judge(disk: DataDisk, owner: Owner | None, exists: bool, hostname: str) -> s
 
 def plan_create(disk: DataDisk) -> Argv:
     """qemu-img create of the disk on the new file the runner opened (its standard input)."""
-    return ("qemu-img", "create", "-q", "-f", disk.format, "/dev/stdin", str(disk.size))
+    return ("qemu-img", "create", "-q", "-f", disk.format, img.STDIN, str(disk.size))
 
 
 def plan_grow(disk: DataDisk, current: int) -> Argv | None:
@@ -104,12 +104,12 @@ def plan_grow(disk: DataDisk, current: int) -> Argv | None:
                 disk.size,
             )
         return None
-    return ("qemu-img", "resize", "-q", "-f", disk.format, "/dev/stdin", str(disk.size))
+    return ("qemu-img", "resize", "-q", "-f", disk.format, img.STDIN, str(disk.size))
 
 
 def plan_info(disk: DataDisk) -> Argv:
     """qemu-img info of the open disk (``-U``: also while a qemu holds it, for ``status``)."""
-    return ("qemu-img", "info", "-U", "-f", disk.format, "--output=json", "/dev/stdin")
+    return ("qemu-img", "info", "-U", "-f", disk.format, "--output=json", img.STDIN)
 
 
 def header_problem(info: object) -> str | None:

@@ -21,6 +21,9 @@ from shared.errors import PodvmError
 QUICK = 60.0  # seconds for a command that reads or writes headers only (info, check, create, resize)
 COPY = 6 * 3600.0  # seconds for one that copies a disk (convert, rebase): hours for a large one on a slow volume
 NOT_INSTALLED = "qemu-img is not installed (it is part of qemu-utils)"
+# The image ``run`` hands over as standard input, by a name inside procfs: qemu-img unlinks a file it failed to
+# create, and as root it would remove the /dev/stdin link itself (a later create then wrote a regular file there).
+STDIN = "/dev/fd/0"
 _IN_USE = ('Failed to get "write" lock', 'Failed to get shared "write" lock')
 PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")  # what ``convert -p`` prints
 
@@ -104,7 +107,7 @@ def run(
     pass_fds: Sequence[int] = (),
 ) -> str:
     """qemu-img's standard output; ``progress`` gets each chunk of it as it comes (``convert -p``). ``stdin``: a
-    descriptor of the image, named ``/dev/stdin`` in ``argv``, for a file on a volume another pod can write (qemu-img
+    descriptor of the image, named :data:`STDIN` in ``argv``, for a file on a volume another pod can write (qemu-img
     then reopens the inode the runner opened, never a path); ``pass_fds``: more of them, named ``/dev/fd/N``.
 
     :raise PodvmError: (``job.error``) as :func:`failure` says, or when it is not installed or runs past its time.
