@@ -216,7 +216,7 @@ def failing_volume(backed_up: Config, shared_dir: Path) -> Iterator[Callable[[in
         subprocess.run(["umount", "--lazy", str(backing)], check=False)
 
 
-def test_a_backup_volume_failing_its_write_out_refuses_the_point_and_the_next_backup_is_full(
+def test_a_backup_volume_failing_its_write_out_refuses_the_point_and_drops_the_chain_bitmap(
     backed_up: Config, failing_volume: Callable[[int], None], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The device under BACKUP_DIR fails the incremental's write-back: the fsync before the chain reports it, the

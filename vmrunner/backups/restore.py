@@ -29,7 +29,7 @@ CHECK = (
     "qemu-img",
     "check",
     "-q",
-    f'json:{{"driver": "qcow2", "backing": null, "file": {{"filename": "{img.STDIN}"}}}}',
+    "json:" + json.dumps({"driver": "qcow2", "backing": None, "file": {"filename": img.STDIN}}),
 )
 
 
